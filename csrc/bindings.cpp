@@ -1,0 +1,25 @@
+// kdops._C: the OpenMP CPU kernels (no libtorch: tensors arrive as data pointers).
+#include "bindings.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kdops CPU kernels";
+  kdops::def_kd_forward(
+      m, &kdops::kd_forward_cpu,
+      "Row losses [n_rows] (float, double for float64) and, if grad_ptr != 0, their gradients\n"
+      "w.r.t. the student logits, written to the buffers at the given addresses. Pointer\n"
+      "arguments are data addresses (0: none); strides are row strides in elements.");
+  m.def(
+      "num_threads",
+      [] {
+#ifdef _OPENMP
+        return omp_get_max_threads();
+#else
+        return 1;
+#endif
+      },
+      "The number of OpenMP threads the kernels use.");
+}

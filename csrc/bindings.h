@@ -1,0 +1,59 @@
+// What the two native modules (kdops._C and kdops._C_cuda) share: kd_forward's Python signature,
+// its argument checks, and the launch with the GIL released.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/divergence.h"
+#include "common/kd.h"
+
+namespace kdops {
+
+namespace py = pybind11;
+
+inline void check(bool ok, const std::string& what) {
+  if (!ok) throw py::value_error("kdops.kd_forward: " + what);
+}
+
+// Registers kd_forward(student_ptr, ..., ignore_index, *extra) -> None on module m, running
+// launch(params, *extra) without the GIL; extra_args names the trailing launch arguments.
+template <typename... Extra, typename... ExtraArgs>
+void def_kd_forward(py::module_& m, void (*launch)(const KDParams&, Extra...), const char* doc,
+                    ExtraArgs... extra_args) {
+  m.def(
+      "kd_forward",
+      [launch](uintptr_t student, uintptr_t teacher, uintptr_t labels, uintptr_t loss,
+               uintptr_t grad, int64_t n_rows, int64_t vocab, int64_t student_stride,
+               int64_t teacher_stride, int64_t grad_stride, int dtype, int divergence,
+               double temperature, double beta, double hard_weight, double soft_weight,
+               int64_t ignore_index, Extra... extra) {
+        check(dtype >= kFloat32 && dtype <= kFloat64,
+              "unknown dtype code " + std::to_string(dtype));
+        check(divergence >= kForwardKL && divergence <= kTVD,
+              "unknown divergence code " + std::to_string(divergence));
+        check(n_rows >= 0 && vocab >= 0, "negative shape");
+        check(temperature > 0, "temperature must be > 0");
+        check(n_rows == 0 || (student && teacher && loss), "null logits or loss pointer");
+        check(!grad || grad_stride >= vocab, "grad rows overlap");
+        const KDParams p{reinterpret_cast<const void*>(student),
+                         reinterpret_cast<const void*>(teacher),
+                         reinterpret_cast<const int64_t*>(labels),
+                         reinterpret_cast<void*>(loss),
+                         reinterpret_cast<void*>(grad),
+                         n_rows, vocab, student_stride, teacher_stride, grad_stride,
+                         dtype, divergence, temperature, beta, hard_weight, soft_weight,
+                         ignore_index};
+        py::gil_scoped_release no_gil;
+        launch(p, extra...);
+      },
+      doc, py::arg("student_ptr"), py::arg("teacher_ptr"), py::arg("labels_ptr"),
+      py::arg("loss_ptr"), py::arg("grad_ptr"), py::arg("n_rows"), py::arg("vocab"),
+      py::arg("student_stride"), py::arg("teacher_stride"), py::arg("grad_stride"),
+      py::arg("dtype"), py::arg("divergence"), py::arg("temperature"), py::arg("beta"),
+      py::arg("hard_weight"), py::arg("soft_weight"), py::arg("ignore_index"), extra_args...);
+}
+
+}  // namespace kdops

@@ -1,0 +1,116 @@
+// The divergence math of kdops, written once for the CPU and CUDA kernels.
+//
+// A row's kernel works in three passes over the vocabulary (see kd_row_loss in the kernels):
+//   1. online max and sums: lse_s = logsumexp(s / T), lse_t = logsumexp(t / T), lse_1 = logsumexp(s)
+//   2. for each element, with ls = s/T - lse_s and lt = t/T - lse_t (log-probabilities),
+//      term(ls, lt) gives d (its contribution to the divergence D) and q = p_s * dD/dp_s (up to a
+//      per-row constant); accumulate D = sum d and S = sum q.  Skipped for forward KL, whose
+//      S = -1 is known, so that D is accumulated in pass 3.
+//   3. dD/d(s_i) = (q_i - p_s_i * S) / T  (the softmax Jacobian applied to dD/dp_s).
+// Codes match kdops/divergences.py.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define KD_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define KD_HD inline __attribute__((always_inline))  // so that the CPU loops vectorize
+#else
+#define KD_HD inline
+#endif
+
+namespace kdops {
+
+enum Divergence : int {
+  kForwardKL = 0,
+  kReverseKL = 1,
+  kJSD = 2,
+  kSkewForwardKL = 3,
+  kSkewReverseKL = 4,
+  kTVD = 5,
+};
+
+// Divergences whose S in pass 2 is known in advance (pass 2 is skipped).
+KD_HD constexpr bool needs_sum_pass(int div) { return div != kForwardKL; }
+
+template <typename acc_t>
+struct Term {
+  acc_t d;  // contribution to the divergence
+  acc_t q;  // p_s * dD/dp_s, up to a per-row constant times p_s
+};
+
+// The per-element transcendentals of the terms, resolved in std so that float stays float on the
+// host.  Kernels may pass their own (e.g. vectorizable) versions with the same interface.
+struct StdMath {
+  template <typename acc_t>
+  KD_HD static acc_t exp(acc_t x) {
+    using std::exp;
+    return exp(x);
+  }
+  template <typename acc_t>
+  KD_HD static acc_t log1p(acc_t x) {
+    using std::log1p;
+    return log1p(x);
+  }
+};
+
+// log(exp(a) + exp(b)), exact for -inf arguments.
+template <typename Math = StdMath, typename acc_t>
+KD_HD acc_t log_add_exp(acc_t a, acc_t b) {
+  const acc_t hi = a > b ? a : b;
+  const acc_t lo = a > b ? b : a;
+  if (hi == -INFINITY) return hi;
+  return hi + Math::log1p(Math::exp(lo - hi));
+}
+
+// p * x with 0 * anything = 0 (p a probability).
+template <typename acc_t>
+KD_HD acc_t times(acc_t p, acc_t x) {
+  return p > acc_t(0) ? p * x : acc_t(0);
+}
+
+// Per-row constants of a divergence's mixture: log(beta) and log(1 - beta).
+template <typename acc_t>
+struct MixWeights {
+  acc_t log_b, log_1mb;
+  KD_HD explicit MixWeights(acc_t beta)
+      : log_b(beta > acc_t(0) ? std::log(beta) : acc_t(-INFINITY)),
+        log_1mb(std::log(acc_t(1) - beta)) {}
+};
+
+// The per-element term of divergence DIV at student / teacher log-probabilities ls, lt.
+template <int DIV, typename acc_t, typename Math = StdMath>
+KD_HD Term<acc_t> divergence_term(acc_t ls, acc_t lt, acc_t beta, const MixWeights<acc_t>& w) {
+  const acc_t ps = Math::exp(ls), pt = Math::exp(lt);
+  Term<acc_t> r;
+  if (DIV == kForwardKL) {
+    r.d = times(pt, lt - ls);
+    r.q = -pt;
+  } else if (DIV == kReverseKL) {
+    r.d = times(ps, ls - lt);
+    r.q = r.d;
+  } else if (DIV == kJSD) {  // M = b p_t + (1 - b) p_s
+    const acc_t lm = log_add_exp<Math>(w.log_b + lt, w.log_1mb + ls);
+    const acc_t qs = times(ps, ls - lm);
+    r.d = beta * times(pt, lt - lm) + (acc_t(1) - beta) * qs;
+    r.q = (acc_t(1) - beta) * qs;
+  } else if (DIV == kSkewForwardKL) {  // M = b p_t + (1 - b) p_s
+    const acc_t lm = log_add_exp<Math>(w.log_b + lt, w.log_1mb + ls);
+    r.d = times(pt, lt - lm);
+    const acc_t q = ps > acc_t(0) ? -(acc_t(1) - beta) * Math::exp(ls + lt - lm) : acc_t(0);
+    r.q = pt > acc_t(0) ? q : acc_t(0);  // two selects: gcc 12 cannot vectorize one on a &&
+  } else if (DIV == kSkewReverseKL) {  // M = b p_s + (1 - b) p_t
+    const acc_t lm = log_add_exp<Math>(w.log_b + ls, w.log_1mb + lt);
+    r.d = times(ps, ls - lm);
+    r.q = times(ps, ls - lm - beta * Math::exp(ls - lm));
+  } else {  // kTVD
+    const acc_t diff = ps - pt;
+    r.d = acc_t(0.5) * (diff < acc_t(0) ? -diff : diff);
+    r.q = diff > acc_t(0) ? acc_t(0.5) * ps : (diff < acc_t(0) ? acc_t(-0.5) * ps : acc_t(0));
+  }
+  return r;
+}
+
+}  // namespace kdops

@@ -1,0 +1,37 @@
+// The interface of the fused temperature-softmax KD kernels (CPU and CUDA), used by the bindings.
+#pragma once
+
+#include <cstdint>
+
+namespace kdops {
+
+// Everything a forward call needs; pointers are device pointers for the CUDA kernels.
+// Logit rows are strided (row stride in elements), their elements contiguous.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+struct KDParams {
+  const void* student;    // [n_rows, vocab] logits, dtype
+  const void* teacher;    // [n_rows, vocab] logits, dtype
+  const int64_t* labels;  // [n_rows] or nullptr: no masking and no hard-label term
+  void* loss;             // [n_rows] row losses: double for kFloat64, else float
+  void* grad;             // [n_rows, vocab] d(row loss)/d(student), dtype; nullptr: not computed
+  int64_t n_rows, vocab;
+  int64_t student_stride, teacher_stride, grad_stride;
+  int dtype;              // DType
+  int divergence;         // Divergence
+  double temperature;     // > 0
+  double beta;
+  double hard_weight;     // a: row = a * CE(student at T=1, label) + soft_weight * D
+  double soft_weight;     // (1 - a) * (T^2 or 1)
+  int64_t ignore_index;
+};
+
+// Row losses (and gradients when p.grad != nullptr) on the CPU, rows in parallel (OpenMP).
+void kd_forward_cpu(const KDParams& p);
+
+#ifdef KDOPS_WITH_CUDA
+// The same on the GPU, launched asynchronously on `stream` (a cudaStream_t).
+void kd_forward_cuda(const KDParams& p, void* stream);
+#endif
+
+}  // namespace kdops

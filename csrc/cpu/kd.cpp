@@ -1,0 +1,187 @@
+// The fused KD loss on the CPU: one row per OpenMP iteration, three passes over the row as
+// described in common/divergence.h, the element loops vectorized with `omp simd` and the inline
+// float exp / log1p of common/fast_math.h.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/divergence.h"
+#include "common/dtype.h"
+#include "common/fast_math.h"
+#include "common/kd.h"
+
+// The loop bodies are lambdas, which must be inlined for the loops to vectorize.
+#if defined(__GNUC__)
+#define KD_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define KD_ALWAYS_INLINE
+#endif
+
+namespace kdops {
+namespace {
+
+// Pass 1 works chunk by chunk: the chunk's max, then its exp-sums while it is in L1.
+constexpr int64_t kChunk = 2048;
+
+// A running logsumexp of scale * x: lse = scale * m + log(z), z = sum exp(scale * (x - m)).
+template <typename acc_t>
+struct OnlineLSE {
+  acc_t m = -INFINITY;
+  acc_t z = 0;
+
+  // Adds x[0:n], whose max is chunk_max.
+  template <typename T>
+  void add(const T* x, int64_t n, acc_t chunk_max, acc_t scale) {
+    const acc_t m_new = std::max(m, chunk_max);
+    if (m_new == -INFINITY) return;  // only -inf so far: z stays 0
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += FastMath::exp((to_acc(x[i]) - m_new) * scale);
+    z = z * FastMath::exp((m - m_new) * scale) + sum;
+    m = m_new;
+  }
+};
+
+template <typename T, int DIV, bool HARD, bool GRAD>
+void kd_row(const KDParams& p, int64_t r) {
+  using acc_t = acc_type<T>;
+  const int64_t V = p.vocab;
+  const T* s = static_cast<const T*>(p.student) + r * p.student_stride;
+  const T* t = static_cast<const T*>(p.teacher) + r * p.teacher_stride;
+  T* g = GRAD ? static_cast<T*>(p.grad) + r * p.grad_stride : nullptr;
+  acc_t& loss = static_cast<acc_t*>(p.loss)[r];
+  const int64_t label = p.labels ? p.labels[r] : -1;
+
+  if (p.labels && label == p.ignore_index) {
+    loss = 0;
+    if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(0));
+    return;
+  }
+
+  // Pass 1: logsumexp of s / T, t / T and (for the hard term) s.
+  const acc_t inv_t = acc_t(1) / acc_t(p.temperature);
+  OnlineLSE<acc_t> lse_s, lse_t, lse_1;
+  for (int64_t b = 0; b < V; b += kChunk) {
+    const int64_t n = std::min(kChunk, V - b);
+    acc_t cs = -INFINITY, ct = -INFINITY;
+#pragma omp simd reduction(max : cs, ct)
+    for (int64_t i = b; i < b + n; ++i) {
+      cs = std::max(cs, to_acc(s[i]));
+      ct = std::max(ct, to_acc(t[i]));
+    }
+    lse_s.add(s + b, n, cs, inv_t);
+    lse_t.add(t + b, n, ct, inv_t);
+    if constexpr (HARD) lse_1.add(s + b, n, cs, acc_t(1));
+  }
+  // Log-probabilities relative to the row max, which keeps them accurate for large logits.
+  const acc_t ms = lse_s.m, log_zs = std::log(lse_s.z);
+  const acc_t mt = lse_t.m, log_zt = std::log(lse_t.z);
+  const acc_t log_z1 = std::log(lse_1.z);  // lse_1 = ms + log_z1
+  const acc_t beta = acc_t(p.beta);
+  const MixWeights<acc_t> w(beta);
+  const auto term = [=](int64_t i) KD_ALWAYS_INLINE {
+    const acc_t ls = (to_acc(s[i]) - ms) * inv_t - log_zs;
+    const acc_t lt = (to_acc(t[i]) - mt) * inv_t - log_zt;
+    return divergence_term<DIV, acc_t, FastMath>(ls, lt, beta, w);
+  };
+
+  // Pass 2: D and S = sum q (forward KL: S = -1, D is summed in pass 3).
+  acc_t D = 0, S = -1;
+  if constexpr (needs_sum_pass(DIV)) {
+    S = 0;
+#pragma omp simd reduction(+ : D, S)
+    for (int64_t i = 0; i < V; ++i) {
+      const Term<acc_t> e = term(i);
+      D += e.d;
+      S += e.q;
+    }
+  }
+
+  // Pass 3: the gradient soft_weight / T * (q - p_s S) + hard_weight * (softmax(s) - onehot).
+  const acc_t soft = acc_t(p.soft_weight), hard = acc_t(p.hard_weight);
+  const auto grad = [=](int64_t i, acc_t q) KD_ALWAYS_INLINE {
+    const acc_t ps = FastMath::exp((to_acc(s[i]) - ms) * inv_t - log_zs);
+    acc_t gi = soft * inv_t * (q - ps * S);
+    if constexpr (HARD) gi += hard * FastMath::exp(to_acc(s[i]) - ms - log_z1);
+    return gi;
+  };
+  if constexpr (DIV == kForwardKL || GRAD) {
+#pragma omp simd reduction(+ : D)
+    for (int64_t i = 0; i < V; ++i) {
+      const Term<acc_t> e = term(i);
+      if constexpr (DIV == kForwardKL) D += e.d;
+      if constexpr (GRAD) g[i] = from_acc<T>(grad(i, e.q));
+    }
+  }
+
+  loss = soft * D;
+  if constexpr (HARD) {
+    // Cross entropy at T = 1; an out-of-range label gives a NaN row.
+    const bool in_range = label >= 0 && label < V;
+    loss += hard * (in_range ? log_z1 - (to_acc(s[label]) - ms) : acc_t(NAN));
+    if (GRAD && in_range) g[label] = from_acc<T>(grad(label, term(label).q) - hard);
+  }
+}
+
+template <typename T, int DIV, bool HARD, bool GRAD>
+void kd_rows(const KDParams& p) {
+  // Rows of uneven cost (ignored rows are cheap): hand out about 64K elements at a time.
+  const int64_t rows_per_task = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.vocab, 1));
+#pragma omp parallel for schedule(dynamic, rows_per_task)
+  for (int64_t r = 0; r < p.n_rows; ++r) kd_row<T, DIV, HARD, GRAD>(p, r);
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+template <typename F>
+void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(Type<float>{});
+    case kFloat16: return f(Type<half_t>{});
+    case kBFloat16: return f(Type<bfloat16_t>{});
+    case kFloat64: return f(Type<double>{});
+  }
+  throw std::invalid_argument("kdops: unknown dtype code " + std::to_string(dtype));
+}
+
+template <typename F>
+void with_divergence(int div, F&& f) {
+  switch (div) {
+    case kForwardKL: return f(std::integral_constant<int, kForwardKL>{});
+    case kReverseKL: return f(std::integral_constant<int, kReverseKL>{});
+    case kJSD: return f(std::integral_constant<int, kJSD>{});
+    case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{});
+    case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{});
+    case kTVD: return f(std::integral_constant<int, kTVD>{});
+  }
+  throw std::invalid_argument("kdops: unknown divergence code " + std::to_string(div));
+}
+
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+}  // namespace
+
+void kd_forward_cpu(const KDParams& p) {
+  with_dtype(p.dtype, [&](auto type) {
+    with_divergence(p.divergence, [&](auto div) {
+      with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
+        with_bool(p.grad != nullptr, [&](auto grad) {
+          using T = typename decltype(type)::type;
+          kd_rows<T, decltype(div)::value, decltype(hard)::value, decltype(grad)::value>(p);
+        });
+      });
+    });
+  });
+}
+
+}  // namespace kdops

@@ -1,0 +1,449 @@
+// The fused temperature-softmax KD kernel on the GPU: kd_forward_cuda (see common/kd.h).
+//
+// One thread block per row (a grid-stride loop over rows) runs the three passes of
+// common/divergence.h, each a block-wide sweep of the row in 16-byte vectors:
+//   1. online max / sums of s and t, merged across the block: the log-softmax offsets of
+//      s / T, t / T and, with the hard-label term, s.
+//   2. D and S (every divergence but forward KL); block sum.
+//   3. the gradient row, and D for forward KL (S = -1).
+// Pass 1 leaves the rows in L2 for the later passes (the last pass loads them evict-first), so
+// that HBM sees each logit about once. Everything accumulates in float; float16 / bfloat16 use the
+// storage types of common/dtype.h, converted by the hardware's cvt instructions.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/divergence.h"
+#include "common/dtype.h"
+#include "common/kd.h"
+
+namespace kdops {
+namespace {
+
+constexpr int kMaxThreads = 512;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- element types: loaded and stored as their bits ----
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using bits = float;
+  static __device__ __forceinline__ float to_float(float b) { return b; }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
+};
+
+template <>
+struct Elem<half_t> {
+  using bits = unsigned short;
+  static __device__ __forceinline__ float to_float(unsigned short b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ unsigned short from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
+
+template <>
+struct Elem<bfloat16_t> {
+  using bits = unsigned short;
+  static __device__ __forceinline__ float to_float(unsigned short b) { return bf16_to_float(b); }
+  static __device__ __forceinline__ unsigned short from_float(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+};
+
+template <typename T>
+using Bits = typename Elem<T>::bits;
+
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
+
+// L2 policy of a pass's loads: keep the lines for a later pass, or last use (evict first).
+enum class Cache { kKeep, kLast };
+
+template <Cache C, typename U>
+__device__ __forceinline__ U load(const U* p) {
+  return C == Cache::kKeep ? __ldg(p) : __ldcs(p);
+}
+
+// ---- sweeping a row ----
+
+// K consecutive elements of a row from i0: logits x (student) and y (teacher) as floats, and the
+// gradient g to store.
+template <int K>
+struct Chunk {
+  static constexpr int size = K;
+  int i0;
+  float x[K], y[K], g[K];
+};
+
+// A row as a scalar head (up to 16-byte alignment), `nvec` 16-byte vectors and a scalar tail.
+// Vectors need all the row's pointers at one offset from 16-byte alignment; otherwise the whole
+// row is head.
+struct Split {
+  int head, nvec;
+};
+
+template <typename T>
+__device__ __forceinline__ Split split_row(const void* a, const void* b, const void* c, int vocab) {
+  constexpr int N = kVec<T>;
+  const auto offset = [](const void* p) { return int(reinterpret_cast<uintptr_t>(p) / sizeof(T) % N); };
+  const int off = offset(a);
+  if (offset(b) != off || (c != nullptr && offset(c) != off)) return {vocab, 0};
+  const int head = min((N - off) % N, vocab);
+  return {head, (vocab - head) / N};
+}
+
+// Calls f(chunk) on the chunks of the row that this thread owns (Chunk<1> or Chunk<kVec<T>>);
+// with STORE, then writes chunk.g to g (evict-first: nothing here reads the gradient again).
+template <typename T, Cache C, bool STORE, typename F>
+__device__ __forceinline__ void for_each_chunk(const Bits<T>* __restrict__ s, const Bits<T>* __restrict__ t,
+                                               Bits<T>* __restrict__ g, int vocab, F&& f) {
+  using E = Elem<T>;
+  constexpr int N = kVec<T>;
+  constexpr int U = 2;  // vectors in flight per tensor and thread
+  const int tid = threadIdx.x, threads = blockDim.x;
+  const Split sp = split_row<T>(s, t, STORE ? g : nullptr, vocab);
+
+  const auto element = [&](int i) {
+    Chunk<1> c;
+    c.i0 = i;
+    c.x[0] = E::to_float(load<C>(s + i));
+    c.y[0] = E::to_float(load<C>(t + i));
+    f(c);
+    if constexpr (STORE) __stcs(g + i, E::from_float(c.g[0]));
+  };
+  const auto vector = [&](int v, uint4 sv, uint4 tv) {
+    Bits<T> sb[N], tb[N];
+    memcpy(sb, &sv, sizeof sv);
+    memcpy(tb, &tv, sizeof tv);
+    Chunk<N> c;
+    c.i0 = sp.head + v * N;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      c.x[k] = E::to_float(sb[k]);
+      c.y[k] = E::to_float(tb[k]);
+    }
+    f(c);
+    if constexpr (STORE) {
+      Bits<T> gb[N];
+#pragma unroll
+      for (int k = 0; k < N; ++k) gb[k] = E::from_float(c.g[k]);
+      uint4 gv;
+      memcpy(&gv, gb, sizeof gv);
+      __stcs(reinterpret_cast<uint4*>(g + c.i0), gv);
+    }
+  };
+
+  for (int i = tid; i < sp.head; i += threads) element(i);
+  const uint4* s4 = reinterpret_cast<const uint4*>(s + sp.head);
+  const uint4* t4 = reinterpret_cast<const uint4*>(t + sp.head);
+  int v = tid;
+  for (; v + (U - 1) * threads < sp.nvec; v += U * threads) {
+    uint4 sv[U], tv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      sv[u] = load<C>(s4 + v + u * threads);
+      tv[u] = load<C>(t4 + v + u * threads);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) vector(v + u * threads, sv[u], tv[u]);
+  }
+  for (; v < sp.nvec; v += threads) vector(v, load<C>(s4 + v), load<C>(t4 + v));
+  for (int i = sp.head + sp.nvec * N + tid; i < vocab; i += threads) element(i);
+}
+
+template <typename T>
+__device__ __forceinline__ void fill_zero(Bits<T>* g, int vocab) {
+  constexpr int N = kVec<T>;
+  const int tid = threadIdx.x, threads = blockDim.x;
+  const Split sp = split_row<T>(g, g, nullptr, vocab);
+  for (int i = tid; i < sp.head; i += threads) g[i] = Bits<T>(0);
+  uint4* g4 = reinterpret_cast<uint4*>(g + sp.head);
+  for (int v = tid; v < sp.nvec; v += threads) g4[v] = make_uint4(0, 0, 0, 0);
+  for (int i = sp.head + sp.nvec * N + tid; i < vocab; i += threads) g[i] = Bits<T>(0);
+}
+
+// ---- block reductions of small structs of floats; the result reaches every thread ----
+
+template <typename V>
+__device__ __forceinline__ V shfl_xor(V v, int mask) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  float w[W];
+  memcpy(w, &v, sizeof v);
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] = __shfl_xor_sync(0xffffffffu, w[k], mask);
+  memcpy(&v, w, sizeof v);
+  return v;
+}
+
+// V{} is the identity of `combine`. blockDim.x must be a multiple of 32.
+template <typename V, typename Combine>
+__device__ __forceinline__ V block_reduce(V v, Combine combine) {
+  constexpr int W = sizeof(V) / sizeof(float);
+  static_assert(sizeof(V) == W * sizeof(float), "V must be made of floats");
+  __shared__ float partial[32 * W];
+  __shared__ float result[W];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+  for (int m = 16; m > 0; m /= 2) v = combine(v, shfl_xor(v, m));
+  if (lane == 0) memcpy(partial + warp * W, &v, sizeof v);
+  __syncthreads();
+  if (warp == 0) {
+    V u{};
+    if (lane < warps) memcpy(&u, partial + lane * W, sizeof u);
+#pragma unroll
+    for (int m = 16; m > 0; m /= 2) u = combine(u, shfl_xor(u, m));
+    if (lane == 0) memcpy(result, &u, sizeof u);
+  }
+  __syncthreads();  // also orders this reduction's reads of `partial` before the next one's writes
+  memcpy(&v, result, sizeof v);
+  return v;
+}
+
+// ---- online softmax statistics ----
+
+// 2^x on the SFU, subnormal results flushed to 0: used only in sums that hold a term 1 (the
+// maximum's), where that is invisible. 2^-inf = 0, NaN stays NaN.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A sum z of exp2((x - m) * c) moved from reference m to reference ref >= m; exact when m == ref.
+__device__ __forceinline__ float rebase(float z, float m, float ref, float c) {
+  return m == ref ? z : z * exp2_ftz((m - ref) * c);
+}
+
+// The running max m of raw logits x, z = sum exp2((x - m) * c) and, with ONE,
+// z1 = sum exp2((x - m) * c1). Empty: m = -inf, sums 0. While m = -inf the sums use reference 0,
+// so that no (-inf) - (-inf) occurs; NaN logits reach the sums.
+template <bool ONE>
+struct Stats {
+  float m = -INFINITY, z = 0.f, z1 = 0.f;
+
+  template <int K>
+  __device__ __forceinline__ void add(const float (&x)[K], float c, float c1) {
+    float mx = m;
+#pragma unroll
+    for (int k = 0; k < K; ++k) mx = fmaxf(mx, x[k]);
+    const float ref = mx == -INFINITY ? 0.f : mx;
+    float sz = rebase(z, m, ref, c), sz1 = ONE ? rebase(z1, m, ref, c1) : 0.f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const float d = x[k] - ref;
+      sz += exp2_ftz(d * c);
+      if (ONE) sz1 += exp2_ftz(d * c1);
+    }
+    m = mx;
+    z = sz;
+    z1 = sz1;
+  }
+
+  __device__ __forceinline__ void merge(const Stats& o, float c, float c1) {
+    const float mx = fmaxf(m, o.m);
+    const float ref = mx == -INFINITY ? 0.f : mx;
+    z = rebase(z, m, ref, c) + rebase(o.z, o.m, ref, c);
+    if (ONE) z1 = rebase(z1, m, ref, c1) + rebase(o.z1, o.m, ref, c1);
+    m = mx;
+  }
+};
+
+template <bool HARD>
+struct RowStats {
+  Stats<HARD> s;  // student, with z1 for the hard-label term
+  Stats<false> t;
+};
+
+struct Sums {
+  float d = 0.f, q = 0.f;
+};
+
+// ---- the kernel ----
+
+template <typename T>
+struct Args {
+  const Bits<T>* student;
+  const Bits<T>* teacher;
+  const int64_t* labels;
+  float* loss;
+  Bits<T>* grad;
+  int64_t n_rows;
+  int vocab;
+  int64_t student_stride, teacher_stride, grad_stride;
+  float inv_t, beta, hard_weight, soft_weight;
+  int64_t ignore_index;
+};
+
+// HARD: hard_weight > 0 and labels given.
+template <typename T, int DIV, bool HARD>
+__global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T> a) {
+  constexpr bool kSumPass = needs_sum_pass(DIV);
+  const int vocab = a.vocab;
+  const float inv_t = a.inv_t, beta = a.beta;
+  const float c = kLog2e * inv_t;  // exp((x - m) / T) = exp2((x - m) * c)
+  const MixWeights<float> w(beta);
+
+  for (int64_t r = blockIdx.x; r < a.n_rows; r += gridDim.x) {
+    const Bits<T>* s = a.student + r * a.student_stride;
+    const Bits<T>* t = a.teacher + r * a.teacher_stride;
+    Bits<T>* g = a.grad == nullptr ? nullptr : a.grad + r * a.grad_stride;
+    const int64_t label = a.labels == nullptr ? 0 : a.labels[r];
+    if (a.labels != nullptr && label == a.ignore_index) {
+      if (g != nullptr) fill_zero<T>(g, vocab);
+      if (threadIdx.x == 0) a.loss[r] = 0.f;
+      continue;
+    }
+
+    // Pass 1. Log-probabilities are then ls = (s - ms) / T - log zs (likewise lt), and the
+    // softmax at T = 1 is exp(s - ms - log z1): offsets from the max keep them accurate.
+    RowStats<HARD> st;
+    for_each_chunk<T, Cache::kKeep, false>(s, t, nullptr, vocab, [&](auto& ch) {
+      st.s.add(ch.x, c, kLog2e);
+      st.t.add(ch.y, c, 0.f);
+    });
+    st = block_reduce(st, [&](RowStats<HARD> u, const RowStats<HARD>& o) {
+      u.s.merge(o.s, c, kLog2e);
+      u.t.merge(o.t, c, 0.f);
+      return u;
+    });
+    const float ms = st.s.m, mt = st.t.m, log_zs = logf(st.s.z), log_zt = logf(st.t.z);
+    // A label outside [0, vocab) (not checked on the GPU) makes the row's loss and gradient NaN.
+    const bool label_ok = HARD && label >= 0 && label < vocab;
+    const float log_z1 = !HARD ? 0.f : label_ok ? logf(st.s.z1) : NAN;
+
+    // Pass 2.
+    Sums sums;
+    if (kSumPass) {
+      for_each_chunk<T, Cache::kKeep, false>(s, t, nullptr, vocab, [&](auto& ch) {
+#pragma unroll
+        for (int k = 0; k < ch.size; ++k) {
+          const float ls = fmaf(ch.x[k] - ms, inv_t, -log_zs), lt = fmaf(ch.y[k] - mt, inv_t, -log_zt);
+          const Term<float> tm = divergence_term<DIV, float>(ls, lt, beta, w);
+          sums.d += tm.d;
+          sums.q += tm.q;
+        }
+      });
+      sums = block_reduce(sums, [](Sums u, const Sums& o) {
+        u.d += o.d;
+        u.q += o.q;
+        return u;
+      });
+    } else {
+      sums.q = -1.f;
+    }
+
+    // Pass 3: grad_i = soft_weight / T * (q_i - p_s_i * S) + hard_weight * (softmax(s)_i - [i == label]).
+    if (!kSumPass || g != nullptr) {
+      const float S = sums.q, gs = a.soft_weight * inv_t;
+      float d = 0.f;
+      const auto pass3 = [&](auto& ch) {
+#pragma unroll
+        for (int k = 0; k < ch.size; ++k) {
+          const float x = ch.x[k];
+          const float ls = fmaf(x - ms, inv_t, -log_zs), lt = fmaf(ch.y[k] - mt, inv_t, -log_zt);
+          const Term<float> tm = divergence_term<DIV, float>(ls, lt, beta, w);
+          if (!kSumPass) d += tm.d;
+          float gi = gs * (tm.q - expf(ls) * S);
+          if (HARD) gi += a.hard_weight * (expf(x - ms - log_z1) - (ch.i0 + k == label ? 1.f : 0.f));
+          ch.g[k] = gi;
+        }
+      };
+      if (g != nullptr) {
+        for_each_chunk<T, Cache::kLast, true>(s, t, g, vocab, pass3);
+      } else {  // forward KL, loss only (the unused gradient math is compiled out)
+        for_each_chunk<T, Cache::kLast, false>(s, t, nullptr, vocab, pass3);
+      }
+      if (!kSumPass) sums.d = block_reduce(d, [](float u, float o) { return u + o; });
+    }
+
+    if (threadIdx.x == 0) {
+      float loss = a.soft_weight * sums.d;
+      if (HARD) loss += a.hard_weight * (ms - (label_ok ? Elem<T>::to_float(s[label]) : 0.f) + log_z1);
+      a.loss[r] = loss;
+    }
+  }
+}
+
+// ---- launch ----
+
+// Threads per row: about 4 vectors per thread and pass, a power of two from 64 to kMaxThreads.
+// With __launch_bounds__(kMaxThreads, 2), two blocks of 512 threads share an SM, so one block's
+// reductions overlap the other's loads.
+int threads_for(int64_t vocab, int vec) {
+  const int64_t want = (vocab + 4 * vec - 1) / (4 * vec);
+  int threads = 64;
+  while (threads < kMaxThreads && threads < want) threads *= 2;
+  return threads;
+}
+
+template <typename T, int DIV, bool HARD>
+void launch(const KDParams& p, cudaStream_t stream) {
+  Args<T> a;
+  a.student = static_cast<const Bits<T>*>(p.student);
+  a.teacher = static_cast<const Bits<T>*>(p.teacher);
+  a.labels = p.labels;
+  a.loss = static_cast<float*>(p.loss);
+  a.grad = static_cast<Bits<T>*>(p.grad);
+  a.n_rows = p.n_rows;
+  a.vocab = static_cast<int>(p.vocab);
+  a.student_stride = p.student_stride;
+  a.teacher_stride = p.teacher_stride;
+  a.grad_stride = p.grad_stride;
+  a.inv_t = static_cast<float>(1.0 / p.temperature);
+  a.beta = static_cast<float>(p.beta);
+  a.hard_weight = static_cast<float>(p.hard_weight);
+  a.soft_weight = static_cast<float>(p.soft_weight);
+  a.ignore_index = p.ignore_index;
+  const int64_t grid = p.n_rows < INT_MAX ? p.n_rows : INT_MAX;
+  kd_forward_kernel<T, DIV, HARD>
+      <<<static_cast<unsigned>(grid), threads_for(p.vocab, kVec<T>), 0, stream>>>(a);
+}
+
+template <typename T>
+void dispatch(const KDParams& p, cudaStream_t stream) {
+  const bool hard = p.hard_weight > 0 && p.labels != nullptr;
+  const auto go = [&](auto div) {
+    constexpr int DIV = decltype(div)::value;
+    hard ? launch<T, DIV, true>(p, stream) : launch<T, DIV, false>(p, stream);
+  };
+  switch (p.divergence) {
+    case kForwardKL: return go(std::integral_constant<int, kForwardKL>{});
+    case kReverseKL: return go(std::integral_constant<int, kReverseKL>{});
+    case kJSD: return go(std::integral_constant<int, kJSD>{});
+    case kSkewForwardKL: return go(std::integral_constant<int, kSkewForwardKL>{});
+    case kSkewReverseKL: return go(std::integral_constant<int, kSkewReverseKL>{});
+    case kTVD: return go(std::integral_constant<int, kTVD>{});
+    default: throw std::invalid_argument("kd_forward_cuda: unknown divergence code " + std::to_string(p.divergence));
+  }
+}
+
+}  // namespace
+
+void kd_forward_cuda(const KDParams& p, void* stream) {
+  if (p.vocab > INT_MAX) {
+    throw std::invalid_argument("kd_forward_cuda: vocab " + std::to_string(p.vocab) + " exceeds 2^31 - 1");
+  }
+  if (p.n_rows <= 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case kFloat32: dispatch<float>(p, s); break;
+    case kFloat16: dispatch<half_t>(p, s); break;
+    case kBFloat16: dispatch<bfloat16_t>(p, s); break;
+    case kFloat64: throw std::invalid_argument("kd_forward_cuda: float64 logits are not supported on CUDA");
+    default: throw std::invalid_argument("kd_forward_cuda: unknown dtype code " + std::to_string(p.dtype));
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("kd_forward_cuda: kernel launch failed: ") + cudaGetErrorString(err));
+  }
+}
+
+}  // namespace kdops

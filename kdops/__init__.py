@@ -1,0 +1,16 @@
+"""kdops: fused knowledge-distillation losses for PyTorch (Triton, CUDA C++, C++ CPU kernels)."""
+from kdops import nn, reference
+from kdops._dispatch import BACKENDS, available_backends
+from kdops.divergences import DIVERGENCES
+from kdops.ops.kd import distill_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "DIVERGENCES",
+    "available_backends",
+    "distill_loss",
+    "nn",
+    "reference",
+]

@@ -1,0 +1,1 @@
+"""One module per loss family: argument checks, the ``torch.library`` custom op and its autograd."""

@@ -1,0 +1,168 @@
+"""Fused temperature-softmax distillation (response-based KD): ``kdops.distill_loss``.
+
+Per row, with ``p_t = softmax(teacher / T)``, ``p_s = softmax(student / T)``, ``a = hard_weight``
+and ``c = T**2`` (or 1 without ``scale_by_temperature_squared``)::
+
+    row = a * CE(student, label) + (1 - a) * c * D(p_t, p_s)
+
+where ``D`` is one of the divergences of :mod:`kdops.divergences`. A kernel computes each row's
+loss *and* its gradient in one call (online softmax, no other ``[N, V]`` temporary), so
+backward is a scale of the saved gradient by the incoming one.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from kdops import _dispatch, native, reference
+from kdops.ops import validation
+from kdops.ops.saved_grad import scale_saved_grad
+
+
+def _triton_kd_forward(*args):
+    from kdops.triton.kd import kd_forward  # imported late: TRITON_INTERPRET is read at import
+
+    return kd_forward(*args)
+
+
+# backend -> kd_forward(student, teacher, labels, divergence, temperature, beta, hard_weight,
+#                       soft_weight, ignore_index, compute_grad) -> (row losses, row gradients)
+KD_KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
+    "triton": _triton_kd_forward,
+    "cuda": native.kd_forward,
+    "cpu": native.kd_forward,
+}
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("kdops::distill_rows", mutates_args=())
+def distill_rows(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    divergence: int,
+    temperature: float,
+    beta: float,
+    hard_weight: float,
+    soft_weight: float,
+    ignore_index: int,
+    compute_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Row losses ``[N]`` of ``[N, V]`` logits and, if ``compute_grad``, their gradients with
+    respect to ``student`` (``[N, V]``, student dtype; else an empty tensor)."""
+    return KD_KERNELS[backend](
+        student, teacher, labels, divergence, temperature, beta, hard_weight, soft_weight,
+        ignore_index, compute_grad,
+    )
+
+
+@distill_rows.register_fake
+def _(student, teacher, labels, divergence, temperature, beta, hard_weight, soft_weight,
+      ignore_index, compute_grad, backend):
+    loss = student.new_empty(student.shape[:1], dtype=_loss_dtype(student.dtype))
+    grad = student.new_empty(student.shape if compute_grad else (0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.compute_grad = inputs[9]
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_of_grad: Optional[Tensor]):
+    if not ctx.compute_grad:
+        raise RuntimeError("kdops: the loss was computed without gradient tracking of the student logits")
+    (row_grad,) = ctx.saved_tensors
+    grad = scale_saved_grad(row_grad, grad_loss.unsqueeze(-1))
+    return grad, None, None, None, None, None, None, None, None, None, None
+
+
+distill_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    temperature: float = 2.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    hard_weight: float = 0.0,
+    scale_by_temperature_squared: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Knowledge-distillation loss between student and teacher logits of shape ``(..., V)``.
+
+    Row loss ``a * CE(student, label) + (1 - a) * c * D(softmax(teacher/T), softmax(student/T))``
+    with ``a = hard_weight`` and ``c = T**2`` when ``scale_by_temperature_squared``; ``D`` is
+    ``divergence`` (``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_forward_kl``,
+    ``skew_reverse_kl``, ``tvd``; ``beta`` mixes the last three's distributions). ``labels``
+    (the leading shape) add the hard-label term and mask rows equal to ``ignore_index``.
+    ``reduction``: ``"mean"`` over counted rows (0 when none count), ``"sum"`` or ``"none"``.
+    The teacher is a constant: gradient flows to ``student_logits`` only. The loss is float32
+    (float64 for float64 logits); the gradient has the student's dtype.
+    ``backend``: None (``KDOPS_BACKEND``, else automatic), ``"triton"``, ``"cuda"``, ``"cpu"``
+    or ``"torch"``; see :func:`kdops.available_backends`.
+    """
+    validation.check_float_tensor("student_logits", student_logits)
+    validation.check_float_tensor("teacher_logits", teacher_logits)
+    if student_logits.dim() == 0:
+        raise ValueError("student_logits must have at least one dimension (..., V); got a scalar")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits must have the shape of student_logits (..., V); got teacher "
+            f"{tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.dtype != student_logits.dtype:
+        raise TypeError(
+            f"teacher_logits must have the dtype of student_logits; got teacher {teacher_logits.dtype} "
+            f"and student {student_logits.dtype} (convert one with .to())"
+        )
+    vocab = student_logits.shape[-1]
+    if vocab == 0:
+        raise ValueError(f"student_logits must have a vocabulary dimension V >= 1; got shape {tuple(student_logits.shape)}")
+    lead = student_logits.shape[:-1]
+    labels = validation.check_labels(labels, lead, "student_logits")
+    validation.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
+    code = validation.check_options(
+        temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+        reduction=reduction, has_labels=labels is not None,
+    )
+    if labels is not None and hard_weight > 0:
+        validation.check_labels_in_range(labels, ignore_index, vocab)
+    name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype)
+    options = dict(
+        temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+        scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+    )
+    if name == "torch":
+        return reference.distill_loss(student_logits, teacher_logits, labels, reduction=reduction, **options)
+
+    student = _rows(student_logits, vocab)
+    teacher = _rows(teacher_logits, vocab)
+    flat_labels = None if labels is None else labels.reshape(-1).contiguous()
+    soft_weight = (1.0 - hard_weight) * (temperature * temperature if scale_by_temperature_squared else 1.0)
+    compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    rows, _ = distill_rows(
+        student, teacher, flat_labels, code, float(temperature), float(beta), float(hard_weight),
+        float(soft_weight), int(ignore_index), compute_grad, name,
+    )
+    valid = None if flat_labels is None else flat_labels != ignore_index
+    if valid is None:
+        valid = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+    return reference.reduce_rows(rows, valid, reduction).reshape(lead if reduction == "none" else ())
+
+
+def _rows(logits: Tensor, vocab: int) -> Tensor:
+    """``(..., V)`` logits as ``[N, V]`` rows with contiguous elements (copying only if needed)."""
+    rows = logits.reshape(-1, vocab)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()

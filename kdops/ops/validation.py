@@ -1,0 +1,91 @@
+"""Argument checks shared by the loss families: each error names the argument at fault."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kdops.divergences import BETA_RANGES, divergence_code
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_float_tensor(name: str, x: object) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64; got {x.dtype}")
+    return x
+
+
+def check_same_device(**tensors: Optional[Tensor]) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+
+
+def check_labels(labels: Optional[Tensor], lead_shape: torch.Size, what: str) -> Optional[Tensor]:
+    """``labels`` must be an integer tensor of shape ``lead_shape``; returned as int64."""
+    if labels is None:
+        return None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None; got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
+    if labels.shape != lead_shape:
+        raise ValueError(
+            f"labels must have the leading shape of {what}, {tuple(lead_shape)}; "
+            f"got {tuple(labels.shape)}"
+        )
+    return labels.long()
+
+
+def check_labels_in_range(labels: Tensor, ignore_index: int, vocab: int) -> None:
+    """Eager CPU check that every counted label indexes the vocabulary (on GPU and under
+    torch.compile the kernels give such rows a NaN loss instead of stopping the stream)."""
+    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(
+            f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {value}"
+        )
+
+
+def check_options(
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    hard_weight: float,
+    reduction: str,
+    has_labels: bool,
+) -> int:
+    """Check the scalar options of a distillation loss; return the divergence code."""
+    code = divergence_code(divergence)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number; got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
+    if divergence in BETA_RANGES:
+        low, high, low_inclusive = BETA_RANGES[divergence]
+        ok = (low <= beta if low_inclusive else low < beta) and beta < high
+        if not ok:
+            interval = f"{'[' if low_inclusive else '('}{low}, {high})"
+            raise ValueError(f"beta must lie in {interval} for divergence={divergence!r}; got {beta}")
+    if not (0.0 <= hard_weight <= 1.0):
+        raise ValueError(f"hard_weight must lie in [0, 1]; got {hard_weight}")
+    if hard_weight > 0 and not has_labels:
+        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels; got labels=None")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
+    return code

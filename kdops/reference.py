@@ -1,0 +1,298 @@
+"""The plain-PyTorch oracle: every kdops loss written as readably as possible.
+
+Every backend is tested against these functions, usually evaluated in float64. They
+materialise every intermediate, so they are also the ``"torch"`` backend: correct
+everywhere, differentiable by autograd, but memory-hungry.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """float16 / bfloat16 -> float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _times(p: Tensor, x: Tensor) -> Tensor:
+    """p * x with the convention 0 * anything = 0 (p is a probability)."""
+    return torch.where(p > 0, p * x, torch.zeros_like(x))
+
+
+def soft_divergence(
+    log_ps: Tensor, log_pt: Tensor, divergence: str, beta: float
+) -> Tensor:
+    """Per-row divergence between the rows of log-probabilities ``log_ps`` (student) and
+    ``log_pt`` (teacher), both ``[N, V]``; see :mod:`kdops.divergences` for the formulas."""
+    ps, pt = log_ps.exp(), log_pt.exp()
+    if divergence == "forward_kl":
+        terms = _times(pt, log_pt - log_ps)
+    elif divergence == "reverse_kl":
+        terms = _times(ps, log_ps - log_pt)
+    elif divergence == "tvd":
+        terms = 0.5 * (pt - ps).abs()
+    else:
+        # log of the mixture, computed in log space: log(w_a * exp(a) + w_b * exp(b)).
+        def log_mix(w_a: float, a: Tensor, b: Tensor) -> Tensor:
+            la = math.log(w_a) if w_a > 0 else -math.inf
+            lb = math.log(1.0 - w_a)
+            return torch.logaddexp(a + la, b + lb)
+
+        if divergence == "jsd":
+            log_m = log_mix(beta, log_pt, log_ps)
+            terms = beta * _times(pt, log_pt - log_m) + (1 - beta) * _times(ps, log_ps - log_m)
+        elif divergence == "skew_forward_kl":
+            log_m = log_mix(beta, log_pt, log_ps)
+            terms = _times(pt, log_pt - log_m)
+        elif divergence == "skew_reverse_kl":
+            log_m = log_mix(beta, log_ps, log_pt)
+            terms = _times(ps, log_ps - log_m)
+        else:
+            raise ValueError(f"unknown divergence {divergence!r}")
+    return terms.sum(-1)
+
+
+def weighted_row_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor],
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    hard_weight: float,
+    soft_weight: float,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor]:
+    """``row = hard_weight * CE(student, label) + soft_weight * D(p_t, p_s)`` on ``[N, V]``
+    logits, rows whose label is ``ignore_index`` set to 0; returns the rows and the ``[N]``
+    mask of rows that count. Computed in float32, or float64 for float64 inputs."""
+    s = _upcast(student_logits)
+    t = _upcast(teacher_logits).to(s.dtype).detach()
+    log_ps = torch.log_softmax(s / temperature, dim=-1)
+    log_pt = torch.log_softmax(t / temperature, dim=-1)
+    row = soft_weight * soft_divergence(log_ps, log_pt, divergence, beta)
+    if labels is None:
+        return row, torch.ones(row.shape, dtype=torch.bool, device=row.device)
+    valid = labels != ignore_index
+    if hard_weight > 0:
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        ce = torch.logsumexp(s, dim=-1) - s.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        row = row + hard_weight * ce
+    return torch.where(valid, row, torch.zeros_like(row)), valid
+
+
+def distill_row_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    temperature: float = 2.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    hard_weight: float = 0.0,
+    scale_by_temperature_squared: bool = True,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss of :func:`distill_loss` on ``[N, V]`` logits, and the ``[N]`` mask of
+    rows that count. Computed in float32, or float64 for float64 inputs.
+
+    ``row = a * CE(student, label) + (1 - a) * c * D(p_t, p_s)`` with ``a = hard_weight``,
+    ``c = T**2`` if ``scale_by_temperature_squared`` else 1, and ``p = softmax(logits / T)``.
+    Rows whose label is ``ignore_index`` are 0 and do not count.
+    """
+    c = temperature * temperature if scale_by_temperature_squared else 1.0
+    return weighted_row_loss(
+        student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence,
+        beta=beta, hard_weight=hard_weight, soft_weight=(1.0 - hard_weight) * c, ignore_index=ignore_index,
+    )
+
+
+def reduce_rows(row: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """``"none"``: the rows; ``"sum"``: their sum; ``"mean"``: sum / number of counted rows
+    (0 when no row counts)."""
+    if reduction == "none":
+        return row
+    total = row.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    temperature: float = 2.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    hard_weight: float = 0.0,
+    scale_by_temperature_squared: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Reference of :func:`kdops.distill_loss` on logits of shape ``(..., V)``."""
+    lead = student_logits.shape[:-1]
+    V = student_logits.shape[-1]
+    row, valid = distill_row_loss(
+        student_logits.reshape(-1, V),
+        teacher_logits.reshape(-1, V),
+        None if labels is None else labels.reshape(-1),
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        hard_weight=hard_weight,
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        ignore_index=ignore_index,
+    )
+    return reduce_rows(row, valid, reduction).reshape(lead if reduction == "none" else ())
+
+
+def fused_linear_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    **options,
+) -> Tensor:
+    """Reference of :func:`kdops.fused_linear_distill_loss`: the logits, materialised."""
+    student_logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    teacher_logits = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
+    return distill_loss(student_logits, teacher_logits.to(student_logits.dtype), labels,
+                        temperature=temperature, reduction=reduction, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relation-based and feature-based distillation (issue #4): affinities, SP, RKD, FitNets, AT.
+#
+# Features ``(B, ...)`` are flattened per sample to rows ``x_i`` of ``X [B, D]``; student and
+# teacher may have different D but share B. The teacher is a constant (detached).
+# ---------------------------------------------------------------------------------------------
+from typing import Callable  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+NORM_EPS = 1e-12  # norms are clamped to >= NORM_EPS before dividing by them (as F.normalize)
+DIST_EPS2 = 1e-12  # squared distances are clamped to >= DIST_EPS2 before a square root (RKD)
+
+
+def _features(x: Tensor) -> Tensor:
+    """``(B, ...)`` features as ``[B, D]`` rows, half precision upcast to float32."""
+    return _upcast(x).reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
+def _student_teacher(f_s: Tensor, f_t: Tensor) -> tuple[Tensor, Tensor]:
+    s = _features(f_s)
+    return s, _features(f_t).to(s.dtype).detach()
+
+
+def _off_diagonal(n: int, device: torch.device) -> Tensor:
+    return ~torch.eye(n, dtype=torch.bool, device=device)
+
+
+def pairwise_squared_distances(x: Tensor) -> Tensor:
+    """``d2_ij = ||x_i - x_j||^2 = n_i + n_j - 2 x_i.x_j`` (``n_i = ||x_i||^2``, Gram form, as
+    the kernels), clamped at 0; ``[B, D]`` rows -> ``[B, B]``. The diagonal is exactly 0."""
+    sq = (x * x).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp(min=0.0)
+    return torch.where(_off_diagonal(x.shape[0], x.device), d2, torch.zeros_like(d2))
+
+
+def affinity(x: Tensor, kind: str = "cosine") -> Tensor:
+    """``[B, B]`` affinity of the ``(B, ...)`` samples of ``x`` (float32; float64 for float64):
+
+    ``dot``                ``A_ij = x_i . x_j``
+    ``cosine``             ``A_ij = x_i . x_j / (max(||x_i||, eps) max(||x_j||, eps))``
+    ``squared_euclidean``  ``A_ij = ||x_i - x_j||^2`` (0 on the diagonal)
+    ``euclidean``          ``A_ij = sqrt(max(||x_i - x_j||^2, 1e-12))`` for i != j, 0 on the diagonal
+    """
+    x = _features(x)
+    if kind == "dot":
+        return x @ x.T
+    if kind == "cosine":
+        n = x / x.norm(dim=1, keepdim=True).clamp(min=NORM_EPS)
+        return n @ n.T
+    d2 = pairwise_squared_distances(x)
+    if kind == "squared_euclidean":
+        return d2
+    if kind == "euclidean":
+        d = d2.clamp(min=DIST_EPS2).sqrt()
+        return torch.where(_off_diagonal(x.shape[0], x.device), d, torch.zeros_like(d))
+    raise ValueError(f"unknown affinity kind {kind!r}")
+
+
+def similarity_preserving_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
+    """SP (Tung & Mori, 2019): ``sum((G~s - G~t)^2) / B^2`` with ``G = X X^T`` and ``G~`` its
+    rows divided by ``max(||G_i||, 1e-12)``."""
+    s, t = _student_teacher(f_s, f_t)
+    gs = F.normalize(s @ s.T, dim=1, eps=NORM_EPS)
+    gt = F.normalize(t @ t.T, dim=1, eps=NORM_EPS)
+    return (gs - gt).pow(2).sum() / s.shape[0] ** 2
+
+
+def _rkd_distances(x: Tensor) -> Tensor:
+    """``d_ij = sqrt(max(||x_i - x_j||^2, 1e-12))`` for i != j, 0 on the diagonal."""
+    return affinity(x, "euclidean")
+
+
+def rkd_distance_loss(f_s: Tensor, f_t: Tensor, smooth_l1_beta: float = 1.0) -> Tensor:
+    """RKD-D (Park et al., 2019): with ``d`` the distances of :func:`_rkd_distances` and ``mu``
+    their mean over the ``P = B(B-1)`` ordered pairs i != j, the mean over those pairs of
+    ``smooth_l1(d^s_ij / mu_s, d^t_ij / mu_t)`` (smooth-L1 with ``beta = smooth_l1_beta``;
+    ``beta = 0`` is L1). The diagonal terms are ``smooth_l1(0, 0) = 0``."""
+    s, t = _student_teacher(f_s, f_t)
+    n_pairs = s.shape[0] * (s.shape[0] - 1)
+    ds, dt = _rkd_distances(s), _rkd_distances(t)
+    us = ds / (ds.sum() / n_pairs)
+    ut = dt / (dt.sum() / n_pairs)
+    return F.smooth_l1_loss(us, ut, reduction="sum", beta=smooth_l1_beta) / n_pairs
+
+
+def _rkd_cosines(x: Tensor) -> Tensor:
+    """``cos[j, i, k] = n_ij . n_kj`` with ``n_ij = (x_i - x_j) / ||x_i - x_j||``, and ``n_ij``
+    the constant zero vector where ``||x_i - x_j|| <= 1e-12`` (i == j, duplicate samples): such
+    pairs add no gradient. Materialises ``[B, B, D]`` differences and ``[B, B, B]`` cosines."""
+    e = x[None, :, :] - x[:, None, :]  # e[j, i] = x_i - x_j
+    r = e.norm(dim=2, keepdim=True)
+    n = torch.where(r > NORM_EPS, e / r.clamp(min=NORM_EPS), torch.zeros_like(e))
+    return n @ n.transpose(1, 2)
+
+
+def rkd_angle_loss(f_s: Tensor, f_t: Tensor, smooth_l1_beta: float = 1.0) -> Tensor:
+    """RKD-A (Park et al., 2019): the mean over all ``B^3`` triplets (i, j, k) of
+    ``smooth_l1(cos^s_ijk, cos^t_ijk)``, ``cos_ijk`` the cosine of the angle at anchor ``x_j``
+    between ``x_i - x_j`` and ``x_k - x_j`` (0 when either difference is 0)."""
+    s, t = _student_teacher(f_s, f_t)
+    return F.smooth_l1_loss(_rkd_cosines(s), _rkd_cosines(t), beta=smooth_l1_beta)
+
+
+def hint_loss(f_s: Tensor, f_t: Tensor, adapter: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """FitNets hint: ``mean((adapter(f_s) - f_t)^2)`` (no adapter: the identity)."""
+    s = _upcast(f_s if adapter is None else adapter(f_s))
+    return F.mse_loss(s, _upcast(f_t).to(s.dtype).detach())
+
+
+def attention_map(f: Tensor, p: float = 2.0) -> Tensor:
+    """AT map of ``(B, C, *spatial)`` features: ``F.normalize(mean_c |f_c|^p)`` flattened per
+    sample to ``[B, HW]`` (the mean over channels, as the original; the L2 normalisation makes
+    it equal to the sum)."""
+    a = _upcast(f).abs().pow(p).mean(1).reshape(f.shape[0], -1)
+    return F.normalize(a, dim=1, eps=NORM_EPS)
+
+
+def attention_transfer_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0) -> Tensor:
+    """AT (Zagoruyko & Komodakis, 2017): ``mean over B * HW of (a_s - a_t)^2``, ``a`` the
+    :func:`attention_map` (spatial sizes must match; channel counts may differ)."""
+    a_s = attention_map(f_s, p)
+    return (a_s - attention_map(f_t, p).to(a_s.dtype).detach()).pow(2).mean()

@@ -1,0 +1,73 @@
+"""The divergence math of kdops as ``@triton.jit`` helpers, written once for every Triton kernel.
+
+They mirror ``csrc/common/divergence.h`` (same formulas, same codes as
+:mod:`kdops.divergences`) and work elementwise on scalars or block tensors of any shape.
+With ``ls``, ``lt`` the student / teacher log-probabilities of one element,
+``divergence_term`` returns ``d`` (its contribution to the row divergence ``D = sum d``) and
+``q = p_s * dD/dp_s`` up to a per-row constant times ``p_s``; with ``S = sum q`` the gradient
+with respect to the student logits is ``dD/ds_i = (q_i - p_s_i * S) / T``.
+"""
+import triton
+import triton.language as tl
+
+FORWARD_KL: tl.constexpr = tl.constexpr(0)
+REVERSE_KL: tl.constexpr = tl.constexpr(1)
+JSD: tl.constexpr = tl.constexpr(2)
+SKEW_FORWARD_KL: tl.constexpr = tl.constexpr(3)
+SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(4)
+TVD: tl.constexpr = tl.constexpr(5)
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) for x >= 0, accurate for small x: log(u) + (x - (u - 1)) / u with u = 1 + x
+    rounded (u - 1 is exact, so x - (u - 1) is the rounding error of u)."""
+    u = 1.0 + x
+    return tl.log(u) + (x - (u - 1.0)) / u
+
+
+@triton.jit
+def log_add_exp(a, b):
+    """log(exp(a) + exp(b)) = hi + log1p(exp(lo - hi)); -inf when both are -inf (hi = -inf is
+    replaced by 0 in lo - hi, so that (-inf) - (-inf) never makes a NaN)."""
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    return hi + log1p(tl.exp(lo - tl.where(hi == float("-inf"), 0.0, hi)))
+
+
+@triton.jit
+def times(p, x):
+    """p * x with 0 * anything = 0 (p a probability); x is never multiplied by p = 0."""
+    return p * tl.where(p > 0.0, x, 0.0)
+
+
+@triton.jit
+def divergence_term(ls, lt, beta, log_b, log_1mb, DIV: tl.constexpr):
+    """(d, q) of divergence DIV at log-probabilities ls (student), lt (teacher); ``log_b``,
+    ``log_1mb`` = log(beta) (-inf for beta = 0), log(1 - beta) of the mixtures M below."""
+    ps = tl.exp(ls)
+    pt = tl.exp(lt)
+    if DIV == FORWARD_KL:  # KL(p_t || p_s)
+        d = times(pt, lt - ls)
+        q = -pt
+    elif DIV == REVERSE_KL:  # KL(p_s || p_t)
+        d = times(ps, ls - lt)
+        q = d
+    elif DIV == JSD:  # b KL(p_t || M) + (1 - b) KL(p_s || M), M = b p_t + (1 - b) p_s
+        lm = log_add_exp(log_b + lt, log_1mb + ls)
+        qs = times(ps, ls - lm)
+        d = beta * times(pt, lt - lm) + (1.0 - beta) * qs
+        q = (1.0 - beta) * qs
+    elif DIV == SKEW_FORWARD_KL:  # KL(p_t || M), M = b p_t + (1 - b) p_s
+        lm = log_add_exp(log_b + lt, log_1mb + ls)
+        d = times(pt, lt - lm)
+        q = tl.where((pt > 0.0) & (ps > 0.0), -(1.0 - beta) * tl.exp(ls + lt - lm), 0.0)
+    elif DIV == SKEW_REVERSE_KL:  # KL(p_s || M), M = b p_s + (1 - b) p_t
+        lm = log_add_exp(log_b + ls, log_1mb + lt)
+        d = times(ps, ls - lm)
+        q = times(ps, ls - lm - beta * tl.exp(ls - lm))
+    else:  # TVD: 0.5 sum |p_s - p_t|
+        diff = ps - pt
+        d = 0.5 * tl.abs(diff)
+        q = tl.where(diff > 0.0, 0.5 * ps, tl.where(diff < 0.0, -0.5 * ps, 0.0))
+    return d, q

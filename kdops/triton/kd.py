@@ -1,0 +1,207 @@
+"""The fused temperature-softmax KD kernel: one program per row, three passes over the vocabulary.
+
+Per row, with ``s``, ``t`` the student / teacher logits, ``T`` the temperature and ``D`` the
+divergence of :mod:`kdops.divergences` (math in :mod:`kdops.triton.divergence`)::
+
+    loss = soft_weight * D(softmax(t / T), softmax(s / T)) + hard_weight * (logsumexp(s) - s[label])
+    grad = soft_weight / T * (q - p_s * S) + hard_weight * (softmax(s) - onehot(label))
+
+1. online maxima and sums: ``lse_s = logsumexp(s / T)``, ``lse_t = logsumexp(t / T)`` and,
+   with a hard term, ``lse_1 = logsumexp(s)``;
+2. ``D = sum d`` and ``S = sum q`` of ``divergence_term(s/T - lse_s, t/T - lse_t)``; skipped for
+   forward KL, whose ``S = -1``;
+3. forward KL's ``D``, and the gradient row.
+"""
+import contextlib
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdops import _alloc
+from kdops.divergences import divergence_code
+from kdops.triton.divergence import FORWARD_KL, divergence_term
+
+# The interpreter runs every block operation in numpy: small blocks keep the tests fast.
+_MAX_BLOCK_V = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+_MIN_BLOCK_V = 16
+_MIXTURES = tuple(map(divergence_code, ("jsd", "skew_forward_kl", "skew_reverse_kl")))
+
+
+@triton.jit
+def _exp_sum(z, m_old, m_new, x, scale):
+    """Online softmax sum: z * exp((m_old - m_new) * scale) + sum(exp((x - m_new) * scale)).
+
+    A running maximum m_new = -inf (every element so far -inf) is replaced by 0, so that
+    (-inf) - (-inf) never makes a NaN: the -inf elements then add exp(-inf) = 0."""
+    m = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return z * tl.exp((m_old - m) * scale) + tl.sum(tl.exp((x - m) * scale), axis=0)
+
+
+@triton.jit
+def _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, log_z_t, inv_t, ACC: tl.constexpr):
+    """Student logits s and the log-probabilities ls = s/T - lse_s = (s - m_s)/T - log z_s, lt
+    (the latter form has no cancellation for large logits). Lanes past V read 0: finite terms
+    that the caller masks out."""
+    s = tl.load(s_row + cols, mask=mask, other=0.0).to(ACC)
+    t = tl.load(t_row + cols, mask=mask, other=0.0).to(ACC)
+    return s, (s - m_s) * inv_t - log_z_s, (t - m_t) * inv_t - log_z_t
+
+
+@triton.jit
+def _kd_row_kernel(
+    student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr,
+    V, student_stride, teacher_stride, grad_stride,
+    inv_temperature: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
+    log_1m_beta: "tl.float64", hard_weight: "tl.float64", soft_weight: "tl.float64",
+    ignore_index,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * student_stride
+    t_row = teacher_ptr + row * teacher_stride
+    g_row = grad_ptr + row * grad_stride
+    offs = tl.arange(0, BLOCK_V)
+    # Scalars in the accumulation type (tl.full also takes the interpreter's Python floats).
+    inv_t = tl.full([], inv_temperature, ACC)
+    b = tl.full([], beta, ACC)
+    log_b = tl.full([], log_beta, ACC)
+    log_1mb = tl.full([], log_1m_beta, ACC)
+    hard_w = tl.full([], hard_weight, ACC)
+    soft_w = tl.full([], soft_weight, ACC)
+
+    ignored = False
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+    if ignored:
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=cols < V)
+        tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
+    else:
+        # Pass 1: running maxima m_s, m_t of s and t; z_s, z_t, z_1 = sums of exp((s - m_s) / T),
+        # exp((t - m_t) / T), exp(s - m_s).
+        m_s = tl.full([], float("-inf"), ACC)
+        m_t = tl.full([], float("-inf"), ACC)
+        z_s = tl.zeros([], ACC)
+        z_t = tl.zeros([], ACC)
+        z_1 = tl.zeros([], ACC)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(ACC)
+            t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(ACC)
+            new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
+            new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
+            z_s = _exp_sum(z_s, m_s, new_m_s, s, inv_t)
+            z_t = _exp_sum(z_t, m_t, new_m_t, t, inv_t)
+            if HAS_HARD:
+                z_1 = _exp_sum(z_1, m_s, new_m_s, s, 1.0)
+            m_s = new_m_s
+            m_t = new_m_t
+        if HAS_HARD:
+            log_z_1 = tl.log(z_1)
+        log_z_s = tl.log(z_s)
+        log_z_t = tl.log(z_t)
+
+        # Pass 2: D = sum d and S = sum q (forward KL: S = -sum p_t = -1, D summed in pass 3).
+        d_sum = tl.zeros([], ACC)
+        if DIV == FORWARD_KL:
+            q_sum = tl.full([], -1.0, ACC)
+        else:
+            q_sum = tl.zeros([], ACC)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                mask = cols < V
+                _, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, log_z_t, inv_t, ACC)
+                d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
+                d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
+                q_sum += tl.sum(tl.where(mask, q, 0.0), axis=0)
+
+        # Pass 3: forward KL's D; the gradient soft_w / T * (q - p_s * S) + hard_w * (p_1 - onehot).
+        if DIV == FORWARD_KL or COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                mask = cols < V
+                s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, log_z_t, inv_t, ACC)
+                d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
+                if DIV == FORWARD_KL:
+                    d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
+                if COMPUTE_GRAD:
+                    g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
+                    if HAS_HARD:
+                        g += hard_w * (tl.exp(s - m_s - log_z_1) - tl.where(cols == label, 1.0, 0.0))
+                    tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+        loss = soft_w * d_sum
+        if HAS_HARD:
+            s_label = tl.load(s_row + label).to(ACC)
+            loss += hard_w * (m_s - s_label + log_z_1)
+        tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+
+
+def _mixture_logs(divergence: int, beta: float) -> tuple[float, float]:
+    """log(beta) (-inf for beta = 0) and log(1 - beta) for the mixture divergences, else unused."""
+    if divergence in _MIXTURES:
+        return (math.log(beta) if beta > 0 else -math.inf), math.log1p(-beta)
+    return 0.0, 0.0
+
+
+_ACC_DTYPE = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float32,
+    torch.bfloat16: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+def kd_forward(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    divergence: int,
+    temperature: float,
+    beta: float,
+    hard_weight: float,
+    soft_weight: float,
+    ignore_index: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Row losses ``[N]`` (float32; float64 for float64 logits) of ``[N, V]`` logits with unit
+    element stride and, if ``compute_grad``, their contiguous gradients ``[N, V]`` with respect to
+    ``student`` in its dtype (else an empty tensor). Rows whose label is ``ignore_index`` get loss
+    0 and a zero gradient. The caller has checked the arguments (see :mod:`kdops.ops.kd`)."""
+    if student.dtype not in _ACC_DTYPE:
+        raise TypeError(
+            f"the triton backend takes float32, float16, bfloat16 or float64 logits; got {student.dtype}"
+        )
+    n_rows, vocab = student.shape
+    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = _alloc.empty(n_rows, dtype=loss_dtype, device=student.device)
+    grad = (
+        _alloc.empty(n_rows, vocab, dtype=student.dtype, device=student.device)
+        if compute_grad else student.new_empty(0)
+    )
+    if n_rows == 0:
+        return loss, grad
+    block_v = min(max(triton.next_power_of_2(vocab), _MIN_BLOCK_V), _MAX_BLOCK_V)
+    # Triton launches on the current CUDA device (and its current stream).
+    with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
+        _kd_row_kernel[(n_rows,)](
+            student, teacher, labels, loss, grad,
+            vocab, student.stride(0), teacher.stride(0), vocab,
+            1.0 / temperature, beta, *_mixture_logs(divergence, beta),
+            hard_weight, soft_weight, ignore_index,
+            DIV=divergence, HAS_LABELS=labels is not None,
+            HAS_HARD=labels is not None and hard_weight > 0, COMPUTE_GRAD=compute_grad,
+            ACC=_ACC_DTYPE[student.dtype], BLOCK_V=block_v,
+            num_warps=max(1, min(8, block_v // 256)),
+        )
+    return loss, grad

@@ -1,0 +1,72 @@
+"""Shared test settings: Triton interpretation on machines without a GPU, poisoned outputs, and
+the tolerances of every comparison against the float64 reference (in one place)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+os.environ["KDOPS_POISON_OUTPUTS"] = "1"  # outputs start as NaN: unwritten elements fail the tests
+
+import pytest  # noqa: E402
+
+# (rtol, atol) for the loss (computed in float32 whatever the input dtype) and for gradients
+# (stored in the input dtype), against the float64 reference on the same (upcast) inputs.
+LOSS_TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 1e-6),
+    torch.bfloat16: (2e-5, 1e-6),
+    torch.float16: (2e-5, 1e-6),
+}
+GRAD_TOL = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 1e-6),
+    torch.bfloat16: (2e-2, 1e-5),
+    torch.float16: (4e-3, 1e-6),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: tuple, scale: float = 1.0) -> None:
+    """Elementwise |actual - expected| <= atol * scale + rtol * |expected|, inf/NaN matching."""
+    rtol, atol = tol
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=atol * max(scale, 1.0), equal_nan=True
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different seed per test, printed on failure so a failing draw can be replayed."""
+    seed = int(os.environ.get("KDOPS_TEST_SEED", "0")) or (hash(request.node.nodeid) % (2**31))
+    torch.manual_seed(seed)
+    print(f"seed: KDOPS_TEST_SEED={seed}")  # shown with a failure's captured output
+    yield
+
+
+# Relation-based losses and affinities (test_affinity.py, test_feature.py): (rtol, atol) with atol
+# a fraction of the largest |expected| element: gradients are sums over the batch that cancel,
+# so small elements carry the absolute error of the large ones. The loss / affinity is float32
+# whatever the input dtype; gradients are rounded to the input dtype (the Triton interpreter
+# truncates to bfloat16: up to one ulp, 2**-7).
+RELATION_LOSS_TOL = {
+    torch.float64: (1e-9, 1e-12),
+    torch.float32: (2e-5, 1e-6),
+    torch.bfloat16: (2e-5, 1e-6),
+    torch.float16: (2e-5, 1e-6),
+}
+RELATION_GRAD_TOL = {
+    torch.float64: (1e-9, 1e-12),
+    torch.float32: (5e-5, 5e-6),
+    torch.bfloat16: (2e-2, 1e-2),
+    torch.float16: (4e-3, 4e-3),
+}
+
+
+def assert_close_to_max(actual: torch.Tensor, expected: torch.Tensor, tol: tuple, floor: float = 0.0) -> None:
+    """Elementwise |actual - expected| <= atol * max(max|expected|, floor) + rtol * |expected|;
+    ``floor``: the size the values would have without cancellation (a gradient that is 0 in exact
+    arithmetic, as for some 1-D features, is rounding noise of that size)."""
+    rtol, atol = tol
+    scale = max(float(expected.detach().abs().max()) if expected.numel() else 0.0, floor)
+    torch.testing.assert_close(actual.detach().double(), expected.detach().double(), rtol=rtol,
+                               atol=atol * scale, equal_nan=True)
