@@ -2,6 +2,7 @@
 from kdops import nn, reference
 from kdops._dispatch import BACKENDS, available_backends
 from kdops.divergences import DIVERGENCES
+from kdops.ops.fused_linear import fused_linear_distill_loss
 from kdops.ops.kd import distill_loss
 
 __version__ = "0.1.0"
@@ -11,6 +12,7 @@ __all__ = [
     "DIVERGENCES",
     "available_backends",
     "distill_loss",
+    "fused_linear_distill_loss",
     "nn",
     "reference",
 ]

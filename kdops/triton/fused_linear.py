@@ -1,0 +1,344 @@
+"""Blockwise fused linear + distillation in Triton: the ``[N, V]`` logits never leave on-chip memory.
+
+A program takes ``BM`` counted rows and one segment of the vocabulary; for each vocabulary block
+of ``BV`` columns it forms the logit tiles with ``tl.dot`` over ``BK``-blocks of the hidden sizes::
+
+    s = h_s[rows] @ W_s[cols].T + b_s[cols]        t = h_t[rows] @ W_t[cols].T + b_t[cols]
+
+(float32 accumulation, whatever the input dtype) and uses them at once. The three passes of
+``csrc/common/divergence.h`` are three launches of one kernel (``PASS``), each recomputing the
+tiles; only ``O(N)`` per-row values are kept between them:
+
+1. online maxima and sums of ``exp((s - m_s) / T)``, ``exp((t - m_t) / T)`` and, with a hard
+   term, ``exp(s - m_s)`` and ``s[label]``: ``lse_s``, ``lse_t``, ``lse_1`` per row;
+2. ``D = sum d`` and ``S = sum q`` of ``divergence_term(ls, lt)`` (skipped for forward KL with
+   gradients: ``S = -1`` and ``D`` is summed in pass 3);
+3. the gradient tile ``G = w_r * (soft_weight / T * (q - p_s * S) + hard_weight * (softmax(s) -
+   onehot(label)))`` (``w_r`` the row weight), and with it ``grad_h[rows] += G @ W_s[cols]``,
+   ``grad_W[cols] += G.T @ h_s[rows]``, ``grad_b[cols] += G.sum(0)``.
+
+Parallelism: the grid is (row blocks, vocabulary segments); a pass's per-segment partial
+results (maxima and sums, ``D``, ``S``) are merged by a few ``[segments, N]`` torch operations.
+Gradients are accumulated with float32 atomic adds: ``grad_h`` across vocabulary blocks and
+segments, ``grad_W`` / ``grad_b`` across row blocks (so they are not bitwise deterministic).
+Ignored rows (label ``ignore_index``) are never visited: the kernel reads the counted rows
+through an index. Optional tensors (biases, row weights, gradients not wanted) are passed as
+None, which Triton specialises as a compile-time constant: ``b_ptr is not None`` is the
+``HAS_BIAS`` switch, the gradient pointers the ``COMPUTE_GRAD`` ones.
+"""
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdops import _alloc
+from kdops.divergences import divergence_code
+from kdops.triton.divergence import FORWARD_KL, divergence_term
+from kdops.triton.kd import _mixture_logs
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_FORWARD_KL = divergence_code("forward_kl")
+# The interpreter's tl.dot multiplies the raw bits of bfloat16 operands (it has no bfloat16
+# arithmetic; triton-lang/triton#11584): there the operands go to float32 first, which is exact
+# for 16-bit inputs, so that the products and the float32 accumulation match the GPU's.
+# (Inline, not a helper: the interpreter re-patches triton.language at every jit-function call.)
+_UPCAST_DOT: tl.constexpr = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _logit_tile(x_ptr, sx0, sx1, w_ptr, sw0, sw1, b_ptr, rows, row_mask, cols, col_mask, K,
+                PRECISION: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """The float32 tile ``x[rows] @ w[cols].T (+ b[cols])`` ([BM, BV]); masked lanes read 0."""
+    acc = tl.zeros([BM, BV], tl.float32)
+    for k in range(0, K, BK):
+        ks = k + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None] * sx0 + ks[None, :] * sx1,
+                    mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1,
+                    mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
+        if _UPCAST_DOT:
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if b_ptr is not None:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _online_sum(z, m_old, m_new, x, scale):
+    """Per row: z * exp((m_old - m_new) * scale) + sum_j exp((x_j - m_new) * scale). A running
+    maximum m_new = -inf (the row all -inf so far) is read as 0, so that no NaN is made."""
+    m = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return z * tl.exp((m_old - m) * scale) + tl.sum(tl.exp((x - m[:, None]) * scale), axis=1)
+
+
+@triton.jit
+def _store_part(part_ptr, i, seg, n_seg, M, offs, mask, x):
+    """Partial result ``i`` of segment ``seg``: ``part[i, seg, offs] = x`` (part: [*, n_seg, M])."""
+    tl.store(part_ptr + (i * n_seg + seg) * M + offs, x, mask=mask)
+
+
+@triton.jit
+def _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad_b_ptr,
+               rows, row_mask, cols, col_mask, Hs,
+               PRECISION: tl.constexpr, BK: tl.constexpr):
+    """``grad_h[rows] += g @ w[cols]``, ``grad_w[cols] += g.T @ h[rows]`` (both [*, Hs], float32,
+    contiguous) and ``grad_b[cols] += g.sum(0)`` by atomic adds; None pointers are skipped.
+    ``g`` is rounded to the dtype of ``h`` for the dots (float32 accumulation)."""
+    gd = g.to(h_ptr.dtype.element_ty)
+    if _UPCAST_DOT:
+        gd = gd.to(tl.float32)
+    if grad_h_ptr is not None:
+        for k in range(0, Hs, BK):
+            ks = k + tl.arange(0, BK)
+            w = tl.load(w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1,
+                        mask=col_mask[:, None] & (ks < Hs)[None, :], other=0.0)
+            if _UPCAST_DOT:
+                w = w.to(tl.float32)
+            tl.atomic_add(grad_h_ptr + rows[:, None] * Hs + ks[None, :],
+                          tl.dot(gd, w, input_precision=PRECISION),
+                          mask=row_mask[:, None] & (ks < Hs)[None, :], sem="relaxed")
+    if grad_w_ptr is not None:
+        gd_t = tl.trans(gd)
+        for k in range(0, Hs, BK):
+            ks = k + tl.arange(0, BK)
+            h = tl.load(h_ptr + rows[:, None] * sh0 + ks[None, :] * sh1,
+                        mask=row_mask[:, None] & (ks < Hs)[None, :], other=0.0)
+            if _UPCAST_DOT:
+                h = h.to(tl.float32)
+            tl.atomic_add(grad_w_ptr + cols[:, None] * Hs + ks[None, :],
+                          tl.dot(gd_t, h, input_precision=PRECISION),
+                          mask=col_mask[:, None] & (ks < Hs)[None, :], sem="relaxed")
+    if grad_b_ptr is not None:
+        tl.atomic_add(grad_b_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
+
+
+@triton.jit
+def _fused_linear_kd_kernel(
+    h_ptr, w_ptr, b_ptr, th_ptr, tw_ptr, tb_ptr,
+    row_ids_ptr, labels_ptr, weights_ptr, stats_ptr, part_ptr, grad_h_ptr, grad_w_ptr, grad_b_ptr,
+    M, V, Hs, Ht, blocks_per_seg,
+    sh0, sh1, sw0, sw1, sth0, sth1, stw0, stw1,
+    inv_temperature, beta, log_beta, log_1m_beta, hard_weight, soft_weight,
+    PASS: tl.constexpr, DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+):
+    """Pass ``PASS`` (1, 2 or 3; see the module docstring) for rows ``[BM * pid0, + BM)`` of the
+    M counted rows (rows ``row_ids[j]`` with ``HAS_LABELS``, else ``j``) and vocabulary segment
+    ``pid1``. ``stats``: [6, M] = m_s, log z_s, log z_1, m_t, log z_t, S (from passes 1 and 2);
+    ``part``: this pass's per-segment partials [*, segments, M]."""
+    seg = tl.program_id(1)
+    n_seg = tl.num_programs(1)
+    offs = tl.program_id(0) * BM + tl.arange(0, BM)
+    row_mask = offs < M
+    if HAS_LABELS:
+        rows = tl.load(row_ids_ptr + offs, mask=row_mask, other=0).to(tl.int64)
+    else:
+        rows = offs.to(tl.int64)
+    if HAS_HARD:
+        label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    inv_t = tl.full([], inv_temperature, tl.float32)
+    b = tl.full([], beta, tl.float32)
+    log_b = tl.full([], log_beta, tl.float32)
+    log_1mb = tl.full([], log_1m_beta, tl.float32)
+    hard_w = tl.full([], hard_weight, tl.float32)
+    soft_w = tl.full([], soft_weight, tl.float32)
+
+    if PASS == 1:  # running maxima and sums, and s[label]
+        m_s = tl.full([BM], float("-inf"), tl.float32)
+        m_t = tl.full([BM], float("-inf"), tl.float32)
+        z_s = tl.zeros([BM], tl.float32)
+        z_t = tl.zeros([BM], tl.float32)
+        z_1 = tl.zeros([BM], tl.float32)
+        s_label = tl.zeros([BM], tl.float32)
+    else:
+        m_s = tl.load(stats_ptr + offs, mask=row_mask, other=0.0)
+        log_z_s = tl.load(stats_ptr + M + offs, mask=row_mask, other=0.0)
+        log_z_1 = tl.load(stats_ptr + 2 * M + offs, mask=row_mask, other=0.0)
+        m_t = tl.load(stats_ptr + 3 * M + offs, mask=row_mask, other=0.0)
+        log_z_t = tl.load(stats_ptr + 4 * M + offs, mask=row_mask, other=0.0)
+        d_sum = tl.zeros([BM], tl.float32)
+        if DIV == FORWARD_KL:
+            q_sum = tl.full([BM], -1.0, tl.float32)  # S = -sum p_t
+        elif PASS == 2:
+            q_sum = tl.zeros([BM], tl.float32)
+        else:
+            q_sum = tl.load(stats_ptr + 5 * M + offs, mask=row_mask, other=0.0)
+        if PASS == 3:
+            if weights_ptr is not None:
+                row_w = tl.load(weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+
+    v_start = seg * blocks_per_seg * BV
+    v_end = tl.minimum(V, v_start + blocks_per_seg * BV)
+    for v0 in range(v_start, v_end, BV):
+        cols = (v0 + tl.arange(0, BV)).to(tl.int64)  # int64: V * H may pass 2**31
+        col_mask = cols < V
+        s = _logit_tile(h_ptr, sh0, sh1, w_ptr, sw0, sw1, b_ptr, rows, row_mask, cols, col_mask, Hs,
+                        PRECISION, BM, BV, BK)
+        t = _logit_tile(th_ptr, sth0, sth1, tw_ptr, stw0, stw1, tb_ptr, rows, row_mask, cols, col_mask,
+                        Ht, PRECISION, BM, BV, BK)
+        if PASS == 1:
+            s = tl.where(col_mask[None, :], s, float("-inf"))
+            t = tl.where(col_mask[None, :], t, float("-inf"))
+            new_m_s = tl.maximum(m_s, tl.max(s, axis=1))
+            new_m_t = tl.maximum(m_t, tl.max(t, axis=1))
+            z_s = _online_sum(z_s, m_s, new_m_s, s, inv_t)
+            z_t = _online_sum(z_t, m_t, new_m_t, t, inv_t)
+            if HAS_HARD:
+                z_1 = _online_sum(z_1, m_s, new_m_s, s, 1.0)
+                s_label += tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
+            m_s = new_m_s
+            m_t = new_m_t
+        else:
+            mask = row_mask[:, None] & col_mask[None, :]
+            ls = (s - m_s[:, None]) * inv_t - log_z_s[:, None]
+            lt = (t - m_t[:, None]) * inv_t - log_z_t[:, None]
+            d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
+            if PASS == 2 or DIV == FORWARD_KL:
+                d_sum += tl.sum(tl.where(mask, d, 0.0), axis=1)
+            if PASS == 2:
+                if DIV != FORWARD_KL:
+                    q_sum += tl.sum(tl.where(mask, q, 0.0), axis=1)
+            else:
+                g = soft_w * inv_t * (q - tl.exp(ls) * q_sum[:, None])
+                if HAS_HARD:
+                    p_1 = tl.exp(s - m_s[:, None] - log_z_1[:, None])
+                    g += hard_w * (p_1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
+                if weights_ptr is not None:
+                    g *= row_w[:, None]
+                g = tl.where(mask, g, 0.0)
+                _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad_b_ptr,
+                           rows, row_mask, cols, col_mask, Hs, PRECISION, BK)
+
+    if PASS == 1:
+        _store_part(part_ptr, 0, seg, n_seg, M, offs, row_mask, m_s)
+        _store_part(part_ptr, 1, seg, n_seg, M, offs, row_mask, z_s)
+        _store_part(part_ptr, 2, seg, n_seg, M, offs, row_mask, z_1)
+        _store_part(part_ptr, 3, seg, n_seg, M, offs, row_mask, m_t)
+        _store_part(part_ptr, 4, seg, n_seg, M, offs, row_mask, z_t)
+        _store_part(part_ptr, 5, seg, n_seg, M, offs, row_mask, s_label)
+    elif PASS == 2 or DIV == FORWARD_KL:
+        _store_part(part_ptr, 0, seg, n_seg, M, offs, row_mask, d_sum)
+        if PASS == 2:
+            _store_part(part_ptr, 1, seg, n_seg, M, offs, row_mask, q_sum)
+
+
+class _Blocks(NamedTuple):
+    bm: int
+    bv: int
+    bk: int  # passes 1 and 2
+    bk_grad: int  # pass 3
+    num_warps: int
+    num_stages: int
+
+
+def _blocks(dtype: torch.dtype) -> _Blocks:
+    """Tile sizes and launch options. On GPUs: chosen by compiling for sm_80 and sm_90 (no
+    register spills in passes 1 and 2, at most 24 bytes in pass 3; not timed). The interpreter
+    runs every block operation in numpy: the smallest blocks ``tl.dot`` takes keep tests fast."""
+    if _INTERPRET:
+        return _Blocks(16, 16, 16, 16, 1, 1)
+    if dtype.itemsize == 2:
+        return _Blocks(128, 64, 64, 32, 8, 3)
+    return _Blocks(64, 64, 32, 32, 8, 3)  # float32: twice the bytes per element
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs per launch to aim for when splitting the vocabulary into segments."""
+    if device.type != "cuda":
+        return 4  # the interpreter: a few segments, so that the merge is exercised
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _merge_max_sum(m: Tensor, z: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Per-segment maxima ``m`` and sums ``z = sum exp((x - m) * scale)`` ([segments, M]) merged:
+    the row maximum ``top`` and ``log sum exp((x - top) * scale)`` (an all -inf row: top read as 0)."""
+    top = m.amax(0)
+    safe = torch.where(top == float("-inf"), 0.0, top)
+    return top, (z * torch.exp((m - safe) * scale)).sum(0).log()
+
+
+def fused_linear_distill(
+    h: Tensor, w: Tensor, b: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
+    labels: Optional[Tensor], row_weights: Optional[Tensor], divergence: int, temperature: float,
+    beta: float, hard_weight: float, soft_weight: float, ignore_index: int, needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Row losses ``[N]`` (float32, 0 for ignored rows) of the logits ``h @ w.T + b`` against
+    ``th @ tw.T + tb``, and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if None)
+    to ``h``, ``w``, ``b`` where ``needs`` says so (in their dtypes; else empty tensors).
+    ``h`` [N, Hs], ``w`` [V, Hs], ``th`` [N, Ht], ``tw`` [V, Ht], any strides; float32, float16
+    or bfloat16. The caller has checked the arguments (see :mod:`kdops.ops.fused_linear`)."""
+    n, hs = h.shape
+    vocab, ht = w.shape[0], th.shape[1]
+    device = h.device
+    f32 = dict(dtype=torch.float32, device=device)
+    grads = [
+        torch.zeros(h.shape, **f32) if needs[0] else None,
+        torch.zeros(w.shape, **f32) if needs[1] else None,
+        torch.zeros(vocab, **f32) if needs[2] and b is not None else None,
+    ]
+    compute_grad = any(g is not None for g in grads)
+    rows = torch.zeros(n, **f32)
+    row_ids = None if labels is None else (labels != ignore_index).nonzero().squeeze(1)
+    count = n if row_ids is None else row_ids.numel()
+    hard = labels is not None and hard_weight > 0
+    if count > 0 and vocab > 0:
+        blocks = _blocks(h.dtype)
+        row_blocks, v_blocks = triton.cdiv(count, blocks.bm), triton.cdiv(vocab, blocks.bv)
+        per_seg = triton.cdiv(v_blocks, min(v_blocks, triton.cdiv(_target_programs(device), row_blocks)))
+        segs = triton.cdiv(v_blocks, per_seg)
+        stats = _alloc.empty(6, count, **f32)  # m_s, log z_s, log z_1, m_t, log z_t, S
+
+        def launch(pass_: int, part: Optional[Tensor], grad_ptrs: list[Optional[Tensor]]) -> None:
+            _fused_linear_kd_kernel[(row_blocks, segs)](
+                h, w, b, th, tw, tb, row_ids, labels if hard else None,
+                row_weights if pass_ == 3 else None, stats, part, *grad_ptrs,
+                count, vocab, hs, ht, per_seg, *h.stride(), *w.stride(), *th.stride(), *tw.stride(),
+                1.0 / temperature, beta, *_mixture_logs(divergence, beta), hard_weight, soft_weight,
+                PASS=pass_, DIV=divergence, HAS_LABELS=row_ids is not None, HAS_HARD=hard,
+                PRECISION=_dot_precision(), BM=blocks.bm, BV=blocks.bv,
+                BK=blocks.bk_grad if pass_ == 3 else blocks.bk,
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+            )
+
+        no_grads = [None, None, None]
+        part = _alloc.empty(6, segs, count, **f32)
+        launch(1, part, no_grads)
+        stats[0], stats[1] = _merge_max_sum(part[0], part[1], 1.0 / temperature)
+        stats[2] = _merge_max_sum(part[0], part[2], 1.0)[1]
+        stats[3], stats[4] = _merge_max_sum(part[3], part[4], 1.0 / temperature)
+        s_label = part[5].sum(0)
+        if divergence != _FORWARD_KL or not compute_grad:
+            part = _alloc.empty(2, segs, count, **f32)
+            launch(2, part, no_grads)
+            div, stats[5] = part.sum(1)
+        if compute_grad:
+            part = _alloc.empty(1, segs, count, **f32) if divergence == _FORWARD_KL else None
+            launch(3, part, grads)
+            if part is not None:
+                div = part[0].sum(0)
+        loss = soft_weight * div
+        if hard:
+            counted = labels[row_ids]
+            ce = torch.where((counted >= 0) & (counted < vocab), stats[0] + stats[2] - s_label, math.nan)
+            loss = loss + hard_weight * ce
+        if row_ids is None:
+            rows = loss
+        else:
+            rows.index_copy_(0, row_ids, loss)
+    gh, gw, gb = grads
+    return (
+        rows,
+        h.new_empty(0) if gh is None else gh.to(h.dtype),
+        w.new_empty(0) if gw is None else gw.to(w.dtype),
+        w.new_empty(0) if gb is None else gb.to(w.dtype),
+    )
+
+
+def _dot_precision() -> str:
+    """float32 dots as torch's matmuls do them: exact unless TF32 is allowed."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"

@@ -1,0 +1,224 @@
+"""kdops.fused_linear_distill_loss against distill_loss on materialised logits and the float64
+reference: values and the gradients to hidden states, weight and bias."""
+import pytest
+import torch
+
+import kdops
+from kdops import reference
+from kdops.divergences import DIVERGENCES
+
+from conftest import GRAD_TOL, LOSS_TOL, assert_close
+from test_kd import beta_for, require
+
+BACKENDS = ["torch", "cpu", "triton", "cuda"]
+
+
+def make(n, hs, ht, v, dtype, device, bias=True, ignore_frac=0.3):
+    g = lambda *shape: (torch.randn(*shape) / shape[-1] ** 0.25).to(dtype).to(device)
+    h, w, th, tw = g(n, hs), g(v, hs), g(n, ht), g(v, ht)
+    b = g(v) if bias else None
+    tb = g(v) if bias else None
+    labels = torch.randint(0, v, (n,))
+    labels[torch.rand(n) < ignore_frac] = -100
+    return h, w, b, th, tw, tb, labels.to(device)
+
+
+def compare(backend, tensors, chunk_size=None, dtype_tol=None, **options):
+    h, w, b, th, tw, tb, labels = tensors
+    params = [x.detach().clone().requires_grad_(True) if x is not None else None for x in (h, w, b)]
+    out = kdops.fused_linear_distill_loss(params[0], params[1], th, tw, labels, student_bias=params[2],
+                                          teacher_bias=tb, chunk_size=chunk_size, backend=backend, **options)
+    cotangent = torch.rand(out.shape, dtype=torch.float64, device=out.device) + 0.5  # row weights for reduction="none"
+    out.backward(cotangent.to(out.dtype))
+    ref_params = [x.detach().double().requires_grad_(True) if x is not None else None for x in (h, w, b)]
+    ref = reference.fused_linear_distill_loss(
+        ref_params[0], ref_params[1], th.double(), tw.double(), labels, student_bias=ref_params[2],
+        teacher_bias=None if tb is None else tb.double(), **options)
+    ref.backward(cotangent)
+    dtype = h.dtype
+    loss_tol = LOSS_TOL[dtype] if dtype in (torch.float32, torch.float64) else (2e-2, 1e-3)
+    assert_close(out, ref, loss_tol, scale=float(ref.detach().abs().max()) if ref.numel() else 1.0)
+    for p, r in zip(params, ref_params):
+        if p is not None:
+            assert p.grad.dtype == p.dtype
+            tol = GRAD_TOL[dtype] if dtype in (torch.float32, torch.float64) else (5e-2, 5e-3)
+            assert_close(p.grad, r.grad, tol, scale=float(r.grad.abs().max()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_every_divergence(backend, divergence):
+    device = require(backend)
+    tensors = make(11, 8, 6, 37, torch.float32, device)
+    compare(backend, tensors, chunk_size=4, temperature=2.0, divergence=divergence,
+            beta=beta_for(divergence), hard_weight=0.3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 64, None])
+def test_reductions_and_chunks(backend, reduction, chunk_size):
+    device = require(backend)
+    tensors = make(10, 5, 9, 23, torch.float32, device)
+    compare(backend, tensors, chunk_size=chunk_size, reduction=reduction, temperature=3.0, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtypes_without_bias(backend, dtype):
+    device = require(backend)
+    if backend != "torch" and dtype == torch.float64 and backend == "cuda":
+        pytest.skip("the CUDA kernels take no float64")
+    tensors = make(9, 16, 12, 41, dtype, device, bias=False)
+    compare(backend, tensors, chunk_size=4, divergence="reverse_kl", temperature=1.5)
+
+
+# The blockwise Triton kernel (interpreter blocks: BM = BV = BK = 16): N, V, Hs, Ht not multiples
+# of the blocks and Hs != Ht, a third of the rows ignored, each dtype with its bias / reduction.
+BLOCKWISE_CASES = {  # dtype, bias, reduction, hard_weight
+    "fp32-bias-mean-hard": (torch.float32, True, "mean", 0.3),
+    "bf16-none-hard": (torch.bfloat16, False, "none", 0.3),
+    "fp16-bias-sum": (torch.float16, True, "sum", 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(BLOCKWISE_CASES))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_blockwise_masks(divergence, case):
+    device = require("triton")
+    dtype, bias, reduction, hard_weight = BLOCKWISE_CASES[case]
+    tensors = make(37, 20, 18, 53, dtype, device, bias=bias)
+    compare("triton", tensors, temperature=1.7, divergence=divergence, beta=beta_for(divergence),
+            hard_weight=hard_weight, reduction=reduction)
+
+
+def test_blockwise_strides_teacher_dtype_and_frozen_hidden():
+    """Transposed weight views, a float32 teacher for a bfloat16 student, a gradient to the
+    weight and bias only, and no labels (every row counts)."""
+    device = require("triton")
+    h, w, b, th, tw, tb, _ = make(19, 17, 33, 40, torch.bfloat16, device)
+    w = w.t().contiguous().t().requires_grad_(True)  # strides (1, V)
+    b.requires_grad_(True)
+    th, tw = th.float(), tw.float().t().contiguous().t()
+    options = dict(temperature=2.0, divergence="jsd", beta=0.4)
+    loss = kdops.fused_linear_distill_loss(h, w, th, tw, student_bias=b, teacher_bias=tb.float(),
+                                           backend="triton", **options)
+    loss.backward()
+    w64, b64 = (x.detach().double().requires_grad_(True) for x in (w, b))
+    ref = reference.fused_linear_distill_loss(h.double(), w64, th.double(), tw.double(), student_bias=b64,
+                                              teacher_bias=tb.double(), **options)
+    ref.backward()
+    assert_close(loss, ref, (2e-2, 1e-3))
+    for p, r in ((w, w64), (b, b64)):
+        assert p.grad.dtype == torch.bfloat16
+        assert_close(p.grad, r.grad, (5e-2, 5e-3), scale=float(r.grad.abs().max()))
+
+
+def test_triton_takes_the_blockwise_kernel(monkeypatch):
+    """The triton backend does not take the chunked path for float32; ignored rows get exactly
+    zero losses and gradients."""
+    device = require("triton")
+    from kdops.ops import fused_linear
+
+    def chunked(*args, **kwargs):
+        raise AssertionError("the chunked path ran")
+
+    monkeypatch.setattr(fused_linear, "_chunked", chunked)
+    h, w, b, th, tw, tb, labels = make(20, 16, 16, 32, torch.float32, device)
+    h.requires_grad_(True)
+    for reduction in ("mean", "none"):
+        h.grad = None
+        loss = kdops.fused_linear_distill_loss(h, w, th, tw, labels, hard_weight=0.5, reduction=reduction,
+                                               backend="triton")
+        loss.sum().backward()
+        assert (h.grad[labels == -100] == 0).all()
+        if reduction == "none":
+            assert (loss[labels == -100] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_all_rows_ignored_and_frozen_weight(backend):
+    device = require(backend)
+    h, w, b, th, tw, tb, _ = make(6, 4, 4, 13, torch.float32, device)
+    labels = torch.full((6,), -100, device=device)
+    h.requires_grad_(True)
+    loss = kdops.fused_linear_distill_loss(h, w, th, tw, labels, hard_weight=0.5, backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and (h.grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradcheck_float64(backend):
+    device = require(backend)
+    h, w, b, th, tw, tb, labels = make(5, 3, 4, 7, torch.float64, device)
+    def f(h, w, b):
+        return kdops.fused_linear_distill_loss(h, w, th, tw, labels, student_bias=b, teacher_bias=tb,
+                                               divergence="skew_reverse_kl", beta=0.2, hard_weight=0.4,
+                                               reduction="none", chunk_size=2, backend=backend)
+    inputs = tuple(x.requires_grad_(True) for x in (h, w, b))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_leading_dims_and_module():
+    h, w, b, th, tw, tb, labels = make(12, 6, 5, 19, torch.float32, "cpu")
+    crit = kdops.nn.FusedLinearDistillLoss(temperature=2.0, hard_weight=0.2, chunk_size=5)
+    got = crit(h.view(3, 4, 6), w, th.view(3, 4, 5), tw, labels.view(3, 4), b, tb)
+    expected = kdops.fused_linear_distill_loss(h, w, th, tw, labels, student_bias=b, teacher_bias=tb,
+                                               temperature=2.0, hard_weight=0.2, chunk_size=5)
+    assert_close(got, expected, LOSS_TOL[torch.float32])
+
+
+def test_chunk_size_from_memory_budget():
+    from kdops.ops.fused_linear import CHUNK_BUDGET_BYTES, chunk_rows
+    rows = chunk_rows(16384, 128256, 2, None)
+    assert 1 <= rows < 16384 and rows * 128256 * (3 * 2 + 4) <= CHUNK_BUDGET_BYTES
+    assert chunk_rows(10, 100, 4, None) == 10
+    assert chunk_rows(10, 100, 4, 3) == 3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    require(backend)
+    h, w, b, th, tw, tb, labels = make(7, 4, 3, 11, torch.float32, "cpu")
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    common = (h, w, b, th, tw, tb, labels, 2, 2.0, 0.5, 0.3, 2.8, -100, 3)
+    torch.library.opcheck(torch.ops.kdops.fused_linear_distill_sum.default, common + ([True, True, False], backend))
+    torch.library.opcheck(torch.ops.kdops.fused_linear_distill_rows.default, common + (backend,))
+
+
+def test_torch_compile_fullgraph():
+    h, w, b, th, tw, tb, labels = make(8, 6, 5, 21, torch.float32, "cpu")
+
+    def step(h, w):
+        return kdops.fused_linear_distill_loss(h, w, th, tw, labels, temperature=2.0, hard_weight=0.3, chunk_size=3)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    p1 = [x.clone().requires_grad_(True) for x in (h, w)]
+    p2 = [x.clone().requires_grad_(True) for x in (h, w)]
+    step(*p1).backward()
+    compiled(*p2).backward()
+    for a, c in zip(p1, p2):
+        assert_close(c.grad, a.grad, GRAD_TOL[torch.float32])
+
+
+def _bad_calls():
+    h, w, th, tw = torch.randn(4, 3), torch.randn(10, 3), torch.randn(4, 5), torch.randn(10, 5)
+    return [
+        ((h, torch.randn(10, 4), th, tw), {}, ValueError, "student_weight"),
+        ((h, w, th, torch.randn(11, 5)), {}, ValueError, "vocabulary size"),
+        ((h, w, torch.randn(3, 5), tw), {}, ValueError, "teacher_hidden"),
+        ((h, w.double(), th, tw), {}, TypeError, "student_weight"),
+        ((h.long(), w, th, tw), {}, TypeError, "student_hidden"),
+        ((h, w, th, tw), dict(student_bias=torch.randn(9)), ValueError, "student_bias"),
+        ((h, w, th, tw), dict(chunk_size=0), ValueError, "chunk_size"),
+        ((h, w, th, tw), dict(temperature=0), ValueError, "temperature"),
+        ((h, w, th, tw, torch.zeros(5, dtype=torch.long)), {}, ValueError, "labels"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_names_the_argument(case):
+    args, kwargs, error, text = _bad_calls()[case]
+    with pytest.raises(error, match=text):
+        kdops.fused_linear_distill_loss(*args, **kwargs)
