@@ -2,6 +2,8 @@
 from kdops import nn, reference
 from kdops._dispatch import BACKENDS, available_backends
 from kdops.divergences import DIVERGENCES
+from kdops.ops.affinity import affinity, rkd_angle_loss, rkd_distance_loss, similarity_preserving_loss
+from kdops.ops.feature import attention_transfer_loss, hint_loss
 from kdops.ops.fused_linear import fused_linear_distill_loss
 from kdops.ops.kd import distill_loss
 
@@ -10,9 +12,15 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "DIVERGENCES",
+    "affinity",
+    "attention_transfer_loss",
     "available_backends",
     "distill_loss",
     "fused_linear_distill_loss",
+    "hint_loss",
     "nn",
     "reference",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "similarity_preserving_loss",
 ]

@@ -1,10 +1,12 @@
 """``nn.Module`` wrappers of the kdops losses, for drop-in use in training loops."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
+from kdops.ops.affinity import rkd_angle_loss, rkd_distance_loss, similarity_preserving_loss
+from kdops.ops.feature import attention_transfer_loss, hint_loss
 from kdops.ops.fused_linear import fused_linear_distill_loss
 from kdops.ops.kd import distill_loss
 
@@ -87,3 +89,93 @@ class FusedLinearDistillLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SimilarityPreservingLoss(nn.Module):
+    """Module form of :func:`kdops.similarity_preserving_loss` (Tung & Mori, 2019)."""
+
+    def __init__(self, *, backend: Optional[str] = None) -> None:
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return similarity_preserving_loss(f_s, f_t, backend=self.backend)
+
+
+class RKDLoss(nn.Module):
+    """Relational KD (Park et al., 2019): ``distance_weight * rkd_distance_loss +
+    angle_weight * rkd_angle_loss`` (defaults: the paper's 1 and 2); a zero weight skips its term.
+
+    >>> crit = RKDLoss(distance_weight=25.0, angle_weight=50.0)
+    >>> loss = crit(student_embeddings, teacher_embeddings)
+    """
+
+    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0, *, smooth_l1_beta: float = 1.0,
+                 backend: Optional[str] = None) -> None:
+        super().__init__()
+        if not (distance_weight or angle_weight):
+            raise ValueError("distance_weight and angle_weight must not both be 0")
+        self.distance_weight = distance_weight
+        self.angle_weight = angle_weight
+        self.options = dict(smooth_l1_beta=smooth_l1_beta, backend=backend)
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        terms = []
+        if self.distance_weight:
+            terms.append(self.distance_weight * rkd_distance_loss(f_s, f_t, **self.options))
+        if self.angle_weight:
+            terms.append(self.angle_weight * rkd_angle_loss(f_s, f_t, **self.options))
+        return sum(terms[1:], terms[0])
+
+    def extra_repr(self) -> str:
+        options = dict(distance_weight=self.distance_weight, angle_weight=self.angle_weight, **self.options)
+        return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+class Adapter(nn.Module):
+    """Learned map of student features to the teacher's width for :func:`kdops.hint_loss`: a
+    linear map over dim 1 of ``(B, C_in)`` or ``(B, C_in, *spatial)`` features, i.e. a linear
+    layer, or the 1x1 convolution ``nn.Conv2d(C_in, C_out, 1)`` on ``(B, C, H, W)`` maps."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_channels, out_channels, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != self.linear.in_features:
+            raise ValueError(
+                f"Adapter input must have {self.linear.in_features} channels in dim 1 (B, C, ...); "
+                f"got shape {tuple(x.shape)}"
+            )
+        # contiguous(): a channels-last output's gradient breaks torch.compile's aot_eager backward
+        return self.linear(x.movedim(1, -1)).movedim(-1, 1).contiguous()
+
+
+class HintLoss(nn.Module):
+    """Module form of :func:`kdops.hint_loss` (FitNets); ``adapter`` (e.g. :class:`Adapter`) is
+    registered as a submodule, so its parameters train with the student.
+
+    >>> crit = HintLoss(Adapter(64, 256))
+    >>> loss = crit(student_features, teacher_features)
+    """
+
+    def __init__(self, adapter: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return hint_loss(f_s, f_t, self.adapter)
+
+
+class AttentionTransferLoss(nn.Module):
+    """Module form of :func:`kdops.attention_transfer_loss` (Zagoruyko & Komodakis, 2017)."""
+
+    def __init__(self, p: float = 2.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, f_s: Tensor, f_t: Tensor) -> Tensor:
+        return attention_transfer_loss(f_s, f_t, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p!r}"

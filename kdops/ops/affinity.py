@@ -1,0 +1,249 @@
+"""Relation-based distillation: ``kdops.affinity``, ``similarity_preserving_loss`` (SP),
+``rkd_distance_loss`` (RKD-D) and ``rkd_angle_loss`` (RKD-A).
+
+Features ``(B, ...)`` are flattened per sample to rows ``x_i``; student and teacher may have
+different feature sizes but share the batch size B. Definitions (``eps = 1e-12``; smooth-L1
+``h`` with parameter ``beta``; :mod:`kdops.reference` holds them as plain PyTorch):
+
+* ``affinity``: ``[B, B]``: ``dot`` ``x_i . x_j``; ``cosine`` the same of ``x / max(||x||, eps)``;
+  ``squared_euclidean`` ``||x_i - x_j||^2``; ``euclidean`` ``sqrt(max(||x_i - x_j||^2, eps))``
+  (both 0 on the diagonal). Gradient: see :mod:`kdops.triton.affinity`.
+* SP: ``G = X X^T``, ``G~_i = G_i / max(||G_i||, eps)`` per model; ``L = ||G~s - G~t||_F^2 / B^2``.
+* RKD-D: ``d_ij = sqrt(max(||x_i - x_j||^2, eps))`` for i != j, ``mu`` their mean over the
+  ``P = B(B-1)`` ordered pairs; ``L = 1/P sum_{i != j} h(d^s_ij / mu_s - d^t_ij / mu_t)``.
+* RKD-A: ``n_ij = (x_i - x_j) / ||x_i - x_j||`` (the zero constant when the norm is <= eps:
+  i == j and duplicate samples add no gradient), ``cos_ijk = n_ij . n_kj``;
+  ``L = 1/B^3 sum_{i,j,k} h(cos^s_ijk - cos^t_ijk)``.
+
+The losses are float32 (float64 for float64 features), the gradients have the student's dtype;
+the teacher is a constant. Backends: see :mod:`kdops._dispatch`; a backend without kernels of
+this family in ``_KERNELS`` runs the torch reference.
+"""
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from kdops import _dispatch, reference
+from kdops.ops import validation
+
+AFFINITY_KINDS: tuple[str, ...] = ("dot", "cosine", "euclidean", "squared_euclidean")  # code = index
+SP, RKD_DISTANCE, RKD_ANGLE = 0, 1, 2  # relation loss codes (as kdops.triton.affinity)
+
+
+def _triton_kernels() -> ModuleType:
+    from kdops.triton import affinity  # imported late: TRITON_INTERPRET is read at import
+
+    return affinity
+
+
+# backend -> loader of the module with this family's kernels, which provides
+#   affinity_forward(x [B, D], kind) -> A [B, B]
+#   affinity_backward(grad [B, B], x, A, kind) -> dx [B, D]
+#   relation_forward(student [B, Ds], teacher [B, Dt], loss, beta) -> (loss [], stats)
+#   relation_backward(grad [], student, teacher, stats, loss, beta) -> dstudent [B, Ds]
+# (contracts in kdops.triton.affinity). None: no kernels of this family yet, so calls resolved
+# to that backend run the torch reference on the tensors' device. The native CPU (kdops._C) and
+# CUDA (kdops._C_cuda) kernels are still to be written; fill their entries when they are.
+_KERNELS: dict[str, Optional[Callable[[], ModuleType]]] = {
+    "triton": _triton_kernels,
+    "cuda": None,
+    "cpu": None,
+    "torch": None,
+}
+
+
+def implementation(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """What runs a call of this family: the resolved backend, or ``"torch"`` where that backend
+    has no kernels of this family (for example ``"cpu"`` until the native kernels exist)."""
+    name = _dispatch.resolve_backend(backend, device, dtype)
+    return name if _KERNELS[name] is not None else "torch"
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("kdops::affinity", mutates_args=())
+def affinity_op(x: Tensor, kind: int, backend: str) -> Tensor:
+    """``[B, B]`` affinity of the rows of ``x [B, D]`` (contiguous rows); ``kind`` indexes AFFINITY_KINDS."""
+    return _KERNELS[backend]().affinity_forward(x, kind)
+
+
+@affinity_op.register_fake
+def _(x, kind, backend):
+    return x.new_empty((x.shape[0], x.shape[0]), dtype=_compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("kdops::affinity_backward", mutates_args=())
+def affinity_backward_op(grad: Tensor, x: Tensor, out: Tensor, kind: int, backend: str) -> Tensor:
+    """``dL/dx`` from ``grad = dL/dA`` and ``out = A``."""
+    return _KERNELS[backend]().affinity_backward(grad, x, out, kind)
+
+
+@affinity_backward_op.register_fake
+def _(grad, x, out, kind, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _affinity_setup(ctx, inputs, output):
+    x, ctx.kind, ctx.backend = inputs
+    ctx.save_for_backward(x, output)
+
+
+def _affinity_backward(ctx, grad: Tensor):
+    x, out = ctx.saved_tensors
+    return affinity_backward_op(grad, x, out, ctx.kind, ctx.backend), None, None
+
+
+affinity_op.register_autograd(_affinity_backward, setup_context=_affinity_setup)
+
+
+def _stats_shape(loss: int, batch: int) -> tuple[int, ...]:
+    return {SP: (3, batch), RKD_DISTANCE: (3,), RKD_ANGLE: (0,)}[loss]
+
+
+@torch.library.custom_op("kdops::relation_loss", mutates_args=())
+def relation_loss_op(student: Tensor, teacher: Tensor, loss: int, beta: float, backend: str) -> tuple[Tensor, Tensor]:
+    """(loss, stats for the backward) of SP / RKD-D / RKD-A (``loss`` code) of ``[B, D]`` rows."""
+    return _KERNELS[backend]().relation_forward(student, teacher, loss, beta)
+
+
+@relation_loss_op.register_fake
+def _(student, teacher, loss, beta, backend):
+    dtype = _compute_dtype(student.dtype)
+    return student.new_empty((), dtype=dtype), student.new_empty(_stats_shape(loss, student.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("kdops::relation_loss_backward", mutates_args=())
+def relation_loss_backward_op(grad: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, loss: int,
+                              beta: float, backend: str) -> Tensor:
+    """``dL/dstudent`` from the incoming 0-d ``grad`` and the forward's ``stats``."""
+    return _KERNELS[backend]().relation_backward(grad, student, teacher, stats, loss, beta)
+
+
+@relation_loss_backward_op.register_fake
+def _(grad, student, teacher, stats, loss, beta, backend):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _relation_setup(ctx, inputs, output):
+    student, teacher, ctx.loss, ctx.beta, ctx.backend = inputs
+    ctx.save_for_backward(student, teacher, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _relation_backward(ctx, grad: Tensor, _grad_stats: Optional[Tensor]):
+    student, teacher, stats = ctx.saved_tensors
+    dstudent = relation_loss_backward_op(grad, student, teacher, stats, ctx.loss, ctx.beta, ctx.backend)
+    return dstudent, None, None, None, None
+
+
+relation_loss_op.register_autograd(_relation_backward, setup_context=_relation_setup)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check_features(name: str, x: Tensor) -> None:
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have a batch dimension (B, ...); got a scalar")
+    if math.prod(x.shape[1:]) == 0:
+        raise ValueError(f"{name} must have at least one feature per sample; got shape {tuple(x.shape)}")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``(B, ...)`` features as ``[B, D]`` rows with contiguous elements (copying only if needed)."""
+    rows = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
+
+
+def affinity(x: Tensor, kind: str = "cosine", *, backend: Optional[str] = None) -> Tensor:
+    """``[B, B]`` affinity of the samples of ``x (B, ...)`` (flattened per sample).
+
+    ``kind``: ``"dot"`` (``x_i . x_j``), ``"cosine"`` (of ``x / max(||x||, 1e-12)``),
+    ``"euclidean"`` (``sqrt(max(||x_i - x_j||^2, 1e-12))``, 0 on the diagonal) or
+    ``"squared_euclidean"`` (``||x_i - x_j||^2``). Float32 (float64 for float64 ``x``),
+    differentiable. ``backend``: see :func:`kdops.available_backends`.
+    """
+    validation.check_float_tensor("x", x)
+    if kind not in AFFINITY_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, AFFINITY_KINDS))}; got {kind!r}")
+    _check_features("x", x)
+    name = _dispatch.resolve_backend(backend, x.device, x.dtype)
+    if _KERNELS[name] is None:
+        return reference.affinity(x, kind)
+    return affinity_op(_rows(x), AFFINITY_KINDS.index(kind), name)
+
+
+def _check_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"smooth_l1_beta must be a number; got {type(beta).__name__}")
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"smooth_l1_beta must be a finite number >= 0; got {beta}")
+    return float(beta)
+
+
+def check_student_teacher(f_s: Tensor, f_t: Tensor, min_batch: int, what: str) -> None:
+    """Both float tensors ``(B, ...)`` of one dtype and device with the same B >= min_batch."""
+    validation.check_float_tensor("f_s", f_s)
+    validation.check_float_tensor("f_t", f_t)
+    _check_features("f_s", f_s)
+    _check_features("f_t", f_t)
+    if f_t.shape[0] != f_s.shape[0]:
+        raise ValueError(
+            f"f_t must have the batch size of f_s; got f_s {tuple(f_s.shape)} and f_t {tuple(f_t.shape)}"
+        )
+    if f_s.shape[0] < min_batch:
+        raise ValueError(f"{what} needs a batch of at least {min_batch} samples; got f_s {tuple(f_s.shape)}")
+    if f_t.dtype != f_s.dtype:
+        raise TypeError(
+            f"f_t must have the dtype of f_s; got f_t {f_t.dtype} and f_s {f_s.dtype} (convert one with .to())"
+        )
+    validation.check_same_device(f_s=f_s, f_t=f_t)
+
+
+def _relation_loss(f_s: Tensor, f_t: Tensor, loss: int, beta: float, backend: Optional[str],
+                   reference_loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    name = _dispatch.resolve_backend(backend, f_s.device, f_s.dtype)
+    if _KERNELS[name] is None:
+        return reference_loss(f_s, f_t)
+    return relation_loss_op(_rows(f_s), _rows(f_t).detach(), loss, beta, name)[0]
+
+
+def similarity_preserving_loss(f_s: Tensor, f_t: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Similarity-preserving KD (Tung & Mori, 2019) between student ``f_s (B, ...)`` and teacher
+    ``f_t (B, ...)`` features: ``||G~s - G~t||_F^2 / B^2`` with ``G = F F^T`` row-L2-normalised
+    (``max(||G_i||, 1e-12)``). Gradient to ``f_s`` only."""
+    check_student_teacher(f_s, f_t, 1, "similarity_preserving_loss")
+    return _relation_loss(f_s, f_t, SP, 1.0, backend, reference.similarity_preserving_loss)
+
+
+def rkd_distance_loss(f_s: Tensor, f_t: Tensor, *, smooth_l1_beta: float = 1.0,
+                      backend: Optional[str] = None) -> Tensor:
+    """RKD distance loss (Park et al., 2019): the mean over ordered pairs i != j of
+    ``smooth_l1(d^s_ij / mu_s, d^t_ij / mu_t)``, ``d_ij = sqrt(max(||x_i - x_j||^2, 1e-12))`` and
+    ``mu`` the mean of ``d`` over those pairs (``smooth_l1_beta = 0``: L1). Needs B >= 2."""
+    check_student_teacher(f_s, f_t, 2, "rkd_distance_loss")
+    beta = _check_beta(smooth_l1_beta)
+    return _relation_loss(f_s, f_t, RKD_DISTANCE, beta, backend,
+                          lambda s, t: reference.rkd_distance_loss(s, t, beta))
+
+
+def rkd_angle_loss(f_s: Tensor, f_t: Tensor, *, smooth_l1_beta: float = 1.0,
+                   backend: Optional[str] = None) -> Tensor:
+    """RKD angle loss (Park et al., 2019): the mean over all ``B^3`` triplets (i, j, k) of
+    ``smooth_l1(cos^s_ijk, cos^t_ijk)``, ``cos_ijk`` the cosine of the angle at ``x_j`` between
+    ``x_i - x_j`` and ``x_k - x_j`` (0, with no gradient, where either is 0). Needs B >= 3 (with
+    fewer samples every angle is degenerate). Memory ``O(B^2)``."""
+    check_student_teacher(f_s, f_t, 3, "rkd_angle_loss")
+    beta = _check_beta(smooth_l1_beta)
+    return _relation_loss(f_s, f_t, RKD_ANGLE, beta, backend,
+                          lambda s, t: reference.rkd_angle_loss(s, t, beta))

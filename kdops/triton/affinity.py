@@ -1,0 +1,563 @@
+"""Triton kernels of the relation-based losses: affinities, SP, RKD distance and RKD angle.
+
+Notation: ``X [B, D]`` student rows, ``Y [B, D_t]`` teacher rows (constant), ``n_i = ||x_i||^2``,
+``G = X X^T``, ``d2_ij = max(n_i + n_j - 2 G_ij, 0)`` (Gram form), ``h`` smooth-L1 with
+parameter ``beta`` (``h(z) = z^2 / (2 beta)`` for ``|z| < beta``, else ``|z| - beta / 2``), ``h'``
+its derivative. Math in float32 (float64 for float64 inputs); scalar arguments (``beta``) are
+float32. Gram tiles come from ``tl.dot`` with fp32 accumulation ("ieee": no TF32).
+
+Forward passes never store a ``[B, B]`` matrix for SP and RKD-D:
+
+* SP: pass 1 per row ``r_i = max(sqrt(sum_j G_ij^2), eps)`` for each model; pass 2 per row
+  ``sum_j (u_ij - v_ij)^2`` with ``u = G^s / r^s``, ``v = G^t / r^t`` (row-wise), and
+  ``c_i = 2/B^2 sum_j (u_ij - v_ij) u_ij`` (``c_i = 0`` where ``r_i`` is clamped);
+  ``L = sum / B^2``.
+* RKD-D: pass 1 per row ``sum_{j != i} d_ij``, ``d_ij = sqrt(max(d2_ij, 1e-12))``, so
+  ``mu = sum / P`` (``P = B(B-1)``); pass 2 per row ``sum_j h(z_ij)``, ``z = d^s/mu_s - d^t/mu_t``,
+  and ``kappa = 1/P sum_ij h'(z_ij) d^s_ij / mu_s``; ``L = sum / P``.
+* RKD-A: the exact squared distances ``E`` (``[B, B]``, from differences, so that duplicate
+  samples give exactly 0) of each model, then per tile (p, q) a loop over anchors r of
+  ``cos_prq = (a + b - c) / (2 sqrt(a) sqrt(b))`` with ``a = E_pr``, ``b = E_qr``, ``c = E_pq``
+  (law of cosines; ``cos = 0`` where ``a`` or ``b <= 1e-24``): ``L = sum h(cos^s - cos^t) / B^3``.
+  Memory ``O(B^2)``, no ``[B, B, B]`` buffer.
+
+Every gradient ends in one "apply" step with pair weights ``W`` (rows of a chunk x B):
+
+    GRAM form  dx_i = sum_j W_ij x_j + delta_i x_i
+    DIST form  dx_i = sum_j W_ij (x_i - x_j)
+
+* affinity, ``S = dA + dA^T``: dot ``W = S`` (GRAM); cosine ``W_ij = S_ij / (r_i r_j)``,
+  ``delta_i = -(sum_j S_ij A_ij) / r_i^2`` (0 where ``r_i`` is clamped; GRAM);
+  squared_euclidean ``W = 2 S``; euclidean ``W_ij = S_ij / A_ij`` where ``d2_ij > 1e-12`` (DIST).
+* SP: ``W = M + M^T``, ``M_ij = (E_ij - c_i u_ij) / r^s_i``, ``E_ij = 2/B^2 (u_ij - v_ij)`` (GRAM).
+* RKD-D: ``dL/dd_ij = w_ij = (h'(z_ij) - kappa) / (P mu_s)``, ``W_ij = 2 w_ij / d^s_ij`` where
+  ``d2_ij > 1e-12`` (DIST). Rows are processed in chunks of ``_chunk_rows`` so ``W`` holds
+  ``O(B * D)`` elements, recomputing the Gram tiles instead of storing ``[B, B]``.
+* RKD-A: with ``g = h'(cos^s - cos^t) / B^3`` (0 where ``cos^s`` is masked),
+  ``dcos/dc = -1 / (2 sqrt(ab))`` and ``dcos/da = 1 / (2 sqrt(ab)) - cos / (2a)``, the gradient
+  w.r.t. the squared distances is ``Delta_pq = sum_r [g_prq dcos_prq/dc + 2 g_pqr dcos_pqr/da]``
+  (``cos_pqr``: anchor q, ``a = E_pq``, ``b = E_rq``, ``c = E_pr``; ``dcos/db`` terms equal the
+  ``dcos/da`` ones by the i <-> k symmetry, hence the 2), then ``dx`` is the squared_euclidean
+  affinity gradient with ``dA = Delta``.
+
+The same codes as :mod:`kdops.ops.affinity`: affinity kinds DOT, COSINE, EUCLIDEAN,
+SQUARED_EUCLIDEAN (EXACT_SQUARED is internal); losses SP, RKD_DISTANCE, RKD_ANGLE.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdops import _alloc
+
+DOT: tl.constexpr = tl.constexpr(0)
+COSINE: tl.constexpr = tl.constexpr(1)
+EUCLIDEAN: tl.constexpr = tl.constexpr(2)
+SQUARED_EUCLIDEAN: tl.constexpr = tl.constexpr(3)
+EXACT_SQUARED: tl.constexpr = tl.constexpr(4)  # squared distances from differences (RKD-A)
+
+SP: tl.constexpr = tl.constexpr(0)
+RKD_DISTANCE: tl.constexpr = tl.constexpr(1)
+RKD_ANGLE: tl.constexpr = tl.constexpr(2)
+
+NORM_EPS: tl.constexpr = tl.constexpr(1e-12)  # norms clamp (kdops.reference.NORM_EPS)
+NORM_EPS2: tl.constexpr = tl.constexpr(1e-24)  # NORM_EPS^2: squared norms / distances below are 0
+DIST_EPS2: tl.constexpr = tl.constexpr(1e-12)  # squared distances clamp (kdops.reference.DIST_EPS2)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Tiles: 64 x 64 Gram tiles; the interpreter runs whole numpy blocks, so larger K steps are
+# faster there. Its bf16 tl.dot is wrong, so operands are upcast first when interpreting.
+BLOCK = 64
+BLOCK_K = 128 if _INTERPRET else 32
+EXACT_BLOCK, EXACT_BLOCK_K = (32, 32) if _INTERPRET else (32, 8)  # [M, N, K] difference blocks
+ANGLE_BLOCK = 128 if _INTERPRET else 32  # RKD-A tiles (the interpreter pays per tile and anchor)
+# Backward of SP / RKD-D: pair weights are materialised for at most max(B * D, this) elements.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_compute(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_upcast(dtype: torch.dtype) -> bool:
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- per-element math
+
+
+@triton.jit
+def _smooth_l1(z, beta):
+    """h(z); beta = 0 is L1 (the quadratic branch is then never taken)."""
+    az = tl.abs(z)
+    return tl.where(az < beta, 0.5 * z * z / tl.where(beta > 0.0, beta, 1.0), az - 0.5 * beta)
+
+
+@triton.jit
+def _smooth_l1_grad(z, beta):
+    """h'(z): z / beta inside (-beta, beta), else sign(z) (0 at z = 0)."""
+    sign = tl.where(z > 0.0, 1.0, tl.where(z < 0.0, -1.0, 0.0))
+    return tl.where(tl.abs(z) < beta, z / tl.where(beta > 0.0, beta, 1.0), sign)
+
+
+@triton.jit
+def _inv_norm(sq):
+    """1 / max(sqrt(sq), eps) of squared norms ``sq``."""
+    return 1.0 / tl.maximum(tl.sqrt(sq), NORM_EPS)
+
+
+@triton.jit
+def _distance(g, n_i, n_j, rows_i, rows_j):
+    """(d, m): ``d_ij = sqrt(max(d2_ij, 1e-12))`` (0 on the diagonal) from the Gram tile ``g``
+    and the squared norms; ``m`` where the clamp is inactive and i != j (gradient flows)."""
+    d2 = tl.maximum(n_i[:, None] + n_j[None, :] - 2.0 * g, 0.0)
+    off = rows_i[:, None] != rows_j[None, :]
+    return tl.where(off, tl.sqrt(tl.maximum(d2, DIST_EPS2)), 0.0), off & (d2 > DIST_EPS2)
+
+
+@triton.jit
+def _cosine(a, sqrt_a, b, sqrt_b, c):
+    """(cos, mask, 1 / (sqrt(a) sqrt(b))) of the angle between two differences with squared
+    lengths ``a``, ``b`` whose ends are ``sqrt(c)`` apart; 0 where a difference is 0."""
+    mask = (a > NORM_EPS2) & (b > NORM_EPS2)
+    inv = tl.where(mask, 1.0 / tl.where(mask, sqrt_a * sqrt_b, 1.0), 0.0)
+    return (a + b - c) * 0.5 * inv, mask, inv
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+@triton.jit
+def _load_rows(x_ptr, stride, rows, cols, B, D):
+    mask = (rows[:, None] < B) & (cols[None, :] < D)
+    return tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _gram_tile(x_ptr, stride, rows_i, rows_j, B, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``G_ij = x_i . x_j`` for rows_i x rows_j (rows >= B read as zeros)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), COMPUTE)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        a = _load_rows(x_ptr, stride, rows_i, cols, B, D)
+        b = _load_rows(x_ptr, stride, rows_j, cols, B, D)
+        if DOT_UPCAST:
+            a = a.to(COMPUTE)
+            b = b.to(COMPUTE)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _exact_squared_tile(x_ptr, stride, rows_i, rows_j, B, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr):
+    """``sum_k (x_ik - x_jk)^2`` from the differences: exactly 0 for equal rows."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), COMPUTE)
+    for k0 in range(0, D, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        a = _load_rows(x_ptr, stride, rows_i, cols, B, D).to(COMPUTE)
+        b = _load_rows(x_ptr, stride, rows_j, cols, B, D).to(COMPUTE)
+        diff = a[:, None, :] - b[None, :, :]
+        acc += tl.sum(diff * diff, axis=2)
+    return acc
+
+
+@triton.jit
+def _load_vector(ptr, idx, B):
+    return tl.load(ptr + idx, mask=idx < B, other=0.0)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sq_norms_kernel(x_ptr, out_ptr, B, D, stride, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     COMPUTE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M,), COMPUTE)
+    for k0 in range(0, D, BLOCK_K):
+        a = _load_rows(x_ptr, stride, rows, k0 + tl.arange(0, BLOCK_K), B, D).to(COMPUTE)
+        acc += tl.sum(a * a, axis=1)
+    tl.store(out_ptr + rows, acc, mask=rows < B)
+
+
+@triton.jit
+def _affinity_kernel(x_ptr, norms_ptr, out_ptr, B, D, stride_x, stride_o, KIND: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     COMPUTE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """One tile of the [B, B] affinity (see the module docstring for the kinds)."""
+    rows_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if KIND == EXACT_SQUARED:
+        a = _exact_squared_tile(x_ptr, stride_x, rows_i, rows_j, B, D, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE)
+    else:
+        g = _gram_tile(x_ptr, stride_x, rows_i, rows_j, B, D, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, DOT_UPCAST)
+        if KIND == DOT:
+            a = g
+        else:
+            n_i = _load_vector(norms_ptr, rows_i, B)
+            n_j = _load_vector(norms_ptr, rows_j, B)
+            if KIND == COSINE:
+                a = g * _inv_norm(n_i)[:, None] * _inv_norm(n_j)[None, :]
+            elif KIND == EUCLIDEAN:
+                a, _ = _distance(g, n_i, n_j, rows_i, rows_j)
+            else:
+                off = rows_i[:, None] != rows_j[None, :]
+                a = tl.where(off, tl.maximum(n_i[:, None] + n_j[None, :] - 2.0 * g, 0.0), 0.0)
+    mask = (rows_i[:, None] < B) & (rows_j[None, :] < B)
+    tl.store(out_ptr + rows_i.to(tl.int64)[:, None] * stride_o + rows_j[None, :], a, mask=mask)
+
+
+@triton.jit
+def _affinity_weights_kernel(grad_ptr, a_ptr, norms_ptr, w_ptr, delta_ptr, B, stride_g0, stride_g1,
+                             stride_a, stride_w, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+    """Pair weights W (and delta for cosine) of the affinity gradient ``dA`` (``grad``)."""
+    rows_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r64 = rows_i.to(tl.int64)
+    if KIND == COSINE:
+        n_i = _load_vector(norms_ptr, rows_i, B)
+        inv_i = _inv_norm(n_i)
+        c = tl.zeros((BLOCK_M,), COMPUTE)
+    for j0 in range(0, B, BLOCK_N):
+        rows_j = j0 + tl.arange(0, BLOCK_N)
+        mask = (rows_i[:, None] < B) & (rows_j[None, :] < B)
+        s = (tl.load(grad_ptr + r64[:, None] * stride_g0 + rows_j[None, :] * stride_g1, mask=mask, other=0.0)
+             + tl.load(grad_ptr + rows_j.to(tl.int64)[None, :] * stride_g0 + r64[:, None] * stride_g1, mask=mask, other=0.0))
+        s = s.to(COMPUTE)
+        if KIND == DOT:
+            w = s
+        elif KIND == COSINE:
+            a = tl.load(a_ptr + r64[:, None] * stride_a + rows_j[None, :], mask=mask, other=0.0)
+            c += tl.sum(s * a, axis=1)
+            w = s * inv_i[:, None] * _inv_norm(_load_vector(norms_ptr, rows_j, B))[None, :]
+        else:
+            off = rows_i[:, None] != rows_j[None, :]
+            if KIND == SQUARED_EUCLIDEAN:
+                w = tl.where(off, 2.0 * s, 0.0)
+            else:
+                a = tl.load(a_ptr + r64[:, None] * stride_a + rows_j[None, :], mask=mask, other=1.0)
+                # A_ij > sqrt(1e-12) exactly where d2_ij > 1e-12
+                keep = off & (a * a > DIST_EPS2)
+                w = tl.where(keep, s / tl.where(keep, a, 1.0), 0.0)
+        tl.store(w_ptr + r64[:, None] * stride_w + rows_j[None, :], w, mask=mask)
+    if KIND == COSINE:
+        delta = tl.where(n_i > NORM_EPS2, -c * inv_i * inv_i, 0.0)
+        tl.store(delta_ptr + rows_i, delta, mask=rows_i < B)
+
+
+@triton.jit
+def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, out_ptr, row0, R, B, D, stride_w, stride_x, stride_o,
+                          DIST: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr):
+    """Rows row0 + [0, R) of dX: GRAM ``W X + delta * X`` or DIST ``rowsum(W) * X - W X``
+    (W holds the R rows of the chunk)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), COMPUTE)
+    row_sum = tl.zeros((BLOCK_M,), COMPUTE)
+    for j0 in range(0, B, BLOCK_N):
+        rows_j = j0 + tl.arange(0, BLOCK_N)
+        w = _load_rows(w_ptr, stride_w, rows, rows_j, R, B)
+        x_j = _load_rows(x_ptr, stride_x, rows_j, cols, B, D).to(COMPUTE)
+        acc = tl.dot(w, x_j, acc, input_precision="ieee")
+        if DIST:
+            row_sum += tl.sum(w, axis=1)
+    x_i = _load_rows(x_ptr, stride_x, row0 + rows, cols, row0 + R, D).to(COMPUTE)
+    if DIST:
+        out = row_sum[:, None] * x_i - acc
+    elif HAS_DELTA:
+        out = acc + _load_vector(delta_ptr, row0 + rows, row0 + R)[:, None] * x_i
+    else:
+        out = acc
+    mask = (rows[:, None] < R) & (cols[None, :] < D)
+    tl.store(out_ptr + (row0 + rows).to(tl.int64)[:, None] * stride_o + cols[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_stat_kernel(x_ptr, norms_ptr, out_ptr, B, D, stride, LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+                     DOT_UPCAST: tl.constexpr):
+    """Pass 1, per row: SP ``sum_j G_ij^2``; RKD-D ``sum_j d_ij``."""
+    rows_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if LOSS == RKD_DISTANCE:
+        n_i = _load_vector(norms_ptr, rows_i, B)
+    acc = tl.zeros((BLOCK_M,), COMPUTE)
+    for j0 in range(0, B, BLOCK_N):
+        rows_j = j0 + tl.arange(0, BLOCK_N)
+        g = _gram_tile(x_ptr, stride, rows_i, rows_j, B, D, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, DOT_UPCAST)
+        if LOSS == SP:
+            v = g * g
+        else:
+            v, _ = _distance(g, n_i, _load_vector(norms_ptr, rows_j, B), rows_i, rows_j)
+        acc += tl.sum(tl.where((rows_j < B)[None, :], v, 0.0), axis=1)
+    tl.store(out_ptr + rows_i, acc, mask=rows_i < B)
+
+
+@triton.jit
+def _relation_terms(gs, gt, rows_i, rows_j, ns_ptr, nt_ptr, stats_ptr, B, beta, LOSS: tl.constexpr):
+    """(loss terms, aux terms) of a tile: SP ``(z^2, z u)``; RKD-D ``(h(z), h'(z) u)``, u the
+    student's normalised tile, ``z = u - v``."""
+    if LOSS == SP:
+        u = gs * _load_vector(stats_ptr, rows_i, B)[:, None]  # stats rows: 1/r_s, 1/r_t, c
+        v = gt * _load_vector(stats_ptr + B, rows_i, B)[:, None]
+        z = u - v
+        return z * z, z * u
+    else:
+        ds, _ = _distance(gs, _load_vector(ns_ptr, rows_i, B), _load_vector(ns_ptr, rows_j, B), rows_i, rows_j)
+        dt, _ = _distance(gt, _load_vector(nt_ptr, rows_i, B), _load_vector(nt_ptr, rows_j, B), rows_i, rows_j)
+        u = ds / tl.load(stats_ptr)  # stats: mu_s, mu_t, kappa
+        z = u - dt / tl.load(stats_ptr + 1)
+        return _smooth_l1(z, beta), _smooth_l1_grad(z, beta) * u
+
+
+@triton.jit
+def _relation_loss_kernel(xs_ptr, xt_ptr, ns_ptr, nt_ptr, stats_ptr, loss_ptr, aux_ptr, B, Ds, Dt,
+                          stride_s, stride_t, beta, LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+                          DOT_UPCAST: tl.constexpr):
+    """Pass 2, per row: the sums over j of the loss terms and aux terms of :func:`_relation_terms`."""
+    rows_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    loss = tl.zeros((BLOCK_M,), COMPUTE)
+    aux = tl.zeros((BLOCK_M,), COMPUTE)
+    for j0 in range(0, B, BLOCK_N):
+        rows_j = j0 + tl.arange(0, BLOCK_N)
+        gs = _gram_tile(xs_ptr, stride_s, rows_i, rows_j, B, Ds, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, DOT_UPCAST)
+        gt = _gram_tile(xt_ptr, stride_t, rows_i, rows_j, B, Dt, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, DOT_UPCAST)
+        terms, aux_terms = _relation_terms(gs, gt, rows_i, rows_j, ns_ptr, nt_ptr, stats_ptr, B, beta, LOSS)
+        valid = (rows_j < B)[None, :]
+        loss += tl.sum(tl.where(valid, terms, 0.0), axis=1)
+        aux += tl.sum(tl.where(valid, aux_terms, 0.0), axis=1)
+    tl.store(loss_ptr + rows_i, loss, mask=rows_i < B)
+    tl.store(aux_ptr + rows_i, aux, mask=rows_i < B)
+
+
+@triton.jit
+def _relation_weights_kernel(xs_ptr, xt_ptr, ns_ptr, nt_ptr, stats_ptr, scale_ptr, w_ptr, row0, R, B, Ds, Dt,
+                             stride_s, stride_t, stride_w, beta, LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
+                             DOT_UPCAST: tl.constexpr):
+    """One tile of the pair weights of rows row0 + [0, R), times ``scale`` (the incoming gradient
+    times 2/B^2 for SP, 2/P for RKD-D)."""
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_i = row0 + local
+    rows_j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gs = _gram_tile(xs_ptr, stride_s, rows_i, rows_j, B, Ds, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, DOT_UPCAST)
+    gt = _gram_tile(xt_ptr, stride_t, rows_i, rows_j, B, Dt, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, DOT_UPCAST)
+    if LOSS == SP:
+        inv_rs_i = _load_vector(stats_ptr, rows_i, B)[:, None]
+        inv_rt_i = _load_vector(stats_ptr + B, rows_i, B)[:, None]
+        c_i = _load_vector(stats_ptr + 2 * B, rows_i, B)[:, None]
+        inv_rs_j = _load_vector(stats_ptr, rows_j, B)[None, :]
+        inv_rt_j = _load_vector(stats_ptr + B, rows_j, B)[None, :]
+        c_j = _load_vector(stats_ptr + 2 * B, rows_j, B)[None, :]
+        # B^2/2 (M_ij + M_ji) with G symmetric, B^2/2 M_ij = (u_ij - v_ij - c_i u_ij) / r_i, and
+        # c_i = sum_j (u_ij - v_ij) u_ij here (B^2/2 times the c of the module docstring)
+        u_ij = gs * inv_rs_i
+        u_ji = gs * inv_rs_j
+        w = (u_ij - gt * inv_rt_i - c_i * u_ij) * inv_rs_i + (u_ji - gt * inv_rt_j - c_j * u_ji) * inv_rs_j
+    else:
+        ds, grad_mask = _distance(gs, _load_vector(ns_ptr, rows_i, B), _load_vector(ns_ptr, rows_j, B), rows_i, rows_j)
+        dt, _ = _distance(gt, _load_vector(nt_ptr, rows_i, B), _load_vector(nt_ptr, rows_j, B), rows_i, rows_j)
+        mu_s = tl.load(stats_ptr)
+        z = ds / mu_s - dt / tl.load(stats_ptr + 1)
+        # P/2 W_ij = (h'(z_ij) - kappa) / (mu_s d_ij)
+        w = tl.where(grad_mask, (_smooth_l1_grad(z, beta) - tl.load(stats_ptr + 2)) / (mu_s * tl.where(grad_mask, ds, 1.0)), 0.0)
+    mask = (local[:, None] < R) & (rows_j[None, :] < B)
+    w = w * tl.load(scale_ptr)
+    tl.store(w_ptr + local.to(tl.int64)[:, None] * stride_w + rows_j[None, :], w, mask=mask)
+
+
+@triton.jit
+def _angle_kernel(es_ptr, et_ptr, scale_ptr, out_ptr, B, stride, beta, GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+    """RKD-A over the tile (p, q) and every anchor r, from the exact squared distances E^s, E^t.
+    Forward: the tile's sum of h(cos^s - cos^t). GRAD: the tile of Delta times ``scale``
+    (the incoming gradient / B^3)."""
+    rows_p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_q = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows_p[:, None] < B) & (rows_q[None, :] < B)
+    cs = _load_rows(es_ptr, stride, rows_p, rows_q, B, B).to(COMPUTE)  # E_pq
+    ct = _load_rows(et_ptr, stride, rows_p, rows_q, B, B).to(COMPUTE)
+    sqrt_cs = tl.sqrt(cs)
+    sqrt_ct = tl.sqrt(ct)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), COMPUTE)
+    for r in range(0, B):
+        # E is symmetric: row r holds E_pr and E_qr
+        s_p = _load_vector(es_ptr + r * stride, rows_p, B)[:, None]
+        s_q = _load_vector(es_ptr + r * stride, rows_q, B)[None, :]
+        t_p = _load_vector(et_ptr + r * stride, rows_p, B)[:, None]
+        t_q = _load_vector(et_ptr + r * stride, rows_q, B)[None, :]
+        sqrt_s_p, sqrt_s_q, sqrt_t_p, sqrt_t_q = tl.sqrt(s_p), tl.sqrt(s_q), tl.sqrt(t_p), tl.sqrt(t_q)
+        # triplet (p, r, q): anchor r, a = E_pr, b = E_qr, c = E_pq
+        cos_s, m1, inv1 = _cosine(s_p, sqrt_s_p, s_q, sqrt_s_q, cs)
+        cos_t, _, _ = _cosine(t_p, sqrt_t_p, t_q, sqrt_t_q, ct)
+        if GRAD:
+            g1 = tl.where(m1, _smooth_l1_grad(cos_s - cos_t, beta), 0.0)
+            # triplet (p, q, r): anchor q, a = E_pq, b = E_rq, c = E_pr
+            cos2_s, m2, inv2 = _cosine(cs, sqrt_cs, s_q, sqrt_s_q, s_p)
+            cos2_t, _, _ = _cosine(ct, sqrt_ct, t_q, sqrt_t_q, t_p)
+            g2 = tl.where(m2, _smooth_l1_grad(cos2_s - cos2_t, beta), 0.0)
+            dcos2_da = 0.5 * inv2 - 0.5 * cos2_s / tl.where(m2, cs, 1.0)
+            acc += -0.5 * g1 * inv1 + 2.0 * g2 * dcos2_da
+        else:
+            acc += _smooth_l1(cos_s - cos_t, beta)
+    acc = tl.where(mask, acc, 0.0)
+    if GRAD:
+        acc = acc * tl.load(scale_ptr)
+        tl.store(out_ptr + rows_p.to(tl.int64)[:, None] * stride + rows_q[None, :], acc, mask=mask)
+    else:
+        tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(acc))
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _options(x: Tensor) -> dict:
+    return dict(COMPUTE=_tl_compute(x.dtype), DOT_UPCAST=_dot_upcast(x.dtype))
+
+
+def sq_norms(x: Tensor) -> Tensor:
+    """``[B]`` squared row norms of ``x [B, D]`` (compute dtype)."""
+    B, D = x.shape
+    out = _alloc.empty(B, dtype=_compute_dtype(x.dtype), device=x.device)
+    if B:
+        _sq_norms_kernel[(triton.cdiv(B, BLOCK),)](x, out, B, D, x.stride(0), BLOCK_M=BLOCK, BLOCK_K=BLOCK_K,
+                                                   COMPUTE=_tl_compute(x.dtype))
+    return out
+
+
+def affinity_forward(x: Tensor, kind: int) -> Tensor:
+    """``[B, B]`` affinity (compute dtype) of the rows of ``x [B, D]`` (rows contiguous)."""
+    B, D = x.shape
+    out = _alloc.empty(B, B, dtype=_compute_dtype(x.dtype), device=x.device)
+    if B == 0:
+        return out
+    norms = sq_norms(x) if kind in (COSINE, EUCLIDEAN, SQUARED_EUCLIDEAN) else out
+    block, block_k = (EXACT_BLOCK, EXACT_BLOCK_K) if kind == EXACT_SQUARED else (BLOCK, BLOCK_K)
+    grid = (triton.cdiv(B, block), triton.cdiv(B, block))
+    _affinity_kernel[grid](x, norms, out, B, D, x.stride(0), out.stride(0), KIND=kind, BLOCK_M=block,
+                           BLOCK_N=block, BLOCK_K=block_k, **_options(x))
+    return out
+
+
+def _apply_weights(w: Tensor, delta: Tensor | None, x: Tensor, out: Tensor, row0: int, dist: bool) -> None:
+    """Rows row0 + [0, len(w)) of ``out``: GRAM ``w @ x + delta * x`` or DIST ``rowsum(w) * x - w @ x``."""
+    R, (B, D) = w.shape[0], x.shape
+    grid = (triton.cdiv(R, BLOCK), triton.cdiv(D, BLOCK))
+    _apply_weights_kernel[grid](w, w if delta is None else delta, x, out, row0, R, B, D, w.stride(0), x.stride(0),
+                                out.stride(0), DIST=dist, HAS_DELTA=delta is not None, BLOCK_M=BLOCK,
+                                BLOCK_N=BLOCK, BLOCK_D=BLOCK, COMPUTE=_tl_compute(x.dtype))
+
+
+def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor:
+    """``dL/dx [B, D]`` (x dtype) from ``grad = dL/dA [B, B]`` (any strides) and ``out = A``."""
+    B, D = x.shape
+    dx = _alloc.empty(B, D, dtype=x.dtype, device=x.device)
+    if B == 0:
+        return dx
+    cdt = _compute_dtype(x.dtype)
+    w = _alloc.empty(B, B, dtype=cdt, device=x.device)
+    delta = _alloc.empty(B, dtype=cdt, device=x.device) if kind == COSINE else None
+    norms = sq_norms(x) if kind == COSINE else w
+    _affinity_weights_kernel[(triton.cdiv(B, BLOCK),)](
+        grad, out, norms, w, w if delta is None else delta, B, grad.stride(0), grad.stride(1), out.stride(0),
+        w.stride(0), KIND=kind, BLOCK_M=BLOCK, BLOCK_N=BLOCK, COMPUTE=_tl_compute(x.dtype))
+    _apply_weights(w, delta, x, dx, 0, dist=kind in (EUCLIDEAN, SQUARED_EUCLIDEAN))
+    return dx
+
+
+def _row_stat(x: Tensor, norms: Tensor, loss: int) -> Tensor:
+    B, D = x.shape
+    out = _alloc.empty(B, dtype=_compute_dtype(x.dtype), device=x.device)
+    _row_stat_kernel[(triton.cdiv(B, BLOCK),)](x, norms, out, B, D, x.stride(0), LOSS=loss, BLOCK_M=BLOCK,
+                                               BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(x))
+    return out
+
+
+def _norms_for(student: Tensor, teacher: Tensor, loss: int) -> tuple[Tensor, Tensor]:
+    if loss == RKD_DISTANCE:
+        return sq_norms(student), sq_norms(teacher)
+    return student, teacher  # unused by SP
+
+
+def relation_forward(student: Tensor, teacher: Tensor, loss: int, beta: float) -> tuple[Tensor, Tensor]:
+    """(loss, stats) of SP / RKD-D / RKD-A for ``student [B, Ds]``, ``teacher [B, Dt]`` (same
+    dtype, contiguous rows). ``stats`` (compute dtype) is what the backward needs: SP
+    ``[3, B]`` = (1/r_s, 1/r_t, B^2/2 c); RKD-D ``[3]`` = (mu_s, mu_t, kappa); RKD-A ``[0]``."""
+    if loss == RKD_ANGLE:
+        return _angle(student, teacher, beta, None), student.new_empty(0, dtype=_compute_dtype(student.dtype))
+    B = student.shape[0]
+    ns, nt = _norms_for(student, teacher, loss)
+    row_s, row_t = _row_stat(student, ns, loss), _row_stat(teacher, nt, loss)
+    if loss == SP:
+        stats = torch.stack([1.0 / row_s.sqrt().clamp(min=1e-12), 1.0 / row_t.sqrt().clamp(min=1e-12), row_s])
+        divisor = B * B
+    else:
+        divisor = B * (B - 1)
+        stats = torch.stack([row_s.sum() / divisor, row_t.sum() / divisor, row_s.new_zeros(())])
+    rows = _alloc.empty(B, dtype=stats.dtype, device=student.device)
+    aux = _alloc.empty(B, dtype=stats.dtype, device=student.device)
+    _relation_loss_kernel[(triton.cdiv(B, BLOCK),)](
+        student, teacher, ns, nt, stats, rows, aux, B, student.shape[1], teacher.shape[1], student.stride(0),
+        teacher.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(student))
+    if loss == SP:  # c_i = sum_j z_ij u_ij where r_s,i is not clamped (stats[2] held sum_j G_ij^2)
+        stats[2] = torch.where(stats[2] > 1e-24, aux, 0.0)
+    else:
+        stats[2] = aux.sum() / divisor
+    return rows.sum() / divisor, stats
+
+
+def _chunk_rows(B: int, D: int) -> int:
+    """Rows per chunk of the backward's pair weights: at most max(B * D, _CHUNK_ELEMENTS) elements."""
+    rows = max(B * D, _CHUNK_ELEMENTS) // B // BLOCK * BLOCK
+    return min(B, max(BLOCK, rows))
+
+
+def relation_backward(grad: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, loss: int,
+                      beta: float) -> Tensor:
+    """``dL/dstudent [B, Ds]`` (student dtype) from the 0-d ``grad`` and ``stats`` of
+    :func:`relation_forward`."""
+    if loss == RKD_ANGLE:
+        return _angle(student, teacher, beta, grad)
+    B, Ds = student.shape
+    dx = _alloc.empty(B, Ds, dtype=student.dtype, device=student.device)
+    ns, nt = _norms_for(student, teacher, loss)
+    chunk = _chunk_rows(B, max(Ds, teacher.shape[1]))
+    w = _alloc.empty(chunk, B, dtype=stats.dtype, device=student.device)
+    scale = grad.to(stats.dtype) * (2.0 / (B * B if loss == SP else B * (B - 1)))
+    for row0 in range(0, B, chunk):
+        R = min(chunk, B - row0)
+        _relation_weights_kernel[(triton.cdiv(R, BLOCK), triton.cdiv(B, BLOCK))](
+            student, teacher, ns, nt, stats, scale, w, row0, R, B, Ds, teacher.shape[1], student.stride(0),
+            teacher.stride(0), w.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K,
+            **_options(student))
+        _apply_weights(w[:R], None, student, dx, row0, dist=loss == RKD_DISTANCE)
+    return dx
+
+
+def _angle(student: Tensor, teacher: Tensor, beta: float, grad: Tensor | None) -> Tensor:
+    """RKD-A: the loss (``grad`` None), else ``dL/dstudent`` for the incoming 0-d ``grad``."""
+    B = student.shape[0]
+    es, et = affinity_forward(student, EXACT_SQUARED), affinity_forward(teacher, EXACT_SQUARED)
+    grid = (triton.cdiv(B, ANGLE_BLOCK), triton.cdiv(B, ANGLE_BLOCK))
+    if grad is None:  # per-tile partial sums
+        out, scale = _alloc.empty(grid[0] * grid[1], dtype=es.dtype, device=es.device), es
+    else:  # Delta = dL/dE^s
+        out, scale = _alloc.empty(B, B, dtype=es.dtype, device=es.device), grad.to(es.dtype) / B**3
+    _angle_kernel[grid](es, et, scale, out, B, es.stride(0), beta, GRAD=grad is not None, BLOCK_M=ANGLE_BLOCK,
+                        BLOCK_N=ANGLE_BLOCK, COMPUTE=_tl_compute(student.dtype))
+    if grad is None:
+        return out.sum() / B**3
+    del et
+    return affinity_backward(out, student, es, SQUARED_EUCLIDEAN)
