@@ -1,5 +1,5 @@
 # The two set-up commands of the README:
-#   make demo   the main job (builds kdops, then runs the benchmark of the fused KD losses)
+#   make demo   the main job (builds kdops, then the end-to-end distillation demo, python -m kdops.demo)
 #   make test   the whole test suite (builds kdops with its CPU and CUDA sources, then pytest)
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -14,10 +14,15 @@ install:
 	$(PYTHON) -c "import kdops; [print(f'{k:>7}: {v.available!s:<5} {v.reason}') for k, v in kdops.available_backends().items()]"
 
 demo: install
-	$(PYTHON) benchmarks/bench_kd.py --shapes 4096x1000 4096x32000 --repeats 3
+	$(PIP) install -q matplotlib
+	$(PYTHON) -m kdops.demo
 
 bench: install
 	$(PYTHON) benchmarks/bench_kd.py
 
+# optional extras whose integrations the suite tests (transformers Trainer example, demo/bench plots)
+TEST_EXTRAS := transformers accelerate matplotlib
+
 test: install
+	$(PIP) install -q $(TEST_EXTRAS)
 	$(PYTHON) -m pytest tests -q -ra

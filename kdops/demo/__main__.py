@@ -1,0 +1,4 @@
+"""``python -m kdops.demo``: see :mod:`kdops.demo`."""
+from kdops.demo.run import main
+
+main()
