@@ -3,9 +3,9 @@
 For each loss, batch B and feature size D (student and teacher both [B, D]): median time of
 forward+backward and the peak memory above the inputs, for
   reference        kdops.reference.<loss> (plain PyTorch, materialises every [B, B] / [B, B, B] term)
-  kdops-<backend>  kdops.<loss> with the automatic backend choice; "kdops-cpu:torch" says that it
-                   resolved to "cpu", which has no kernels of this family yet, so the torch
-                   reference ran (until the native CPU kernels exist, CPU rows time the reference)
+  kdops-<backend>  kdops.<loss> with the automatic backend choice: on CPU tensors "cpu", the OpenMP
+                   kernels of kdops._C (csrc/cpu/affinity.cpp); a suffix ":torch" would say that
+                   the backend has no kernels of this family and the torch reference ran
 Peak memory: on CUDA the allocator's peak; on CPU the process's peak resident set (VmHWM, reset
 through /proc/self/clear_refs), with the helpers of bench_kd.py. Prints a table, writes JSON.
 

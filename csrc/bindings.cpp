@@ -1,5 +1,6 @@
 // kdops._C: the OpenMP CPU kernels (no libtorch: tensors arrive as data pointers).
 #include "bindings.h"
+#include "common/affinity_bindings.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -12,6 +13,8 @@ PYBIND11_MODULE(_C, m) {
       "Row losses [n_rows] (float, double for float64) and, if grad_ptr != 0, their gradients\n"
       "w.r.t. the student logits, written to the buffers at the given addresses. Pointer\n"
       "arguments are data addresses (0: none); strides are row strides in elements.");
+  kdops::def_affinity_ops(m, &kdops::affinity_forward_cpu, &kdops::affinity_backward_cpu,
+                          &kdops::relation_forward_cpu, &kdops::relation_backward_cpu);
   m.def(
       "num_threads",
       [] {

@@ -171,7 +171,7 @@ def test_chunked_backward(monkeypatch):
         check_loss(name, "triton", features(150, 5, torch.float64, "cpu"), features(150, 3, torch.float64, "cpu"))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("what", KINDS + list(LOSSES))
 def test_gradcheck_float64(backend, what):
     device = require(backend)
@@ -268,19 +268,20 @@ def test_teacher_gets_no_gradient_and_no_grad_calls(backend, name):
     assert_close_to_max(loss, LOSSES[name][1](f_s.double(), f_t.double()), RELATION_LOSS_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("op", ["affinity", "affinity_backward", "relation_loss", "relation_loss_backward"])
-def test_opcheck(op):
+def test_opcheck(op, backend):
     """The custom ops (the forward ones with inputs that require grad: their autograd too)."""
-    require("triton")
+    require(backend)
     x, y = torch.randn(7, 5, requires_grad=True), torch.randn(7, 3)
     if op.startswith("affinity"):
-        calls = [(x, kind, "triton") for kind in range(len(KINDS))]
+        calls = [(x, kind, backend) for kind in range(len(KINDS))]
         if op == "affinity_backward":
-            calls = [(torch.randn(7, 7), x.detach(), ops.affinity_op(*c).detach(), c[1], "triton") for c in calls]
+            calls = [(torch.randn(7, 7), x.detach(), ops.affinity_op(*c).detach(), c[1], backend) for c in calls]
     else:
-        calls = [(x, y, loss, 0.5, "triton") for loss in (ops.SP, ops.RKD_DISTANCE, ops.RKD_ANGLE)]
+        calls = [(x, y, loss, 0.5, backend) for loss in (ops.SP, ops.RKD_DISTANCE, ops.RKD_ANGLE)]
         if op == "relation_loss_backward":
-            calls = [(torch.tensor(1.5), x.detach(), y, ops.relation_loss_op(*c)[1], c[2], 0.5, "triton")
+            calls = [(torch.tensor(1.5), x.detach(), y, ops.relation_loss_op(*c)[1], c[2], 0.5, backend)
                      for c in calls]
     for args in calls:
         torch.library.opcheck(getattr(torch.ops.kdops, op).default, args)
@@ -324,7 +325,7 @@ def test_module_wrappers_match_functions():
 
 
 def test_kernel_table_and_codes():
-    """Every backend has an explicit entry; those without kernels run the reference."""
+    """Every backend has an explicit entry; triton, cpu and cuda have kernels, torch runs the reference."""
     from kdops.triton import affinity as kernels
 
     assert set(ops._KERNELS) == set(kdops.BACKENDS)
@@ -332,12 +333,44 @@ def test_kernel_table_and_codes():
         assert getattr(kernels, kind.upper()).value == ops.AFFINITY_KINDS.index(kind)
     assert (kernels.SP.value, kernels.RKD_DISTANCE.value, kernels.RKD_ANGLE.value) == (ops.SP, ops.RKD_DISTANCE,
                                                                                          ops.RKD_ANGLE)
+    assert ops._KERNELS["torch"] is None and None not in (ops._KERNELS[b] for b in ("triton", "cpu", "cuda"))
     cpu = torch.device("cpu")
     assert ops.implementation("torch", cpu, torch.float32) == "torch"
-    if kdops.available_backends()["cpu"].available and ops._KERNELS["cpu"] is None:
-        assert ops.implementation(None, cpu, torch.float32) == "torch"
     if kdops.available_backends()["triton"].available:
         assert ops.implementation("triton", cpu, torch.float32) == "triton"
+
+
+def test_cpu_backend_runs_the_native_kernels(monkeypatch):
+    """The automatic choice on CPU tensors is the native kdops._C kernels (not the reference)."""
+    require("cpu")
+    from kdops import native_affinity
+
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        assert ops.implementation(None, cpu, dtype) == "cpu"
+    calls = []
+    monkeypatch.setattr(native_affinity, "_call", lambda name, device, *args: calls.append(name))
+    x = torch.randn(4, 3)
+    kdops.affinity(x, "dot")
+    kdops.similarity_preserving_loss(x.requires_grad_(True), torch.randn(4, 2)).backward()
+    assert calls == ["affinity_forward", "relation_forward", "relation_backward"]
+
+
+@pytest.mark.parametrize("batch", [130, 300, 520])  # 2, 3 and 5 row blocks of the CPU kernels' 128-row tiles
+def test_cpu_tile_schedule(batch):
+    """Every tile pair of the CPU kernels' round-robin schedule (even and odd block counts, with
+    a partial last block) is computed once: affinities and losses match the reference."""
+    require("cpu")
+    f_s, f_t = features(batch, 5, torch.float64, "cpu"), features(batch, 3, torch.float64, "cpu")
+    for kind in KINDS:
+        s = f_s.clone().requires_grad_(True)
+        upstream = torch.randn(batch, batch, dtype=torch.float64)
+        (kdops.affinity(s, kind, backend="cpu") * upstream).sum().backward()
+        s64 = f_s.clone().requires_grad_(True)
+        (reference.affinity(s64, kind) * upstream).sum().backward()
+        assert_close_to_max(s.grad, s64.grad, RELATION_GRAD_TOL[torch.float64])
+    for name in ("sp", "rkd_distance"):
+        check_loss(name, "cpu", f_s, f_t)
 
 
 def _bad_calls():

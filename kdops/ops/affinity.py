@@ -16,8 +16,11 @@ different feature sizes but share the batch size B. Definitions (``eps = 1e-12``
   ``L = 1/B^3 sum_{i,j,k} h(cos^s_ijk - cos^t_ijk)``.
 
 The losses are float32 (float64 for float64 features), the gradients have the student's dtype;
-the teacher is a constant. Backends: see :mod:`kdops._dispatch`; a backend without kernels of
-this family in ``_KERNELS`` runs the torch reference.
+the teacher is a constant. Backends (see :mod:`kdops._dispatch`): ``triton``
+(:mod:`kdops.triton.affinity`), ``cpu`` and ``cuda`` (the native kernels ``csrc/cpu/affinity.cpp``
+and ``csrc/cuda/affinity.cu`` through :mod:`kdops.native_affinity`), all with ``O(B * D)`` memory
+for SP and RKD-D (Gram tiles recomputed, never a ``[B, B]`` matrix) and ``O(B^2)`` for RKD-A;
+``torch`` runs the reference.
 """
 from __future__ import annotations
 
@@ -41,25 +44,30 @@ def _triton_kernels() -> ModuleType:
     return affinity
 
 
+def _native_kernels() -> ModuleType:
+    from kdops import native_affinity  # kdops._C (CPU tensors) or kdops._C_cuda (CUDA tensors)
+
+    return native_affinity
+
+
 # backend -> loader of the module with this family's kernels, which provides
 #   affinity_forward(x [B, D], kind) -> A [B, B]
 #   affinity_backward(grad [B, B], x, A, kind) -> dx [B, D]
 #   relation_forward(student [B, Ds], teacher [B, Dt], loss, beta) -> (loss [], stats)
 #   relation_backward(grad [], student, teacher, stats, loss, beta) -> dstudent [B, Ds]
-# (contracts in kdops.triton.affinity). None: no kernels of this family yet, so calls resolved
-# to that backend run the torch reference on the tensors' device. The native CPU (kdops._C) and
-# CUDA (kdops._C_cuda) kernels are still to be written; fill their entries when they are.
+# (contracts in kdops.triton.affinity; stats are produced and read by one backend). None: no
+# kernels of this family, so calls resolved to that backend run the torch reference.
 _KERNELS: dict[str, Optional[Callable[[], ModuleType]]] = {
     "triton": _triton_kernels,
-    "cuda": None,
-    "cpu": None,
+    "cuda": _native_kernels,
+    "cpu": _native_kernels,
     "torch": None,
 }
 
 
 def implementation(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     """What runs a call of this family: the resolved backend, or ``"torch"`` where that backend
-    has no kernels of this family (for example ``"cpu"`` until the native kernels exist)."""
+    has no kernels of this family."""
     name = _dispatch.resolve_backend(backend, device, dtype)
     return name if _KERNELS[name] is not None else "torch"
 
