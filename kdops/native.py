@@ -60,16 +60,20 @@ def kd_forward(
     soft_weight: float,
     ignore_index: int,
     compute_grad: bool,
+    teacher_log_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` (float32; float64 for float64 logits) of ``[N, V]`` logits and, if
     ``compute_grad``, their gradients w.r.t. ``student`` (``[N, V]`` contiguous, student dtype;
     else an empty tensor).
 
-    The caller guarantees: ``student`` and ``teacher`` 2-D of the same shape, dtype (float32,
-    float16, bfloat16 or float64) and device, with contiguous rows (``stride(1) == 1``);
-    ``labels`` None or a contiguous int64 ``[N]`` tensor on that device.
+    The caller guarantees: ``student`` ``[N, V]`` and ``teacher`` ``[N, V]`` (or ``[K, N, V]``:
+    K teachers mixed with ``teacher_log_weights``, a contiguous ``(K,)`` tensor of log weights in
+    the loss dtype) of one dtype (float32, float16, bfloat16 or float64) and device, with
+    contiguous rows (``stride(-1) == 1``); ``labels`` None or a contiguous int64 ``[N]`` tensor
+    on that device.
     """
     n_rows, vocab = student.shape
+    multi = teacher.dim() == 3
     device = student.device
     loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     loss = _alloc.empty(n_rows, dtype=loss_dtype, device=device)
@@ -82,16 +86,20 @@ def kd_forward(
     args = (
         student.data_ptr(), teacher.data_ptr(), 0 if labels is None else labels.data_ptr(),
         loss.data_ptr(), grad.data_ptr() if compute_grad else 0,
-        n_rows, vocab, student.stride(0), teacher.stride(0), vocab,
+        n_rows, vocab, student.stride(0), teacher.stride(-2), vocab,
         _DTYPE_CODES[student.dtype], divergence, temperature, beta, hard_weight, soft_weight,
         ignore_index,
     )
+    teachers = {}
+    if multi:
+        teachers = dict(n_teachers=teacher.shape[0], teacher_k_stride=teacher.stride(0),
+                        teacher_log_weights_ptr=teacher_log_weights.data_ptr())
     module, why_not = _load("_C_cuda" if device.type == "cuda" else "_C")
     if module is None:
         raise RuntimeError(why_not)
     if device.type == "cuda":
         with torch.cuda.device(device):
-            module.kd_forward(*args, torch.cuda.current_stream(device).cuda_stream)
+            module.kd_forward(*args, torch.cuda.current_stream(device).cuda_stream, **teachers)
     else:
-        module.kd_forward(*args)
+        module.kd_forward(*args, **teachers)
     return loss, grad

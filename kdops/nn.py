@@ -1,7 +1,7 @@
 """``nn.Module`` wrappers of the kdops losses, for drop-in use in training loops."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -16,6 +16,8 @@ class DistillLoss(nn.Module):
 
     >>> crit = DistillLoss(temperature=2.0, divergence="jsd", beta=0.5)
     >>> loss = crit(student_logits, teacher_logits, labels)
+
+    K teachers: ``teacher_logits (K, ..., V)``, mixed with ``teacher_weights`` (K,) (default 1/K).
     """
 
     def __init__(
@@ -28,13 +30,14 @@ class DistillLoss(nn.Module):
         scale_by_temperature_squared: bool = True,
         ignore_index: int = -100,
         reduction: str = "mean",
+        teacher_weights: Optional[Union[Sequence[float], Tensor]] = None,
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.options = dict(
             temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
             scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-            reduction=reduction, backend=backend,
+            reduction=reduction, teacher_weights=teacher_weights, backend=backend,
         )
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
@@ -50,6 +53,9 @@ class FusedLinearDistillLoss(nn.Module):
 
     >>> crit = FusedLinearDistillLoss(temperature=2.0, hard_weight=0.5)
     >>> loss = crit(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, labels)
+
+    K teachers: lists of ``teacher_hidden`` / ``teacher_weight`` (/ ``teacher_bias``), mixed with
+    ``teacher_weights`` (K,) (default 1/K).
     """
 
     def __init__(
@@ -63,24 +69,25 @@ class FusedLinearDistillLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         chunk_size: Optional[int] = None,
+        teacher_weights: Optional[Union[Sequence[float], Tensor]] = None,
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.options = dict(
             temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
             scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-            reduction=reduction, chunk_size=chunk_size, backend=backend,
+            reduction=reduction, chunk_size=chunk_size, teacher_weights=teacher_weights, backend=backend,
         )
 
     def forward(
         self,
         student_hidden: Tensor,
         student_weight: Tensor,
-        teacher_hidden: Tensor,
-        teacher_weight: Tensor,
+        teacher_hidden: Union[Tensor, Sequence[Tensor]],
+        teacher_weight: Union[Tensor, Sequence[Tensor]],
         labels: Optional[Tensor] = None,
         student_bias: Optional[Tensor] = None,
-        teacher_bias: Optional[Tensor] = None,
+        teacher_bias: Union[None, Tensor, Sequence[Optional[Tensor]]] = None,
     ) -> Tensor:
         return fused_linear_distill_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels,

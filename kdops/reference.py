@@ -7,9 +7,10 @@ everywhere, differentiable by autograd, but memory-hungry.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -56,6 +57,26 @@ def soft_divergence(
     return terms.sum(-1)
 
 
+def teacher_log_probs(
+    teacher_logits: Tensor, temperature: float, teacher_weights: Optional[Tensor] = None,
+    student_dim: Optional[int] = None,
+) -> Tensor:
+    """``log p_t`` of teacher logits ``(..., V)``, or of ``K`` teachers ``(K, ..., V)`` (when
+    ``teacher_logits.dim() == student_dim + 1``) mixed with weights ``w`` (default ``1/K``)::
+
+        p_t = sum_k w_k softmax(t_k / T)
+        log p_t = logsumexp_k(log w_k + log_softmax(t_k / T))
+    """
+    log_pt = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    if student_dim is None or teacher_logits.dim() == student_dim:
+        return log_pt
+    k = teacher_logits.shape[0]
+    w = (torch.full((k,), 1.0 / k, dtype=log_pt.dtype, device=log_pt.device) if teacher_weights is None
+         else torch.as_tensor(teacher_weights, dtype=log_pt.dtype, device=log_pt.device).detach())
+    log_w = w.log().reshape((k,) + (1,) * (log_pt.dim() - 1))
+    return torch.logsumexp(log_w + log_pt, dim=0)
+
+
 def weighted_row_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -67,14 +88,16 @@ def weighted_row_loss(
     hard_weight: float,
     soft_weight: float,
     ignore_index: int,
+    teacher_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``row = hard_weight * CE(student, label) + soft_weight * D(p_t, p_s)`` on ``[N, V]``
     logits, rows whose label is ``ignore_index`` set to 0; returns the rows and the ``[N]``
-    mask of rows that count. Computed in float32, or float64 for float64 inputs."""
+    mask of rows that count. Computed in float32, or float64 for float64 inputs.
+    ``teacher_logits`` ``[K, N, V]``: ``p_t`` is the mixture of :func:`teacher_log_probs`."""
     s = _upcast(student_logits)
     t = _upcast(teacher_logits).to(s.dtype).detach()
     log_ps = torch.log_softmax(s / temperature, dim=-1)
-    log_pt = torch.log_softmax(t / temperature, dim=-1)
+    log_pt = teacher_log_probs(t, temperature, teacher_weights, student_logits.dim())
     row = soft_weight * soft_divergence(log_ps, log_pt, divergence, beta)
     if labels is None:
         return row, torch.ones(row.shape, dtype=torch.bool, device=row.device)
@@ -97,9 +120,11 @@ def distill_row_loss(
     hard_weight: float = 0.0,
     scale_by_temperature_squared: bool = True,
     ignore_index: int = -100,
+    teacher_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row loss of :func:`distill_loss` on ``[N, V]`` logits, and the ``[N]`` mask of
-    rows that count. Computed in float32, or float64 for float64 inputs.
+    """Per-row loss of :func:`distill_loss` on ``[N, V]`` logits (teachers ``[N, V]`` or
+    ``[K, N, V]``), and the ``[N]`` mask of rows that count. Computed in float32, or float64 for
+    float64 inputs.
 
     ``row = a * CE(student, label) + (1 - a) * c * D(p_t, p_s)`` with ``a = hard_weight``,
     ``c = T**2`` if ``scale_by_temperature_squared`` else 1, and ``p = softmax(logits / T)``.
@@ -109,6 +134,7 @@ def distill_row_loss(
     return weighted_row_loss(
         student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence,
         beta=beta, hard_weight=hard_weight, soft_weight=(1.0 - hard_weight) * c, ignore_index=ignore_index,
+        teacher_weights=teacher_weights,
     )
 
 
@@ -135,13 +161,16 @@ def distill_loss(
     scale_by_temperature_squared: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
+    teacher_weights: Optional[Tensor] = None,
 ) -> Tensor:
-    """Reference of :func:`kdops.distill_loss` on logits of shape ``(..., V)``."""
+    """Reference of :func:`kdops.distill_loss` on logits of shape ``(..., V)``; ``K`` teachers
+    as ``teacher_logits (K, ..., V)`` with ``teacher_weights (K,)`` (see :func:`teacher_log_probs`)."""
     lead = student_logits.shape[:-1]
     V = student_logits.shape[-1]
+    multi = teacher_logits.dim() == student_logits.dim() + 1
     row, valid = distill_row_loss(
         student_logits.reshape(-1, V),
-        teacher_logits.reshape(-1, V),
+        teacher_logits.reshape(teacher_logits.shape[0], -1, V) if multi else teacher_logits.reshape(-1, V),
         None if labels is None else labels.reshape(-1),
         temperature=temperature,
         divergence=divergence,
@@ -149,6 +178,7 @@ def distill_loss(
         hard_weight=hard_weight,
         scale_by_temperature_squared=scale_by_temperature_squared,
         ignore_index=ignore_index,
+        teacher_weights=teacher_weights,
     )
     return reduce_rows(row, valid, reduction).reshape(lead if reduction == "none" else ())
 
@@ -166,9 +196,16 @@ def fused_linear_distill_loss(
     temperature: float = 1.0,
     **options,
 ) -> Tensor:
-    """Reference of :func:`kdops.fused_linear_distill_loss`: the logits, materialised."""
+    """Reference of :func:`kdops.fused_linear_distill_loss`: the logits, materialised. ``K``
+    teachers: ``teacher_hidden``, ``teacher_weight`` (and ``teacher_bias``) lists of length K,
+    their logits stacked to ``(K, ..., V)``."""
     student_logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
-    teacher_logits = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
+    if isinstance(teacher_hidden, Tensor):
+        teacher_logits = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
+    else:
+        biases = [None] * len(teacher_hidden) if teacher_bias is None else teacher_bias
+        teacher_logits = torch.stack([torch.nn.functional.linear(h, w, b).to(student_logits.dtype)
+                                      for h, w, b in zip(teacher_hidden, teacher_weight, biases)])
     return distill_loss(student_logits, teacher_logits.to(student_logits.dtype), labels,
                         temperature=temperature, reduction=reduction, **options)
 
@@ -179,10 +216,6 @@ def fused_linear_distill_loss(
 # Features ``(B, ...)`` are flattened per sample to rows ``x_i`` of ``X [B, D]``; student and
 # teacher may have different D but share B. The teacher is a constant (detached).
 # ---------------------------------------------------------------------------------------------
-from typing import Callable  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
 NORM_EPS = 1e-12  # norms are clamped to >= NORM_EPS before dividing by them (as F.normalize)
 DIST_EPS2 = 1e-12  # squared distances are clamped to >= DIST_EPS2 before a square root (RKD)
 

@@ -11,7 +11,7 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 struct KDParams {
   const void* student;    // [n_rows, vocab] logits, dtype
-  const void* teacher;    // [n_rows, vocab] logits, dtype
+  const void* teacher;    // [n_rows, vocab] logits, dtype (teacher 0 of n_teachers)
   const int64_t* labels;  // [n_rows] or nullptr: no masking and no hard-label term
   void* loss;             // [n_rows] row losses: double for kFloat64, else float
   void* grad;             // [n_rows, vocab] d(row loss)/d(student), dtype; nullptr: not computed
@@ -24,6 +24,12 @@ struct KDParams {
   double hard_weight;     // a: row = a * CE(student at T=1, label) + soft_weight * D
   double soft_weight;     // (1 - a) * (T^2 or 1)
   int64_t ignore_index;
+  // K teachers, mixed as p_t = sum_k w_k softmax(t_k / T): teacher k's rows start at
+  // teacher + k * teacher_k_stride (elements); teacher_log_weights [n_teachers] = log w_k in the
+  // loss type (double for kFloat64, else float). n_teachers == 1: one teacher, weights unused.
+  int64_t n_teachers = 1;
+  int64_t teacher_k_stride = 0;
+  const void* teacher_log_weights = nullptr;
 };
 
 // Row losses (and gradients when p.grad != nullptr) on the CPU, rows in parallel (OpenMP).

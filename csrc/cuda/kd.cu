@@ -7,7 +7,10 @@
 //   2. D and S (every divergence but forward KL); block sum.
 //   3. the gradient row, and D for forward KL (S = -1).
 // Pass 1 leaves the rows in L2 for the later passes (the last pass loads them evict-first), so
-// that HBM sees each logit about once. Everything accumulates in float; float16 / bfloat16 use the
+// that HBM sees each logit about once. With K > 1 teachers (MULTI), pass 1 also sweeps teachers
+// 1..K-1 for their logsumexp (kept in dynamic shared memory), and an element's teacher
+// log-probability is the mixture's, logsumexp_k(log w_k + (t_k - m_k) / T - log z_k), with
+// teachers 1..K-1 loaded per element (teacher 0 rides in the vectorized sweep). Everything accumulates in float; float16 / bfloat16 use the
 // storage types of common/dtype.h, converted by the hardware's cvt instructions.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,6 +31,7 @@ namespace kdops {
 namespace {
 
 constexpr int kMaxThreads = 512;
+constexpr int64_t kMaxTeachers = 4096;  // their row statistics fill 32 KiB of shared memory
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- element types: loaded and stored as their bits ----
@@ -280,10 +284,16 @@ struct Args {
   int64_t student_stride, teacher_stride, grad_stride;
   float inv_t, beta, hard_weight, soft_weight;
   int64_t ignore_index;
+  int n_teachers;              // K; teacher k's row r at teacher + k * teacher_k_stride + r * teacher_stride
+  int64_t teacher_k_stride;
+  const float* log_weights;    // [K] log w_k (MULTI)
 };
 
-// HARD: hard_weight > 0 and labels given.
-template <typename T, int DIV, bool HARD>
+// MULTI: [2 * K] floats per block: teacher k's max m_k, and off_k = log w_k - log z_k.
+extern __shared__ float teacher_stats[];
+
+// HARD: hard_weight > 0 and labels given. MULTI: K > 1 teachers, mixed.
+template <typename T, int DIV, bool HARD, bool MULTI>
 __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T> a) {
   constexpr bool kSumPass = needs_sum_pass(DIV);
   const int vocab = a.vocab;
@@ -315,6 +325,53 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
       return u;
     });
     const float ms = st.s.m, mt = st.t.m, log_zs = logf(st.s.z), log_zt = logf(st.t.z);
+    const int K = a.n_teachers;
+    if constexpr (MULTI) {
+      // Teachers 1..K-1: online max / sum of each row, block-reduced. The block reductions order
+      // these writes after every thread's reads of the previous row's values.
+      if (threadIdx.x == 0) {
+        teacher_stats[0] = mt;
+        teacher_stats[K] = a.log_weights[0] - log_zt;
+      }
+      for (int k = 1; k < K; ++k) {
+        const Bits<T>* tk = t + k * a.teacher_k_stride;
+        Stats<false> sk;
+        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+          const float x[1] = {Elem<T>::to_float(__ldg(tk + i))};
+          sk.add(x, c, 0.f);
+        }
+        sk = block_reduce(sk, [&](Stats<false> u, const Stats<false>& o) {
+          u.merge(o, c, 0.f);
+          return u;
+        });
+        if (threadIdx.x == 0) {
+          teacher_stats[k] = sk.m;
+          teacher_stats[K + k] = a.log_weights[k] - logf(sk.z);
+        }
+      }
+      __syncthreads();
+    }
+    // The teacher log-probability of element i whose teacher-0 logit is y: one teacher's, or
+    // the mixture's as an online logsumexp over k (-inf when every term is).
+    const auto teacher_log_prob = [&](float y, int i) {
+      if constexpr (!MULTI) {
+        return fmaf(y - mt, inv_t, -log_zt);
+      } else {
+        float hi = fmaf(y - teacher_stats[0], inv_t, teacher_stats[K]);
+        float z = hi == -INFINITY ? 0.f : 1.f;  // sum of exp(a_k - hi)
+        for (int k = 1; k < K; ++k) {
+          const float x = Elem<T>::to_float(__ldg(t + k * a.teacher_k_stride + i));
+          const float ak = fmaf(x - teacher_stats[k], inv_t, teacher_stats[K + k]);
+          if (ak > hi) {
+            z = z * expf(hi - ak) + 1.f;
+            hi = ak;
+          } else if (ak != -INFINITY) {
+            z += expf(ak - hi);
+          }
+        }
+        return hi == -INFINITY ? hi : hi + logf(z);
+      }
+    };
     // A label outside [0, vocab) (not checked on the GPU) makes the row's loss and gradient NaN.
     const bool label_ok = HARD && label >= 0 && label < vocab;
     const float log_z1 = !HARD ? 0.f : label_ok ? logf(st.s.z1) : NAN;
@@ -325,7 +382,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
       for_each_chunk<T, Cache::kKeep, false>(s, t, nullptr, vocab, [&](auto& ch) {
 #pragma unroll
         for (int k = 0; k < ch.size; ++k) {
-          const float ls = fmaf(ch.x[k] - ms, inv_t, -log_zs), lt = fmaf(ch.y[k] - mt, inv_t, -log_zt);
+          const float ls = fmaf(ch.x[k] - ms, inv_t, -log_zs), lt = teacher_log_prob(ch.y[k], ch.i0 + k);
           const Term<float> tm = divergence_term<DIV, float>(ls, lt, beta, w);
           sums.d += tm.d;
           sums.q += tm.q;
@@ -348,7 +405,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
 #pragma unroll
         for (int k = 0; k < ch.size; ++k) {
           const float x = ch.x[k];
-          const float ls = fmaf(x - ms, inv_t, -log_zs), lt = fmaf(ch.y[k] - mt, inv_t, -log_zt);
+          const float ls = fmaf(x - ms, inv_t, -log_zs), lt = teacher_log_prob(ch.y[k], ch.i0 + k);
           const Term<float> tm = divergence_term<DIV, float>(ls, lt, beta, w);
           if (!kSumPass) d += tm.d;
           float gi = gs * (tm.q - expf(ls) * S);
@@ -384,7 +441,7 @@ int threads_for(int64_t vocab, int vec) {
   return threads;
 }
 
-template <typename T, int DIV, bool HARD>
+template <typename T, int DIV, bool HARD, bool MULTI>
 void launch(const KDParams& p, cudaStream_t stream) {
   Args<T> a;
   a.student = static_cast<const Bits<T>*>(p.student);
@@ -402,17 +459,25 @@ void launch(const KDParams& p, cudaStream_t stream) {
   a.hard_weight = static_cast<float>(p.hard_weight);
   a.soft_weight = static_cast<float>(p.soft_weight);
   a.ignore_index = p.ignore_index;
+  a.n_teachers = static_cast<int>(p.n_teachers);
+  a.teacher_k_stride = p.teacher_k_stride;
+  a.log_weights = static_cast<const float*>(p.teacher_log_weights);
   const int64_t grid = p.n_rows < INT_MAX ? p.n_rows : INT_MAX;
-  kd_forward_kernel<T, DIV, HARD>
-      <<<static_cast<unsigned>(grid), threads_for(p.vocab, kVec<T>), 0, stream>>>(a);
+  const size_t shared = MULTI ? 2 * sizeof(float) * p.n_teachers : 0;
+  kd_forward_kernel<T, DIV, HARD, MULTI>
+      <<<static_cast<unsigned>(grid), threads_for(p.vocab, kVec<T>), shared, stream>>>(a);
 }
 
 template <typename T>
 void dispatch(const KDParams& p, cudaStream_t stream) {
-  const bool hard = p.hard_weight > 0 && p.labels != nullptr;
+  const bool hard = p.hard_weight > 0 && p.labels != nullptr, multi = p.n_teachers > 1;
   const auto go = [&](auto div) {
     constexpr int DIV = decltype(div)::value;
-    hard ? launch<T, DIV, true>(p, stream) : launch<T, DIV, false>(p, stream);
+    if (multi) {
+      hard ? launch<T, DIV, true, true>(p, stream) : launch<T, DIV, false, true>(p, stream);
+    } else {
+      hard ? launch<T, DIV, true, false>(p, stream) : launch<T, DIV, false, false>(p, stream);
+    }
   };
   switch (p.divergence) {
     case kForwardKL: return go(std::integral_constant<int, kForwardKL>{});
@@ -430,6 +495,10 @@ void dispatch(const KDParams& p, cudaStream_t stream) {
 void kd_forward_cuda(const KDParams& p, void* stream) {
   if (p.vocab > INT_MAX) {
     throw std::invalid_argument("kd_forward_cuda: vocab " + std::to_string(p.vocab) + " exceeds 2^31 - 1");
+  }
+  if (p.n_teachers < 1 || p.n_teachers > kMaxTeachers) {
+    throw std::invalid_argument("kd_forward_cuda: n_teachers " + std::to_string(p.n_teachers) + " not in [1, " +
+                                std::to_string(kMaxTeachers) + "]");
   }
   if (p.n_rows <= 0) return;
   const auto s = static_cast<cudaStream_t>(stream);

@@ -5,13 +5,16 @@ and ``c = T**2`` (or 1 without ``scale_by_temperature_squared``)::
 
     row = a * CE(student, label) + (1 - a) * c * D(p_t, p_s)
 
-where ``D`` is one of the divergences of :mod:`kdops.divergences`. A kernel computes each row's
+where ``D`` is one of the divergences of :mod:`kdops.divergences`. With ``K`` teachers the
+teacher distribution is their mixture ``p_t = sum_k w_k softmax(t_k / T)``, formed per element in
+log space by the kernels: ``log p_t = logsumexp_k(log w_k + t_k / T - lse_k)`` after an online
+``lse_k = logsumexp(t_k / T)`` per teacher (no per-teacher probability tensor). A kernel computes each row's
 loss *and* its gradient in one call (online softmax, no other ``[N, V]`` temporary), so
 backward is a scale of the saved gradient by the incoming one.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -28,7 +31,8 @@ def _triton_kd_forward(*args):
 
 
 # backend -> kd_forward(student, teacher, labels, divergence, temperature, beta, hard_weight,
-#                       soft_weight, ignore_index, compute_grad) -> (row losses, row gradients)
+#                       soft_weight, ignore_index, compute_grad, teacher_log_weights=None)
+#            -> (row losses, row gradients); teacher [N, V], or [K, N, V] with log weights (K,)
 KD_KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "triton": _triton_kd_forward,
     "cuda": native.kd_forward,
@@ -53,24 +57,28 @@ def distill_rows(
     ignore_index: int,
     compute_grad: bool,
     backend: str,
+    teacher_log_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` of ``[N, V]`` logits and, if ``compute_grad``, their gradients with
-    respect to ``student`` (``[N, V]``, student dtype; else an empty tensor)."""
+    respect to ``student`` (``[N, V]``, student dtype; else an empty tensor). ``teacher``:
+    ``[N, V]``, or ``[K, N, V]`` mixed with ``teacher_log_weights`` ``(K,)`` (float32; float64
+    for float64 logits)."""
     return KD_KERNELS[backend](
         student, teacher, labels, divergence, temperature, beta, hard_weight, soft_weight,
-        ignore_index, compute_grad,
+        ignore_index, compute_grad, teacher_log_weights,
     )
 
 
 @distill_rows.register_fake
 def _(student, teacher, labels, divergence, temperature, beta, hard_weight, soft_weight,
-      ignore_index, compute_grad, backend):
+      ignore_index, compute_grad, backend, teacher_log_weights=None):
     loss = student.new_empty(student.shape[:1], dtype=_loss_dtype(student.dtype))
     grad = student.new_empty(student.shape if compute_grad else (0,))
     return loss, grad
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no [N, V] zeros for the unused gradient of output[1]
     ctx.save_for_backward(output[1])
     ctx.compute_grad = inputs[9]
 
@@ -78,9 +86,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss: Tensor, _grad_of_grad: Optional[Tensor]):
     if not ctx.compute_grad:
         raise RuntimeError("kdops: the loss was computed without gradient tracking of the student logits")
+    if grad_loss is None:  # only output[1] was used: no gradient to the logits
+        return (None,) * len(ctx.needs_input_grad)
     (row_grad,) = ctx.saved_tensors
     grad = scale_saved_grad(row_grad, grad_loss.unsqueeze(-1))
-    return grad, None, None, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None, None, None
 
 
 distill_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -98,6 +108,7 @@ def distill_loss(
     scale_by_temperature_squared: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
+    teacher_weights: Optional[Union[Sequence[float], Tensor]] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Knowledge-distillation loss between student and teacher logits of shape ``(..., V)``.
@@ -112,15 +123,36 @@ def distill_loss(
     (float64 for float64 logits); the gradient has the student's dtype.
     ``backend``: None (``KDOPS_BACKEND``, else automatic), ``"triton"``, ``"cuda"``, ``"cpu"``
     or ``"torch"``; see :func:`kdops.available_backends`.
+
+    Multi-teacher: ``teacher_logits`` of shape ``(K, ..., V)`` (one more dimension than the
+    student's) distils from the mixture ``p_t = sum_k w_k softmax(t_k / T)``, fused in one pass;
+    ``teacher_weights``: ``K`` numbers ``>= 0`` summing to 1 (within 1e-6; else ValueError),
+    default ``1/K`` each; a constant (no gradient). ``K = 1`` is exactly the single-teacher loss.
+
+    Self-distillation: the teacher may be the student itself, detached: e.g. an EMA copy's or an
+    earlier epoch's logits, or a deeper layer's logits distilled into a shallower exit::
+
+        loss = distill_loss(shallow_logits, deep_logits.detach(), labels, hard_weight=0.5)
+        # the current model and its EMA as a two-teacher mixture for a smaller student
+        loss = distill_loss(s, torch.stack([t_now.detach(), t_ema.detach()]), teacher_weights=[0.7, 0.3])
     """
     validation.check_float_tensor("student_logits", student_logits)
     validation.check_float_tensor("teacher_logits", teacher_logits)
     if student_logits.dim() == 0:
         raise ValueError("student_logits must have at least one dimension (..., V); got a scalar")
-    if teacher_logits.shape != student_logits.shape:
+    multi = teacher_logits.dim() == student_logits.dim() + 1
+    if (teacher_logits.shape[1:] if multi else teacher_logits.shape) != student_logits.shape:
         raise ValueError(
-            f"teacher_logits must have the shape of student_logits (..., V); got teacher "
-            f"{tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)}"
+            f"teacher_logits must have the shape of student_logits (..., V), or (K, ..., V) for K "
+            f"teachers; got teacher {tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)}"
+        )
+    n_teachers = teacher_logits.shape[0] if multi else 1
+    if n_teachers == 0:
+        raise ValueError(f"teacher_logits (K, ..., V) must hold K >= 1 teachers; got shape {tuple(teacher_logits.shape)}")
+    if teacher_weights is not None and not multi:
+        raise ValueError(
+            "teacher_weights needs K teachers: teacher_logits of shape (K, ..., V); got the "
+            f"single-teacher shape {tuple(teacher_logits.shape)}"
         )
     if teacher_logits.dtype != student_logits.dtype:
         raise TypeError(
@@ -144,17 +176,24 @@ def distill_loss(
         temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
         scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
     )
+    weights = validation.check_teacher_weights(teacher_weights, n_teachers, student_logits.device) if multi else None
     if name == "torch":
-        return reference.distill_loss(student_logits, teacher_logits, labels, reduction=reduction, **options)
+        return reference.distill_loss(student_logits, teacher_logits, labels, reduction=reduction,
+                                      teacher_weights=weights, **options)
 
     student = _rows(student_logits, vocab)
-    teacher = _rows(teacher_logits, vocab)
+    if n_teachers == 1:  # either form: the single-teacher kernel (a weight must be 1)
+        teacher = _rows(teacher_logits[0] if multi else teacher_logits, vocab)
+        log_weights = None
+    else:
+        teacher = _rows(teacher_logits, vocab, n_teachers)
+        log_weights = weights.log().to(_loss_dtype(student.dtype))
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     soft_weight = (1.0 - hard_weight) * (temperature * temperature if scale_by_temperature_squared else 1.0)
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
     rows, _ = distill_rows(
         student, teacher, flat_labels, code, float(temperature), float(beta), float(hard_weight),
-        float(soft_weight), int(ignore_index), compute_grad, name,
+        float(soft_weight), int(ignore_index), compute_grad, name, log_weights,
     )
     valid = None if flat_labels is None else flat_labels != ignore_index
     if valid is None:
@@ -162,7 +201,8 @@ def distill_loss(
     return reference.reduce_rows(rows, valid, reduction).reshape(lead if reduction == "none" else ())
 
 
-def _rows(logits: Tensor, vocab: int) -> Tensor:
-    """``(..., V)`` logits as ``[N, V]`` rows with contiguous elements (copying only if needed)."""
-    rows = logits.reshape(-1, vocab)
+def _rows(logits: Tensor, vocab: int, n_teachers: int = 0) -> Tensor:
+    """``(..., V)`` logits as ``[N, V]`` rows (``n_teachers`` > 0: ``(K, ..., V)`` as
+    ``[K, N, V]``) with contiguous elements (copying only if needed)."""
+    rows = logits.reshape(n_teachers, -1, vocab) if n_teachers else logits.reshape(-1, vocab)
     return rows if rows.stride(-1) == 1 else rows.contiguous()

@@ -89,3 +89,50 @@ def check_options(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
     return code
+
+
+# |sum(teacher_weights) - 1| allowed, checked in float64.
+WEIGHT_SUM_TOL = 1e-6
+
+
+def check_teacher_weights(teacher_weights: object, n_teachers: int, device: torch.device) -> Tensor:
+    """The mixture weights of ``n_teachers`` teachers as a float64 tensor ``(K,)`` on ``device``:
+    None gives ``1/K`` each; else a sequence or 1-D tensor of ``K`` finite numbers ``>= 0`` whose
+    sum is 1 within ``WEIGHT_SUM_TOL`` (not normalised silently: divide by the sum yourself).
+    Values of a tensor are not checked while torch.compile traces (that would sync / break the graph)."""
+    if teacher_weights is None:
+        return torch.full((n_teachers,), 1.0 / n_teachers, dtype=torch.float64, device=device)
+    if isinstance(teacher_weights, Tensor):
+        if teacher_weights.dim() != 1 or teacher_weights.shape[0] != n_teachers:
+            raise ValueError(
+                f"teacher_weights must have shape ({n_teachers},), one weight per teacher; got "
+                f"{tuple(teacher_weights.shape)}"
+            )
+        if not (teacher_weights.is_floating_point() or teacher_weights.dtype in (torch.int64, torch.int32)):
+            raise TypeError(f"teacher_weights must be a float tensor; got {teacher_weights.dtype}")
+        weights = teacher_weights.detach().to(device=device, dtype=torch.float64)
+        if torch.compiler.is_compiling():
+            return weights
+        values = weights.tolist()
+    else:
+        try:
+            values = [float(v) for v in teacher_weights]  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"teacher_weights must be None, a sequence of numbers or a 1-D tensor; got "
+                f"{type(teacher_weights).__name__}"
+            ) from None
+        if len(values) != n_teachers:
+            raise ValueError(
+                f"teacher_weights must have {n_teachers} entries, one per teacher; got {len(values)}"
+            )
+        weights = torch.tensor(values, dtype=torch.float64, device=device)
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"teacher_weights must be finite and >= 0; got {values}")
+    total = math.fsum(values)
+    if abs(total - 1.0) > WEIGHT_SUM_TOL:
+        raise ValueError(
+            f"teacher_weights must sum to 1 (within {WEIGHT_SUM_TOL}); got {values} with sum {total!r} "
+            "(divide them by their sum)"
+        )
+    return weights

@@ -7,7 +7,9 @@ divergence of :mod:`kdops.divergences` (math in :mod:`kdops.triton.divergence`):
     grad = soft_weight / T * (q - p_s * S) + hard_weight * (softmax(s) - onehot(label))
 
 1. online maxima and sums: ``lse_s = logsumexp(s / T)``, ``lse_t = logsumexp(t / T)`` and,
-   with a hard term, ``lse_1 = logsumexp(s)``;
+   with a hard term, ``lse_1 = logsumexp(s)``; with ``K > 1`` teachers (``MULTI``) ``lse_t`` is a
+   ``[BLOCK_K]`` vector (the row's teachers load as ``[BLOCK_V, BLOCK_K]`` tiles) and the teacher
+   log-probability of an element is the mixture's, ``logsumexp_k(log w_k + t_k / T - lse_k)``;
 2. ``D = sum d`` and ``S = sum q`` of ``divergence_term(s/T - lse_s, t/T - lse_t)``; skipped for
    forward KL, whose ``S = -1``;
 3. forward KL's ``D``, and the gradient row.
@@ -43,30 +45,53 @@ def _exp_sum(z, m_old, m_new, x, scale):
 
 
 @triton.jit
-def _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, log_z_t, inv_t, ACC: tl.constexpr):
-    """Student logits s and the log-probabilities ls = s/T - lse_s = (s - m_s)/T - log z_s, lt
-    (the latter form has no cancellation for large logits). Lanes past V read 0: finite terms
-    that the caller masks out."""
+def _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, other, MULTI: tl.constexpr):
+    """The teacher logits at ``cols``: ``[BLOCK_V]``, or with MULTI ``[BLOCK_V, BLOCK_K]`` (teacher
+    ``k`` in column k; columns past K and lanes past V read ``other``)."""
+    if MULTI:
+        ptrs = t_row + cols[:, None] + teachers[None, :] * teacher_k_stride
+        return tl.load(ptrs, mask=mask[:, None] & (teachers < n_teachers)[None, :], other=other)
+    else:
+        return tl.load(t_row + cols, mask=mask, other=other)
+
+
+@triton.jit
+def _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers, teacher_k_stride,
+               n_teachers, ACC: tl.constexpr, MULTI: tl.constexpr):
+    """Student logits s and the log-probabilities ls = s/T - lse_s = (s - m_s)/T - log z_s and
+    lt = (t - m_t)/T + off_t with off_t = -log z_t (the form without cancellation for large
+    logits); with MULTI, the mixture's lt = logsumexp_k((t_k - m_k)/T + off_k) with off_k =
+    log w_k - log z_k (-inf where every term is). Lanes past V read 0: finite terms that the
+    caller masks out."""
     s = tl.load(s_row + cols, mask=mask, other=0.0).to(ACC)
-    t = tl.load(t_row + cols, mask=mask, other=0.0).to(ACC)
-    return s, (s - m_s) * inv_t - log_z_s, (t - m_t) * inv_t - log_z_t
+    t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, 0.0, MULTI).to(ACC)
+    if MULTI:
+        a = tl.where((teachers < n_teachers)[None, :], (t - m_t[None, :]) * inv_t + off_t[None, :], float("-inf"))
+        hi = tl.max(a, axis=1)
+        ref = tl.where(hi == float("-inf"), 0.0, hi)
+        lt = ref + tl.log(tl.sum(tl.exp(a - ref[:, None]), axis=1))
+    else:
+        lt = (t - m_t) * inv_t + off_t
+    return s, (s - m_s) * inv_t - log_z_s, lt
 
 
 @triton.jit
 def _kd_row_kernel(
     student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr,
-    V, student_stride, teacher_stride, grad_stride,
+    V, student_stride, teacher_stride, grad_stride, teacher_k_stride, n_teachers, log_weights_ptr,
     inv_temperature: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
     log_1m_beta: "tl.float64", hard_weight: "tl.float64", soft_weight: "tl.float64",
     ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    MULTI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + row * student_stride
     t_row = teacher_ptr + row * teacher_stride
     g_row = grad_ptr + row * grad_stride
     offs = tl.arange(0, BLOCK_V)
+    teachers = tl.arange(0, BLOCK_K)  # with MULTI; BLOCK_K = 1 otherwise
     # Scalars in the accumulation type (tl.full also takes the interpreter's Python floats).
     inv_t = tl.full([], inv_temperature, ACC)
     b = tl.full([], beta, ACC)
@@ -87,17 +112,21 @@ def _kd_row_kernel(
         tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
     else:
         # Pass 1: running maxima m_s, m_t of s and t; z_s, z_t, z_1 = sums of exp((s - m_s) / T),
-        # exp((t - m_t) / T), exp(s - m_s).
+        # exp((t - m_t) / T), exp(s - m_s). With MULTI, m_t and z_t are [BLOCK_K] (one per teacher).
         m_s = tl.full([], float("-inf"), ACC)
-        m_t = tl.full([], float("-inf"), ACC)
         z_s = tl.zeros([], ACC)
-        z_t = tl.zeros([], ACC)
+        if MULTI:
+            m_t = tl.full([BLOCK_K], float("-inf"), ACC)
+            z_t = tl.zeros([BLOCK_K], ACC)
+        else:
+            m_t = tl.full([], float("-inf"), ACC)
+            z_t = tl.zeros([], ACC)
         z_1 = tl.zeros([], ACC)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
             s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(ACC)
-            t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(ACC)
+            t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, float("-inf"), MULTI).to(ACC)
             new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
             new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
             z_s = _exp_sum(z_s, m_s, new_m_s, s, inv_t)
@@ -109,7 +138,11 @@ def _kd_row_kernel(
         if HAS_HARD:
             log_z_1 = tl.log(z_1)
         log_z_s = tl.log(z_s)
-        log_z_t = tl.log(z_t)
+        if MULTI:  # teachers past K (sums 0) get off_t = 0: masked out in _log_probs
+            in_k = teachers < n_teachers
+            off_t = tl.load(log_weights_ptr + teachers, mask=in_k, other=0.0).to(ACC) - tl.log(tl.where(in_k, z_t, 1.0))
+        else:
+            off_t = -tl.log(z_t)
 
         # Pass 2: D = sum d and S = sum q (forward KL: S = -sum p_t = -1, D summed in pass 3).
         d_sum = tl.zeros([], ACC)
@@ -120,7 +153,8 @@ def _kd_row_kernel(
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 mask = cols < V
-                _, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, log_z_t, inv_t, ACC)
+                _, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
+                                        teacher_k_stride, n_teachers, ACC, MULTI)
                 d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
                 d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
                 q_sum += tl.sum(tl.where(mask, q, 0.0), axis=0)
@@ -130,7 +164,8 @@ def _kd_row_kernel(
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 mask = cols < V
-                s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, log_z_t, inv_t, ACC)
+                s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
+                                        teacher_k_stride, n_teachers, ACC, MULTI)
                 d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
                 if DIV == FORWARD_KL:
                     d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
@@ -173,11 +208,13 @@ def kd_forward(
     soft_weight: float,
     ignore_index: int,
     compute_grad: bool,
+    teacher_log_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` (float32; float64 for float64 logits) of ``[N, V]`` logits with unit
     element stride and, if ``compute_grad``, their contiguous gradients ``[N, V]`` with respect to
     ``student`` in its dtype (else an empty tensor). Rows whose label is ``ignore_index`` get loss
-    0 and a zero gradient. The caller has checked the arguments (see :mod:`kdops.ops.kd`)."""
+    0 and a zero gradient. ``teacher`` ``[N, V]``, or ``[K, N, V]`` mixed with the log weights
+    ``teacher_log_weights`` ``(K,)``. The caller has checked the arguments (see :mod:`kdops.ops.kd`)."""
     if student.dtype not in _ACC_DTYPE:
         raise TypeError(
             f"the triton backend takes float32, float16, bfloat16 or float64 logits; got {student.dtype}"
@@ -191,17 +228,22 @@ def kd_forward(
     )
     if n_rows == 0:
         return loss, grad
-    block_v = min(max(triton.next_power_of_2(vocab), _MIN_BLOCK_V), _MAX_BLOCK_V)
+    multi = teacher.dim() == 3
+    n_teachers = teacher.shape[0] if multi else 1
+    block_k = triton.next_power_of_2(n_teachers)
+    # A [BLOCK_V, BLOCK_K] teacher tile holds about as many elements as one row block.
+    block_v = min(max(triton.next_power_of_2(vocab), _MIN_BLOCK_V), max(_MAX_BLOCK_V // block_k, _MIN_BLOCK_V))
     # Triton launches on the current CUDA device (and its current stream).
     with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
         _kd_row_kernel[(n_rows,)](
             student, teacher, labels, loss, grad,
-            vocab, student.stride(0), teacher.stride(0), vocab,
+            vocab, student.stride(0), teacher.stride(-2), vocab, teacher.stride(0) if multi else 0,
+            n_teachers, teacher_log_weights if multi else None,
             1.0 / temperature, beta, *_mixture_logs(divergence, beta),
             hard_weight, soft_weight, ignore_index,
             DIV=divergence, HAS_LABELS=labels is not None,
             HAS_HARD=labels is not None and hard_weight > 0, COMPUTE_GRAD=compute_grad,
-            ACC=_ACC_DTYPE[student.dtype], BLOCK_V=block_v,
+            ACC=_ACC_DTYPE[student.dtype], BLOCK_V=block_v, MULTI=multi, BLOCK_K=block_k,
             num_warps=max(1, min(8, block_v // 256)),
         )
     return loss, grad
