@@ -9,6 +9,7 @@ from kdops.ops.affinity import rkd_angle_loss, rkd_distance_loss, similarity_pre
 from kdops.ops.feature import attention_transfer_loss, hint_loss
 from kdops.ops.fused_linear import fused_linear_distill_loss
 from kdops.ops.kd import distill_loss
+from kdops.ops.sparse_kd import sparse_distill_loss
 
 
 class DistillLoss(nn.Module):
@@ -186,3 +187,39 @@ class AttentionTransferLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p!r}"
+
+
+class SparseDistillLoss(nn.Module):
+    """Module form of :func:`kdops.sparse_distill_loss` (a top-k teacher, e.g. from
+    :class:`kdops.cache.TeacherCache`); the constructor takes its keyword options.
+
+    >>> crit = SparseDistillLoss(temperature=1.0, rest_mass="bucket")
+    >>> loss = crit(student_logits, topk_logprobs, topk_indices, labels)
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        rest_mass: str = "ignore",
+        hard_weight: float = 0.0,
+        scale_by_temperature_squared: bool = True,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            temperature=temperature, divergence=divergence, beta=beta, rest_mass=rest_mass,
+            hard_weight=hard_weight, scale_by_temperature_squared=scale_by_temperature_squared,
+            ignore_index=ignore_index, reduction=reduction, backend=backend,
+        )
+
+    def forward(self, student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor,
+                labels: Optional[Tensor] = None) -> Tensor:
+        return sparse_distill_loss(student_logits, topk_logprobs, topk_indices, labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

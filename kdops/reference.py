@@ -329,3 +329,117 @@ def attention_transfer_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0) -> Tensor:
     :func:`attention_map` (spatial sizes must match; channel counts may differ)."""
     a_s = attention_map(f_s, p)
     return (a_s - attention_map(f_t, p).to(a_s.dtype).detach()).pow(2).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse (top-k) teacher distillation (issue #5): the teacher is known through its top-k
+# log-probabilities ``lt_k`` at temperature T and their vocabulary indices.
+# ---------------------------------------------------------------------------------------------
+def sparse_buckets(
+    student_logits: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    *,
+    temperature: float,
+    rest_mass: str,
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probabilities of the buckets compared by the sparse loss, ``[N, B]``.
+
+    With ``ls = log_softmax(s / T)`` over the full vocabulary, the buckets are the K top-k
+    entries, plus (when K < V) one "rest" bucket for everything else:
+
+    * student: ``ls[idx_k]`` and ``log(sum of exp(ls) outside the top-k)``;
+    * ``rest_mass="bucket"``: teacher ``lt_k`` and ``log(max(1 - sum_k exp(lt_k), 0))``;
+    * ``rest_mass="ignore"``: teacher ``lt_k - logsumexp(lt)`` (renormalised to sum 1) and
+      ``-inf`` (no mass). This equals :func:`distill_loss` against teacher logits ``T * lt_k``
+      at the top-k and ``-inf`` elsewhere (every divergence's term is 1-homogeneous, so the
+      elements outside the top-k, where p_t = 0, sum to the rest bucket's term).
+
+    With K = V the rest is empty and there is no rest bucket.
+    """
+    s = _upcast(student_logits)
+    lt = _upcast(topk_logprobs).to(s.dtype).detach()
+    idx = topk_indices.long()
+    log_ps = torch.log_softmax(s / temperature, dim=-1)
+    ls_top = log_ps.gather(-1, idx)
+    if rest_mass == "ignore":
+        lt_top = lt - torch.logsumexp(lt, dim=-1, keepdim=True)
+    else:
+        lt_top = lt
+    if idx.shape[-1] == s.shape[-1]:
+        return ls_top, lt_top
+    in_topk = torch.zeros_like(log_ps, dtype=torch.bool).scatter(-1, idx, True)
+    ls_rest = torch.logsumexp(log_ps.masked_fill(in_topk, -math.inf), dim=-1, keepdim=True)
+    if rest_mass == "ignore":
+        lt_rest = torch.full_like(ls_rest, -math.inf)
+    else:
+        lt_rest = (1.0 - lt.exp().sum(-1, keepdim=True)).clamp(min=0.0).log()
+    return torch.cat([ls_top, ls_rest], -1), torch.cat([lt_top, lt_rest], -1)
+
+
+def sparse_distill_row_loss(
+    student_logits: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    rest_mass: str = "ignore",
+    hard_weight: float = 0.0,
+    scale_by_temperature_squared: bool = True,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss of :func:`sparse_distill_loss` on ``[N, V]`` logits and ``[N, K]`` top-k,
+    and the ``[N]`` mask of rows that count:
+    ``row = a * CE(s, label) + (1 - a) * c * D(teacher buckets, student buckets)`` (buckets of
+    :func:`sparse_buckets`, ``a = hard_weight``, ``c = T**2`` or 1)."""
+    log_ps, log_pt = sparse_buckets(student_logits, topk_logprobs, topk_indices,
+                                    temperature=temperature, rest_mass=rest_mass)
+    c = temperature * temperature if scale_by_temperature_squared else 1.0
+    row = (1.0 - hard_weight) * c * soft_divergence(log_ps, log_pt, divergence, beta)
+    if labels is None:
+        return row, torch.ones(row.shape, dtype=torch.bool, device=row.device)
+    valid = labels != ignore_index
+    if hard_weight > 0:
+        s = _upcast(student_logits)
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        row = row + hard_weight * (torch.logsumexp(s, dim=-1) - s.gather(-1, safe.unsqueeze(-1)).squeeze(-1))
+    return torch.where(valid, row, torch.zeros_like(row)), valid
+
+
+def sparse_distill_loss(
+    student_logits: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    reduction: str = "mean",
+    **options,
+) -> Tensor:
+    """Reference of :func:`kdops.sparse_distill_loss` on ``(..., V)`` logits and ``(..., K)`` top-k."""
+    lead = student_logits.shape[:-1]
+    row, valid = sparse_distill_row_loss(
+        student_logits.reshape(-1, student_logits.shape[-1]),
+        topk_logprobs.reshape(-1, topk_logprobs.shape[-1]),
+        topk_indices.reshape(-1, topk_indices.shape[-1]),
+        None if labels is None else labels.reshape(-1),
+        **options,
+    )
+    return reduce_rows(row, valid, reduction).reshape(lead if reduction == "none" else ())
+
+
+def fused_linear_sparse_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    **options,
+) -> Tensor:
+    """Reference of :func:`kdops.fused_linear_sparse_distill_loss`: the logits, materialised."""
+    logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    return sparse_distill_loss(logits, topk_logprobs, topk_indices, labels, **options)

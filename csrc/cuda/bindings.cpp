@@ -8,6 +8,10 @@ void launch(const kdops::KDParams& p, uintptr_t stream) {
   kdops::kd_forward_cuda(p, reinterpret_cast<void*>(stream));
 }
 
+void launch_sparse(const kdops::SparseKDParams& p, uintptr_t stream) {
+  kdops::sparse_kd_forward_cuda(p, reinterpret_cast<void*>(stream));
+}
+
 template <typename P, void (*F)(const P&, void*)>
 void on_stream(const P& p, uintptr_t stream) {
   F(p, reinterpret_cast<void*>(stream));
@@ -21,6 +25,10 @@ PYBIND11_MODULE(_C_cuda, m) {
       m, &launch,
       "As kdops._C.kd_forward, on device pointers, launched asynchronously on the CUDA stream\n"
       "`stream` (a cudaStream_t as an integer; 0: the default stream) of the current device.",
+      pybind11::arg("stream"));
+  kdops::def_sparse_kd_forward(
+      m, &launch_sparse,
+      "As kdops._C.sparse_kd_forward, on device pointers, launched asynchronously on `stream`.",
       pybind11::arg("stream"));
   kdops::def_affinity_ops(
       m, &on_stream<kdops::AffinityParams, kdops::affinity_forward_cuda>,

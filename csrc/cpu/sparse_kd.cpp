@@ -1,0 +1,190 @@
+// The sparse (top-k teacher) KD loss on the CPU: one row per OpenMP iteration, the passes of
+// common/sparse_kd.h; the vocabulary sweeps vectorized with `omp simd` and the inline float exp
+// of common/fast_math.h, the top-k loops scalar (k is small).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/divergence.h"
+#include "common/dtype.h"
+#include "common/fast_math.h"
+#include "common/kd.h"
+#include "common/sparse_kd.h"
+
+// Lambdas in the vectorized loops must be inlined.
+#if defined(__GNUC__)
+#define KD_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define KD_LAMBDA_INLINE
+#endif
+
+namespace kdops {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // pass 1: a chunk's max, then its exp-sums while in L1
+
+// Running logsumexp of scale * x: scale * m + log(z), z = sum exp(scale * (x - m)).
+template <typename acc_t>
+struct RunningLSE {
+  acc_t m = -INFINITY;
+  acc_t z = 0;
+
+  template <typename T>
+  void add(const T* x, int64_t n, acc_t chunk_max, acc_t scale) {
+    const acc_t m_new = std::max(m, chunk_max);
+    if (m_new == -INFINITY) return;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += FastMath::exp((to_acc(x[i]) - m_new) * scale);
+    z = z * FastMath::exp((m - m_new) * scale) + sum;
+    m = m_new;
+  }
+};
+
+template <typename T, int DIV, bool HARD, bool GRAD>
+void sparse_row(const SparseKDParams& p, int64_t r) {
+  using acc_t = acc_type<T>;
+  const int64_t V = p.vocab, K = p.k;
+  const T* s = static_cast<const T*>(p.student) + r * p.student_stride;
+  const acc_t* lt = static_cast<const acc_t*>(p.topk_logprobs) + r * K;
+  const int32_t* idx = p.topk_indices + r * K;
+  T* g = GRAD ? static_cast<T*>(p.grad) + r * p.grad_stride : nullptr;
+  acc_t& loss = static_cast<acc_t*>(p.loss)[r];
+  const int64_t label = p.labels ? p.labels[r] : -1;
+
+  if (p.labels && label == p.ignore_index) {
+    loss = 0;
+    if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(0));
+    return;
+  }
+
+  // Pass 1: logsumexp of s / T and (hard term) of s.
+  const acc_t inv_t = acc_t(1) / acc_t(p.temperature);
+  RunningLSE<acc_t> lse_s, lse_1;
+  for (int64_t b = 0; b < V; b += kChunk) {
+    const int64_t n = std::min(kChunk, V - b);
+    acc_t cs = -INFINITY;
+#pragma omp simd reduction(max : cs)
+    for (int64_t i = b; i < b + n; ++i) cs = std::max(cs, to_acc(s[i]));
+    lse_s.add(s + b, n, cs, inv_t);
+    if constexpr (HARD) lse_1.add(s + b, n, cs, acc_t(1));
+  }
+  const acc_t ms = lse_s.m, log_zs = std::log(lse_s.z), log_z1 = std::log(lse_1.z);
+  const auto log_ps = [=](int64_t i) KD_LAMBDA_INLINE { return (to_acc(s[i]) - ms) * inv_t - log_zs; };
+
+  // Pass 2: top-k masses, then the bucket terms.
+  acc_t ps_top = 0, pt_top = 0;
+  bool indices_ok = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t i = idx[k];
+    if (i < 0 || i >= V) {
+      indices_ok = false;
+      continue;
+    }
+    ps_top += std::exp(log_ps(i));
+    pt_top += std::exp(lt[k]);
+  }
+  const SparseRest<acc_t> rest = sparse_rest(ps_top, pt_top, K < V, p.bucket);
+  const acc_t beta = acc_t(p.beta);
+  const MixWeights<acc_t> w(beta);
+  const auto top_term = [&](int64_t k) {
+    return divergence_term<DIV, acc_t>(log_ps(idx[k]), lt[k] - rest.teacher_shift, beta, w);
+  };
+  acc_t D = 0, S = 0, ratio = 0;
+  for (int64_t k = 0; k < K && indices_ok; ++k) {
+    const Term<acc_t> e = top_term(k);
+    D += e.d;
+    S += e.q;
+  }
+  if (rest.present) {
+    const Term<acc_t> e = divergence_term<DIV, acc_t>(rest.ls, rest.lt, beta, w);
+    D += e.d;
+    S += e.q;
+    ratio = sparse_rest_ratio(rest, e.q);
+  }
+
+  const acc_t soft = acc_t(p.soft_weight), hard = acc_t(p.hard_weight);
+  const bool label_ok = label >= 0 && label < V;
+  loss = indices_ok ? soft * D : acc_t(NAN);
+  if constexpr (HARD) loss += hard * (label_ok ? log_z1 - (to_acc(s[label]) - ms) : acc_t(NAN));
+  if constexpr (!GRAD) return;
+
+  // Pass 3: softmax * coefficient over the vocabulary, then the top-k entries (and the label).
+  const acc_t rest_coef = soft * inv_t * (ratio - S);
+  const auto p1 = [=](int64_t i) KD_LAMBDA_INLINE {
+    return HARD ? hard * FastMath::exp(to_acc(s[i]) - ms - log_z1) : acc_t(0);
+  };
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) g[i] = from_acc<T>(FastMath::exp(log_ps(i)) * rest_coef + p1(i));
+  if (!indices_ok) return;
+  acc_t g_label = HARD && label_ok ? FastMath::exp(log_ps(label)) * rest_coef + p1(label) : acc_t(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t i = idx[k];
+    const acc_t gi = soft * inv_t * (top_term(k).q - std::exp(log_ps(i)) * S) + p1(i);
+    g[i] = from_acc<T>(gi);
+    if (i == label) g_label = gi;
+  }
+  if (HARD && label_ok) g[label] = from_acc<T>(g_label - hard);
+}
+
+template <typename T, int DIV, bool HARD, bool GRAD>
+void sparse_rows(const SparseKDParams& p) {
+  const int64_t rows_per_task = std::max<int64_t>(1, 65536 / std::max<int64_t>(p.vocab, 1));
+#pragma omp parallel for schedule(dynamic, rows_per_task)
+  for (int64_t r = 0; r < p.n_rows; ++r) sparse_row<T, DIV, HARD, GRAD>(p, r);
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+template <typename F>
+void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(Type<float>{});
+    case kFloat16: return f(Type<half_t>{});
+    case kBFloat16: return f(Type<bfloat16_t>{});
+    case kFloat64: return f(Type<double>{});
+  }
+  throw std::invalid_argument("kdops: unknown dtype code " + std::to_string(dtype));
+}
+
+template <typename F>
+void with_divergence(int div, F&& f) {
+  switch (div) {
+    case kForwardKL: return f(std::integral_constant<int, kForwardKL>{});
+    case kReverseKL: return f(std::integral_constant<int, kReverseKL>{});
+    case kJSD: return f(std::integral_constant<int, kJSD>{});
+    case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{});
+    case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{});
+    case kTVD: return f(std::integral_constant<int, kTVD>{});
+  }
+  throw std::invalid_argument("kdops: unknown divergence code " + std::to_string(div));
+}
+
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+}  // namespace
+
+void sparse_kd_forward_cpu(const SparseKDParams& p) {
+  with_dtype(p.dtype, [&](auto type) {
+    with_divergence(p.divergence, [&](auto div) {
+      with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
+        with_bool(p.grad != nullptr, [&](auto grad) {
+          using T = typename decltype(type)::type;
+          sparse_rows<T, decltype(div)::value, decltype(hard)::value, decltype(grad)::value>(p);
+        });
+      });
+    });
+  });
+}
+
+}  // namespace kdops

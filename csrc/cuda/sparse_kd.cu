@@ -1,0 +1,222 @@
+// The sparse (top-k teacher) KD kernel on the GPU: sparse_kd_forward_cuda (see
+// common/sparse_kd.h). One thread block per row (grid-stride over rows): the block sweeps the
+// vocabulary for the online logsumexp, its threads share the top-k entries for the bucket terms,
+// then the block writes softmax * coefficient over the vocabulary and, after a barrier, the
+// top-k entries. Everything accumulates in float.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "common/divergence.h"
+#include "common/dtype.h"
+#include "common/kd.h"
+#include "common/sparse_kd.h"
+
+namespace kdops {
+namespace {
+
+constexpr int kThreads = 256;
+
+// ---- block reductions of structs of floats (blockDim.x == kThreads); result in every thread ----
+
+template <typename V, typename Combine>
+__device__ V block_reduce(V v, Combine combine) {
+  __shared__ V partial[kThreads / 32];
+  __shared__ V result;
+  constexpr int W = sizeof(V) / sizeof(float);
+  static_assert(sizeof(V) == W * sizeof(float), "V must be made of floats");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int m = 16; m > 0; m /= 2) {
+    V o;
+    const float* src = reinterpret_cast<const float*>(&v);
+    float* dst = reinterpret_cast<float*>(&o);
+#pragma unroll
+    for (int k = 0; k < W; ++k) dst[k] = __shfl_xor_sync(0xffffffffu, src[k], m);
+    v = combine(v, o);
+  }
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    V u = partial[0];
+    for (int k = 1; k < kThreads / 32; ++k) u = combine(u, partial[k]);
+    result = u;
+  }
+  __syncthreads();
+  v = result;
+  __syncthreads();  // the next reduction may overwrite `result`
+  return v;
+}
+
+// Online logsumexp state of scale * x: m the max of x, z = sum exp(scale * (x - m)).
+struct LSE {
+  float m, z;
+};
+
+__device__ __forceinline__ LSE lse_merge(LSE a, LSE b, float scale) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.f};
+  return {m, a.z * __expf((a.m - m) * scale) + b.z * __expf((b.m - m) * scale)};
+}
+
+struct Pair {
+  float a, b;
+};
+
+template <typename T>
+struct Args {
+  const T* student;
+  const float* lt;
+  const int32_t* idx;
+  const int64_t* labels;
+  float* loss;
+  T* grad;
+  int64_t n_rows, vocab, k, student_stride, grad_stride;
+  float inv_t, beta, hard_weight, soft_weight;
+  int64_t ignore_index;
+  bool bucket;
+};
+
+template <typename T, int DIV, bool HARD, bool GRAD>
+__global__ void __launch_bounds__(kThreads) sparse_kd_kernel(const Args<T> a) {
+  const int64_t V = a.vocab, K = a.k;
+  const float inv_t = a.inv_t, beta = a.beta;
+  const MixWeights<float> w(beta);
+  for (int64_t r = blockIdx.x; r < a.n_rows; r += gridDim.x) {
+    const T* s = a.student + r * a.student_stride;
+    const float* lt = a.lt + r * K;
+    const int32_t* idx = a.idx + r * K;
+    T* g = GRAD ? a.grad + r * a.grad_stride : nullptr;
+    const int64_t label = a.labels ? a.labels[r] : -1;
+    if (a.labels && label == a.ignore_index) {
+      if (GRAD)
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g[i] = from_acc<T>(0.f);
+      if (threadIdx.x == 0) a.loss[r] = 0.f;
+      continue;
+    }
+
+    // Pass 1: logsumexp of s / T and of s.
+    LSE ls = {-INFINITY, 0.f}, l1 = {-INFINITY, 0.f};
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+      const float x = to_acc(s[i]);
+      ls = lse_merge(ls, {x, 1.f}, inv_t);
+      if (HARD) l1 = lse_merge(l1, {x, 1.f}, 1.f);
+    }
+    ls = block_reduce(ls, [&](LSE u, LSE o) { return lse_merge(u, o, inv_t); });
+    if (HARD) l1 = block_reduce(l1, [](LSE u, LSE o) { return lse_merge(u, o, 1.f); });
+    const float ms = ls.m, log_zs = logf(ls.z), log_z1 = logf(l1.z);
+    const auto log_ps = [&](int64_t i) { return (to_acc(s[i]) - ms) * inv_t - log_zs; };
+
+    // Pass 2: top-k masses (a NaN mass marks an index out of range), then the bucket terms.
+    Pair mass = {0.f, 0.f};
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const int64_t i = idx[k];
+      const bool ok = i >= 0 && i < V;
+      mass.a += ok ? expf(log_ps(i)) : NAN;
+      mass.b += expf(lt[k]);
+    }
+    mass = block_reduce(mass, [](Pair u, Pair o) { return Pair{u.a + o.a, u.b + o.b}; });
+    const bool indices_ok = !isnan(mass.a);
+    const SparseRest<float> rest = sparse_rest(mass.a, mass.b, K < V, a.bucket);
+    const auto top_term = [&](int64_t k) {
+      return divergence_term<DIV, float>(log_ps(idx[k]), lt[k] - rest.teacher_shift, beta, w);
+    };
+    Pair ds = {0.f, 0.f};
+    for (int64_t k = threadIdx.x; k < K && indices_ok; k += blockDim.x) {
+      const Term<float> e = top_term(k);
+      ds.a += e.d;
+      ds.b += e.q;
+    }
+    ds = block_reduce(ds, [](Pair u, Pair o) { return Pair{u.a + o.a, u.b + o.b}; });
+    float D = ds.a, S = ds.b, ratio = 0.f;
+    if (rest.present) {
+      const Term<float> e = divergence_term<DIV, float>(rest.ls, rest.lt, beta, w);
+      D += e.d;
+      S += e.q;
+      ratio = sparse_rest_ratio(rest, e.q);
+    }
+    const bool label_ok = label >= 0 && label < V;
+    if (threadIdx.x == 0) {
+      float loss = indices_ok ? a.soft_weight * D : NAN;
+      if (HARD) loss += a.hard_weight * (label_ok ? log_z1 - (to_acc(s[label]) - ms) : NAN);
+      a.loss[r] = loss;
+    }
+
+    // Pass 3: softmax * coefficient everywhere, then (after a barrier) the top-k entries.
+    if (GRAD) {
+      const float rest_coef = a.soft_weight * inv_t * (ratio - S);
+      const auto hard_term = [&](int64_t i) {
+        return HARD ? a.hard_weight * (__expf(to_acc(s[i]) - ms - log_z1) - (i == label ? 1.f : 0.f)) : 0.f;
+      };
+      for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
+        g[i] = from_acc<T>(__expf(log_ps(i)) * rest_coef + hard_term(i));
+      __syncthreads();
+      for (int64_t k = threadIdx.x; k < K && indices_ok; k += blockDim.x) {
+        const int64_t i = idx[k];
+        g[i] = from_acc<T>(a.soft_weight * inv_t * (top_term(k).q - expf(log_ps(i)) * S) + hard_term(i));
+      }
+    }
+  }
+}
+
+template <typename F>
+void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(float{});
+    case kFloat16: return f(half_t{});
+    case kBFloat16: return f(bfloat16_t{});
+  }
+  throw std::invalid_argument("kdops: the CUDA kernels take float32, float16 or bfloat16; dtype code " +
+                              std::to_string(dtype));
+}
+
+template <typename F>
+void with_divergence(int div, F&& f) {
+  switch (div) {
+    case kForwardKL: return f(std::integral_constant<int, kForwardKL>{});
+    case kReverseKL: return f(std::integral_constant<int, kReverseKL>{});
+    case kJSD: return f(std::integral_constant<int, kJSD>{});
+    case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{});
+    case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{});
+    case kTVD: return f(std::integral_constant<int, kTVD>{});
+  }
+  throw std::invalid_argument("kdops: unknown divergence code " + std::to_string(div));
+}
+
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+}  // namespace
+
+void sparse_kd_forward_cuda(const SparseKDParams& p, void* stream) {
+  if (p.n_rows == 0) return;
+  with_dtype(p.dtype, [&](auto type) {
+    using T = decltype(type);
+    Args<T> a{static_cast<const T*>(p.student), static_cast<const float*>(p.topk_logprobs),
+              p.topk_indices, p.labels, static_cast<float*>(p.loss), static_cast<T*>(p.grad),
+              p.n_rows, p.vocab, p.k, p.student_stride, p.grad_stride,
+              float(1.0 / p.temperature), float(p.beta), float(p.hard_weight),
+              float(p.soft_weight), p.ignore_index, p.bucket};
+    const int blocks = int(p.n_rows < 65535 * 8 ? p.n_rows : 65535 * 8);
+    with_divergence(p.divergence, [&](auto div) {
+      with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
+        with_bool(p.grad != nullptr, [&](auto grad) {
+          sparse_kd_kernel<T, decltype(div)::value, decltype(hard)::value, decltype(grad)::value>
+              <<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+        });
+      });
+    });
+  });
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("kdops: sparse_kd_forward_cuda launch failed: ") +
+                             cudaGetErrorString(err));
+}
+
+}  // namespace kdops

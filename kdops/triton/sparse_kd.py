@@ -1,0 +1,193 @@
+"""The sparse (top-k teacher) KD kernel: one program per row (the math of ``csrc/common/sparse_kd.h``).
+
+Per row, with ``ls = log_softmax(s / T)``, the teacher's top-k log-probabilities ``lt_k`` at the
+indices ``idx_k`` and the divergence terms ``(d, q)`` of :mod:`kdops.triton.divergence`:
+
+1. online maximum and sums over the vocabulary: ``lse_s = logsumexp(s / T)`` and, with a hard
+   term, ``lse_1 = logsumexp(s)``;
+2. over the top-k: ``P_s = sum exp(ls[idx_k])``, ``P_t = sum exp(lt_k)``; then the bucket terms
+   of the top-k entries (teacher ``lt_k - log P_t`` for ``rest_mass="ignore"``) and of the rest
+   (``log(1 - P_s)`` against ``log(1 - P_t)``, or ``-inf`` for "ignore"): ``D = sum d``,
+   ``S = sum q``;
+3. the gradient ``soft_weight / T * p_i * (q_rest / r_s - S)`` over the vocabulary, then (after
+   a barrier) ``soft_weight / T * (q_k - p_k * S)`` at the top-k entries; plus the hard term
+   ``hard_weight * (softmax(s) - onehot(label))``.
+"""
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdops import _alloc
+from kdops.triton.divergence import divergence_term
+from kdops.triton.kd import _ACC_DTYPE, _exp_sum, _mixture_logs
+
+_MAX_BLOCK = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+_MIN_BLOCK = 16
+
+
+@triton.jit
+def _sparse_kd_row_kernel(
+    student_ptr, lt_ptr, idx_ptr, labels_ptr, loss_ptr, grad_ptr,
+    V, K, student_stride, grad_stride,
+    inv_temperature: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
+    log_1m_beta: "tl.float64", hard_weight: "tl.float64", soft_weight: "tl.float64",
+    ignore_index,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, BUCKET: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = student_ptr + row * student_stride
+    lt_row = lt_ptr + row * K
+    idx_row = idx_ptr + row * K
+    g_row = grad_ptr + row * grad_stride
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_k = tl.arange(0, BLOCK_K)
+    inv_t = tl.full([], inv_temperature, ACC)
+    b = tl.full([], beta, ACC)
+    log_b = tl.full([], log_beta, ACC)
+    log_1mb = tl.full([], log_1m_beta, ACC)
+    hard_w = tl.full([], hard_weight, ACC)
+    soft_w = tl.full([], soft_weight, ACC)
+
+    label = -1
+    ignored = False
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+    if ignored:
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs_v
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=cols < V)
+        tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
+    else:
+        # Pass 1: m_s = max s; z_s, z_1 = sums of exp((s - m_s) / T), exp(s - m_s).
+        m_s = tl.full([], float("-inf"), ACC)
+        z_s = tl.zeros([], ACC)
+        z_1 = tl.zeros([], ACC)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs_v
+            s = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
+            new_m = tl.maximum(m_s, tl.max(s, axis=0))
+            z_s = _exp_sum(z_s, m_s, new_m, s, inv_t)
+            if HAS_HARD:
+                z_1 = _exp_sum(z_1, m_s, new_m, s, 1.0)
+            m_s = new_m
+        log_z_s = tl.log(z_s)
+        log_z_1 = tl.log(z_1)
+
+        # Pass 2: top-k masses (an index outside [0, V) makes the row NaN), then the terms.
+        ps_top = tl.zeros([], ACC)
+        pt_top = tl.zeros([], ACC)
+        for start in range(0, K, BLOCK_K):
+            ks = start + offs_k
+            kmask = ks < K
+            idx = tl.load(idx_row + ks, mask=kmask, other=0)
+            ok = (idx >= 0) & (idx < V)
+            s = tl.load(s_row + idx, mask=kmask & ok, other=0.0).to(ACC)
+            ps = tl.where(ok, tl.exp((s - m_s) * inv_t - log_z_s), float("nan"))
+            ps_top += tl.sum(tl.where(kmask, ps, 0.0), axis=0)
+            pt_top += tl.sum(tl.where(kmask, tl.exp(tl.load(lt_row + ks, mask=kmask, other=0.0)), 0.0), axis=0)
+        if BUCKET:
+            shift = tl.zeros([], ACC)
+        else:
+            shift = tl.log(pt_top)
+        d_sum = tl.zeros([], ACC)
+        q_sum = tl.zeros([], ACC)
+        for start in range(0, K, BLOCK_K):
+            ks = start + offs_k
+            kmask = ks < K
+            idx = tl.load(idx_row + ks, mask=kmask, other=0)
+            s = tl.load(s_row + idx, mask=kmask & (idx >= 0) & (idx < V), other=0.0).to(ACC)
+            lt = tl.load(lt_row + ks, mask=kmask, other=0.0) - shift
+            d, q = divergence_term((s - m_s) * inv_t - log_z_s, lt, b, log_b, log_1mb, DIV)
+            d_sum += tl.sum(tl.where(kmask, d, 0.0), axis=0)
+            q_sum += tl.sum(tl.where(kmask, q, 0.0), axis=0)
+        ratio = tl.zeros([], ACC)
+        if K < V:  # the rest bucket
+            rs = tl.maximum(1.0 - ps_top, 0.0)
+            if BUCKET:
+                rt = 1.0 - pt_top
+                lt_rest = tl.where(rt > 0.0, tl.log(tl.where(rt > 0.0, rt, 1.0)), float("-inf"))
+            else:
+                lt_rest = tl.full([], float("-inf"), ACC)
+            d, q = divergence_term(tl.log(rs), lt_rest, b, log_b, log_1mb, DIV)
+            d_sum += d
+            q_sum += q
+            ratio = tl.where(rs > 0.0, q / tl.where(rs > 0.0, rs, 1.0), 0.0)
+
+        loss = soft_w * d_sum
+        if HAS_HARD:
+            s_label = tl.load(s_row + label).to(ACC)
+            loss += hard_w * (m_s - s_label + log_z_1)
+        tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+
+        # Pass 3: p_i * coefficient over the vocabulary, then the top-k entries.
+        if COMPUTE_GRAD:
+            rest_coef = soft_w * inv_t * (ratio - q_sum)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs_v
+                mask = cols < V
+                s = tl.load(s_row + cols, mask=mask, other=0.0).to(ACC)
+                g = tl.exp((s - m_s) * inv_t - log_z_s) * rest_coef
+                if HAS_HARD:
+                    g += hard_w * (tl.exp(s - m_s - log_z_1) - tl.where(cols == label, 1.0, 0.0))
+                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.debug_barrier()
+            for start in range(0, K, BLOCK_K):
+                ks = start + offs_k
+                idx = tl.load(idx_row + ks, mask=ks < K, other=0)
+                kmask = (ks < K) & (idx >= 0) & (idx < V)
+                s = tl.load(s_row + idx, mask=kmask, other=0.0).to(ACC)
+                ls = (s - m_s) * inv_t - log_z_s
+                lt = tl.load(lt_row + ks, mask=kmask, other=0.0) - shift
+                _, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
+                g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
+                if HAS_HARD:
+                    g += hard_w * (tl.exp(s - m_s - log_z_1) - tl.where(idx == label, 1.0, 0.0))
+                tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=kmask)
+
+
+def sparse_kd_forward(
+    student: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    labels: Optional[Tensor],
+    divergence: int,
+    temperature: float,
+    beta: float,
+    hard_weight: float,
+    soft_weight: float,
+    ignore_index: int,
+    bucket: bool,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Row losses ``[N]`` and, if ``compute_grad``, the contiguous gradients ``[N, V]`` w.r.t.
+    ``student`` in its dtype (else an empty tensor). Inputs as for
+    :func:`kdops.native.sparse_kd_forward` (checked by :mod:`kdops.ops.sparse_kd`)."""
+    if student.dtype not in _ACC_DTYPE:
+        raise TypeError(f"the triton backend takes float32, float16, bfloat16 or float64 logits; got {student.dtype}")
+    n_rows, vocab = student.shape
+    k = topk_indices.shape[1]
+    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = _alloc.empty(n_rows, dtype=loss_dtype, device=student.device)
+    grad = _alloc.empty(n_rows, vocab, dtype=student.dtype, device=student.device) if compute_grad else student.new_empty(0)
+    if n_rows == 0:
+        return loss, grad
+    block_v = min(max(triton.next_power_of_2(vocab), _MIN_BLOCK), _MAX_BLOCK)
+    block_k = min(max(triton.next_power_of_2(k), _MIN_BLOCK), _MAX_BLOCK)
+    with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
+        _sparse_kd_row_kernel[(n_rows,)](
+            student, topk_logprobs, topk_indices, labels, loss, grad,
+            vocab, k, student.stride(0), vocab,
+            1.0 / temperature, beta, *_mixture_logs(divergence, beta), hard_weight, soft_weight, ignore_index,
+            DIV=divergence, HAS_LABELS=labels is not None, HAS_HARD=labels is not None and hard_weight > 0,
+            BUCKET=bucket, COMPUTE_GRAD=compute_grad, ACC=_ACC_DTYPE[student.dtype],
+            BLOCK_V=block_v, BLOCK_K=block_k, num_warps=max(1, min(8, block_v // 256)),
+        )
+    return loss, grad

@@ -1,0 +1,315 @@
+"""kdops.sparse_distill_loss / fused_linear_sparse_distill_loss (teacher top-k) on every backend
+available here against the float64 reference, and against distill_loss in the dense case K = V."""
+import math
+import re
+
+import pytest
+import torch
+
+import kdops
+from kdops import reference
+from kdops.divergences import DIVERGENCES
+
+from conftest import GRAD_TOL, LOSS_TOL, assert_close
+from test_kd import beta_for, require
+
+BACKENDS = ["torch", "cpu", "triton", "cuda"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REST = ["ignore", "bucket"]
+
+
+def supported(divergence, rest_mass):
+    return not (rest_mass == "ignore" and divergence == "reverse_kl")
+
+
+def make(shape, k, dtype, device, spread=3.0, temperature=2.0, ignore_frac=0.3):
+    """Student logits, the teacher's top-k log-probabilities (float32) and indices, labels."""
+    student = (torch.randn(shape) * spread).to(dtype).to(device)
+    teacher = torch.randn(shape) * spread
+    values, indices = torch.log_softmax(teacher / temperature, -1).topk(k, dim=-1)
+    labels = torch.randint(0, shape[-1], shape[:-1])
+    labels[torch.rand(shape[:-1]) < ignore_frac] = -100
+    return student, values.to(device), indices.to(device), labels.to(device)
+
+
+def check(backend, student, values, indices, labels=None, **options):
+    s = student.detach().clone().requires_grad_(True)
+    loss = kdops.sparse_distill_loss(s, values, indices, labels, backend=backend, **options)
+    loss.sum().backward()
+    s64 = student.detach().double().requires_grad_(True)
+    ref = reference.sparse_distill_loss(s64, values.double(), indices, labels, **options)
+    ref.sum().backward()
+    dtype = student.dtype
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert s.grad.dtype == dtype and s.grad.shape == student.shape
+    assert_close(loss, ref, LOSS_TOL[dtype], scale=float(ref.detach().abs().max()) if ref.numel() else 1.0)
+    assert_close(s.grad, s64.grad, GRAD_TOL[dtype])
+    return loss.detach(), s.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rest_mass", REST)
+def test_matches_reference(backend, dtype, rest_mass):
+    device = require(backend)
+    student, values, indices, labels = make((5, 37), 8, dtype, device)
+    check(backend, student, values, indices, labels, temperature=2.0, rest_mass=rest_mass, hard_weight=0.25)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("rest_mass", REST)
+def test_every_divergence(backend, divergence, rest_mass):
+    device = require(backend)
+    student, values, indices, labels = make((4, 29), 5, torch.float32, device)
+    options = dict(temperature=2.0, divergence=divergence, beta=beta_for(divergence), rest_mass=rest_mass)
+    if not supported(divergence, rest_mass):
+        with pytest.raises(ValueError, match="rest_mass='bucket'"):
+            kdops.sparse_distill_loss(student, values, indices, backend=backend, **options)
+        return
+    check(backend, student, values, indices, labels, reduction="none", **options)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("rest_mass", REST)
+def test_dense_case_equals_distill_loss(backend, divergence, rest_mass):
+    """K = V: the teacher's full distribution; both rest options are distill_loss."""
+    if not supported(divergence, rest_mass):
+        pytest.skip("refused (tested above)")
+    device = require(backend)
+    T = 1.5
+    student = torch.randn(6, 23, device=device) * 3
+    teacher = torch.randn(6, 23, device=device) * 3
+    labels = torch.tensor([0, 5, -100, 22, 7, 1], device=device)
+    values, indices = torch.log_softmax(teacher / T, -1).topk(23, dim=-1)
+    options = dict(temperature=T, divergence=divergence, beta=beta_for(divergence), hard_weight=0.2)
+    s1 = student.clone().requires_grad_(True)
+    s2 = student.clone().requires_grad_(True)
+    sparse = kdops.sparse_distill_loss(s1, values, indices, labels, rest_mass=rest_mass, backend=backend, **options)
+    dense = kdops.distill_loss(s2, teacher, labels, backend=backend, **options)
+    sparse.backward()
+    dense.backward()
+    assert_close(sparse, dense, LOSS_TOL[torch.float32], scale=float(dense.detach().abs()))
+    assert_close(s1.grad, s2.grad, GRAD_TOL[torch.float32])
+
+
+def test_ignore_is_distill_loss_on_masked_teacher():
+    """rest_mass="ignore" is distill_loss against teacher logits T * lt at the top-k, -inf elsewhere."""
+    T = 2.0
+    student, values, indices, _ = make((4, 30), 6, torch.float64, "cpu", temperature=T)
+    masked = torch.full((4, 30), -math.inf, dtype=torch.float64).scatter(-1, indices, T * values.double())
+    for divergence in ("forward_kl", "jsd", "tvd"):
+        got = reference.sparse_distill_loss(student, values, indices, temperature=T, divergence=divergence)
+        want = reference.distill_loss(student, masked, temperature=T, divergence=divergence)
+        assert_close(got, want, LOSS_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,k", [((1, 1), 1), ((3, 5, 129), 7), ((2, 300), 100), ((2, 40), 30)])
+def test_shapes(backend, shape, k):
+    device = require(backend)
+    student, values, indices, labels = make(shape, k, torch.float32, device)
+    for rest_mass in REST:
+        check(backend, student, values, indices, labels, temperature=1.0, rest_mass=rest_mass,
+              hard_weight=0.5, scale_by_temperature_squared=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rest_mass", REST)
+def test_masked_and_extreme_logits(backend, rest_mass):
+    """-inf among the teacher's top-k (p_t = 0 there) and student logits of size 1e4."""
+    device = require(backend)
+    student, values, indices, labels = make((4, 50), 6, torch.float32, device)
+    values[:, -2:] = -math.inf
+    check(backend, student, values, indices, labels, rest_mass=rest_mass, divergence="jsd", beta=0.3, hard_weight=0.2)
+    student, values, indices, labels = make((3, 40), 5, torch.float32, device, spread=1e4)
+    check(backend, student, values, indices, labels, rest_mass=rest_mass, temperature=1.0, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(backend, reduction):
+    device = require(backend)
+    student, values, indices, _ = make((4, 33), 4, torch.float32, device)
+    labels = torch.full((4,), -7, device=device)
+    loss, grad = check(backend, student, values, indices, labels, ignore_index=-7, hard_weight=0.5,
+                       reduction=reduction)
+    assert (loss == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("rest_mass", REST)
+def test_gradcheck_float64(backend, rest_mass):
+    device = require(backend)
+    student, values, indices, labels = make((3, 9), 4, torch.float64, device, spread=1.5)
+    student.requires_grad_(True)
+    # (the Triton interpreter is slow: one divergence there)
+    for divergence in ("forward_kl",) if backend == "triton" else ("forward_kl", "skew_reverse_kl"):
+        def f(s):
+            return kdops.sparse_distill_loss(s, values, indices, labels, divergence=divergence, beta=0.3,
+                                             rest_mass=rest_mass, hard_weight=0.3, reduction="none", backend=backend)
+
+        assert torch.autograd.gradcheck(f, (student,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_half_precision_cache_values(backend):
+    """bf16 / fp16 top-k values (as stored in a cache) with a float32 student, int32 indices."""
+    device = require(backend)
+    student, values, indices, labels = make((4, 31), 6, torch.float32, device)
+    for dtype in (torch.bfloat16, torch.float16):
+        v = values.to(dtype)
+        got = kdops.sparse_distill_loss(student, v, indices.int(), labels, rest_mass="bucket", backend=backend)
+        want = reference.sparse_distill_loss(student.double(), v.double(), indices, labels, rest_mass="bucket")
+        assert_close(got, want, LOSS_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend):
+    device = require(backend)
+    student, values, indices, labels = make((4, 23), 5, torch.float32, device)
+    student.requires_grad_(True)
+    for labels_arg, hard, bucket in ((labels, 0.3, True), (None, 0.0, False)):
+        args = (student, values, indices.int(), labels_arg, 2, 2.0, 0.5, hard, (1 - hard) * 4.0, -100, bucket,
+                True, backend)
+        torch.library.opcheck(torch.ops.kdops.sparse_distill_rows.default, args)
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_torch_compile_fullgraph(backend):
+    student, values, indices, labels = make((6, 40), 6, torch.float32, "cpu")
+
+    def step(s, v, i, y):
+        return kdops.sparse_distill_loss(s, v, i, y, temperature=2.0, rest_mass="bucket", hard_weight=0.2,
+                                         backend=backend) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    s1 = student.clone().requires_grad_(True)
+    s2 = student.clone().requires_grad_(True)
+    eager = step(s1, values, indices, labels)
+    got = compiled(s2, values, indices, labels)
+    eager.backward()
+    got.backward()
+    assert_close(got, eager, LOSS_TOL[torch.float32])
+    assert_close(s2.grad, s1.grad, GRAD_TOL[torch.float32])
+
+
+def test_module_wrapper_matches_function():
+    student, values, indices, labels = make((2, 3, 20), 4, torch.float32, "cpu")
+    crit = kdops.nn.SparseDistillLoss(temperature=2.0, rest_mass="bucket", hard_weight=0.5)
+    assert "bucket" in repr(crit)
+    expected = kdops.sparse_distill_loss(student, values, indices, labels, temperature=2.0, rest_mass="bucket",
+                                         hard_weight=0.5)
+    assert torch.equal(crit(student, values, indices, labels), expected)
+
+
+# ---- fused linear ----
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear_matches_reference(backend, reduction):
+    device = require(backend)
+    n, hidden, vocab, k = 10, 8, 37, 6
+    g = lambda *shape: (torch.randn(*shape) / shape[-1] ** 0.25).to(device)
+    h, w, b = g(n, hidden), g(vocab, hidden), g(vocab)
+    _, values, indices, labels = make((n, vocab), k, torch.float32, device)
+    params = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    options = dict(temperature=2.0, rest_mass="bucket", hard_weight=0.3, reduction=reduction)
+    out = kdops.fused_linear_sparse_distill_loss(params[0], params[1], values, indices, labels, student_bias=params[2],
+                                                 chunk_size=3, backend=backend, **options)
+    cotangent = torch.rand(out.shape, dtype=torch.float64, device=device) + 0.5
+    out.backward(cotangent.to(out.dtype))
+    ref_params = [x.double().requires_grad_(True) for x in (h, w, b)]
+    ref = reference.fused_linear_sparse_distill_loss(ref_params[0], ref_params[1], values.double(), indices, labels,
+                                                     student_bias=ref_params[2], **options)
+    ref.backward(cotangent)
+    assert_close(out, ref, LOSS_TOL[torch.float32], scale=float(ref.detach().abs().max()))
+    for p, r in zip(params, ref_params):
+        assert_close(p.grad, r.grad, GRAD_TOL[torch.float32], scale=float(r.grad.abs().max()))
+
+
+def test_fused_linear_bfloat16_without_bias():
+    require("cpu")
+    h = torch.randn(7, 16).bfloat16()
+    w = (torch.randn(41, 16) / 4).bfloat16()
+    _, values, indices, labels = make((7, 41), 8, torch.float32, "cpu")
+    hp, wp = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    out = kdops.fused_linear_sparse_distill_loss(hp, wp, values, indices, labels, chunk_size=4, backend="cpu")
+    out.backward()
+    hr, wr = h.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = reference.fused_linear_sparse_distill_loss(hr, wr, values.double(), indices, labels)
+    ref.backward()
+    assert hp.grad.dtype == torch.bfloat16 and wp.grad.dtype == torch.bfloat16
+    assert_close(out, ref, (2e-2, 1e-3))
+    assert_close(hp.grad, hr.grad, (5e-2, 5e-3), scale=float(hr.grad.abs().max()))
+    assert_close(wp.grad, wr.grad, (5e-2, 5e-3), scale=float(wr.grad.abs().max()))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_torch_compile_fullgraph(reduction):
+    h, w, b = torch.randn(10, 8), torch.randn(37, 8), torch.randn(37)
+    _, values, indices, labels = make((10, 37), 5, torch.float32, "cpu")
+
+    def step(h, w, b):
+        return kdops.fused_linear_sparse_distill_loss(h, w, values, indices, labels, student_bias=b, hard_weight=0.2,
+                                                      rest_mass="bucket", reduction=reduction, chunk_size=3).sum()
+
+    eager = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    traced = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    want = step(*eager)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*traced)
+    want.backward()
+    got.backward()
+    assert_close(got, want, LOSS_TOL[torch.float32])
+    for p, q in zip(traced, eager):
+        assert_close(p.grad, q.grad, GRAD_TOL[torch.float32])
+
+
+# ---- bad input ----
+
+
+def _bad_calls():
+    s = torch.randn(4, 10)
+    v, i = torch.log_softmax(torch.randn(4, 10), -1).topk(3, dim=-1)
+    y = torch.randint(0, 10, (4,))
+    return [
+        ((s.long(), v, i), {}, TypeError, "student_logits"),
+        ((s, v.long(), i), {}, TypeError, "topk_logprobs"),
+        ((s, v, i.float()), {}, TypeError, "topk_indices"),
+        ((s, v, [0, 1]), {}, TypeError, "topk_indices"),
+        ((s, v[:3], i[:3]), {}, ValueError, "topk_logprobs must have shape"),
+        ((s, v, i[:, :2]), {}, ValueError, "topk_indices must have the shape"),
+        ((s[:, :2], v, i), {}, ValueError, "1 <= K <= V"),
+        ((s, v, i + 8), {}, ValueError, "topk_indices must lie in [0, 10)"),
+        ((s, v, i - 5), {}, ValueError, "topk_indices must lie in [0, 10)"),
+        ((s, v, i), dict(rest_mass="drop"), ValueError, "rest_mass"),
+        ((s, v, i), dict(divergence="reverse_kl"), ValueError, "rest_mass='bucket'"),
+        ((s, v, i), dict(divergence="kl"), ValueError, "divergence"),
+        ((s, v, i), dict(temperature=0.0), ValueError, "temperature"),
+        ((s, v, i), dict(hard_weight=0.5), ValueError, "labels"),
+        ((s, v, i, y[:3]), {}, ValueError, "labels"),
+        ((s, v, i, torch.tensor([0, 1, 10, 2])), dict(hard_weight=0.5), ValueError, "labels"),
+        ((s, v, i), dict(reduction="batchmean"), ValueError, "reduction"),
+        ((s, v, i), dict(backend="cuda"), RuntimeError, "backend='cuda'"),
+        ((s, v.to("meta"), i), {}, ValueError, "topk_logprobs is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_names_the_argument(case):
+    args, kwargs, error, text = _bad_calls()[case]
+    with pytest.raises(error, match=re.escape(text)):
+        kdops.sparse_distill_loss(*args, **kwargs)
+
+
+def test_fused_linear_bad_input():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    v, i = torch.log_softmax(torch.randn(4, 10), -1).topk(3, dim=-1)
+    with pytest.raises(ValueError, match="student_weight must have shape"):
+        kdops.fused_linear_sparse_distill_loss(h, torch.randn(10, 7), v, i)
+    with pytest.raises(ValueError, match="topk_logprobs must have shape"):
+        kdops.fused_linear_sparse_distill_loss(h, w, v[:2], i[:2])
+    with pytest.raises(ValueError, match="chunk_size"):
+        kdops.fused_linear_sparse_distill_loss(h, w, v, i, chunk_size=0)
