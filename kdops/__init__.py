@@ -1,5 +1,5 @@
 """kdops: fused knowledge-distillation losses for PyTorch (Triton, CUDA C++, C++ CPU kernels)."""
-from kdops import cache, nn, reference
+from kdops import cache, distributed, nn, reference
 from kdops._dispatch import BACKENDS, available_backends
 from kdops.divergences import DIVERGENCES
 from kdops.ops.affinity import affinity, rkd_angle_loss, rkd_distance_loss, similarity_preserving_loss
@@ -18,6 +18,7 @@ __all__ = [
     "available_backends",
     "cache",
     "distill_loss",
+    "distributed",
     "fused_linear_distill_loss",
     "fused_linear_sparse_distill_loss",
     "hint_loss",

@@ -1,0 +1,476 @@
+"""Distillation across processes with ``torch.distributed``: vocabulary-parallel losses, and the
+row count that makes data-parallel (DDP / FSDP) training match single-process training.
+
+**Vocabulary parallelism** (a tensor-parallel ``lm_head``, as in Megatron-LM): every rank of
+``group`` holds the same ``N`` rows and its contiguous slice ``[v0, v0 + V_r)`` of the vocabulary.
+With student logits ``s``, teacher logits ``t`` and temperature ``T``, a row of
+:func:`kdops.distill_loss` needs only per-row scalars from the other ranks, exchanged in three
+all-reduces (never the logits)::
+
+    1. MAX  m_s = max_j s_j,  m_t = max_j t_j                                          2 per row
+    2. SUM  Z_s = sum_j exp((s_j - m_s) / T),  Z_t likewise; with hard_weight > 0 also  2 (+3) per row
+            Z_1 = sum_j exp(s_j - m_s),  s_label,  the number of ranks holding the label
+    3. SUM  D = sum_j d_j(log p_s, log p_t),  A = sum_j a_j (a_j = dD/dlog p_s,j)      2 per row
+
+with ``log p_s,j = (s_j - m_s) / T - log Z_s`` (``p_t`` likewise). Every divergence of
+:mod:`kdops.divergences` (jsd and the skew divergences included: their mixture is elementwise)
+is a sum of elementwise terms ``d_j`` of ``log p_s`` and ``log p_t``, so each rank sums its own,
+and the gradient is local once ``A`` is known::
+
+    dD/ds_j = (a_j - p_s,j * A) / T
+    CE = m_s + log Z_1 - s_label,      dCE/ds_j = exp(s_j - m_s) / Z_1 - [j = label]
+
+The terms ``d_j`` and ``q_j = a_j`` up to a per-row constant times ``p_s,j`` (which cancels) are
+those of the kernels (:mod:`kdops.triton.divergence`). Work is done with per-shard torch ops in
+float32 (float64 for float64 logits), with a few ``[N, V_r]`` temporaries (no fused kernel: on
+one CPU process about 3x the time of :func:`kdops.distill_loss`); the gradient is computed in
+forward, so backward is a scale.
+
+Without an initialised process group (or with a group of one rank) the same code runs without
+communication: the loss of :func:`kdops.distill_loss` on the full vocabulary.
+
+**Data parallelism** (DDP, FSDP): use :func:`kdops.distill_loss` or
+:func:`kdops.fused_linear_distill_loss` on each rank's rows unchanged. DDP and FSDP average the
+gradients over the ranks, which equals the gradient of the mean over the concatenated batch only
+when every rank counts as many rows; in general use ``reduction="sum"`` divided by
+:func:`global_row_count` times the world size (ranks whose rows are all ignored included)::
+
+    loss = kdops.distill_loss(s, t, y, reduction="sum") * world_size / global_row_count(y)
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdops import reference
+from kdops.ops import validation
+from kdops.ops.fused_linear import _check_pair, chunk_rows
+from kdops.ops.saved_grad import scale_saved_grad
+
+__all__ = ["global_row_count", "vocab_parallel_distill_loss", "vocab_parallel_fused_linear_distill_loss"]
+
+
+class _Options(NamedTuple):
+    temperature: float
+    divergence: str
+    beta: float
+    hard_weight: float
+    soft_weight: float  # (1 - hard_weight) * T**2 (or * 1)
+    ignore_index: int
+
+
+# ------------------------------------------------------------------------------- collectives
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_size(group: Optional[dist.ProcessGroup]) -> int:
+    return dist.get_world_size(group) if _initialized() else 1
+
+
+def _all_reduce(x: Tensor, op: str, group: Optional[dist.ProcessGroup]) -> None:
+    """In-place all-reduce of ``x`` over ``group`` (``op``: ``"sum"`` or ``"max"``); nothing alone."""
+    if _world_size(group) > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+
+
+def _shard_sizes(vocab_shard: int, n_rows: int, device: torch.device,
+                 group: Optional[dist.ProcessGroup]) -> list[int]:
+    """Every rank's vocabulary shard size, from one all-gather of ``(V_r, N)``; checks that the
+    ranks hold the same number of rows (the check runs on every rank: all of them raise)."""
+    world = _world_size(group)
+    if world == 1:
+        return [vocab_shard]
+    mine = torch.tensor([vocab_shard, n_rows], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine, group=group)
+    sizes = torch.stack(everyone).tolist()
+    if len({n for _, n in sizes}) > 1:
+        raise ValueError(
+            f"every rank of the group must hold the same rows; got N = {[n for _, n in sizes]} "
+            "over the ranks (the leading shape of the logits / hidden states)"
+        )
+    return [v for v, _ in sizes]
+
+
+def _vocab_start(sizes: list[int], group: Optional[dist.ProcessGroup]) -> int:
+    return sum(sizes[: dist.get_rank(group)]) if len(sizes) > 1 else 0
+
+
+def global_row_count(labels: Tensor, *, ignore_index: int = -100,
+                     group: Optional[dist.ProcessGroup] = None) -> Tensor:
+    """Number of rows whose label is not ``ignore_index``, summed over the ranks of ``group`` by
+    one all-reduce, at least 1, as a float32 tensor on the device of ``labels`` (without labels,
+    pass ``torch.zeros(n_rows)``: every row counts).
+
+    Data-parallel recipe: ``distill_loss(..., reduction="sum") * world_size / global_row_count(labels)``
+    has, after DDP / FSDP average the gradients, the gradient of the mean over the whole batch."""
+    count = (labels != ignore_index).sum().float()
+    _all_reduce(count, "sum", group)
+    return count.clamp(min=1)
+
+
+# ------------------------------------------------------------------------------- the row protocol
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_max(x: Tensor) -> Tensor:
+    return x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:-1], -math.inf)
+
+
+def _divergence_terms(log_ps: Tensor, log_pt: Tensor, ps: Tensor, pt: Tensor, divergence: str,
+                      beta: float) -> tuple[Tensor, Tensor]:
+    """Elementwise ``(d, q)`` of a divergence at student / teacher log-probabilities: ``D = sum d``
+    and ``q = p_s * dD/dp_s`` up to a per-row constant times ``p_s``, so that with ``S = sum q``
+    the gradient to the logits ``z = s / T`` is ``q - p_s * S`` (the formulas of
+    :mod:`kdops.triton.divergence`; ``p * x`` is 0 where ``p = 0``, as in the reference)."""
+    def times(p: Tensor, x: Tensor) -> Tensor:
+        return p * torch.where(p > 0, x, 0.0)
+
+    log_b = math.log(beta) if beta > 0 else -math.inf
+    log_1mb = math.log1p(-beta)
+    if divergence == "forward_kl":
+        return times(pt, log_pt - log_ps), -pt
+    if divergence == "reverse_kl":
+        d = times(ps, log_ps - log_pt)
+        return d, d
+    if divergence == "jsd":
+        log_m = torch.logaddexp(log_pt + log_b, log_ps + log_1mb)
+        q = times(ps, log_ps - log_m)
+        return beta * times(pt, log_pt - log_m) + (1.0 - beta) * q, (1.0 - beta) * q
+    if divergence == "skew_forward_kl":
+        log_m = torch.logaddexp(log_pt + log_b, log_ps + log_1mb)
+        q = torch.where((pt > 0) & (ps > 0), (log_ps + log_pt - log_m).exp_().mul_(beta - 1.0), 0.0)
+        return times(pt, log_pt - log_m), q
+    if divergence == "skew_reverse_kl":
+        log_m = torch.logaddexp(log_ps + log_b, log_pt + log_1mb)
+        return times(ps, log_ps - log_m), times(ps, log_ps - log_m - beta * (log_ps - log_m).exp())
+    if divergence == "tvd":
+        diff = ps - pt
+        return 0.5 * diff.abs(), 0.5 * ps * diff.sign()
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def _shard_rows(
+    student: Tensor, teacher: Tensor, labels: Optional[Tensor], vocab_start: int, opts: _Options,
+    group: Optional[dist.ProcessGroup], compute_grad: bool,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Row losses ``[N]`` of the full-vocabulary rows whose columns ``[vocab_start, vocab_start + V_r)``
+    are the ``[N, V_r]`` shards ``student`` and ``teacher``, and (if ``compute_grad``) the
+    ``[N, V_r]`` gradient of each row loss to its shard; both in the compute dtype. Three
+    all-reduces of per-row scalars (see the module docstring); rows whose label is
+    ``ignore_index`` are 0 with a zero gradient."""
+    dtype = _compute_dtype(student.dtype)
+    s, t = student.to(dtype), teacher.to(dtype)
+    temperature, shard = opts.temperature, s.shape[1]
+    hard = opts.hard_weight > 0
+
+    maxes = torch.stack([_row_max(s), _row_max(t)])
+    _all_reduce(maxes, "max", group)
+    m_s = maxes[0].unsqueeze(1)
+    log_ps = (s - m_s).div_(temperature)  # shifted logits z, made log-probabilities below
+    log_pt = (t - maxes[1].unsqueeze(1)).div_(temperature)
+    ps, pt = log_ps.exp(), log_pt.exp()  # exp(z), made probabilities below
+    sums = [ps.sum(-1), pt.sum(-1)]
+    valid = None if labels is None else labels != opts.ignore_index
+    if hard:
+        e_1 = ps if temperature == 1.0 else (s - m_s).exp_()
+        local = labels - vocab_start
+        owned = valid & (local >= 0) & (local < shard)
+        column = local.clamp(0, max(shard - 1, 0)).unsqueeze(1)
+        label_logit = s.gather(1, column).squeeze(1) if shard else s.new_zeros(s.shape[0])
+        sums += [e_1.sum(-1), torch.where(owned, label_logit, 0.0), owned.to(dtype)]
+    sums = torch.stack(sums)
+    _all_reduce(sums, "sum", group)
+    if hard:  # softmax(s): before ps (which e_1 may be) is normalised in place
+        softmax_1 = e_1 / sums[2].unsqueeze(1)
+    log_ps.sub_(sums[0].log().unsqueeze(1))
+    log_pt.sub_(sums[1].log().unsqueeze(1))
+    ps.div_(sums[0].unsqueeze(1))
+    pt.div_(sums[1].unsqueeze(1))
+
+    d, q = _divergence_terms(log_ps, log_pt, ps, pt, opts.divergence, opts.beta)
+    partial = torch.stack([d.sum(-1), q.sum(-1)])  # the same size on every rank, with or without grad
+    _all_reduce(partial, "sum", group)
+
+    row = opts.soft_weight * partial[0]
+    if hard:
+        labelled_once = sums[4] == 1  # a counted label held by no rank (out of range) or by several
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling() and bool((valid & ~labelled_once).any()):
+            raise ValueError(
+                "labels must lie in [0, V) (V the concatenated vocabulary) or equal "
+                f"ignore_index={opts.ignore_index}, and the ranks' vocab_start must tile [0, V); "
+                "a counted label is held by no rank or by several"
+            )
+        ce = m_s.squeeze(1) + sums[2].log() - sums[3]
+        row = row + opts.hard_weight * torch.where(labelled_once, ce, math.nan)
+    if valid is not None:
+        row = torch.where(valid, row, 0.0)
+    if not compute_grad:
+        return row, None
+
+    grad = q.sub_(ps.mul_(partial[1].unsqueeze(1))).mul_(opts.soft_weight / temperature)
+    if hard:
+        grad.add_(softmax_1, alpha=opts.hard_weight)
+        if shard:
+            grad.scatter_add_(1, column, (owned.to(dtype) * -opts.hard_weight).unsqueeze(1))
+    if valid is not None:
+        grad.masked_fill_(~valid.unsqueeze(1), 0.0)
+    return row, grad
+
+
+# ------------------------------------------------------------------------------- logits shards
+
+
+class _VocabParallelRows(torch.autograd.Function):
+    """Row losses of logit shards; the gradient is computed in forward, backward scales it."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], vocab_start: int,
+                opts: _Options, group: Optional[dist.ProcessGroup], compute_grad: bool) -> Tensor:
+        rows, grad = _shard_rows(student, teacher, labels, vocab_start, opts, group, compute_grad)
+        ctx.save_for_backward(grad.to(student.dtype) if compute_grad else None)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        (grad,) = ctx.saved_tensors
+        return scale_saved_grad(grad, grad_rows.unsqueeze(1)), None, None, None, None, None, None
+
+
+def _options(temperature: float, divergence: str, beta: float, hard_weight: float,
+             scale_by_temperature_squared: bool, ignore_index: int, reduction: str,
+             has_labels: bool) -> _Options:
+    validation.check_options(temperature=temperature, divergence=divergence, beta=beta,
+                             hard_weight=hard_weight, reduction=reduction, has_labels=has_labels)
+    c = temperature * temperature if scale_by_temperature_squared else 1.0
+    return _Options(float(temperature), divergence, float(beta), float(hard_weight),
+                    (1.0 - hard_weight) * c, int(ignore_index))
+
+
+def _reduce(rows: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str, lead: torch.Size) -> Tensor:
+    valid = torch.ones(rows.shape, dtype=torch.bool, device=rows.device) if labels is None else labels != ignore_index
+    return reference.reduce_rows(rows, valid, reduction).reshape(lead if reduction == "none" else ())
+
+
+def vocab_parallel_distill_loss(
+    student_logits_shard: Tensor,
+    teacher_logits_shard: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    temperature: float = 2.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    hard_weight: float = 0.0,
+    scale_by_temperature_squared: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    vocab_start: Optional[int] = None,
+) -> Tensor:
+    """:func:`kdops.distill_loss` of logits whose vocabulary is split over the ranks of ``group``.
+
+    Each rank passes its contiguous shard ``(..., V_r)`` of the student and teacher logits (the
+    shards, in rank order, concatenate to ``(..., V)``; ``V_r`` may differ between ranks), the
+    same ``labels`` (full-vocabulary indices) and the same options; every rank gets the loss of
+    the concatenated logits, and the gradient of its shard. ``vocab_start``: this rank's first
+    column; None gathers the shard sizes (one all-gather of two integers), which also checks that
+    the ranks hold the same rows. Communication: three all-reduces of ``[k, N]`` per-row scalars,
+    k = 2, 2 (5 with ``hard_weight > 0``) and 2: 24 bytes per row (36) in float32.
+    Without an initialised process group: the loss of the full logits, no communication.
+    Temporaries: a few ``[N, V_r]`` float32 tensors. Options as in :func:`kdops.distill_loss`.
+    """
+    validation.check_float_tensor("student_logits_shard", student_logits_shard)
+    validation.check_float_tensor("teacher_logits_shard", teacher_logits_shard)
+    if student_logits_shard.dim() == 0:
+        raise ValueError("student_logits_shard must have at least one dimension (..., V_r); got a scalar")
+    if teacher_logits_shard.shape != student_logits_shard.shape:
+        raise ValueError(
+            f"teacher_logits_shard must have the shape of student_logits_shard (..., V_r); got teacher "
+            f"{tuple(teacher_logits_shard.shape)} and student {tuple(student_logits_shard.shape)}"
+        )
+    if teacher_logits_shard.dtype != student_logits_shard.dtype:
+        raise TypeError(
+            f"teacher_logits_shard must have the dtype of student_logits_shard; got teacher "
+            f"{teacher_logits_shard.dtype} and student {student_logits_shard.dtype}"
+        )
+    if vocab_start is not None and (type(vocab_start) is not int or vocab_start < 0):
+        raise ValueError(f"vocab_start must be a non-negative integer or None; got {vocab_start!r}")
+    shard = student_logits_shard.shape[-1]
+    lead = student_logits_shard.shape[:-1]
+    labels = validation.check_labels(labels, lead, "student_logits_shard")
+    validation.check_same_device(student_logits_shard=student_logits_shard,
+                                 teacher_logits_shard=teacher_logits_shard, labels=labels)
+    opts = _options(temperature, divergence, beta, hard_weight, scale_by_temperature_squared,
+                    ignore_index, reduction, labels is not None)
+    student = student_logits_shard.reshape(lead.numel(), shard)  # V_r may be 0: no -1
+    flat_labels = None if labels is None else labels.reshape(-1)
+    if vocab_start is None:
+        sizes = _shard_sizes(shard, student.shape[0], student.device, group)
+        vocab_start = _vocab_start(sizes, group)
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    rows = _VocabParallelRows.apply(student, teacher_logits_shard.detach().reshape(student.shape),
+                                    flat_labels, vocab_start, opts, group, compute_grad)
+    return _reduce(rows, flat_labels, ignore_index, reduction, lead)
+
+
+# ------------------------------------------------------------------------------- lm_head shards
+
+
+def _chunked(
+    h: Tensor, w: Tensor, b: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
+    labels: Optional[Tensor], row_weights: Optional[Tensor], vocab_start: int, chunk: int,
+    opts: _Options, group: Optional[dist.ProcessGroup], needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Row losses ``[N]`` and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if
+    None) to ``h`` (summed over the group), ``w``, ``b`` where ``needs`` says so (else None).
+    Token chunks of counted rows; each chunk forms its ``[chunk, V_r]`` shard logits and runs
+    the row protocol of :func:`_shard_rows` (every rank visits the same chunks)."""
+    dtype = _compute_dtype(h.dtype)
+    rows = h.new_zeros(h.shape[0], dtype=dtype)
+    gh = torch.zeros(h.shape, dtype=dtype, device=h.device) if needs[0] else None
+    gw = torch.zeros(w.shape, dtype=dtype, device=w.device) if needs[1] else None
+    gb = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if needs[2] else None
+    any_grad = any(needs)
+    order = None if labels is None else (labels != opts.ignore_index).nonzero().squeeze(1)
+    count = h.shape[0] if order is None else order.numel()
+    for start in range(0, count, chunk):
+        idx = slice(start, min(start + chunk, count)) if order is None else order[start:start + chunk]
+        hc = h[idx]
+        s = F.linear(hc, w, b)
+        t = F.linear(th[idx], tw, tb).to(s.dtype)
+        r, g = _shard_rows(s, t, None if labels is None else labels[idx], vocab_start, opts, group, any_grad)
+        rows[idx] = r
+        if not any_grad:
+            continue
+        if row_weights is not None:
+            g.mul_(row_weights[idx].unsqueeze(1))
+        if needs[0]:
+            gh[idx] = g.to(w.dtype) @ w
+        if needs[1]:
+            gw.addmm_(g.t(), hc.to(dtype))
+        if needs[2]:
+            gb.add_(g.sum(0))
+    if needs[0]:
+        _all_reduce(gh, "sum", group)
+    return rows, gh, gw, gb
+
+
+class _VocabParallelFusedLinear(torch.autograd.Function):
+    """Sum of the row losses (``per_row``: the rows) of a vocabulary-sharded lm_head. With the
+    sum, the gradients are computed in forward and backward scales them; with the rows, their
+    weights are only known in backward, which runs a second chunked pass (with communication)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, b: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
+                labels: Optional[Tensor], vocab_start: int, chunk: int, opts: _Options,
+                group: Optional[dist.ProcessGroup], per_row: bool, needs: tuple[bool, bool, bool]) -> Tensor:
+        ctx.setup = (vocab_start, chunk, opts, group, per_row, needs)
+        if per_row:
+            ctx.save_for_backward(h, w, b, th, tw, tb, labels)
+            return _chunked(h, w, b, th, tw, tb, labels, None, vocab_start, chunk, opts, group, (False,) * 3)[0]
+        rows, *grads = _chunked(h, w, b, th, tw, tb, labels, None, vocab_start, chunk, opts, group, needs)
+        ctx.save_for_backward(*(None if g is None else g.to(x.dtype) for g, x in zip(grads, (h, w, w))))
+        return rows.sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        vocab_start, chunk, opts, group, per_row, needs = ctx.setup
+        if per_row:
+            h, w, b, th, tw, tb, labels = ctx.saved_tensors
+            _, *grads = _chunked(h, w, b, th, tw, tb, labels, grad_out.contiguous(), vocab_start, chunk,
+                                 opts, group, needs)
+            grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (h, w, w))]
+        else:
+            grads = [None if g is None else scale_saved_grad(g, grad_out) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+def vocab_parallel_fused_linear_distill_loss(
+    student_hidden: Tensor,
+    student_weight_shard: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight_shard: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    student_bias_shard: Optional[Tensor] = None,
+    teacher_bias_shard: Optional[Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    chunk_size: Optional[int] = None,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    hard_weight: float = 0.0,
+    scale_by_temperature_squared: bool = True,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """:func:`kdops.fused_linear_distill_loss` with the lm_head split over the vocabulary.
+
+    Each rank passes the same hidden states ``(..., Hs)`` / ``(..., Ht)`` and labels, and its
+    contiguous rows ``(V_r, H)`` of the student and teacher lm_head weights (and biases ``(V_r,)``);
+    the shards, in rank order, concatenate to the full ``(V, H)`` weights. Every rank gets the loss
+    of the full logits. Rows are processed in token chunks (``chunk_size`` rows, default from a
+    256 MiB budget for the largest shard): per chunk the ``[chunk, V_r]`` shard logits are formed
+    and the all-reduces of :func:`vocab_parallel_distill_loss` run; the ``[N, V_r]`` logits are
+    never formed at once. The gradient to ``student_hidden`` is **summed over the group** (one
+    all-reduce of ``[N, Hs]``), so it is the full gradient on every rank: do not all-reduce it
+    again (as a tensor-parallel "copy to region" would). Gradients to the weight and bias shards
+    are this rank's (``requires_grad`` of each input must agree over the ranks). ``reduction="none"``
+    computes the gradients in backward, with communication: every rank must run backward. Options as in :func:`kdops.distill_loss` (temperature 1 by
+    default, as :func:`kdops.fused_linear_distill_loss`).
+    """
+    _check_pair("student_hidden", student_hidden, "student_weight_shard", student_weight_shard,
+                "student_bias_shard", student_bias_shard)
+    _check_pair("teacher_hidden", teacher_hidden, "teacher_weight_shard", teacher_weight_shard,
+                "teacher_bias_shard", teacher_bias_shard)
+    if teacher_weight_shard.shape[0] != student_weight_shard.shape[0]:
+        raise ValueError(
+            f"teacher_weight_shard and student_weight_shard must hold the same vocabulary rows V_r; got "
+            f"{teacher_weight_shard.shape[0]} and {student_weight_shard.shape[0]}"
+        )
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(
+            f"teacher_hidden must have the leading shape of student_hidden, {tuple(lead)}; got "
+            f"{tuple(teacher_hidden.shape[:-1])}"
+        )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}")
+    labels = validation.check_labels(labels, lead, "student_hidden")
+    validation.check_same_device(
+        student_hidden=student_hidden, student_weight_shard=student_weight_shard,
+        student_bias_shard=student_bias_shard, teacher_hidden=teacher_hidden,
+        teacher_weight_shard=teacher_weight_shard, teacher_bias_shard=teacher_bias_shard, labels=labels,
+    )
+    opts = _options(temperature, divergence, beta, hard_weight, scale_by_temperature_squared,
+                    ignore_index, reduction, labels is not None)
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    flat_labels = None if labels is None else labels.reshape(-1)
+    sizes = _shard_sizes(student_weight_shard.shape[0], h.shape[0], h.device, group)
+    chunk = chunk_rows(h.shape[0], max(*sizes, 1), h.element_size(), chunk_size)  # the same on every rank
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and x is not None and x.requires_grad
+                  for x in (student_hidden, student_weight_shard, student_bias_shard))
+    out = _VocabParallelFusedLinear.apply(
+        h, student_weight_shard, student_bias_shard, th, teacher_weight_shard.detach(),
+        None if teacher_bias_shard is None else teacher_bias_shard.detach(), flat_labels,
+        _vocab_start(sizes, group), chunk, opts, group, reduction == "none", needs,
+    )
+    if reduction == "none":
+        return out.reshape(lead)
+    if reduction == "sum":
+        return out
+    count = h.shape[0] if flat_labels is None else (flat_labels != ignore_index).sum()
+    return out / (count.clamp(min=1).to(out.dtype) if isinstance(count, Tensor) else max(count, 1))
