@@ -25,6 +25,7 @@
 #endif
 
 #include "common/affinity.h"
+#include "common/dispatch.h"
 #include "common/dtype.h"
 #include "common/kd.h"
 
@@ -667,22 +668,6 @@ acc_type<T> rkd_angle(const RelationParams& p, const acc_type<T>* grad) {
   }
   affinity_gradient(s, kSquaredEuclidean, delta.data(), B, 1, es.data(), B).store(static_cast<T*>(p.dx));
   return A(0);
-}
-
-template <typename T>
-struct Type {
-  using type = T;
-};
-
-template <typename F>
-void with_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: return f(Type<float>{});
-    case kFloat16: return f(Type<half_t>{});
-    case kBFloat16: return f(Type<bfloat16_t>{});
-    case kFloat64: return f(Type<double>{});
-  }
-  throw std::invalid_argument("kdops: unknown dtype code " + std::to_string(dtype));
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/divergence.h"
+#include "common/dispatch.h"
 #include "common/dtype.h"
 #include "common/fast_math.h"
 #include "common/kd.h"
@@ -202,41 +203,6 @@ void kd_rows(const KDParams& p) {
 #pragma omp for schedule(dynamic, rows_per_task)
     for (int64_t r = 0; r < p.n_rows; ++r) kd_row<T, DIV, HARD, GRAD, MULTI>(p, r, &scratch);
   }
-}
-
-template <typename T>
-struct Type {
-  using type = T;
-};
-
-template <typename F>
-void with_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: return f(Type<float>{});
-    case kFloat16: return f(Type<half_t>{});
-    case kBFloat16: return f(Type<bfloat16_t>{});
-    case kFloat64: return f(Type<double>{});
-  }
-  throw std::invalid_argument("kdops: unknown dtype code " + std::to_string(dtype));
-}
-
-template <typename F>
-void with_divergence(int div, F&& f) {
-  switch (div) {
-    case kForwardKL: return f(std::integral_constant<int, kForwardKL>{});
-    case kReverseKL: return f(std::integral_constant<int, kReverseKL>{});
-    case kJSD: return f(std::integral_constant<int, kJSD>{});
-    case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{});
-    case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{});
-    case kTVD: return f(std::integral_constant<int, kTVD>{});
-  }
-  throw std::invalid_argument("kdops: unknown divergence code " + std::to_string(div));
-}
-
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) return f(std::true_type{});
-  return f(std::false_type{});
 }
 
 }  // namespace

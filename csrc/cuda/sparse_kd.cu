@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "common/divergence.h"
+#include "common/dispatch.h"
 #include "common/dtype.h"
 #include "common/kd.h"
 #include "common/sparse_kd.h"
@@ -162,42 +163,12 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(const Args<T> a) {
   }
 }
 
-template <typename F>
-void with_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: return f(float{});
-    case kFloat16: return f(half_t{});
-    case kBFloat16: return f(bfloat16_t{});
-  }
-  throw std::invalid_argument("kdops: the CUDA kernels take float32, float16 or bfloat16; dtype code " +
-                              std::to_string(dtype));
-}
-
-template <typename F>
-void with_divergence(int div, F&& f) {
-  switch (div) {
-    case kForwardKL: return f(std::integral_constant<int, kForwardKL>{});
-    case kReverseKL: return f(std::integral_constant<int, kReverseKL>{});
-    case kJSD: return f(std::integral_constant<int, kJSD>{});
-    case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{});
-    case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{});
-    case kTVD: return f(std::integral_constant<int, kTVD>{});
-  }
-  throw std::invalid_argument("kdops: unknown divergence code " + std::to_string(div));
-}
-
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) return f(std::true_type{});
-  return f(std::false_type{});
-}
-
 }  // namespace
 
 void sparse_kd_forward_cuda(const SparseKDParams& p, void* stream) {
   if (p.n_rows == 0) return;
-  with_dtype(p.dtype, [&](auto type) {
-    using T = decltype(type);
+  with_dtype<false>(p.dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
     Args<T> a{static_cast<const T*>(p.student), static_cast<const float*>(p.topk_logprobs),
               p.topk_indices, p.labels, static_cast<float*>(p.loss), static_cast<T*>(p.grad),
               p.n_rows, p.vocab, p.k, p.student_stride, p.grad_stride,
