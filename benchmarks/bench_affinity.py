@@ -133,7 +133,8 @@ def main(argv=None):
     info = machine_info(device)
     print(f"# kdops relation losses benchmark on {info.get('gpu', info['cpu'])}, torch {torch.__version__}", flush=True)
     rows = run(args)
-    result = {"benchmark": "affinity", "machine": info, "repeats": args.repeats, "rows": rows}
+    command = " ".join(["python", "benchmarks/bench_affinity.py", *sys.argv[1:]])
+    result = {"benchmark": "affinity", "command": command, "machine": info, "repeats": args.repeats, "rows": rows}
     print()
     print(markdown(rows))
     out = Path(args.out or Path(__file__).parent / "results" / f"affinity-{device.type}-{info['date']}.json")

@@ -25,6 +25,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -193,6 +194,7 @@ def main() -> None:
               f"{r['ignore_grad_cosine']:>8.4f} {r['bucket_grad_cosine']:>8.4f}")
     result = {
         "benchmark": "sparse_distill_loss vs distill_loss", "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python", "benchmarks/bench_sparse.py", *sys.argv[1:]]),
         "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "vocab": vocab, "tokens": n, "temperature": T, "backend": backend or "auto",
         "dense": {"bytes_per_token": dense_bytes, "seconds": dense_time, "loss": float(dense_loss)},
