@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdops import reference
+from kdops._alloc import compute_dtype
 from kdops.ops import validation
 from kdops.ops.fused_linear import _check_pair, chunk_rows
 from kdops.ops.saved_grad import scale_saved_grad
@@ -120,9 +121,6 @@ def global_row_count(labels: Tensor, *, ignore_index: int = -100,
 # ------------------------------------------------------------------------------- the row protocol
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _row_max(x: Tensor) -> Tensor:
     return x.amax(-1) if x.shape[-1] else x.new_full(x.shape[:-1], -math.inf)
@@ -170,7 +168,7 @@ def _shard_rows(
     ``[N, V_r]`` gradient of each row loss to its shard; both in the compute dtype. Three
     all-reduces of per-row scalars (see the module docstring); rows whose label is
     ``ignore_index`` are 0 with a zero gradient."""
-    dtype = _compute_dtype(student.dtype)
+    dtype = compute_dtype(student.dtype)
     s, t = student.to(dtype), teacher.to(dtype)
     temperature, shard = opts.temperature, s.shape[1]
     hard = opts.hard_weight > 0
@@ -336,7 +334,7 @@ def _chunked(
     None) to ``h`` (summed over the group), ``w``, ``b`` where ``needs`` says so (else None).
     Token chunks of counted rows; each chunk forms its ``[chunk, V_r]`` shard logits and runs
     the row protocol of :func:`_shard_rows` (every rank visits the same chunks)."""
-    dtype = _compute_dtype(h.dtype)
+    dtype = compute_dtype(h.dtype)
     rows = h.new_zeros(h.shape[0], dtype=dtype)
     gh = torch.zeros(h.shape, dtype=dtype, device=h.device) if needs[0] else None
     gw = torch.zeros(w.shape, dtype=dtype, device=w.device) if needs[1] else None

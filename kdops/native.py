@@ -75,7 +75,7 @@ def kd_forward(
     n_rows, vocab = student.shape
     multi = teacher.dim() == 3
     device = student.device
-    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss_dtype = _alloc.compute_dtype(student.dtype)
     loss = _alloc.empty(n_rows, dtype=loss_dtype, device=device)
     if compute_grad:
         grad = _alloc.empty(n_rows, vocab, dtype=student.dtype, device=device)
@@ -129,7 +129,7 @@ def sparse_kd_forward(
     """
     n_rows, vocab = student.shape
     device = student.device
-    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss_dtype = _alloc.compute_dtype(student.dtype)
     loss = _alloc.empty(n_rows, dtype=loss_dtype, device=device)
     grad = _alloc.empty(n_rows, vocab, dtype=student.dtype, device=device) if compute_grad else student.new_empty(0)
     if n_rows == 0:

@@ -13,9 +13,6 @@ from kdops.native import _DTYPE_CODES, _load
 from kdops.ops.affinity import _stats_shape
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _call(name: str, device: torch.device, *args) -> None:
     """Runs kdops._C.<name>(*args), or kdops._C_cuda.<name>(*args, stream) for CUDA tensors."""
@@ -32,7 +29,7 @@ def _call(name: str, device: torch.device, *args) -> None:
 def affinity_forward(x: Tensor, kind: int) -> Tensor:
     """``[B, B]`` affinity (compute dtype) of the rows of ``x [B, D]`` (rows contiguous)."""
     B, D = x.shape
-    out = _alloc.empty(B, B, dtype=_compute_dtype(x.dtype), device=x.device)
+    out = _alloc.empty(B, B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
     if B:
         _call("affinity_forward", x.device, x.data_ptr(), out.data_ptr(), B, D, x.stride(0), out.stride(0),
               _DTYPE_CODES[x.dtype], kind)
@@ -54,7 +51,7 @@ def relation_forward(student: Tensor, teacher: Tensor, loss: int, beta: float) -
     """(loss, stats) of SP / RKD-D / RKD-A for ``student [B, Ds]``, ``teacher [B, Dt]`` (same
     dtype, contiguous rows); stats as :func:`kdops.triton.affinity.relation_forward`."""
     (B, Ds), Dt = student.shape, teacher.shape[1]
-    cdt = _compute_dtype(student.dtype)
+    cdt = _alloc.compute_dtype(student.dtype)
     value = _alloc.empty(dtype=cdt, device=student.device)
     stats = _alloc.empty(*_stats_shape(loss, B), dtype=cdt, device=student.device)
     _call("relation_forward", student.device, student.data_ptr(), teacher.data_ptr(), value.data_ptr(),

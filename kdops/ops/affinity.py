@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from kdops import _dispatch, reference
+from kdops._alloc import compute_dtype
 from kdops.ops import validation
 
 AFFINITY_KINDS: tuple[str, ...] = ("dot", "cosine", "euclidean", "squared_euclidean")  # code = index
@@ -72,9 +73,6 @@ def implementation(backend: Optional[str], device: torch.device, dtype: torch.dt
     return name if _KERNELS[name] is not None else "torch"
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 # --------------------------------------------------------------------------- custom ops
 
@@ -87,7 +85,7 @@ def affinity_op(x: Tensor, kind: int, backend: str) -> Tensor:
 
 @affinity_op.register_fake
 def _(x, kind, backend):
-    return x.new_empty((x.shape[0], x.shape[0]), dtype=_compute_dtype(x.dtype))
+    return x.new_empty((x.shape[0], x.shape[0]), dtype=compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("kdops::affinity_backward", mutates_args=())
@@ -126,7 +124,7 @@ def relation_loss_op(student: Tensor, teacher: Tensor, loss: int, beta: float, b
 
 @relation_loss_op.register_fake
 def _(student, teacher, loss, beta, backend):
-    dtype = _compute_dtype(student.dtype)
+    dtype = compute_dtype(student.dtype)
     return student.new_empty((), dtype=dtype), student.new_empty(_stats_shape(loss, student.shape[0]), dtype=dtype)
 
 

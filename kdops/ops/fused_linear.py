@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from kdops import _dispatch, reference
+from kdops._alloc import compute_dtype
 from kdops.ops import validation
 from kdops.ops.kd import KD_KERNELS
 from kdops.ops.saved_grad import scale_saved_grad
@@ -43,10 +44,6 @@ def chunk_rows(n_rows: int, vocab: int, itemsize: int, chunk_size: Optional[int]
     per_row = vocab * ((2 + n_teachers) * itemsize + 4)
     return max(1, min(max(n_rows, 1), CHUNK_BUDGET_BYTES // per_row))
 
-
-def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Weight gradients are accumulated over chunks in float32 (float64 for float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # A teacher's (hidden [N, Ht], weight [V, Ht], bias [V] or None).
@@ -70,10 +67,10 @@ def _chunked(
     teachers: their chunk logits ``[K, n, V]`` go to the kernel, mixed with ``log_weights``."""
     kernel = KD_KERNELS[backend]
     n = h.shape[0]
-    rows = h.new_zeros(n, dtype=_grad_dtype(h.dtype))
+    rows = h.new_zeros(n, dtype=compute_dtype(h.dtype))
     gh = torch.zeros_like(h) if needs[0] else h.new_empty(0)
-    gw = torch.zeros(w.shape, dtype=_grad_dtype(w.dtype), device=w.device) if needs[1] else w.new_empty(0)
-    gb = torch.zeros(w.shape[0], dtype=_grad_dtype(w.dtype), device=w.device) if needs[2] else w.new_empty(0)
+    gw = torch.zeros(w.shape, dtype=compute_dtype(w.dtype), device=w.device) if needs[1] else w.new_empty(0)
+    gb = torch.zeros(w.shape[0], dtype=compute_dtype(w.dtype), device=w.device) if needs[2] else w.new_empty(0)
     any_grad = any(needs)
     # Ignored rows cost nothing: only counted rows are visited.
     order = None if labels is None else (labels != ignore_index).nonzero().squeeze(1)
@@ -146,7 +143,7 @@ def _sum(h, w, b, th, tw, tb, labels, divergence, temperature, beta, hard_weight
 def _sum_fake(h, w, b, th, tw, tb, labels, divergence, temperature, beta, hard_weight, soft_weight,
               ignore_index, chunk, needs, backend, teacher_log_weights=None):
     return (
-        h.new_empty((), dtype=_grad_dtype(h.dtype)),
+        h.new_empty((), dtype=compute_dtype(h.dtype)),
         h.new_empty(h.shape if needs[0] else (0,)),
         w.new_empty(w.shape if needs[1] else (0,)),
         w.new_empty(w.shape[:1] if needs[2] else (0,)),
@@ -182,7 +179,7 @@ def _rows(h, w, b, th, tw, tb, labels, divergence, temperature, beta, hard_weigh
 
 
 def _rows_fake(h, *_):
-    return h.new_empty(h.shape[:1], dtype=_grad_dtype(h.dtype))
+    return h.new_empty(h.shape[:1], dtype=compute_dtype(h.dtype))
 
 
 def _grad(h, w, b, th, tw, tb, labels, row_weights, divergence, temperature, beta, hard_weight,
@@ -386,7 +383,7 @@ def fused_linear_distill_loss(
         rows_op, sum_op = fused_linear_distill_rows, fused_linear_distill_sum
     else:
         head = (h, student_weight, student_bias, *map(list, zip(*flat)), flat_labels)
-        tail = (weights.log().to(_grad_dtype(h.dtype)),)
+        tail = (weights.log().to(compute_dtype(h.dtype)),)
         rows_op, sum_op = fused_linear_multi_distill_rows, fused_linear_multi_distill_sum
     if reduction == "none":
         return rows_op(*head, *options, name, *tail).reshape(lead)

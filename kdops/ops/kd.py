@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from kdops import _dispatch, native, reference
+from kdops._alloc import compute_dtype
 from kdops.ops import validation
 from kdops.ops.saved_grad import scale_saved_grad
 
@@ -39,9 +40,6 @@ KD_KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "cpu": native.kd_forward,
 }
 
-
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("kdops::distill_rows", mutates_args=())
@@ -72,7 +70,7 @@ def distill_rows(
 @distill_rows.register_fake
 def _(student, teacher, labels, divergence, temperature, beta, hard_weight, soft_weight,
       ignore_index, compute_grad, backend, teacher_log_weights=None):
-    loss = student.new_empty(student.shape[:1], dtype=_loss_dtype(student.dtype))
+    loss = student.new_empty(student.shape[:1], dtype=compute_dtype(student.dtype))
     grad = student.new_empty(student.shape if compute_grad else (0,))
     return loss, grad
 
@@ -187,7 +185,7 @@ def distill_loss(
         log_weights = None
     else:
         teacher = _rows(teacher_logits, vocab, n_teachers)
-        log_weights = weights.log().to(_loss_dtype(student.dtype))
+        log_weights = weights.log().to(compute_dtype(student.dtype))
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     soft_weight = (1.0 - hard_weight) * (temperature * temperature if scale_by_temperature_squared else 1.0)
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()

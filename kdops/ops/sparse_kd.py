@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 
 from kdops import _dispatch, native, reference
+from kdops._alloc import compute_dtype
 from kdops.ops import validation
-from kdops.ops.fused_linear import _check_pair, _grad_dtype, chunk_rows
+from kdops.ops.fused_linear import _check_pair, chunk_rows
 from kdops.ops.saved_grad import scale_saved_grad
 
 REST_MASS = ("ignore", "bucket")
@@ -60,9 +61,6 @@ SPARSE_KD_KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "cpu": native.sparse_kd_forward,
 }
 
-
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("kdops::sparse_distill_rows", mutates_args=())
@@ -93,7 +91,7 @@ def sparse_distill_rows(
 @sparse_distill_rows.register_fake
 def _(student, topk_logprobs, topk_indices, labels, divergence, temperature, beta, hard_weight,
       soft_weight, ignore_index, bucket, compute_grad, backend):
-    loss = student.new_empty(student.shape[:1], dtype=_loss_dtype(student.dtype))
+    loss = student.new_empty(student.shape[:1], dtype=compute_dtype(student.dtype))
     return loss, student.new_empty(student.shape if compute_grad else (0,))
 
 
@@ -157,7 +155,7 @@ def _check_sparse_options(rest_mass: str, divergence: str, beta: float) -> bool:
 def _kernel_topk(topk_logprobs: Tensor, topk_indices: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The top-k as the kernels take them: contiguous ``[N, K]`` float32 (float64 for float64
     students) log-probabilities and int32 indices (copies only if needed: ``N * K`` elements)."""
-    values = topk_logprobs.detach().reshape(-1, k).to(_loss_dtype(dtype)).contiguous()
+    values = topk_logprobs.detach().reshape(-1, k).to(compute_dtype(dtype)).contiguous()
     return values, topk_indices.reshape(-1, k).to(torch.int32).contiguous()
 
 
@@ -241,10 +239,10 @@ def _chunked_sparse(
     """Row losses, and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if None)
     to ``h``, ``w``, ``b`` where ``needs`` says so (else empty tensors). Ignored rows are skipped."""
     kernel = SPARSE_KD_KERNELS[backend]
-    rows = h.new_zeros(h.shape[0], dtype=_grad_dtype(h.dtype))
+    rows = h.new_zeros(h.shape[0], dtype=compute_dtype(h.dtype))
     gh = torch.zeros_like(h) if needs[0] else h.new_empty(0)
-    gw = torch.zeros(w.shape, dtype=_grad_dtype(w.dtype), device=w.device) if needs[1] else w.new_empty(0)
-    gb = torch.zeros(w.shape[0], dtype=_grad_dtype(w.dtype), device=w.device) if needs[2] else w.new_empty(0)
+    gw = torch.zeros(w.shape, dtype=compute_dtype(w.dtype), device=w.device) if needs[1] else w.new_empty(0)
+    gb = torch.zeros(w.shape[0], dtype=compute_dtype(w.dtype), device=w.device) if needs[2] else w.new_empty(0)
     any_grad = any(needs)
     order = None if labels is None else (labels != ignore_index).nonzero().squeeze(1)
     count = h.shape[0] if order is None else order.numel()
@@ -287,7 +285,7 @@ def fused_linear_sparse_distill(
 def _(h, w, b, values, indices, labels, row_weights, divergence, temperature, beta, hard_weight,
       soft_weight, ignore_index, bucket, chunk, needs, backend):
     return (
-        h.new_empty(h.shape[:1], dtype=_grad_dtype(h.dtype)),
+        h.new_empty(h.shape[:1], dtype=compute_dtype(h.dtype)),
         h.new_empty(h.shape if needs[0] else (0,)),
         w.new_empty(w.shape if needs[1] else (0,)),
         w.new_empty(w.shape[:1] if needs[2] else (0,)),

@@ -79,9 +79,6 @@ ANGLE_BLOCK = 128 if _INTERPRET else 32  # RKD-A tiles (the interpreter pays per
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _tl_compute(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -430,7 +427,7 @@ def _options(x: Tensor) -> dict:
 def sq_norms(x: Tensor) -> Tensor:
     """``[B]`` squared row norms of ``x [B, D]`` (compute dtype)."""
     B, D = x.shape
-    out = _alloc.empty(B, dtype=_compute_dtype(x.dtype), device=x.device)
+    out = _alloc.empty(B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
     if B:
         _sq_norms_kernel[(triton.cdiv(B, BLOCK),)](x, out, B, D, x.stride(0), BLOCK_M=BLOCK, BLOCK_K=BLOCK_K,
                                                    COMPUTE=_tl_compute(x.dtype))
@@ -440,7 +437,7 @@ def sq_norms(x: Tensor) -> Tensor:
 def affinity_forward(x: Tensor, kind: int) -> Tensor:
     """``[B, B]`` affinity (compute dtype) of the rows of ``x [B, D]`` (rows contiguous)."""
     B, D = x.shape
-    out = _alloc.empty(B, B, dtype=_compute_dtype(x.dtype), device=x.device)
+    out = _alloc.empty(B, B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
     if B == 0:
         return out
     norms = sq_norms(x) if kind in (COSINE, EUCLIDEAN, SQUARED_EUCLIDEAN) else out
@@ -466,7 +463,7 @@ def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor
     dx = _alloc.empty(B, D, dtype=x.dtype, device=x.device)
     if B == 0:
         return dx
-    cdt = _compute_dtype(x.dtype)
+    cdt = _alloc.compute_dtype(x.dtype)
     w = _alloc.empty(B, B, dtype=cdt, device=x.device)
     delta = _alloc.empty(B, dtype=cdt, device=x.device) if kind == COSINE else None
     norms = sq_norms(x) if kind == COSINE else w
@@ -479,7 +476,7 @@ def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor
 
 def _row_stat(x: Tensor, norms: Tensor, loss: int) -> Tensor:
     B, D = x.shape
-    out = _alloc.empty(B, dtype=_compute_dtype(x.dtype), device=x.device)
+    out = _alloc.empty(B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
     _row_stat_kernel[(triton.cdiv(B, BLOCK),)](x, norms, out, B, D, x.stride(0), LOSS=loss, BLOCK_M=BLOCK,
                                                BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(x))
     return out
@@ -496,7 +493,7 @@ def relation_forward(student: Tensor, teacher: Tensor, loss: int, beta: float) -
     dtype, contiguous rows). ``stats`` (compute dtype) is what the backward needs: SP
     ``[3, B]`` = (1/r_s, 1/r_t, B^2/2 c); RKD-D ``[3]`` = (mu_s, mu_t, kappa); RKD-A ``[0]``."""
     if loss == RKD_ANGLE:
-        return _angle(student, teacher, beta, None), student.new_empty(0, dtype=_compute_dtype(student.dtype))
+        return _angle(student, teacher, beta, None), student.new_empty(0, dtype=_alloc.compute_dtype(student.dtype))
     B = student.shape[0]
     ns, nt = _norms_for(student, teacher, loss)
     row_s, row_t = _row_stat(student, ns, loss), _row_stat(teacher, nt, loss)

@@ -220,7 +220,7 @@ def kd_forward(
             f"the triton backend takes float32, float16, bfloat16 or float64 logits; got {student.dtype}"
         )
     n_rows, vocab = student.shape
-    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss_dtype = _alloc.compute_dtype(student.dtype)
     loss = _alloc.empty(n_rows, dtype=loss_dtype, device=student.device)
     grad = (
         _alloc.empty(n_rows, vocab, dtype=student.dtype, device=student.device)

@@ -174,7 +174,7 @@ def sparse_kd_forward(
         raise TypeError(f"the triton backend takes float32, float16, bfloat16 or float64 logits; got {student.dtype}")
     n_rows, vocab = student.shape
     k = topk_indices.shape[1]
-    loss_dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss_dtype = _alloc.compute_dtype(student.dtype)
     loss = _alloc.empty(n_rows, dtype=loss_dtype, device=student.device)
     grad = _alloc.empty(n_rows, vocab, dtype=student.dtype, device=student.device) if compute_grad else student.new_empty(0)
     if n_rows == 0:
