@@ -45,6 +45,17 @@ def _exp_sum(z, m_old, m_new, x, scale):
 
 
 @triton.jit
+def _write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
+    """An ignored row (label == ignore_index): loss 0 and, with COMPUTE_GRAD, a zero gradient row."""
+    if COMPUTE_GRAD:
+        offs = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            tl.store(g_row + cols, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=cols < V)
+    tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, other, MULTI: tl.constexpr):
     """The teacher logits at ``cols``: ``[BLOCK_V]``, or with MULTI ``[BLOCK_V, BLOCK_K]`` (teacher
     ``k`` in column k; columns past K and lanes past V read ``other``)."""
@@ -105,11 +116,7 @@ def _kd_row_kernel(
         label = tl.load(labels_ptr + row)
         ignored = label == ignore_index
     if ignored:
-        if COMPUTE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=cols < V)
-        tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
+        _write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
     else:
         # Pass 1: running maxima m_s, m_t of s and t; z_s, z_t, z_1 = sums of exp((s - m_s) / T),
         # exp((t - m_t) / T), exp(s - m_s). With MULTI, m_t and z_t are [BLOCK_K] (one per teacher).

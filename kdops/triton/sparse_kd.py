@@ -24,7 +24,7 @@ from torch import Tensor
 
 from kdops import _alloc
 from kdops.triton.divergence import divergence_term
-from kdops.triton.kd import _ACC_DTYPE, _exp_sum, _mixture_logs
+from kdops.triton.kd import _ACC_DTYPE, _exp_sum, _mixture_logs, _write_ignored_row
 
 _MAX_BLOCK = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
 _MIN_BLOCK = 16
@@ -60,11 +60,7 @@ def _sparse_kd_row_kernel(
         label = tl.load(labels_ptr + row)
         ignored = label == ignore_index
     if ignored:
-        if COMPUTE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs_v
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=cols < V)
-        tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
+        _write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
     else:
         # Pass 1: m_s = max s; z_s, z_1 = sums of exp((s - m_s) / T), exp(s - m_s).
         m_s = tl.full([], float("-inf"), ACC)
