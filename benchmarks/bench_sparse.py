@@ -21,10 +21,7 @@ k; held-out perplexities are compared. Prints tables and writes JSON to benchmar
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +30,10 @@ from pathlib import Path
 import torch
 
 import kdops
+from kdops.bench.measure import machine_info, median_seconds
 from kdops.cache import TeacherCache
+
+CPU = torch.device("cpu")
 
 
 def zipf_teacher(n: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
@@ -42,17 +42,6 @@ def zipf_teacher(n: int, vocab: int, generator: torch.Generator) -> torch.Tensor
     base = -1.1 * ranks.log()
     order = torch.argsort(torch.rand(n, vocab, generator=generator), dim=-1)
     return base[order] + 0.3 * torch.randn(n, vocab, generator=generator)
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def demo_students(ks: list[int], seed: int = 0) -> dict:
@@ -148,7 +137,7 @@ def main() -> None:
         student.grad = None
         kdops.distill_loss(student, teacher, temperature=T, backend=backend).backward()
 
-    dense_time = timed(dense_step, args.repeats)
+    dense_time = median_seconds(dense_step, CPU, args.repeats, warmup=1)
     dense_loss = kdops.distill_loss(student, teacher, temperature=T, backend=backend)
     student.grad = None
     dense_loss.backward()
@@ -169,7 +158,7 @@ def main() -> None:
                 kdops.sparse_distill_loss(student, batch.logprobs, batch.indices, temperature=T,
                                           rest_mass=rest_mass, backend=backend).backward()
 
-            row[f"{rest_mass}_seconds"] = timed(sparse_step, args.repeats)
+            row[f"{rest_mass}_seconds"] = median_seconds(sparse_step, CPU, args.repeats, warmup=1)
             student.grad = None
             loss = kdops.sparse_distill_loss(student, batch.logprobs, batch.indices, temperature=T, rest_mass=rest_mass,
                                              backend=backend)
@@ -192,20 +181,23 @@ def main() -> None:
               f"{r['coverage_mean']:>9.4f} {r['ignore_seconds'] * 1e3:>10.1f} {r['bucket_seconds'] * 1e3:>10.1f} "
               f"{dense_time / r['bucket_seconds']:>7.2f}x {r['ignore_loss_gap']:>8.4f} {r['bucket_loss_gap']:>8.4f} "
               f"{r['ignore_grad_cosine']:>8.4f} {r['bucket_grad_cosine']:>8.4f}")
+    dense_row = {"k": f"{vocab} (dense)", "disk_bytes_per_token": dense_bytes, "coverage_mean": 1.0,
+                 "dense_seconds": dense_time, "dense_loss": float(dense_loss)}
+    info = machine_info(CPU)
     result = {
-        "benchmark": "sparse_distill_loss vs distill_loss", "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", "benchmarks/bench_sparse.py", *sys.argv[1:]]),
-        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "vocab": vocab, "tokens": n, "temperature": T, "backend": backend or "auto",
-        "dense": {"bytes_per_token": dense_bytes, "seconds": dense_time, "loss": float(dense_loss)},
-        "sparse": rows,
+        "benchmark": "sparse", "command": " ".join(["python", "benchmarks/bench_sparse.py", *sys.argv[1:]]),
+        "machine": info, "vocab": vocab, "tokens": n, "temperature": T, "backend": backend or "auto",
+        "rows": [dense_row, *rows], "tables": {},
     }
     if args.demo:
         print("end-to-end, kdops.demo language-model data (V = 8192):")
-        result["demo"] = demo_students(args.ks)
+        demo = demo_students(args.ks)
+        result["tables"][f"end-to-end students on the kdops.demo language-model data (V = {demo.pop('vocab')}), "
+                         f"teacher perplexity {demo.pop('teacher_perplexity'):.1f}"] = [
+            {"student": name, **values} for name, values in demo.items()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sparse-{'cuda' if torch.cuda.is_available() else 'cpu'}-{result['date']}.json"
+    path = out / f"sparse-cpu-{info['date']}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -15,9 +15,10 @@ TINY = ["--repeats", "1", "--warmup", "0", "--compile-backend", "eager", "--devi
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """One in-process run of three ops on odd tiny shapes; returns (json path, result)."""
+    """One in-process run of four ops on odd tiny shapes; returns (json path, result)."""
     out_dir = tmp_path_factory.mktemp("results")
-    argv = ["--ops", "kd", "fused_linear", "sp", "--shapes", "6x50", "fused_linear:5x7x33", *TINY,
+    argv = ["--ops", "kd", "fused_linear", "sparse_kd", "sp", "--shapes", "6x50", "fused_linear:5x7x33",
+            "sparse_kd:6x50x7", *TINY,
             "--out-dir", str(out_dir), "--name", "tiny"]
     assert cli.main(argv) == 0
     path = out_dir / "tiny-cpu-{}.json".format(measure.machine_info(torch.device("cpu"))["date"])
@@ -27,15 +28,16 @@ def tiny_run(tmp_path_factory):
 def test_json_structure(tiny_run):
     path, result = tiny_run
     assert result["suite"] == report.SUITE and result["benchmark"] == "tiny"
-    assert result["command"].startswith("python -m kdops.bench --ops kd fused_linear sp --shapes 6x50")
+    assert result["command"].startswith("python -m kdops.bench --ops kd fused_linear sparse_kd sp --shapes 6x50")
     assert result["device_name"] == result["machine"]["cpu"]
     for key in ("date", "torch", "kdops", "python", "cpu_count", "backends"):
         assert key in result["machine"]
     assert result["settings"]["repeats"] == 1 and "VmHWM" in result["settings"]["memory"]
-    assert result["ops"] == ["kd", "fused_linear", "sp"]
+    assert result["ops"] == ["kd", "fused_linear", "sparse_kd", "sp"]
     by_op = {op: [r for r in result["rows"] if r["op"] == op] for op in result["ops"]}
     assert {r["shape"] for r in by_op["kd"]} == {"6x50"} and {r["shape"] for r in by_op["sp"]} == {"6x50"}
     assert {(r["N"], r["H"], r["V"]) for r in by_op["fused_linear"]} == {(5, 7, 33)}
+    assert {(r["N"], r["V"], r["K"]) for r in by_op["sparse_kd"]} == {(6, 50, 7)}
     expected = {"torch-eager", "torch-compile"} | ({"kdops-cpu"} if kdops.available_backends()["cpu"].available else set())
     assert expected <= {r["method"] for r in by_op["kd"]}
     assert "kdops-unfused" in {r["method"] for r in by_op["fused_linear"]}
@@ -57,7 +59,7 @@ def test_markdown_and_plot(tiny_run):
     for op in result["ops"]:
         assert f"## {op}: " in text
     header = "| dtype | shape | method | fwd ms | fwd+bwd ms |"
-    assert text.count(header) == 3
+    assert text.count(header) == 4
     table_rows = [line for line in text.splitlines() if line.startswith("| float32 |")]
     assert len(table_rows) == len(result["rows"])
     if any(n.startswith("plots skipped") for n in result["notes"]):
@@ -77,7 +79,8 @@ def test_results_page(tiny_run, tmp_path):
     path, result = tiny_run
     (tmp_path / path.name).write_text(path.read_text())
     legacy = {"benchmark": "affinity", "machine": result["machine"],
-              "rows": [{"loss": "sp", "method": "reference", "batch": 8, "fwd_bwd_ms": 1.25}]}
+              "rows": [{"loss": "sp", "method": "reference", "batch": 8, "fwd_bwd_ms": 1.25}],
+              "tables": {"students": [{"student": "top-8 cache", "perplexity": 80.5}], "empty": []}}
     (tmp_path / "affinity-cpu-2026-01-01.json").write_text(json.dumps(legacy))
     (tmp_path / "unrelated.json").write_text("[1, 2]")
     assert cli.main(["report", "--results-dir", str(tmp_path)]) == 0
@@ -87,6 +90,8 @@ def test_results_page(tiny_run, tmp_path):
     assert "command: not recorded (written by `benchmarks/bench_affinity.py`)" in page
     assert f"`{result['command']}`" in page and page.count("- machine: ") == 2
     assert "| loss | method | batch | fwd_bwd_ms |" in page and "| sp | reference | 8 | 1.25 |" in page
+    assert "students:\n\n| student | perplexity |\n|---|---|\n| top-8 cache | 80.5 |" in page
+    assert "empty:" not in page
     assert "unrelated" not in page
 
 

@@ -49,9 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", default=["all"], choices=list(PRESETS),
                    help="ops or presets (affinity = sp rkd_distance rkd_angle; all = every op)")
     p.add_argument("--shapes", nargs="+", default=None, metavar="[OP:]SHAPE",
-                   help="sizes joined by x: NxV (kd), NxHxV (fused_linear), BxD (sp, rkd_*); a bare shape "
-                        "applies to every selected op with that many sizes, OP:SHAPE to that op or preset; "
-                        "ops given no shape use this device's defaults")
+                   help="sizes joined by x: NxV (kd), NxHxV (fused_linear), NxVxK (sparse_kd), BxD (sp, rkd_*); "
+                        "a bare shape applies to every selected op with that many sizes, OP:SHAPE to that op or "
+                        "preset; ops given no shape use this device's defaults")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"] if cuda else ["float32"],
                    choices=list(measure.DTYPES))
     p.add_argument("--backends", nargs="+", default=None, choices=list(BACKENDS),

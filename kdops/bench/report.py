@@ -81,17 +81,25 @@ def markdown(result: dict, level: int = 2) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def legacy_markdown(result: dict) -> str:
-    """A result file of another shape (the rows of the per-family scripts): every key a column."""
-    columns = list(dict.fromkeys(k for r in result["rows"] for k in r))
+def _rows_table(rows: list[dict]) -> str:
+    """Rows of any keys as a Markdown table: every key a column."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in result["rows"]:
+    for r in rows:
         cells = []
         for k in columns:
             v = r.get(k, "")
             cells.append((f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}") if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(header(result)) + "\n\n" + "\n".join(lines) + "\n"
+    return "\n".join(lines)
+
+
+def legacy_markdown(result: dict) -> str:
+    """A result file of another shape (the rows of the studies in ``benchmarks/``): every key a
+    column, then each of its named ``tables`` (title -> rows), if any."""
+    parts = ["\n".join(header(result)), _rows_table(result["rows"])]
+    parts += [f"{title}:\n\n{_rows_table(rows)}" for title, rows in result.get("tables", {}).items() if rows]
+    return "\n\n".join(parts) + "\n"
 
 
 def plot(result: dict, path: Path) -> Optional[str]:

@@ -7,6 +7,7 @@ Every op is measured with the same set of methods:
 plus, per op, other libraries' losses where they are installed (import-guarded, GPU only):
   kd:            liger-kldiv    Liger-Kernel's LigerKLDIVLoss on log_softmax(s/T), log_softmax(t/T)
                  torchtune-fkl  torchtune's ForwardKLLoss on s/T, t/T (times T^2)
+  sparse_kd:     (torch-eager: forward KL over the top-k renormalised, the usual way to write it)
   fused_linear:  kdops-unfused  logits materialised, then kdops.distill_loss
                  liger-jsd      Liger-Kernel's LigerFusedLinearJSD (beta 0.5: another divergence,
                                 the same work)
@@ -217,6 +218,39 @@ def _fused_linear_check(rows: list[dict]) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------- sparse_kd
+
+
+def torch_eager_sparse_kd(s: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, temperature: float) -> Tensor:
+    """Forward KL from a cached top-k teacher renormalised over its K entries, ``* T^2``, batch
+    mean, the way it is written in PyTorch: ``log_softmax(s/T)`` over V, gathered at the top-k."""
+    lt = topk_logprobs.float().log_softmax(-1)
+    ls = F.log_softmax(s.float() / temperature, -1).gather(-1, topk_indices.long())
+    return (lt.exp() * (lt - ls)).sum(-1).mean() * temperature * temperature
+
+
+def _sparse_kd_make(size: dict[str, int], dtype: torch.dtype, device: torch.device) -> Workload:
+    n, vocab, k = size["N"], size["V"], size["K"]
+    if k > vocab:
+        raise ValueError(f"sparse_kd shape NxVxK: K = {k} must be <= V = {vocab}")
+    s = torch.randn(n, vocab, device=device).mul_(3).to(dtype)
+    teacher = torch.randn(n, vocab, device=device).mul_(3)
+    values, indices = teacher.log_softmax(-1).topk(k, dim=-1)  # log-probabilities at T = 1, as a cache holds
+    del teacher
+    return Workload((s, values.to(dtype), indices.to(torch.int32)), (0,), s.numel() * s.element_size())
+
+
+def _sparse_kd_methods(device: torch.device, dtype: torch.dtype,
+                       options: Options) -> tuple[dict[str, Method], list[str]]:
+    T = options.temperature
+    return _common(
+        lambda s, v, i: torch_eager_sparse_kd(s, v, i, T),
+        lambda s, v, i: reference.sparse_distill_loss(s, v, i, temperature=T),
+        device, dtype, options,
+        lambda b: lambda s, v, i: kdops.sparse_distill_loss(s, v, i, temperature=T, backend=b),
+    )
+
+
 # --------------------------------------------------------------------------- relation losses
 
 
@@ -260,6 +294,10 @@ OPS: dict[str, Op] = {
            {"cpu": ("4096x1024x32000",),
             "cuda": tuple(f"{n}x4096x{v}" for n in (4096, 16384) for v in (32000, 128256, 151936))},
            _fused_linear_make, _fused_linear_methods, _fused_linear_check),
+        Op("sparse_kd", "kdops.sparse_distill_loss: KD from a cached top-k teacher on [N, V] student logits",
+           ("N", "V", "K"), {"cpu": ("4096x32000x32", "1024x128256x64"),
+                             "cuda": ("4096x32000x64", "4096x128256x64", "16384x128256x128")},
+           _sparse_kd_make, _sparse_kd_methods),
         Op("sp", "kdops.similarity_preserving_loss on [B, D] features", ("B", "D"), _RELATION_SHAPES,
            _features_make, _relation_methods("similarity_preserving_loss")),
         Op("rkd_distance", "kdops.rkd_distance_loss on [B, D] features", ("B", "D"), _RELATION_SHAPES,
