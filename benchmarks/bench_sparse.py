@@ -192,9 +192,9 @@ def main() -> None:
     if args.demo:
         print("end-to-end, kdops.demo language-model data (V = 8192):")
         demo = demo_students(args.ks)
-        result["tables"][f"end-to-end students on the kdops.demo language-model data (V = {demo.pop('vocab')}), "
-                         f"teacher perplexity {demo.pop('teacher_perplexity'):.1f}"] = [
-            {"student": name, **values} for name, values in demo.items()]
+        title = (f"end-to-end students on the kdops.demo language-model data (V = {demo.pop('vocab')}), "
+                 f"teacher perplexity {demo.pop('teacher_perplexity'):.1f}")
+        result["tables"][title] = [{"student": name, **values} for name, values in demo.items()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"sparse-cpu-{info['date']}.json"
