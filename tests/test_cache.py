@@ -2,6 +2,7 @@
 concurrent readers, the CLI, and distillation from a cache."""
 import json
 import math
+import multiprocessing
 import subprocess
 import sys
 import threading
@@ -158,6 +159,56 @@ def test_concurrent_readers(tmp_path):
     assert not errors and results == [want] * 8
     with ProcessPoolExecutor(2) as pool:  # and separate processes
         assert list(pool.map(_read_all, [str(tmp_path)] * 2)) == [want] * 2
+
+
+def _write_ids(path, first_id, n_batches):
+    """A writer process: its own example ids, flushed every 10 tokens (a shard per batch)."""
+    write_cache(path, n_batches=n_batches, first_id=first_id, shard_tokens=10)
+    return first_id
+
+
+def test_concurrent_writers(tmp_path):
+    """Writers in separate processes and in threads, flushing into one cache at once: every
+    example of every writer is there, bit-exact, and no shard was overwritten."""
+    n_batches, firsts = 6, [0, 100, 200, 300]
+    # spawned, not forked: a child forked from a process whose OpenMP pool is running can hang in torch
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_write_ids, str(tmp_path), first, n_batches) for first in firsts[:2]]
+        threads = [threading.Thread(target=_write_ids, args=(str(tmp_path), first, n_batches)) for first in firsts[2:]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(f.result() for f in futures) == firsts[:2]
+    cache = TeacherCache(tmp_path, verify=True)
+    cache.verify_all()
+    assert len(cache) == 2 * n_batches * len(firsts) and cache.num_tokens == 10 * n_batches * len(firsts)
+    assert len(cache.manifest["shards"]) == n_batches * len(firsts)
+    for first in firsts:
+        for e in range(first, first + 2 * n_batches):
+            values, indices, rest = expected(e, first_id=first)
+            got = cache[e]
+            assert torch.equal(got.indices, indices) and torch.equal(got.rest_logprob, rest)
+            assert torch.equal(got.logprobs, values.to(torch.bfloat16))
+
+
+def test_writer_sees_other_writers_ids(tmp_path):
+    """Two writers opened on the same cache; the second one's buffered id was meanwhile written by
+    the first: its flush refuses (nothing written) instead of storing the id twice."""
+    first = TeacherCache(tmp_path, k=K, temperature=T, vocab_size=V, shard_tokens=1000)
+    second = TeacherCache(tmp_path, k=K, temperature=T, vocab_size=V, shard_tokens=1000)
+    first.write([0, 1], logits_batch(2, 5, 0))
+    second.write([1, 2], logits_batch(2, 5, 1))
+    first.flush()
+    with pytest.raises(CacheError, match=r"example ids \[1\] were added .* by another writer"):
+        second.flush()
+    assert sorted(TeacherCache(tmp_path).example_ids()) == [0, 1]
+    mismatched = TeacherCache(tmp_path / "other", k=K, temperature=T, vocab_size=V)
+    mismatched.write(5, logits_batch(1, 5, 2)[0])
+    with TeacherCache(tmp_path / "other", k=K, temperature=T, vocab_size=V, dtype="float32") as other:
+        other.write(6, logits_batch(1, 5, 3)[0])  # the cache is created on this flush, in float32
+    with pytest.raises(CacheError, match="now has dtype='float32'; this writer was opened with dtype='bfloat16'"):
+        mismatched.flush()
 
 
 def test_build_cache_progress_and_cli(tmp_path, capfd):

@@ -20,10 +20,14 @@ is replaced atomically after the shard's files are complete, so an interrupted r
 its unflushed tokens, and a cache reopened with the same settings is appended to. Truncated
 files are detected when the cache is opened (sizes), corrupted ones before a shard's first use
 (checksums, ``verify=True``): both raise :class:`CacheError` and return no data. Any number of
-readers (threads or processes) may use a cache at once; one writer at a time.
+readers and writers (threads or processes, e.g. one teacher process per data shard) may use a
+cache at once: flushes are serialised by an exclusive lock on ``.lock`` in the directory
+(``fcntl.flock``: POSIX file systems; NFS only where it supports flock), and each flush first
+adopts the shards other writers have added. A reader sees the shards that existed when it opened.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -49,6 +53,12 @@ VALUE_DTYPES = {
     "bfloat16": (torch.bfloat16, np.int16),  # raw bits, viewed as torch.bfloat16
 }
 _FILES = ("values", "indices", "rest", "examples")
+LOCK = ".lock"
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): one writer at a time, as documented
+    fcntl = None
 
 
 class CacheError(ValueError):
@@ -86,6 +96,20 @@ def _sha256(path: Path) -> str:
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path):
+    """Holds an exclusive lock on ``directory / LOCK`` (across processes) for the ``with`` block."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK, "a+b") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -208,16 +232,33 @@ class TeacherCache:
                     )
         return manifest
 
-    def _build_index(self) -> dict[int, tuple[int, int, int]]:
-        """example id -> (shard, first token, tokens), from the shards' small example tables
-        (checksummed now when ``verify``; the other files before their first read)."""
-        index: dict[int, tuple[int, int, int]] = {}
-        for n in range(len(self.manifest["shards"])):
+    def _build_index(self, index: Optional[dict] = None, first_shard: int = 0) -> dict[int, tuple[int, int, int]]:
+        """example id -> (shard, first token, tokens), from the small example tables of the shards
+        from ``first_shard`` on, added to ``index`` (checksummed now when ``verify``; the other
+        files before their first read)."""
+        index = {} if index is None else index
+        for n in range(first_shard, len(self.manifest["shards"])):
             if self.verify:
                 self._check_sum(n, "examples")
             for eid, start, length in self._map(n, "examples").tolist():
                 index[eid] = (n, start, length)
         return index
+
+    def _adopt_new_shards(self) -> None:
+        """Takes in the shards other writers have added since this object read the manifest
+        (called under the directory lock)."""
+        path = self.directory / MANIFEST
+        if not path.exists():
+            return
+        known = len(self.manifest["shards"])
+        on_disk = self._load_manifest(path)
+        for key in ("k", "temperature", "vocab_size", "dtype"):
+            if on_disk[key] != self.manifest[key]:
+                raise CacheError(f"the cache at {self.directory} now has {key}={on_disk[key]!r}; this writer was "
+                                 f"opened with {key}={self.manifest[key]!r}")
+        if len(on_disk["shards"]) > known:
+            self.manifest = on_disk
+            self._build_index(self._index, first_shard=known)
 
     def _check_sum(self, n: int, kind: str) -> None:
         entry = self.manifest["shards"][n]["files"][kind]
@@ -338,10 +379,20 @@ class TeacherCache:
             self.flush()
 
     def flush(self) -> None:
-        """Writes the buffered examples as a new shard and updates the manifest (atomically)."""
+        """Writes the buffered examples as a new shard and updates the manifest (atomically),
+        holding the directory's lock; :class:`CacheError` (nothing written, the examples stay
+        buffered) if another writer has meanwhile added one of their example ids."""
         if not self._pending:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._lock, _directory_lock(self.directory):
+            self._adopt_new_shards()
+            taken = [p[0] for p in self._pending if p[0] in self._index]
+            if taken:
+                raise CacheError(f"example ids {taken[:8]} were added to the cache at {self.directory} by another "
+                                 "writer; nothing was written")
+            self._write_shard()
+
+    def _write_shard(self) -> None:
         n = len(self.manifest["shards"])
         lengths = np.array([p[1].shape[0] for p in self._pending], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
