@@ -1,8 +1,10 @@
 """kdops.cache.TeacherCache: bit-exact round trips, appending, corruption and mismatch errors,
-concurrent readers, the CLI, and distillation from a cache."""
+concurrent readers and writers, the CLI, and distillation from a cache."""
+import importlib.metadata
 import json
 import math
 import multiprocessing
+import shutil
 import subprocess
 import sys
 import threading
@@ -209,6 +211,22 @@ def test_writer_sees_other_writers_ids(tmp_path):
         other.write(6, logits_batch(1, 5, 3)[0])  # the cache is created on this flush, in float32
     with pytest.raises(CacheError, match="now has dtype='float32'; this writer was opened with dtype='bfloat16'"):
         mismatched.flush()
+
+
+def test_console_script(tmp_path):
+    """``kdops-cache`` (installed by pip) is the same CLI as ``python -m kdops.cache``."""
+    scripts = {ep.name: ep for ep in importlib.metadata.entry_points(group="console_scripts")
+               if ep.value.startswith("kdops.")}
+    if not scripts:
+        pytest.skip("kdops is not pip-installed here (no console scripts)")
+    assert scripts["kdops-cache"].load() is cache_cli
+    executable = shutil.which("kdops-cache")
+    if executable is None:
+        pytest.skip("kdops-cache is not on PATH")
+    write_cache(tmp_path)
+    done = subprocess.run([executable, str(tmp_path), "--json"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tokens"] == 30
 
 
 def test_build_cache_progress_and_cli(tmp_path, capfd):

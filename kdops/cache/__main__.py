@@ -1,16 +1,18 @@
-"""``python -m kdops.cache DIR``: a teacher cache's manifest and statistics (tokens, k, disk bytes
+"""``python -m kdops.cache DIR`` (or ``kdops-cache DIR``): a teacher cache's manifest and statistics (tokens, k, disk bytes
 per token, coverage = the kept probability mass per token). ``--verify`` checks every checksum."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from kdops.cache import CacheError, TeacherCache
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdops.cache", description=__doc__)
+    prog = "kdops-cache" if Path(sys.argv[0]).name == "kdops-cache" else "python -m kdops.cache"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("directory", help="the cache directory (holding manifest.json)")
     parser.add_argument("--verify", action="store_true", help="check every shard's SHA-256 now")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
