@@ -210,7 +210,7 @@ def _shard_rows(
                 f"ignore_index={opts.ignore_index}, and the ranks' vocab_start must tile [0, V); "
                 "a counted label is held by no rank or by several"
             )
-        ce = m_s.squeeze(1) + sums[2].log() - sums[3]
+        ce = (m_s.squeeze(1) - sums[3]) + sums[2].log()  # max - label logit first: exact where they are close
         row = row + opts.hard_weight * torch.where(labelled_once, ce, math.nan)
     if valid is not None:
         row = torch.where(valid, row, 0.0)
