@@ -402,15 +402,17 @@ def sparse_distill_row_loss(
     and the ``[N]`` mask of rows that count:
     ``row = a * CE(s, label) + (1 - a) * c * D(teacher buckets, student buckets)`` (buckets of
     :func:`sparse_buckets`, ``a = hard_weight``, ``c = T**2`` or 1)."""
-    log_ps, log_pt = sparse_buckets(student_logits, topk_logprobs, topk_indices,
-                                    temperature=temperature, rest_mass=rest_mass)
+    # upcast once: both terms' gradients then add in float32 before the one rounding to the input
+    # dtype (two upcasts would round each term's gradient to bf16 / fp16 and add the roundings)
+    s = _upcast(student_logits)
+    log_ps, log_pt = sparse_buckets(s, topk_logprobs, topk_indices, temperature=temperature, rest_mass=rest_mass)
     c = temperature * temperature if scale_by_temperature_squared else 1.0
     row = (1.0 - hard_weight) * c * soft_divergence(log_ps, log_pt, divergence, beta)
     if labels is None:
         return row, torch.ones(row.shape, dtype=torch.bool, device=row.device)
     valid = labels != ignore_index
     if hard_weight > 0:
-        row = row + hard_weight * hard_label_cross_entropy(_upcast(student_logits), labels, valid)
+        row = row + hard_weight * hard_label_cross_entropy(s, labels, valid)
     return torch.where(valid, row, torch.zeros_like(row)), valid
 
 
