@@ -54,9 +54,9 @@ def _triton_status(interpreting: bool) -> BackendStatus:
 
 @functools.lru_cache(maxsize=None)
 def _native_status(which: str) -> BackendStatus:
-    from kdops import native
+    from kdops.backends.native import _module
 
-    ok, reason = native.cpu_status() if which == "cpu" else native.cuda_status()
+    ok, reason = _module.cpu_status() if which == "cpu" else _module.cuda_status()
     return BackendStatus(ok, reason)
 
 

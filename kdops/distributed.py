@@ -21,7 +21,7 @@ and the gradient is local once ``A`` is known::
     CE = m_s + log Z_1 - s_label,      dCE/ds_j = exp(s_j - m_s) / Z_1 - [j = label]
 
 The terms ``d_j`` and ``q_j = a_j`` up to a per-row constant times ``p_s,j`` (which cancels) are
-those of the kernels (:mod:`kdops.triton.divergence`). Work is done with per-shard torch ops in
+those of the kernels (:mod:`kdops.backends.triton.divergence`). Work is done with per-shard torch ops in
 float32 (float64 for float64 logits), with a few ``[N, V_r]`` temporaries (no fused kernel: on
 one CPU process about 3x the time of :func:`kdops.distill_loss`); the gradient is computed in
 forward, so backward is a scale.
@@ -131,7 +131,7 @@ def _divergence_terms(log_ps: Tensor, log_pt: Tensor, ps: Tensor, pt: Tensor, di
     """Elementwise ``(d, q)`` of a divergence at student / teacher log-probabilities: ``D = sum d``
     and ``q = p_s * dD/dp_s`` up to a per-row constant times ``p_s``, so that with ``S = sum q``
     the gradient to the logits ``z = s / T`` is ``q - p_s * S`` (the formulas of
-    :mod:`kdops.triton.divergence`; ``p * x`` is 0 where ``p = 0``, as in the reference)."""
+    :mod:`kdops.backends.triton.divergence`; ``p * x`` is 0 where ``p = 0``, as in the reference)."""
     def times(p: Tensor, x: Tensor) -> Tensor:
         return p * torch.where(p > 0, x, 0.0)
 

@@ -14,18 +14,12 @@ name                row divergence                                              
 =================== ===========================================================  ============
 
 The code of a divergence is its index in :data:`DIVERGENCES`; ``csrc/common/divergence.h``
-and ``kdops/triton/divergence.py`` use the same numbering.
+and ``kdops/backends/triton/divergence.py`` use the same numbering (kdops._codes).
 """
 from __future__ import annotations
 
-DIVERGENCES: tuple[str, ...] = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "tvd",
-)
+from kdops._codes import DIVERGENCES
+
 
 # Divergences whose beta must lie in an interval: name -> (low, high, low_inclusive).
 BETA_RANGES: dict[str, tuple[float, float, bool]] = {

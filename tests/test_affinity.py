@@ -163,7 +163,7 @@ def test_affinity_duplicates_and_zero_rows(backend, kind):
 def test_chunked_backward(monkeypatch):
     """Pair weights in several row chunks (forced small) give the same gradient."""
     require("triton")
-    from kdops.triton import affinity as kernels
+    from kdops.backends.triton import affinity as kernels
 
     monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 1)
     assert kernels._chunk_rows(150, 5) == kernels.BLOCK < 150
@@ -326,7 +326,7 @@ def test_module_wrappers_match_functions():
 
 def test_kernel_table_and_codes():
     """Every backend has an explicit entry; triton, cpu and cuda have kernels, torch runs the reference."""
-    from kdops.triton import affinity as kernels
+    from kdops.backends.triton import affinity as kernels
 
     assert set(ops._KERNELS) == set(kdops.BACKENDS)
     for kind in KINDS:
@@ -343,13 +343,13 @@ def test_kernel_table_and_codes():
 def test_cpu_backend_runs_the_native_kernels(monkeypatch):
     """The automatic choice on CPU tensors is the native kdops._C kernels (not the reference)."""
     require("cpu")
-    from kdops import native_affinity
+    from kdops.backends.native import affinity as native_affinity
 
     cpu = torch.device("cpu")
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         assert ops.implementation(None, cpu, dtype) == "cpu"
     calls = []
-    monkeypatch.setattr(native_affinity, "_call", lambda name, device, *args: calls.append(name))
+    monkeypatch.setattr(native_affinity, "call", lambda name, device, *args: calls.append(name))
     x = torch.randn(4, 3)
     kdops.affinity(x, "dot")
     kdops.similarity_preserving_loss(x.requires_grad_(True), torch.randn(4, 2)).backward()

@@ -1,4 +1,4 @@
-"""The native CPU module kdops._C through kdops.native.kd_forward, against the float64 reference
+"""The native CPU module kdops._C through kdops.backends.native.kd.kd_forward, against the float64 reference
 (kdops.reference.weighted_row_loss and its autograd gradient)."""
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from kdops import native, reference
+from kdops import reference
+from kdops.backends.native import _module
+from kdops.backends.native import kd as native
 from kdops.divergences import DIVERGENCES
 
-_OK, _WHY_NOT = native.cpu_status()
+_OK, _WHY_NOT = _module.cpu_status()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"kdops._C is not available: {_WHY_NOT}")
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)

@@ -1,4 +1,4 @@
-"""The Triton KD kernel (kdops.triton.kd.kd_forward) against the float64 reference row loss and
+"""The Triton KD kernel (kdops.backends.triton.kd.kd_forward) against the float64 reference row loss and
 its autograd gradient. Without a GPU it runs under the interpreter (conftest sets
 TRITON_INTERPRET=1), so the shapes stay tiny."""
 import pytest
@@ -13,7 +13,7 @@ from conftest import GRAD_TOL, LOSS_TOL, assert_close, huge_logits_grad_tol
 if not kdops.available_backends()["triton"].available:
     pytest.skip(kdops.available_backends()["triton"].reason, allow_module_level=True)
 
-from kdops.triton.kd import kd_forward  # noqa: E402  (after the skip: triton may be missing)
+from kdops.backends.triton.kd import kd_forward  # noqa: E402  (after the skip: triton may be missing)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100

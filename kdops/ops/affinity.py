@@ -7,7 +7,7 @@ different feature sizes but share the batch size B. Definitions (``eps = 1e-12``
 
 * ``affinity``: ``[B, B]``: ``dot`` ``x_i . x_j``; ``cosine`` the same of ``x / max(||x||, eps)``;
   ``squared_euclidean`` ``||x_i - x_j||^2``; ``euclidean`` ``sqrt(max(||x_i - x_j||^2, eps))``
-  (both 0 on the diagonal). Gradient: see :mod:`kdops.triton.affinity`.
+  (both 0 on the diagonal). Gradient: see :mod:`kdops.backends.triton.affinity`.
 * SP: ``G = X X^T``, ``G~_i = G_i / max(||G_i||, eps)`` per model; ``L = ||G~s - G~t||_F^2 / B^2``.
 * RKD-D: ``d_ij = sqrt(max(||x_i - x_j||^2, eps))`` for i != j, ``mu`` their mean over the
   ``P = B(B-1)`` ordered pairs; ``L = 1/P sum_{i != j} h(d^s_ij / mu_s - d^t_ij / mu_t)``.
@@ -17,8 +17,8 @@ different feature sizes but share the batch size B. Definitions (``eps = 1e-12``
 
 The losses are float32 (float64 for float64 features), the gradients have the student's dtype;
 the teacher is a constant. Backends (see :mod:`kdops._dispatch`): ``triton``
-(:mod:`kdops.triton.affinity`), ``cpu`` and ``cuda`` (the native kernels ``csrc/cpu/affinity.cpp``
-and ``csrc/cuda/affinity.cu`` through :mod:`kdops.native_affinity`), all with ``O(B * D)`` memory
+(:mod:`kdops.backends.triton.affinity`), ``cpu`` and ``cuda`` (the native kernels ``csrc/cpu/affinity.cpp``
+and ``csrc/cuda/affinity.cu`` through :mod:`kdops.backends.native.affinity`), all with ``O(B * D)`` memory
 for SP and RKD-D (Gram tiles recomputed, never a ``[B, B]`` matrix) and ``O(B^2)`` for RKD-A;
 ``torch`` runs the reference.
 """
@@ -33,20 +33,19 @@ from torch import Tensor
 
 from kdops import _dispatch, reference
 from kdops._alloc import compute_dtype
+from kdops._codes import AFFINITY_KINDS, RKD_ANGLE, RKD_DISTANCE, SP, relation_stats_shape
 from kdops.ops import validation
 
-AFFINITY_KINDS: tuple[str, ...] = ("dot", "cosine", "euclidean", "squared_euclidean")  # code = index
-SP, RKD_DISTANCE, RKD_ANGLE = 0, 1, 2  # relation loss codes (as kdops.triton.affinity)
 
 
 def _triton_kernels() -> ModuleType:
-    from kdops.triton import affinity  # imported late: TRITON_INTERPRET is read at import
+    from kdops.backends.triton import affinity  # imported late: TRITON_INTERPRET is read at import
 
     return affinity
 
 
 def _native_kernels() -> ModuleType:
-    from kdops import native_affinity  # kdops._C (CPU tensors) or kdops._C_cuda (CUDA tensors)
+    from kdops.backends.native import affinity as native_affinity  # kdops._C (CPU tensors) or kdops._C_cuda (CUDA tensors)
 
     return native_affinity
 
@@ -56,7 +55,7 @@ def _native_kernels() -> ModuleType:
 #   affinity_backward(grad [B, B], x, A, kind) -> dx [B, D]
 #   relation_forward(student [B, Ds], teacher [B, Dt], loss, beta) -> (loss [], stats)
 #   relation_backward(grad [], student, teacher, stats, loss, beta) -> dstudent [B, Ds]
-# (contracts in kdops.triton.affinity; stats are produced and read by one backend). None: no
+# (contracts in kdops.backends.triton.affinity; stats are produced and read by one backend). None: no
 # kernels of this family, so calls resolved to that backend run the torch reference.
 _KERNELS: dict[str, Optional[Callable[[], ModuleType]]] = {
     "triton": _triton_kernels,
@@ -112,10 +111,6 @@ def _affinity_backward(ctx, grad: Tensor):
 affinity_op.register_autograd(_affinity_backward, setup_context=_affinity_setup)
 
 
-def _stats_shape(loss: int, batch: int) -> tuple[int, ...]:
-    return {SP: (3, batch), RKD_DISTANCE: (3,), RKD_ANGLE: (0,)}[loss]
-
-
 @torch.library.custom_op("kdops::relation_loss", mutates_args=())
 def relation_loss_op(student: Tensor, teacher: Tensor, loss: int, beta: float, backend: str) -> tuple[Tensor, Tensor]:
     """(loss, stats for the backward) of SP / RKD-D / RKD-A (``loss`` code) of ``[B, D]`` rows."""
@@ -125,7 +120,7 @@ def relation_loss_op(student: Tensor, teacher: Tensor, loss: int, beta: float, b
 @relation_loss_op.register_fake
 def _(student, teacher, loss, beta, backend):
     dtype = compute_dtype(student.dtype)
-    return student.new_empty((), dtype=dtype), student.new_empty(_stats_shape(loss, student.shape[0]), dtype=dtype)
+    return student.new_empty((), dtype=dtype), student.new_empty(relation_stats_shape(loss, student.shape[0]), dtype=dtype)
 
 
 @torch.library.custom_op("kdops::relation_loss_backward", mutates_args=())

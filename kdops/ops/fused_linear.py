@@ -14,7 +14,7 @@ With ``reduction="none"`` the per-row weights are only known in backward, so the
 computed there, in a second chunked pass.
 
 On the ``"triton"`` backend (float32, float16, bfloat16 inputs) not even a chunk of logits is
-formed: the blockwise kernel of :mod:`kdops.triton.fused_linear` keeps each logit tile on chip
+formed: the blockwise kernel of :mod:`kdops.backends.triton.fused_linear` keeps each logit tile on chip
 (extra memory ``O(N)`` besides the float32 gradients). float64 takes the chunked path there.
 """
 from __future__ import annotations
@@ -105,12 +105,12 @@ def _compute(
     needs: list[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`_chunked`'s results; on the ``"triton"`` backend (float32, float16, bfloat16, one
-    teacher) from the blockwise kernel of :mod:`kdops.triton.fused_linear`, which ignores
+    teacher) from the blockwise kernel of :mod:`kdops.backends.triton.fused_linear`, which ignores
     ``chunk``. K > 1 teachers take the chunked path on every backend (its KD kernel mixes them)."""
     if len(teachers) == 1:
         th, tw, tb = teachers[0]
         if backend == "triton" and h.dtype in _BLOCKWISE_DTYPES and th.dtype in _BLOCKWISE_DTYPES:
-            from kdops.triton.fused_linear import fused_linear_distill  # late: TRITON_INTERPRET
+            from kdops.backends.triton.fused_linear import fused_linear_distill  # late: TRITON_INTERPRET
 
             return fused_linear_distill(h, w, b, th, tw, tb, labels, row_weights, divergence, temperature,
                                         beta, hard_weight, soft_weight, ignore_index, needs)

@@ -19,14 +19,15 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from kdops import _dispatch, native, reference
+from kdops import _dispatch, reference
+from kdops.backends.native import kd as native_kd
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
 from kdops.ops.saved_grad import scale_saved_grad
 
 
 def _triton_kd_forward(*args):
-    from kdops.triton.kd import kd_forward  # imported late: TRITON_INTERPRET is read at import
+    from kdops.backends.triton.kd import kd_forward  # imported late: TRITON_INTERPRET is read at import
 
     return kd_forward(*args)
 
@@ -36,8 +37,8 @@ def _triton_kd_forward(*args):
 #            -> (row losses, row gradients); teacher [N, V], or [K, N, V] with log weights (K,)
 KD_KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "triton": _triton_kd_forward,
-    "cuda": native.kd_forward,
-    "cpu": native.kd_forward,
+    "cuda": native_kd.kd_forward,
+    "cpu": native_kd.kd_forward,
 }
 
 

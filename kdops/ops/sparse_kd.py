@@ -37,7 +37,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from kdops import _dispatch, native, reference
+from kdops import _dispatch, reference
+from kdops.backends.native import sparse_kd as native_sparse_kd
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
 from kdops.ops.fused_linear import _check_pair, chunk_rows
@@ -48,7 +49,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 
 
 def _triton_sparse_kd_forward(*args):
-    from kdops.triton.sparse_kd import sparse_kd_forward  # late: TRITON_INTERPRET is read at import
+    from kdops.backends.triton.sparse_kd import sparse_kd_forward  # late: TRITON_INTERPRET is read at import
 
     return sparse_kd_forward(*args)
 
@@ -57,8 +58,8 @@ def _triton_sparse_kd_forward(*args):
 #   temperature, beta, hard_weight, soft_weight, ignore_index, bucket, compute_grad) -> (rows, grad)
 SPARSE_KD_KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
     "triton": _triton_sparse_kd_forward,
-    "cuda": native.sparse_kd_forward,
-    "cpu": native.sparse_kd_forward,
+    "cuda": native_sparse_kd.sparse_kd_forward,
+    "cpu": native_sparse_kd.sparse_kd_forward,
 }
 
 

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from kdops import _alloc
 from kdops.divergences import divergence_code
-from kdops.triton.divergence import FORWARD_KL, divergence_term
-from kdops.triton.kd import _mixture_logs
+from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
+from kdops.backends.triton.kd import _mixture_logs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FORWARD_KL = divergence_code("forward_kl")

@@ -1,7 +1,7 @@
 """The fused temperature-softmax KD kernel: one program per row, three passes over the vocabulary.
 
 Per row, with ``s``, ``t`` the student / teacher logits, ``T`` the temperature and ``D`` the
-divergence of :mod:`kdops.divergences` (math in :mod:`kdops.triton.divergence`)::
+divergence of :mod:`kdops.divergences` (math in :mod:`kdops.backends.triton.divergence`)::
 
     loss = soft_weight * D(softmax(t / T), softmax(s / T)) + hard_weight * (logsumexp(s) - s[label])
     grad = soft_weight / T * (q - p_s * S) + hard_weight * (softmax(s) - onehot(label))
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from kdops import _alloc
 from kdops.divergences import divergence_code
-from kdops.triton.divergence import FORWARD_KL, divergence_term
+from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
 
 # The interpreter runs every block operation in numpy: small blocks keep the tests fast.
 _MAX_BLOCK_V = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096

@@ -1,7 +1,7 @@
 """The sparse (top-k teacher) KD kernel: one program per row (the math of ``csrc/common/sparse_kd.h``).
 
 Per row, with ``ls = log_softmax(s / T)``, the teacher's top-k log-probabilities ``lt_k`` at the
-indices ``idx_k`` and the divergence terms ``(d, q)`` of :mod:`kdops.triton.divergence`:
+indices ``idx_k`` and the divergence terms ``(d, q)`` of :mod:`kdops.backends.triton.divergence`:
 
 1. online maximum and sums over the vocabulary: ``lse_s = logsumexp(s / T)`` and, with a hard
    term, ``lse_1 = logsumexp(s)``;
@@ -23,8 +23,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.triton.divergence import divergence_term
-from kdops.triton.kd import _ACC_DTYPE, _exp_sum, _mixture_logs, _write_ignored_row
+from kdops.backends.triton.divergence import divergence_term
+from kdops.backends.triton.kd import _ACC_DTYPE, _exp_sum, _mixture_logs, _write_ignored_row
 
 _MAX_BLOCK = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
 _MIN_BLOCK = 16
@@ -165,7 +165,7 @@ def sparse_kd_forward(
 ) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` and, if ``compute_grad``, the contiguous gradients ``[N, V]`` w.r.t.
     ``student`` in its dtype (else an empty tensor). Inputs as for
-    :func:`kdops.native.sparse_kd_forward` (checked by :mod:`kdops.ops.sparse_kd`)."""
+    :func:`kdops.backends.native.sparse_kd.sparse_kd_forward` (checked by :mod:`kdops.ops.sparse_kd`)."""
     if student.dtype not in _ACC_DTYPE:
         raise TypeError(f"the triton backend takes float32, float16, bfloat16 or float64 logits; got {student.dtype}")
     n_rows, vocab = student.shape

@@ -9,21 +9,10 @@ import torch
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.native import _DTYPE_CODES, _load
-from kdops.ops.affinity import _stats_shape
+from kdops._codes import DTYPE_CODES, relation_stats_shape
+from kdops.backends.native._module import call
 
 
-
-def _call(name: str, device: torch.device, *args) -> None:
-    """Runs kdops._C.<name>(*args), or kdops._C_cuda.<name>(*args, stream) for CUDA tensors."""
-    module, why_not = _load("_C_cuda" if device.type == "cuda" else "_C")
-    if module is None:
-        raise RuntimeError(why_not)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            getattr(module, name)(*args, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        getattr(module, name)(*args)
 
 
 def affinity_forward(x: Tensor, kind: int) -> Tensor:
@@ -31,8 +20,8 @@ def affinity_forward(x: Tensor, kind: int) -> Tensor:
     B, D = x.shape
     out = _alloc.empty(B, B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
     if B:
-        _call("affinity_forward", x.device, x.data_ptr(), out.data_ptr(), B, D, x.stride(0), out.stride(0),
-              _DTYPE_CODES[x.dtype], kind)
+        call("affinity_forward", x.device, x.data_ptr(), out.data_ptr(), B, D, x.stride(0), out.stride(0),
+              DTYPE_CODES[x.dtype], kind)
     return out
 
 
@@ -42,20 +31,20 @@ def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor
     dx = _alloc.empty(B, D, dtype=x.dtype, device=x.device)
     if B:
         grad = grad.to(out.dtype)
-        _call("affinity_backward", x.device, grad.data_ptr(), grad.stride(0), grad.stride(1), x.data_ptr(),
-              out.data_ptr(), out.stride(0), dx.data_ptr(), B, D, x.stride(0), _DTYPE_CODES[x.dtype], kind)
+        call("affinity_backward", x.device, grad.data_ptr(), grad.stride(0), grad.stride(1), x.data_ptr(),
+              out.data_ptr(), out.stride(0), dx.data_ptr(), B, D, x.stride(0), DTYPE_CODES[x.dtype], kind)
     return dx
 
 
 def relation_forward(student: Tensor, teacher: Tensor, loss: int, beta: float) -> tuple[Tensor, Tensor]:
     """(loss, stats) of SP / RKD-D / RKD-A for ``student [B, Ds]``, ``teacher [B, Dt]`` (same
-    dtype, contiguous rows); stats as :func:`kdops.triton.affinity.relation_forward`."""
+    dtype, contiguous rows); stats as :func:`kdops.backends.triton.affinity.relation_forward`."""
     (B, Ds), Dt = student.shape, teacher.shape[1]
     cdt = _alloc.compute_dtype(student.dtype)
     value = _alloc.empty(dtype=cdt, device=student.device)
-    stats = _alloc.empty(*_stats_shape(loss, B), dtype=cdt, device=student.device)
-    _call("relation_forward", student.device, student.data_ptr(), teacher.data_ptr(), value.data_ptr(),
-          stats.data_ptr(), B, Ds, Dt, student.stride(0), teacher.stride(0), _DTYPE_CODES[student.dtype], loss,
+    stats = _alloc.empty(*relation_stats_shape(loss, B), dtype=cdt, device=student.device)
+    call("relation_forward", student.device, student.data_ptr(), teacher.data_ptr(), value.data_ptr(),
+          stats.data_ptr(), B, Ds, Dt, student.stride(0), teacher.stride(0), DTYPE_CODES[student.dtype], loss,
           beta)
     return value, stats
 
@@ -66,7 +55,7 @@ def relation_backward(grad: Tensor, student: Tensor, teacher: Tensor, stats: Ten
     (B, Ds), Dt = student.shape, teacher.shape[1]
     dx = _alloc.empty(B, Ds, dtype=student.dtype, device=student.device)
     grad = grad.to(stats.dtype).contiguous()
-    _call("relation_backward", student.device, grad.data_ptr(), student.data_ptr(), teacher.data_ptr(),
+    call("relation_backward", student.device, grad.data_ptr(), student.data_ptr(), teacher.data_ptr(),
           stats.data_ptr(), dx.data_ptr(), B, Ds, Dt, student.stride(0), teacher.stride(0),
-          _DTYPE_CODES[student.dtype], loss, beta)
+          DTYPE_CODES[student.dtype], loss, beta)
     return dx

@@ -1,0 +1,1 @@
+"""Launchers of the native kernels (``csrc/``): one module per family, all through ``_module``."""

@@ -1,0 +1,51 @@
+"""Launcher of the native sparse (top-k teacher) KD kernels (``csrc/cpu/sparse_kd.cpp``,
+``csrc/cuda/sparse_kd.cu``; see ``csrc/common/sparse_kd.h``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from kdops import _alloc
+from kdops._codes import DTYPE_CODES
+from kdops.backends.native._module import call
+
+
+def sparse_kd_forward(
+    student: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    labels: Optional[Tensor],
+    divergence: int,
+    temperature: float,
+    beta: float,
+    hard_weight: float,
+    soft_weight: float,
+    ignore_index: int,
+    bucket: bool,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Sparse (top-k teacher) KD: row losses ``[N]`` and, if ``compute_grad``, their gradients
+    w.r.t. ``student`` (``[N, V]`` contiguous, student dtype; else an empty tensor); see
+    ``csrc/common/sparse_kd.h``.
+
+    The caller guarantees: ``student`` ``[N, V]`` with contiguous rows; ``topk_logprobs``
+    contiguous ``[N, K]`` float32 (float64 for a float64 student) and ``topk_indices``
+    contiguous int32 ``[N, K]`` on its device; ``labels`` None or contiguous int64 ``[N]``.
+    """
+    n_rows, vocab = student.shape
+    device = student.device
+    loss_dtype = _alloc.compute_dtype(student.dtype)
+    loss = _alloc.empty(n_rows, dtype=loss_dtype, device=device)
+    grad = _alloc.empty(n_rows, vocab, dtype=student.dtype, device=device) if compute_grad else student.new_empty(0)
+    if n_rows == 0:
+        return loss, grad
+    args = (
+        student.data_ptr(), topk_logprobs.data_ptr(), topk_indices.data_ptr(),
+        0 if labels is None else labels.data_ptr(), loss.data_ptr(),
+        grad.data_ptr() if compute_grad else 0, n_rows, vocab, topk_indices.shape[1],
+        student.stride(0), vocab, DTYPE_CODES[student.dtype], divergence, temperature, beta,
+        hard_weight, soft_weight, ignore_index, bucket,
+    )
+    call("sparse_kd_forward", device, *args)
+    return loss, grad
