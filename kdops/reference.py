@@ -450,3 +450,79 @@ def fused_linear_sparse_distill_loss(
     """Reference of :func:`kdops.fused_linear_sparse_distill_loss`: the logits, materialised."""
     logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
     return sparse_distill_loss(logits, topk_logprobs, topk_indices, labels, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer attention-relation distillation (issue 14, MiniLM / MiniLMv2): relation matrices
+# ``R = softmax(a b^T / sqrt(d) / T)`` of each model, materialised here ([B, heads, L, L]).
+# ---------------------------------------------------------------------------------------------
+def relation_head_view(x: Tensor, heads: int) -> Tensor:
+    """``[B, H, L, d]`` or ``[B, L, H*d]`` as ``[B, heads, L, H*d / heads]``: the ``H*d`` channels
+    of a position (heads concatenated) split into ``heads`` equal groups (MiniLMv2's relation
+    heads); ``[B, H, L, d]`` with ``heads == H`` is returned as it is."""
+    if x.dim() == 4:
+        if x.shape[1] == heads:
+            return x
+        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+    batch, length, channels = x.shape
+    return x.reshape(batch, length, heads, channels // heads).transpose(1, 2)
+
+
+def relation_key_mask(batch: int, length: int, attention_mask: Optional[Tensor], causal: bool,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """(``keys [B, 1, L, L]``: key j enters query i's softmax, ``counted [B, L]``: query i counts).
+    Keys: inside ``attention_mask`` (``[B, L]``, nonzero = real token) and, if ``causal``, j <= i.
+    A query that does not count gets every key (a finite row, zeroed by the caller)."""
+    counted = (torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None
+               else attention_mask.to(device=device) != 0)
+    keys = counted[:, None, None, :].expand(batch, 1, length, length)
+    if causal:
+        keys = keys & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return keys | ~counted[:, None, :, None], counted
+
+
+def attention_relation_log_probs(a: Tensor, b: Tensor, keys: Tensor, temperature: float) -> Tensor:
+    """``log R = log_softmax(a b^T / sqrt(d) / T)`` over the allowed ``keys`` (others ``-inf``) of
+    ``a``, ``b`` ``[B, heads, L, d]``: ``[B, heads, L, L]``."""
+    scores = a @ b.transpose(-1, -2) / (math.sqrt(a.shape[-1]) * temperature)
+    return torch.log_softmax(scores.masked_fill(~keys, -math.inf), dim=-1)
+
+
+def attention_relation_row_loss(
+    student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor, *,
+    relation_heads: int, causal: bool = False, attention_mask: Optional[Tensor] = None,
+    temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
+) -> tuple[Tensor, Tensor]:
+    """(rows ``[B, heads, L]``: ``D(R_t[i], R_s[i])`` per head and query, 0 where the query does
+    not count; ``counted [B, L]``). ``D`` is the divergence of :func:`soft_divergence`."""
+    sa = relation_head_view(_upcast(student_a), relation_heads)
+    sb = relation_head_view(_upcast(student_b), relation_heads)
+    ta = relation_head_view(_upcast(teacher_a).to(sa.dtype).detach(), relation_heads)
+    tb = relation_head_view(_upcast(teacher_b).to(sa.dtype).detach(), relation_heads)
+    keys, counted = relation_key_mask(sa.shape[0], sa.shape[2], attention_mask, causal, sa.device)
+    keep = lambda log_r: torch.where(keys, log_r, -math.inf)  # noqa: E731  no gradient (0 * NaN) from excluded keys
+    log_rs = keep(attention_relation_log_probs(sa, sb, keys, temperature))
+    log_rt = keep(attention_relation_log_probs(ta, tb, keys, temperature))
+    rows = soft_divergence(log_rs, log_rt, divergence, beta)
+    return torch.where(counted[:, None, :], rows, torch.zeros_like(rows)), counted
+
+
+def attention_relation_loss(
+    student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor, *,
+    relation_heads: Optional[int] = None, causal: bool = False, attention_mask: Optional[Tensor] = None,
+    temperature: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5, reduction: str = "mean",
+) -> Tensor:
+    """Reference of :func:`kdops.attention_relation_loss`: with ``R = softmax(a b^T / sqrt(d) / T)``
+    per relation head and query row (``d`` the relation head size of that model),
+    ``mean over counted rows x heads of D(R_t, R_s)`` (``"sum"``: the sum; ``"none"``:
+    ``[B, heads, L]``). ``relation_heads`` None: the inputs' head count (``[B, H, L, d]``)."""
+    heads = relation_heads if relation_heads is not None else student_a.shape[1]
+    rows, counted = attention_relation_row_loss(
+        student_a, student_b, teacher_a, teacher_b, relation_heads=heads, causal=causal,
+        attention_mask=attention_mask, temperature=temperature, divergence=divergence, beta=beta)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / (counted.sum() * heads).clamp(min=1).to(total.dtype)
