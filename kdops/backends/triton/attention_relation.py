@@ -1,0 +1,253 @@
+"""Triton kernels of the attention-relation loss (math in :mod:`kdops.ops.attention_relation`).
+
+Inputs are ``[B, H, L, d]`` views with unit stride on ``d`` (any other strides); one program
+handles ``BLOCK_M`` query rows (forward, ``da``) or ``BLOCK_N`` key rows (``db``) of one (sample,
+head). Score tiles ``s = a b^T c_s``, ``t = a_t b_t^T c_t`` (``c = 1 / (sqrt(d) T)``) come from
+``tl.dot`` with fp32 accumulation ("ieee"), float64 for float64 inputs; they are recomputed in
+every pass, never stored. Offsets are int64.
+
+* forward: pass 1, online maxima / sums of both softmaxes over key blocks (``lse_s``, ``lse_t``);
+  pass 2, ``D = sum d`` and ``S = sum q`` of ``divergence_term(s - lse_s, t - lse_t)``. Writes the
+  row loss (0 where the query does not count) and ``stats = (lse_s, lse_t, S)``.
+* backward: ``W_ij = g_i (q_ij - p_ij S_i) c_s`` per tile; ``da = W b`` (loop over key blocks),
+  ``db = W^T a`` (loop over query blocks). With ``CAUSAL`` the loops skip the tiles above the
+  diagonal.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kdops import _alloc
+from kdops.backends.triton._common import UPCAST_DOT, acc_dtype, block, launch, mixture_logs
+from kdops.backends.triton.divergence import divergence_term
+
+# Query / key tile sizes: the GPU's, or smaller ones that keep the interpreter's numpy fast.
+BLOCK_M, BLOCK_N = block((64, 64), (32, 32))
+
+
+@triton.jit
+def _load_rows(base, rows, stride_l, L, D, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """The ``[len(rows), BLOCK_D]`` tile of rows ``rows`` (zeros past L and D)."""
+    cols = tl.arange(0, BLOCK_D)
+    x = tl.load(base + rows.to(tl.int64)[:, None] * stride_l + cols[None, :],
+                mask=(rows[:, None] < L) & (cols[None, :] < D), other=0.0)
+    if UPCAST_DOT:
+        x = x.to(ACC)
+    return x
+
+
+@triton.jit
+def _counted(mask_row, rows, L, HAS_MASK: tl.constexpr):
+    """Whether each of ``rows`` is inside the sequence and the attention mask."""
+    inside = rows < L
+    if HAS_MASK:
+        inside = inside & (tl.load(mask_row + rows, mask=rows < L, other=0) != 0)
+    return inside
+
+
+@triton.jit
+def _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t, CAUSAL: tl.constexpr,
+           ACC: tl.constexpr):
+    """(s, t, allowed) of a tile: the scaled scores of both models, -inf at the keys outside a
+    query's softmax. A query that does not count gets every key up to the causal bound (a
+    finite row that its callers zero)."""
+    s = tl.dot(qs, tl.trans(ks), input_precision="ieee", out_dtype=ACC) * scale_s
+    t = tl.dot(qt, tl.trans(kt), input_precision="ieee", out_dtype=ACC) * scale_t
+    allowed = (counted_k[None, :] | ~counted_q[:, None]) & (cols < L)[None, :]
+    if CAUSAL:
+        allowed = allowed & (cols[None, :] <= rows[:, None])
+    return tl.where(allowed, s, float("-inf")), tl.where(allowed, t, float("-inf")), allowed
+
+
+@triton.jit
+def _online(m, z, x):
+    """Running row maximum and sum of exp(x - m) after the tile x; a maximum of -inf counts as 0
+    in the differences, so that no (-inf) - (-inf) appears."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, z * tl.exp(m - ref) + tl.sum(tl.exp(x - ref[:, None]), axis=1)
+
+
+@triton.jit
+def _weights(qs, qt, ks, kt, rows, cols, counted_q, counted_k, lse_s, lse_t, q_sum, g, L, scale_s, scale_t,
+             beta, log_b, log_1mb, DIV: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr):
+    """``W_ij = g_i (q_ij - p_ij S_i) c_s`` of a tile (0 outside the softmax and on rows that do not count)."""
+    s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t, CAUSAL, ACC)
+    ls = s - lse_s[:, None]
+    _, q = divergence_term(ls, t - lse_t[:, None], beta, log_b, log_1mb, DIV)
+    w = (q - tl.exp(ls) * q_sum[:, None]) * (g * scale_s)[:, None]
+    return tl.where(allowed & counted_q[:, None], w, 0.0)
+
+
+@triton.jit
+def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_ptr,
+                    H, L, Ds, Dt, sa_sb, sa_sh, sa_sl, sb_sb, sb_sh, sb_sl, ta_sb, ta_sh, ta_sl, tb_sb, tb_sh, tb_sl,
+                    scale_s: "tl.float64", scale_t: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
+                    log_1m_beta: "tl.float64", DIV: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
+                    BLOCK_DT: tl.constexpr):
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c_s, c_t = tl.full([], scale_s, ACC), tl.full([], scale_t, ACC)
+    bt, log_b, log_1mb = tl.full([], beta, ACC), tl.full([], log_beta, ACC), tl.full([], log_1m_beta, ACC)
+    sb_base = sb_ptr + b * sb_sb + h * sb_sh
+    tb_base = tb_ptr + b * tb_sb + h * tb_sh
+    mask_row = mask_ptr + b * L
+    qs = _load_rows(sa_ptr + b * sa_sb + h * sa_sh, rows, sa_sl, L, Ds, BLOCK_DS, ACC)
+    qt = _load_rows(ta_ptr + b * ta_sb + h * ta_sh, rows, ta_sl, L, Dt, BLOCK_DT, ACC)
+    counted_q = _counted(mask_row, rows, L, HAS_MASK)
+    end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M) if CAUSAL else L
+    m_s = tl.full([BLOCK_M], float("-inf"), ACC)
+    m_t = tl.full([BLOCK_M], float("-inf"), ACC)
+    z_s = tl.zeros([BLOCK_M], ACC)
+    z_t = tl.zeros([BLOCK_M], ACC)
+    for n0 in range(0, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
+        kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
+        s, t, _ = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), L, c_s, c_t,
+                         CAUSAL, ACC)
+        m_s, z_s = _online(m_s, z_s, s)
+        m_t, z_t = _online(m_t, z_t, t)
+    lse_s = m_s + tl.log(z_s)
+    lse_t = m_t + tl.log(z_t)
+    d_sum = tl.zeros([BLOCK_M], ACC)
+    q_sum = tl.zeros([BLOCK_M], ACC)
+    for n0 in range(0, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
+        kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
+        s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), L,
+                               c_s, c_t, CAUSAL, ACC)
+        d, q = divergence_term(s - lse_s[:, None], t - lse_t[:, None], bt, log_b, log_1mb, DIV)
+        d_sum += tl.sum(tl.where(allowed, d, 0.0), axis=1)
+        q_sum += tl.sum(tl.where(allowed, q, 0.0), axis=1)
+    out = bh * L + rows
+    in_l = rows < L
+    n_stats = tl.num_programs(1).to(tl.int64) * L
+    tl.store(rows_ptr + out, tl.where(counted_q, d_sum, 0.0), mask=in_l)
+    tl.store(stats_ptr + out, lse_s, mask=in_l)
+    tl.store(stats_ptr + n_stats + out, lse_t, mask=in_l)
+    tl.store(stats_ptr + 2 * n_stats + out, q_sum, mask=in_l)
+
+
+@triton.jit
+def _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats):
+    """(lse_s, lse_t, S, g) of ``rows`` (finite values past L)."""
+    at = bh * L + rows
+    in_l = rows < L
+    lse_s = tl.load(stats_ptr + at, mask=in_l, other=0.0)
+    lse_t = tl.load(stats_ptr + n_stats + at, mask=in_l, other=0.0)
+    q_sum = tl.load(stats_ptr + 2 * n_stats + at, mask=in_l, other=0.0)
+    return lse_s, lse_t, q_sum, tl.load(grad_ptr + at, mask=in_l, other=0.0).to(lse_s.dtype)
+
+
+@triton.jit
+def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_ptr, out_ptr,
+                     H, L, Ds, Dt, sa_sb, sa_sh, sa_sl, sb_sb, sb_sh, sb_sl, ta_sb, ta_sh, ta_sl, tb_sb, tb_sh, tb_sl,
+                     scale_s: "tl.float64", scale_t: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
+                     log_1m_beta: "tl.float64", KEYS: tl.constexpr, DIV: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """``KEYS`` False: ``da`` of BLOCK_M query rows (loop over key blocks); True: ``db`` of BLOCK_N
+    key rows (loop over query blocks). ``out`` is contiguous ``[B, H, L, Ds]``."""
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    c_s, c_t = tl.full([], scale_s, ACC), tl.full([], scale_t, ACC)
+    bt, log_b, log_1mb = tl.full([], beta, ACC), tl.full([], log_beta, ACC), tl.full([], log_1m_beta, ACC)
+    sa_base = sa_ptr + b * sa_sb + h * sa_sh
+    sb_base = sb_ptr + b * sb_sb + h * sb_sh
+    ta_base = ta_ptr + b * ta_sb + h * ta_sh
+    tb_base = tb_ptr + b * tb_sb + h * tb_sh
+    mask_row = mask_ptr + b * L
+    n_stats = tl.num_programs(1).to(tl.int64) * L
+    if KEYS:
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
+        kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
+        counted_k = _counted(mask_row, cols, L, HAS_MASK)
+        acc = tl.zeros([BLOCK_N, BLOCK_DS], ACC)
+        start = (tl.program_id(0) * BLOCK_N) // BLOCK_M * BLOCK_M if CAUSAL else 0
+        for m0 in range(start, L, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            qs = _load_rows(sa_base, rows, sa_sl, L, Ds, BLOCK_DS, ACC)
+            qt = _load_rows(ta_base, rows, ta_sl, L, Dt, BLOCK_DT, ACC)
+            lse_s, lse_t, q_sum, g = _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats)
+            w = _weights(qs, qt, ks, kt, rows, cols, _counted(mask_row, rows, L, HAS_MASK), counted_k, lse_s, lse_t,
+                         q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC)
+            acc = tl.dot(tl.trans(w), qs.to(ACC), acc, input_precision="ieee")
+        out_rows = cols
+    else:
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        qs = _load_rows(sa_base, rows, sa_sl, L, Ds, BLOCK_DS, ACC)
+        qt = _load_rows(ta_base, rows, ta_sl, L, Dt, BLOCK_DT, ACC)
+        counted_q = _counted(mask_row, rows, L, HAS_MASK)
+        lse_s, lse_t, q_sum, g = _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats)
+        acc = tl.zeros([BLOCK_M, BLOCK_DS], ACC)
+        end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M) if CAUSAL else L
+        for n0 in range(0, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
+            kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
+            w = _weights(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), lse_s, lse_t,
+                         q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC)
+            acc = tl.dot(w, ks.to(ACC), acc, input_precision="ieee")
+        out_rows = rows
+    cols_d = tl.arange(0, BLOCK_DS)
+    tl.store(out_ptr + (bh * L + out_rows.to(tl.int64))[:, None] * Ds + cols_d[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=(out_rows[:, None] < L) & (cols_d[None, :] < Ds))
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _arguments(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, temperature: float, divergence: int,
+               beta: float) -> tuple[list, dict]:
+    """The shape, stride and scalar arguments shared by the kernels, and their constexprs."""
+    B, H, L, Ds = sa.shape
+    Dt = ta.shape[-1]
+    strides = [s for x in (sa, sb, ta, tb) for s in x.stride()[:3]]
+    scalars = [1.0 / (math.sqrt(Ds) * temperature), 1.0 / (math.sqrt(Dt) * temperature), beta,
+               *mixture_logs(divergence, beta)]
+    constexprs = dict(DIV=divergence, ACC=acc_dtype(sa.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                      BLOCK_DS=max(16, triton.next_power_of_2(Ds)), BLOCK_DT=max(16, triton.next_power_of_2(Dt)))
+    return [H, L, Ds, Dt, *strides, *scalars], constexprs
+
+
+def relation_forward(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, counted: Optional[Tensor], causal: bool,
+                     temperature: float, divergence: int, beta: float) -> tuple[Tensor, Tensor]:
+    """(row losses ``[B, H, L]``, stats ``[3, B, H, L]`` = lse_s, lse_t, S), compute dtype."""
+    B, H, L, _ = sa.shape
+    cdt = _alloc.compute_dtype(sa.dtype)
+    rows = _alloc.empty(B, H, L, dtype=cdt, device=sa.device)
+    stats = _alloc.empty(3, B, H, L, dtype=cdt, device=sa.device)
+    if rows.numel():
+        args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
+        launch(_forward_kernel, (triton.cdiv(L, BLOCK_M), B * H), sa.device, sa, sb, ta, tb,
+               rows if counted is None else counted, rows, stats, *args, CAUSAL=causal,
+               HAS_MASK=counted is not None, **constexprs)
+    return rows, stats
+
+
+def relation_backward(grad_rows: Tensor, sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, counted: Optional[Tensor],
+                      stats: Tensor, causal: bool, temperature: float, divergence: int,
+                      beta: float) -> tuple[Tensor, Tensor]:
+    """(dL/dsa, dL/dsb), contiguous, in the student dtype, from the contiguous ``[B, H, L]``
+    gradient of the row losses."""
+    B, H, L, Ds = sa.shape
+    da = _alloc.empty(B, H, L, Ds, dtype=sa.dtype, device=sa.device)
+    db = _alloc.empty(B, H, L, Ds, dtype=sa.dtype, device=sa.device)
+    if da.numel():
+        args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
+        for out, keys in ((da, False), (db, True)):
+            launch(_backward_kernel, (triton.cdiv(L, BLOCK_N if keys else BLOCK_M), B * H), sa.device, sa, sb, ta,
+                   tb, stats if counted is None else counted, stats, grad_rows, out, *args, KEYS=keys, CAUSAL=causal,
+                   HAS_MASK=counted is not None, **constexprs)
+    return da, db
