@@ -38,6 +38,11 @@ def soft_divergence(
 ) -> Tensor:
     """Per-row divergence between the rows of log-probabilities ``log_ps`` (student) and
     ``log_pt`` (teacher), both ``[N, V]``; see :mod:`kdops.divergences` for the formulas."""
+    return divergence_terms(log_ps, log_pt, divergence, beta).sum(-1)
+
+
+def divergence_terms(log_ps: Tensor, log_pt: Tensor, divergence: str, beta: float) -> Tensor:
+    """The ``[..., V]`` terms whose sum over the last dimension is :func:`soft_divergence`."""
     ps, pt = log_ps.exp(), log_pt.exp()
     if divergence == "forward_kl":
         terms = _times(pt, log_pt - log_ps)
@@ -63,7 +68,7 @@ def soft_divergence(
             terms = _times(ps, log_ps - log_m)
         else:
             raise ValueError(f"unknown divergence {divergence!r}")
-    return terms.sum(-1)
+    return terms
 
 
 def teacher_log_probs(
@@ -143,6 +148,20 @@ def distill_row_loss(
         beta=beta, hard_weight=hard_weight, soft_weight=(1.0 - hard_weight) * c, ignore_index=ignore_index,
         teacher_weights=teacher_weights,
     )
+
+
+def transform_logits(logits: Tensor, scale: float = 1.0, softcap: Optional[float] = None) -> Tensor:
+    """A model's final-logit transform, applied before the temperature: ``z' = scale * z``
+    (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), then with a softcap ``c``
+    ``z' = c * tanh(scale * z / c)`` (Gemma 2/3's ``final_logit_softcapping``)."""
+    z = logits * scale if scale != 1.0 else logits
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-row entropy ``H(p) = -sum p log p`` of ``p = softmax(logits / T)`` (float32 or float64)."""
+    log_p = torch.log_softmax(_upcast(logits) / temperature, dim=-1)
+    return -_times(log_p.exp(), log_p).sum(-1)
 
 
 def reduce_rows(row: Tensor, valid: Tensor, reduction: str) -> Tensor:
