@@ -45,14 +45,13 @@ SQUARED_EUCLIDEAN (EXACT_SQUARED is internal); losses SP, RKD_DISTANCE, RKD_ANGL
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
+from kdops.backends.triton._common import INTERPRETING, launch, block as _block
 
 DOT: tl.constexpr = tl.constexpr(0)
 COSINE: tl.constexpr = tl.constexpr(1)
@@ -68,13 +67,13 @@ NORM_EPS: tl.constexpr = tl.constexpr(1e-12)  # norms clamp (kdops.reference.NOR
 NORM_EPS2: tl.constexpr = tl.constexpr(1e-24)  # NORM_EPS^2: squared norms / distances below are 0
 DIST_EPS2: tl.constexpr = tl.constexpr(1e-12)  # squared distances clamp (kdops.reference.DIST_EPS2)
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Tiles: 64 x 64 Gram tiles; the interpreter runs whole numpy blocks, so larger K steps are
-# faster there. Its bf16 tl.dot is wrong, so operands are upcast first when interpreting.
+# faster there (unless KDOPS_TRITON_GPU_BLOCKS=1). Its bf16 tl.dot is wrong, so operands are
+# upcast first when interpreting.
 BLOCK = 64
-BLOCK_K = 128 if _INTERPRET else 32
-EXACT_BLOCK, EXACT_BLOCK_K = (32, 32) if _INTERPRET else (32, 8)  # [M, N, K] difference blocks
-ANGLE_BLOCK = 128 if _INTERPRET else 32  # RKD-A tiles (the interpreter pays per tile and anchor)
+BLOCK_K = _block(32, 128)
+EXACT_BLOCK, EXACT_BLOCK_K = _block((32, 8), (32, 32))  # [M, N, K] difference blocks
+ANGLE_BLOCK = _block(32, 128)  # RKD-A tiles (the interpreter pays per tile and anchor)
 # Backward of SP / RKD-D: pair weights are materialised for at most max(B * D, this) elements.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -85,7 +84,7 @@ def _tl_compute(dtype: torch.dtype):
 
 
 def _dot_upcast(dtype: torch.dtype) -> bool:
-    return _INTERPRET and dtype == torch.bfloat16
+    return INTERPRETING and dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- per-element math
@@ -429,8 +428,8 @@ def sq_norms(x: Tensor) -> Tensor:
     B, D = x.shape
     out = _alloc.empty(B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
     if B:
-        _sq_norms_kernel[(triton.cdiv(B, BLOCK),)](x, out, B, D, x.stride(0), BLOCK_M=BLOCK, BLOCK_K=BLOCK_K,
-                                                   COMPUTE=_tl_compute(x.dtype))
+        launch(_sq_norms_kernel, (triton.cdiv(B, BLOCK),), x.device, x, out, B, D, x.stride(0), BLOCK_M=BLOCK,
+               BLOCK_K=BLOCK_K, COMPUTE=_tl_compute(x.dtype))
     return out
 
 
@@ -443,8 +442,8 @@ def affinity_forward(x: Tensor, kind: int) -> Tensor:
     norms = sq_norms(x) if kind in (COSINE, EUCLIDEAN, SQUARED_EUCLIDEAN) else out
     block, block_k = (EXACT_BLOCK, EXACT_BLOCK_K) if kind == EXACT_SQUARED else (BLOCK, BLOCK_K)
     grid = (triton.cdiv(B, block), triton.cdiv(B, block))
-    _affinity_kernel[grid](x, norms, out, B, D, x.stride(0), out.stride(0), KIND=kind, BLOCK_M=block,
-                           BLOCK_N=block, BLOCK_K=block_k, **_options(x))
+    launch(_affinity_kernel, grid, x.device, x, norms, out, B, D, x.stride(0), out.stride(0), KIND=kind,
+           BLOCK_M=block, BLOCK_N=block, BLOCK_K=block_k, **_options(x))
     return out
 
 
@@ -452,9 +451,9 @@ def _apply_weights(w: Tensor, delta: Tensor | None, x: Tensor, out: Tensor, row0
     """Rows row0 + [0, len(w)) of ``out``: GRAM ``w @ x + delta * x`` or DIST ``rowsum(w) * x - w @ x``."""
     R, (B, D) = w.shape[0], x.shape
     grid = (triton.cdiv(R, BLOCK), triton.cdiv(D, BLOCK))
-    _apply_weights_kernel[grid](w, w if delta is None else delta, x, out, row0, R, B, D, w.stride(0), x.stride(0),
-                                out.stride(0), DIST=dist, HAS_DELTA=delta is not None, BLOCK_M=BLOCK,
-                                BLOCK_N=BLOCK, BLOCK_D=BLOCK, COMPUTE=_tl_compute(x.dtype))
+    launch(_apply_weights_kernel, grid, x.device, w, w if delta is None else delta, x, out, row0, R, B, D,
+           w.stride(0), x.stride(0), out.stride(0), DIST=dist, HAS_DELTA=delta is not None, BLOCK_M=BLOCK,
+           BLOCK_N=BLOCK, BLOCK_D=BLOCK, COMPUTE=_tl_compute(x.dtype))
 
 
 def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor:
@@ -467,7 +466,8 @@ def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor
     w = _alloc.empty(B, B, dtype=cdt, device=x.device)
     delta = _alloc.empty(B, dtype=cdt, device=x.device) if kind == COSINE else None
     norms = sq_norms(x) if kind == COSINE else w
-    _affinity_weights_kernel[(triton.cdiv(B, BLOCK),)](
+    launch(
+        _affinity_weights_kernel, (triton.cdiv(B, BLOCK),), x.device,
         grad, out, norms, w, w if delta is None else delta, B, grad.stride(0), grad.stride(1), out.stride(0),
         w.stride(0), KIND=kind, BLOCK_M=BLOCK, BLOCK_N=BLOCK, COMPUTE=_tl_compute(x.dtype))
     _apply_weights(w, delta, x, dx, 0, dist=kind in (EUCLIDEAN, SQUARED_EUCLIDEAN))
@@ -477,8 +477,8 @@ def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor
 def _row_stat(x: Tensor, norms: Tensor, loss: int) -> Tensor:
     B, D = x.shape
     out = _alloc.empty(B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
-    _row_stat_kernel[(triton.cdiv(B, BLOCK),)](x, norms, out, B, D, x.stride(0), LOSS=loss, BLOCK_M=BLOCK,
-                                               BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(x))
+    launch(_row_stat_kernel, (triton.cdiv(B, BLOCK),), x.device, x, norms, out, B, D, x.stride(0), LOSS=loss,
+           BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(x))
     return out
 
 
@@ -505,7 +505,8 @@ def relation_forward(student: Tensor, teacher: Tensor, loss: int, beta: float) -
         stats = torch.stack([row_s.sum() / divisor, row_t.sum() / divisor, row_s.new_zeros(())])
     rows = _alloc.empty(B, dtype=stats.dtype, device=student.device)
     aux = _alloc.empty(B, dtype=stats.dtype, device=student.device)
-    _relation_loss_kernel[(triton.cdiv(B, BLOCK),)](
+    launch(
+        _relation_loss_kernel, (triton.cdiv(B, BLOCK),), student.device,
         student, teacher, ns, nt, stats, rows, aux, B, student.shape[1], teacher.shape[1], student.stride(0),
         teacher.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(student))
     if loss == SP:  # c_i = sum_j z_ij u_ij where r_s,i is not clamped (stats[2] held sum_j G_ij^2)
@@ -535,7 +536,8 @@ def relation_backward(grad: Tensor, student: Tensor, teacher: Tensor, stats: Ten
     scale = grad.to(stats.dtype) * (2.0 / (B * B if loss == SP else B * (B - 1)))
     for row0 in range(0, B, chunk):
         R = min(chunk, B - row0)
-        _relation_weights_kernel[(triton.cdiv(R, BLOCK), triton.cdiv(B, BLOCK))](
+        launch(
+            _relation_weights_kernel, (triton.cdiv(R, BLOCK), triton.cdiv(B, BLOCK)), student.device,
             student, teacher, ns, nt, stats, scale, w, row0, R, B, Ds, teacher.shape[1], student.stride(0),
             teacher.stride(0), w.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K,
             **_options(student))
@@ -552,8 +554,8 @@ def _angle(student: Tensor, teacher: Tensor, beta: float, grad: Tensor | None) -
         out, scale = _alloc.empty(grid[0] * grid[1], dtype=es.dtype, device=es.device), es
     else:  # Delta = dL/dE^s
         out, scale = _alloc.empty(B, B, dtype=es.dtype, device=es.device), grad.to(es.dtype) / B**3
-    _angle_kernel[grid](es, et, scale, out, B, es.stride(0), beta, GRAD=grad is not None, BLOCK_M=ANGLE_BLOCK,
-                        BLOCK_N=ANGLE_BLOCK, COMPUTE=_tl_compute(student.dtype))
+    launch(_angle_kernel, grid, es.device, es, et, scale, out, B, es.stride(0), beta, GRAD=grad is not None,
+           BLOCK_M=ANGLE_BLOCK, BLOCK_N=ANGLE_BLOCK, COMPUTE=_tl_compute(student.dtype))
     if grad is None:
         return out.sum() / B**3
     del et

@@ -27,7 +27,6 @@ None, which Triton specialises as a compile-time constant: ``b_ptr is not None``
 ``HAS_BIAS`` switch, the gradient pointers the ``COMPUTE_GRAD`` ones.
 """
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -37,16 +36,10 @@ from torch import Tensor
 
 from kdops import _alloc
 from kdops.divergences import divergence_code
+from kdops.backends.triton._common import UPCAST_DOT, block, launch, mixture_logs
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
-from kdops.backends.triton.kd import _mixture_logs
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _FORWARD_KL = divergence_code("forward_kl")
-# The interpreter's tl.dot multiplies the raw bits of bfloat16 operands (it has no bfloat16
-# arithmetic; triton-lang/triton#11584): there the operands go to float32 first, which is exact
-# for 16-bit inputs, so that the products and the float32 accumulation match the GPU's.
-# (Inline, not a helper: the interpreter re-patches triton.language at every jit-function call.)
-_UPCAST_DOT: tl.constexpr = tl.constexpr(_INTERPRET)
 
 
 @triton.jit
@@ -60,7 +53,7 @@ def _logit_tile(x_ptr, sx0, sx1, w_ptr, sw0, sw1, b_ptr, rows, row_mask, cols, c
                     mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1,
                     mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
-        if _UPCAST_DOT:
+        if UPCAST_DOT:
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if b_ptr is not None:
@@ -90,14 +83,14 @@ def _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad
     contiguous) and ``grad_b[cols] += g.sum(0)`` by atomic adds; None pointers are skipped.
     ``g`` is rounded to the dtype of ``h`` for the dots (float32 accumulation)."""
     gd = g.to(h_ptr.dtype.element_ty)
-    if _UPCAST_DOT:
+    if UPCAST_DOT:
         gd = gd.to(tl.float32)
     if grad_h_ptr is not None:
         for k in range(0, Hs, BK):
             ks = k + tl.arange(0, BK)
             w = tl.load(w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1,
                         mask=col_mask[:, None] & (ks < Hs)[None, :], other=0.0)
-            if _UPCAST_DOT:
+            if UPCAST_DOT:
                 w = w.to(tl.float32)
             tl.atomic_add(grad_h_ptr + rows[:, None] * Hs + ks[None, :],
                           tl.dot(gd, w, input_precision=PRECISION),
@@ -108,7 +101,7 @@ def _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad
             ks = k + tl.arange(0, BK)
             h = tl.load(h_ptr + rows[:, None] * sh0 + ks[None, :] * sh1,
                         mask=row_mask[:, None] & (ks < Hs)[None, :], other=0.0)
-            if _UPCAST_DOT:
+            if UPCAST_DOT:
                 h = h.to(tl.float32)
             tl.atomic_add(grad_w_ptr + cols[:, None] * Hs + ks[None, :],
                           tl.dot(gd_t, h, input_precision=PRECISION),
@@ -239,12 +232,13 @@ class _Blocks(NamedTuple):
 def _blocks(dtype: torch.dtype) -> _Blocks:
     """Tile sizes and launch options. On GPUs: chosen by compiling for sm_80 and sm_90 (no
     register spills in passes 1 and 2, at most 24 bytes in pass 3; not timed). The interpreter
-    runs every block operation in numpy: the smallest blocks ``tl.dot`` takes keep tests fast."""
-    if _INTERPRET:
-        return _Blocks(16, 16, 16, 16, 1, 1)
+    runs every block operation in numpy: the smallest blocks ``tl.dot`` takes keep tests fast
+    (unless KDOPS_TRITON_GPU_BLOCKS=1, see :mod:`kdops.backends.triton._common`)."""
     if dtype.itemsize == 2:
-        return _Blocks(128, 64, 64, 32, 8, 3)
-    return _Blocks(64, 64, 32, 32, 8, 3)  # float32: twice the bytes per element
+        gpu = _Blocks(128, 64, 64, 32, 8, 3)
+    else:
+        gpu = _Blocks(64, 64, 32, 32, 8, 3)  # float32: twice the bytes per element
+    return block(gpu, _Blocks(16, 16, 16, 16, 1, 1))
 
 
 def _target_programs(device: torch.device) -> int:
@@ -293,12 +287,13 @@ def fused_linear_distill(
         segs = triton.cdiv(v_blocks, per_seg)
         stats = _alloc.empty(6, count, **f32)  # m_s, log z_s, log z_1, m_t, log z_t, S
 
-        def launch(pass_: int, part: Optional[Tensor], grad_ptrs: list[Optional[Tensor]]) -> None:
-            _fused_linear_kd_kernel[(row_blocks, segs)](
+        def run_pass(pass_: int, part: Optional[Tensor], grad_ptrs: list[Optional[Tensor]]) -> None:
+            launch(
+                _fused_linear_kd_kernel, (row_blocks, segs), device,
                 h, w, b, th, tw, tb, row_ids, labels if hard else None,
                 row_weights if pass_ == 3 else None, stats, part, *grad_ptrs,
                 count, vocab, hs, ht, per_seg, *h.stride(), *w.stride(), *th.stride(), *tw.stride(),
-                1.0 / temperature, beta, *_mixture_logs(divergence, beta), hard_weight, soft_weight,
+                1.0 / temperature, beta, *mixture_logs(divergence, beta), hard_weight, soft_weight,
                 PASS=pass_, DIV=divergence, HAS_LABELS=row_ids is not None, HAS_HARD=hard,
                 PRECISION=_dot_precision(), BM=blocks.bm, BV=blocks.bv,
                 BK=blocks.bk_grad if pass_ == 3 else blocks.bk,
@@ -307,18 +302,18 @@ def fused_linear_distill(
 
         no_grads = [None, None, None]
         part = _alloc.empty(6, segs, count, **f32)
-        launch(1, part, no_grads)
+        run_pass(1, part, no_grads)
         stats[0], stats[1] = _merge_max_sum(part[0], part[1], 1.0 / temperature)
         stats[2] = _merge_max_sum(part[0], part[2], 1.0)[1]
         stats[3], stats[4] = _merge_max_sum(part[3], part[4], 1.0 / temperature)
         s_label = part[5].sum(0)
         if divergence != _FORWARD_KL or not compute_grad:
             part = _alloc.empty(2, segs, count, **f32)
-            launch(2, part, no_grads)
+            run_pass(2, part, no_grads)
             div, stats[5] = part.sum(1)
         if compute_grad:
             part = _alloc.empty(1, segs, count, **f32) if divergence == _FORWARD_KL else None
-            launch(3, part, grads)
+            run_pass(3, part, grads)
             if part is not None:
                 div = part[0].sum(0)
         loss = soft_weight * div

@@ -14,45 +14,20 @@ divergence of :mod:`kdops.divergences` (math in :mod:`kdops.backends.triton.dive
    forward KL, whose ``S = -1``;
 3. forward KL's ``D``, and the gradient row.
 """
-import contextlib
-import math
-import os
 from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.divergences import divergence_code
+from kdops.backends.triton._common import (
+    acc_dtype, block, exp_sum, launch, mixture_logs, row_block, row_warps, write_ignored_row,
+)
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
 
-# The interpreter runs every block operation in numpy: small blocks keep the tests fast.
-_MAX_BLOCK_V = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
-_MIN_BLOCK_V = 16
-_MIXTURES = tuple(map(divergence_code, ("jsd", "skew_forward_kl", "skew_reverse_kl")))
-
-
-@triton.jit
-def _exp_sum(z, m_old, m_new, x, scale):
-    """Online softmax sum: z * exp((m_old - m_new) * scale) + sum(exp((x - m_new) * scale)).
-
-    A running maximum m_new = -inf (every element so far -inf) is replaced by 0, so that
-    (-inf) - (-inf) never makes a NaN: the -inf elements then add exp(-inf) = 0."""
-    m = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return z * tl.exp((m_old - m) * scale) + tl.sum(tl.exp((x - m) * scale), axis=0)
-
-
-@triton.jit
-def _write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
-    """An ignored row (label == ignore_index): loss 0 and, with COMPUTE_GRAD, a zero gradient row."""
-    if COMPUTE_GRAD:
-        offs = tl.arange(0, BLOCK_V)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            tl.store(g_row + cols, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=cols < V)
-    tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
+# Largest vocabulary block: the GPU's, or a small one that keeps the interpreter's numpy fast.
+_MAX_BLOCK_V = block(4096, 64)
 
 
 @triton.jit
@@ -116,7 +91,7 @@ def _kd_row_kernel(
         label = tl.load(labels_ptr + row)
         ignored = label == ignore_index
     if ignored:
-        _write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
+        write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
     else:
         # Pass 1: running maxima m_s, m_t of s and t; z_s, z_t, z_1 = sums of exp((s - m_s) / T),
         # exp((t - m_t) / T), exp(s - m_s). With MULTI, m_t and z_t are [BLOCK_K] (one per teacher).
@@ -136,10 +111,10 @@ def _kd_row_kernel(
             t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, float("-inf"), MULTI).to(ACC)
             new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
             new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
-            z_s = _exp_sum(z_s, m_s, new_m_s, s, inv_t)
-            z_t = _exp_sum(z_t, m_t, new_m_t, t, inv_t)
+            z_s = exp_sum(z_s, m_s, new_m_s, s, inv_t)
+            z_t = exp_sum(z_t, m_t, new_m_t, t, inv_t)
             if HAS_HARD:
-                z_1 = _exp_sum(z_1, m_s, new_m_s, s, 1.0)
+                z_1 = exp_sum(z_1, m_s, new_m_s, s, 1.0)
             m_s = new_m_s
             m_t = new_m_t
         if HAS_HARD:
@@ -189,21 +164,6 @@ def _kd_row_kernel(
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
 
-def _mixture_logs(divergence: int, beta: float) -> tuple[float, float]:
-    """log(beta) (-inf for beta = 0) and log(1 - beta) for the mixture divergences, else unused."""
-    if divergence in _MIXTURES:
-        return (math.log(beta) if beta > 0 else -math.inf), math.log1p(-beta)
-    return 0.0, 0.0
-
-
-_ACC_DTYPE = {
-    torch.float32: tl.float32,
-    torch.float16: tl.float32,
-    torch.bfloat16: tl.float32,
-    torch.float64: tl.float64,
-}
-
-
 def kd_forward(
     student: Tensor,
     teacher: Tensor,
@@ -222,10 +182,7 @@ def kd_forward(
     ``student`` in its dtype (else an empty tensor). Rows whose label is ``ignore_index`` get loss
     0 and a zero gradient. ``teacher`` ``[N, V]``, or ``[K, N, V]`` mixed with the log weights
     ``teacher_log_weights`` ``(K,)``. The caller has checked the arguments (see :mod:`kdops.ops.kd`)."""
-    if student.dtype not in _ACC_DTYPE:
-        raise TypeError(
-            f"the triton backend takes float32, float16, bfloat16 or float64 logits; got {student.dtype}"
-        )
+    acc = acc_dtype(student.dtype)
     n_rows, vocab = student.shape
     loss_dtype = _alloc.compute_dtype(student.dtype)
     loss = _alloc.empty(n_rows, dtype=loss_dtype, device=student.device)
@@ -239,18 +196,16 @@ def kd_forward(
     n_teachers = teacher.shape[0] if multi else 1
     block_k = triton.next_power_of_2(n_teachers)
     # A [BLOCK_V, BLOCK_K] teacher tile holds about as many elements as one row block.
-    block_v = min(max(triton.next_power_of_2(vocab), _MIN_BLOCK_V), max(_MAX_BLOCK_V // block_k, _MIN_BLOCK_V))
-    # Triton launches on the current CUDA device (and its current stream).
-    with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
-        _kd_row_kernel[(n_rows,)](
-            student, teacher, labels, loss, grad,
-            vocab, student.stride(0), teacher.stride(-2), vocab, teacher.stride(0) if multi else 0,
-            n_teachers, teacher_log_weights if multi else None,
-            1.0 / temperature, beta, *_mixture_logs(divergence, beta),
-            hard_weight, soft_weight, ignore_index,
-            DIV=divergence, HAS_LABELS=labels is not None,
-            HAS_HARD=labels is not None and hard_weight > 0, COMPUTE_GRAD=compute_grad,
-            ACC=_ACC_DTYPE[student.dtype], BLOCK_V=block_v, MULTI=multi, BLOCK_K=block_k,
-            num_warps=max(1, min(8, block_v // 256)),
-        )
+    block_v = row_block(vocab, _MAX_BLOCK_V // block_k)
+    launch(
+        _kd_row_kernel, (n_rows,), student.device,
+        student, teacher, labels, loss, grad,
+        vocab, student.stride(0), teacher.stride(-2), vocab, teacher.stride(0) if multi else 0,
+        n_teachers, teacher_log_weights if multi else None,
+        1.0 / temperature, beta, *mixture_logs(divergence, beta),
+        hard_weight, soft_weight, ignore_index,
+        DIV=divergence, HAS_LABELS=labels is not None,
+        HAS_HARD=labels is not None and hard_weight > 0, COMPUTE_GRAD=compute_grad,
+        ACC=acc, BLOCK_V=block_v, MULTI=multi, BLOCK_K=block_k, num_warps=row_warps(block_v),
+    )
     return loss, grad

@@ -13,21 +13,20 @@ indices ``idx_k`` and the divergence terms ``(d, q)`` of :mod:`kdops.backends.tr
    a barrier) ``soft_weight / T * (q_k - p_k * S)`` at the top-k entries; plus the hard term
    ``hard_weight * (softmax(s) - onehot(label))``.
 """
-import contextlib
-import os
 from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
+from kdops.backends.triton._common import (
+    acc_dtype, block, exp_sum, launch, mixture_logs, row_block, row_warps, write_ignored_row,
+)
 from kdops.backends.triton.divergence import divergence_term
-from kdops.backends.triton.kd import _ACC_DTYPE, _exp_sum, _mixture_logs, _write_ignored_row
 
-_MAX_BLOCK = 64 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
-_MIN_BLOCK = 16
+# Largest vocabulary / top-k block: the GPU's, or a small one that keeps the interpreter fast.
+_MAX_BLOCK = block(4096, 64)
 
 
 @triton.jit
@@ -60,7 +59,7 @@ def _sparse_kd_row_kernel(
         label = tl.load(labels_ptr + row)
         ignored = label == ignore_index
     if ignored:
-        _write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
+        write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
     else:
         # Pass 1: m_s = max s; z_s, z_1 = sums of exp((s - m_s) / T), exp(s - m_s).
         m_s = tl.full([], float("-inf"), ACC)
@@ -70,9 +69,9 @@ def _sparse_kd_row_kernel(
             cols = start + offs_v
             s = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
             new_m = tl.maximum(m_s, tl.max(s, axis=0))
-            z_s = _exp_sum(z_s, m_s, new_m, s, inv_t)
+            z_s = exp_sum(z_s, m_s, new_m, s, inv_t)
             if HAS_HARD:
-                z_1 = _exp_sum(z_1, m_s, new_m, s, 1.0)
+                z_1 = exp_sum(z_1, m_s, new_m, s, 1.0)
             m_s = new_m
         log_z_s = tl.log(z_s)
         log_z_1 = tl.log(z_1)
@@ -166,8 +165,7 @@ def sparse_kd_forward(
     """Row losses ``[N]`` and, if ``compute_grad``, the contiguous gradients ``[N, V]`` w.r.t.
     ``student`` in its dtype (else an empty tensor). Inputs as for
     :func:`kdops.backends.native.sparse_kd.sparse_kd_forward` (checked by :mod:`kdops.ops.sparse_kd`)."""
-    if student.dtype not in _ACC_DTYPE:
-        raise TypeError(f"the triton backend takes float32, float16, bfloat16 or float64 logits; got {student.dtype}")
+    acc = acc_dtype(student.dtype)
     n_rows, vocab = student.shape
     k = topk_indices.shape[1]
     loss_dtype = _alloc.compute_dtype(student.dtype)
@@ -175,15 +173,15 @@ def sparse_kd_forward(
     grad = _alloc.empty(n_rows, vocab, dtype=student.dtype, device=student.device) if compute_grad else student.new_empty(0)
     if n_rows == 0:
         return loss, grad
-    block_v = min(max(triton.next_power_of_2(vocab), _MIN_BLOCK), _MAX_BLOCK)
-    block_k = min(max(triton.next_power_of_2(k), _MIN_BLOCK), _MAX_BLOCK)
-    with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
-        _sparse_kd_row_kernel[(n_rows,)](
-            student, topk_logprobs, topk_indices, labels, loss, grad,
-            vocab, k, student.stride(0), vocab,
-            1.0 / temperature, beta, *_mixture_logs(divergence, beta), hard_weight, soft_weight, ignore_index,
-            DIV=divergence, HAS_LABELS=labels is not None, HAS_HARD=labels is not None and hard_weight > 0,
-            BUCKET=bucket, COMPUTE_GRAD=compute_grad, ACC=_ACC_DTYPE[student.dtype],
-            BLOCK_V=block_v, BLOCK_K=block_k, num_warps=max(1, min(8, block_v // 256)),
-        )
+    block_v = row_block(vocab, _MAX_BLOCK)
+    block_k = row_block(k, _MAX_BLOCK)
+    launch(
+        _sparse_kd_row_kernel, (n_rows,), student.device,
+        student, topk_logprobs, topk_indices, labels, loss, grad,
+        vocab, k, student.stride(0), vocab,
+        1.0 / temperature, beta, *mixture_logs(divergence, beta), hard_weight, soft_weight, ignore_index,
+        DIV=divergence, HAS_LABELS=labels is not None, HAS_HARD=labels is not None and hard_weight > 0,
+        BUCKET=bucket, COMPUTE_GRAD=compute_grad, ACC=acc,
+        BLOCK_V=block_v, BLOCK_K=block_k, num_warps=row_warps(block_v),
+    )
     return loss, grad
