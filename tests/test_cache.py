@@ -63,7 +63,12 @@ def test_reads_are_zero_copy_views(tmp_path):
     cache = TeacherCache(tmp_path)
     a, b = cache[3], cache[3]
     assert a.logprobs.data_ptr() == b.logprobs.data_ptr()  # the same mapped pages, no copy
-    assert isinstance(cache._shard(cache._index[3][0])["values"], np.memmap)
+    n, start, _ = cache._index[3]
+    path = tmp_path / f"shard-{n:05d}.values.npy"
+    storage = a.logprobs.untyped_storage()  # the whole file, mapped
+    assert storage.nbytes() == path.stat().st_size
+    offset = a.logprobs.data_ptr() - storage.data_ptr()
+    assert storage.nbytes() - offset == (10 - start) * K * 2  # the example's rows onward, bf16
 
 
 def test_appending_across_runs(tmp_path):

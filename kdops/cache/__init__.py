@@ -1,35 +1,43 @@
-"""Offline teacher: a sharded disk cache of the teacher's top-k soft targets.
+"""Offline teacher: a sharded disk cache of the teacher's soft targets, crash-safe.
 
-Run the teacher once, keep per token its top-k log-probabilities at temperature ``T``
-(``log_softmax(teacher_logits / T)``), their int32 vocabulary indices and the log of the rest mass
-``log(1 - sum of the kept probabilities)``; then distill from the cache with
-:func:`kdops.sparse_distill_loss`. Layout of a cache directory::
+Run the teacher once and keep per token either (``mode="topk"``, the default) its top-k
+log-probabilities at temperature ``T`` (``log_softmax(teacher_logits / T)``), their int32
+vocabulary indices and the log of the rest mass ``log(1 - sum of the kept probabilities)``, or
+(``mode="sample"``) ``k`` draws from ``softmax(teacher_logits / T)`` as distinct int32 token ids
+and their counts; then distill from the cache with :func:`kdops.sparse_distill_loss`. Reading a
+sampled cache gives ``log(count / k)`` (``-inf`` for the count-0 padding ids) and a rest of
+``-inf``: with ``rest_mass="ignore"`` the forward-KL gradient is then an unbiased estimate of the
+dense one. Layout of a cache directory::
 
-    manifest.json                 format, k, temperature, vocab_size, dtype, teacher, num_tokens,
-                                  num_examples, and per shard its counts and its files' sizes
-                                  and SHA-256 checksums
-    shard-00000.values.npy        [tokens, k] log-probabilities: float32, float16, or bfloat16
-                                  stored as its raw 16 bits (numpy has no bfloat16)
+    manifest.json                 format, version, mode, k, temperature, vocab_size, dtype,
+                                  teacher, num_tokens, num_examples, per shard its counts and its
+                                  files' sizes and SHA-256, and a SHA-256 seal of all that
+    shard-00000.values.npy        topk: [tokens, k] log-probabilities: float32, float16, or
+                                  bfloat16 stored as its raw 16 bits (numpy has no bfloat16)
+    shard-00000.rest.npy          topk: [tokens] float32 log rest mass
+    shard-00000.counts.npy        sample: [tokens, k] counts (uint8, uint16 or int32 by k)
     shard-00000.indices.npy       [tokens, k] int32
-    shard-00000.rest.npy          [tokens] float32 log rest mass
     shard-00000.examples.npy      [examples, 3] int64: example id, first token, number of tokens
 
-The files are standard ``.npy`` arrays, memory-mapped for reading (``cache[example_id]`` returns
-views of the mapped file: no copy). Writes are buffered and flushed as a new shard; the manifest
-is replaced atomically after the shard's files are complete, so an interrupted run loses only
-its unflushed tokens, and a cache reopened with the same settings is appended to. Truncated
-files are detected when the cache is opened (sizes), corrupted ones before a shard's first use
-(checksums, ``verify=True``): both raise :class:`CacheError` and return no data. Any number of
-readers and writers (threads or processes, e.g. one teacher process per data shard) may use a
-cache at once: flushes are serialised by an exclusive lock on ``.lock`` in the directory
-(``fcntl.flock``: POSIX file systems; NFS only where it supports flock), and each flush first
-adopts the shards other writers have added. A reader sees the shards that existed when it opened.
+The files are standard ``.npy`` arrays, memory-mapped for reading without holding a file
+descriptor (``cache[example_id]`` of a top-k cache returns views of the mapped file: no copy).
+Writes are buffered and flushed as a new shard. A flush is crash-safe: each file is written to
+a temporary name, synced and renamed, and the shard becomes part of the cache only when the
+sealed manifest naming it replaces the previous one (atomically); a writer killed at any point
+leaves the last committed cache, and the next flush removes the files it left. A failed write
+(e.g. a full disk) is a :class:`CacheError` with nothing of it visible, its examples still
+buffered. A cache reopened with the same settings is appended to. Truncated files and a
+manifest whose seal does not match are detected when the cache is opened, corrupted shards
+before a shard's first use (checksums, ``verify=True``): both raise :class:`CacheError` and
+return no data. Any number of readers and writers (threads or processes, e.g. one teacher
+process per data shard) may use a cache at once: flushes are serialised by an exclusive lock
+on ``.lock`` in the directory (``fcntl.flock``: POSIX file systems; NFS only where it supports
+flock), and each flush first adopts the shards other writers have added. A reader sees the
+shards that existed when it opened.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import sys
@@ -42,89 +50,77 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdops.cache._files import (
+    LOCK, MANIFEST, SHARD_FILE, CacheError, directory_lock, map_npy, read_sealed, remove_uncommitted,
+    save_npy, sha256_of_file, write_manifest,
+)
+from kdops.cache.targets import sample_logprobs, sample_targets, topk_targets
+
+__all__ = ["CacheError", "TeacherCache", "TeacherTopK", "build_cache", "sample_targets", "topk_targets"]
+
 FORMAT = "kdops-teacher-cache"
-VERSION = 1
-MANIFEST = "manifest.json"
+VERSION = 2
+MODES = ("topk", "sample")
 DEFAULT_SHARD_TOKENS = 1 << 20
-# value dtype name -> (torch dtype, numpy storage dtype)
+# top-k value dtype name -> (torch dtype read, numpy dtype stored)
 VALUE_DTYPES = {
     "float32": (torch.float32, np.float32),
     "float16": (torch.float16, np.float16),
     "bfloat16": (torch.bfloat16, np.int16),  # raw bits, viewed as torch.bfloat16
 }
-_FILES = ("values", "indices", "rest", "examples")
-LOCK = ".lock"
+# sampled count dtype name -> (torch dtype, numpy dtype), the smallest that holds k
+COUNT_DTYPES = {
+    "uint8": (torch.uint8, np.uint8),
+    "uint16": (torch.uint16, np.uint16),
+    "int32": (torch.int32, np.int32),
+}
+# the files of a shard, per mode
+SHARD_FILES = {"topk": ("values", "indices", "rest", "examples"), "sample": ("counts", "indices", "examples")}
+SETTINGS = ("mode", "k", "temperature", "vocab_size", "dtype")
 
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): one writer at a time, as documented
-    fcntl = None
+
+def count_dtype(k: int) -> str:
+    """The name of the smallest count dtype that holds ``k``."""
+    return "uint8" if k <= 255 else "uint16" if k <= 65535 else "int32"
 
 
-class CacheError(ValueError):
-    """A cache that cannot be used: missing, corrupt or truncated files, or settings that do not
-    match the ones asked for."""
+def _check_settings(mode: Optional[str], k: Optional[int], temperature: Optional[float],
+                    dtype: Optional[str]) -> None:
+    """ValueError naming the first bad one of the settings given (None: not given)."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not (math.isfinite(temperature) and temperature > 0)):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
+    if dtype is not None:
+        if mode == "sample":
+            raise ValueError(f"dtype applies to mode='topk' (a sampled cache stores integer counts); got dtype={dtype!r}")
+        if dtype not in VALUE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(map(repr, VALUE_DTYPES))}; got {dtype!r}")
 
 
 class TeacherTopK(NamedTuple):
-    """Top-k soft targets of a run of tokens."""
+    """Sparse soft targets of a run of tokens, as :func:`kdops.sparse_distill_loss` takes them."""
 
-    logprobs: Tensor  # [tokens, k] log-probabilities at the cache's temperature (cache dtype)
-    indices: Tensor  # [tokens, k] int32 vocabulary indices
-    rest_logprob: Tensor  # [tokens] float32 log(1 - sum(exp(logprobs)))
+    logprobs: Tensor  # [tokens, k] log-probabilities at the cache's temperature (topk: cache dtype;
+    #                   sample: float32 log(count / k), -inf for count 0)
+    indices: Tensor  # [tokens, k] int32 distinct vocabulary indices
+    rest_logprob: Tensor  # [tokens] float32 log(1 - sum(exp(logprobs))) (sample: -inf)
     lengths: Tensor  # [examples] int64 tokens per example, in the order asked for
 
 
-def topk_targets(teacher_logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(values, indices, rest)`` of ``(..., V)`` logits: the top-k of ``log_softmax(logits / T)``
-    (float32), their int32 indices and ``log`` of the probability outside the top-k (float32,
-    computed as a log-sum-exp over those entries, so accurate when it is tiny)."""
-    logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    values, indices = logp.topk(k, dim=-1)
-    rest = logp.scatter(-1, indices, -math.inf).logsumexp(-1)
-    return values, indices.to(torch.int32), rest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-
-
-@contextlib.contextmanager
-def _directory_lock(directory: Path):
-    """Holds an exclusive lock on ``directory / LOCK`` (across processes) for the ``with`` block."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK, "a+b") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 class TeacherCache:
-    """A cache directory of teacher top-k soft targets (see the module docstring).
+    """A cache directory of teacher soft targets (see the module docstring).
 
     ``TeacherCache(directory)`` opens an existing cache; with ``k``, ``temperature`` and
     ``vocab_size`` it creates one if there is none, and otherwise checks that the existing one
-    has these settings (:class:`CacheError` if not) and appends to it. ``dtype`` is the stored
-    value type (``"bfloat16"``, ``"float16"`` or ``"float32"``), ``teacher`` a free-form name.
+    has the settings given (``mode``, ``k``, ``temperature``, ``vocab_size``, ``dtype``,
+    ``teacher``: :class:`CacheError` if not) and appends to it. ``mode``: ``"topk"`` (default)
+    or ``"sample"`` (``k`` draws per token from a generator seeded with ``seed``; None: torch's
+    global generator). ``dtype``: the stored top-k value type (``"bfloat16"``, ``"float16"`` or
+    ``"float32"``; a sampled cache stores counts). ``teacher``: a free-form name.
     ``shard_tokens``: tokens per shard (buffered in memory until flushed). ``verify``: check each
     shard's checksums before its first read.
 
@@ -137,23 +133,31 @@ class TeacherCache:
         self,
         directory: Union[str, os.PathLike],
         *,
+        mode: Optional[str] = None,
         k: Optional[int] = None,
         temperature: Optional[float] = None,
         vocab_size: Optional[int] = None,
         dtype: Optional[str] = None,
         teacher: Optional[str] = None,
+        seed: Optional[int] = None,
         shard_tokens: int = DEFAULT_SHARD_TOKENS,
         verify: bool = True,
     ) -> None:
+        _check_settings(mode, k, temperature, dtype)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None; got {seed!r}")
         self.directory = Path(directory)
         self.verify = verify
         self.shard_tokens = shard_tokens
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._lock = threading.Lock()
-        self._pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[int, dict[str, np.ndarray]]] = []
         self._pending_tokens = 0
-        self._arrays: dict[int, dict[str, np.ndarray]] = {}  # shard -> mapped files, once verified
+        self._arrays: dict[int, dict[str, Tensor]] = {}  # shard -> mapped files, once verified
         path = self.directory / MANIFEST
-        wanted = {"k": k, "temperature": temperature, "vocab_size": vocab_size, "dtype": dtype, "teacher": teacher}
+        wanted = {"mode": mode, "k": k, "temperature": temperature, "vocab_size": vocab_size, "dtype": dtype,
+                  "teacher": teacher}
         if path.exists():
             self.manifest = self._load_manifest(path)
             for key, value in wanted.items():
@@ -166,21 +170,21 @@ class TeacherCache:
                 raise CacheError(
                     f"no cache at {self.directory} ({MANIFEST} not found); to create one give k, temperature and vocab_size"
                 )
-            dtype = dtype or "bfloat16"
-            if dtype not in VALUE_DTYPES:
-                raise ValueError(f"dtype must be one of {', '.join(map(repr, VALUE_DTYPES))}; got {dtype!r}")
-            if not (isinstance(k, int) and 1 <= k <= vocab_size):
+            mode = mode or "topk"
+            if not (isinstance(vocab_size, int) and k <= vocab_size):
                 raise ValueError(f"k must be an integer in [1, vocab_size={vocab_size}]; got {k!r}")
-            if not (math.isfinite(temperature) and temperature > 0):
-                raise ValueError(f"temperature must be a finite number > 0; got {temperature}")
             self.manifest = {
-                "format": FORMAT, "version": VERSION, "k": k, "temperature": float(temperature),
-                "vocab_size": vocab_size, "dtype": dtype, "teacher": teacher or "", "num_tokens": 0,
-                "num_examples": 0, "shards": [],
+                "format": FORMAT, "version": VERSION, "mode": mode, "k": k, "temperature": float(temperature),
+                "vocab_size": vocab_size, "dtype": count_dtype(k) if mode == "sample" else dtype or "bfloat16",
+                "teacher": teacher or "", "num_tokens": 0, "num_examples": 0, "shards": [],
             }
         self._index = self._build_index()
 
     # ---- settings ----
+    @property
+    def mode(self) -> str:
+        return self.manifest["mode"]
+
     @property
     def k(self) -> int:
         return self.manifest["k"]
@@ -195,7 +199,8 @@ class TeacherCache:
 
     @property
     def dtype(self) -> torch.dtype:
-        return VALUE_DTYPES[self.manifest["dtype"]][0]
+        """The dtype of the log-probabilities read (float32 for a sampled cache)."""
+        return torch.float32 if self.mode == "sample" else VALUE_DTYPES[self.manifest["dtype"]][0]
 
     @property
     def num_tokens(self) -> int:
@@ -212,24 +217,32 @@ class TeacherCache:
 
     # ---- opening ----
     def _load_manifest(self, path: Path) -> dict:
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise CacheError(f"the cache manifest {path} cannot be read: {e}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        """The sealed manifest at ``path``, its settings and every shard file's size checked."""
+        manifest = read_sealed(path)
+        if manifest.get("format") != FORMAT:
             raise CacheError(f"{path} is not a kdops teacher cache manifest")
         if manifest.get("version") != VERSION:
-            raise CacheError(f"{path} has format version {manifest.get('version')}; this kdops reads {VERSION}")
-        for shard in manifest["shards"]:
-            for kind in _FILES:
-                f = self.directory / shard["files"][kind]["name"]
-                size = f.stat().st_size if f.exists() else None
-                if size != shard["files"][kind]["size"]:
-                    state = "is missing" if size is None else f"has {size} bytes"
-                    raise CacheError(
-                        f"cache shard file {f} {state}; the manifest says {shard['files'][kind]['size']} "
-                        "(truncated or replaced)"
-                    )
+            raise CacheError(f"{path} has format version {manifest.get('version')}; this kdops reads {VERSION} "
+                             "(rebuild the cache)")
+        try:
+            mode, k, dtypes = manifest["mode"], manifest["k"], {**VALUE_DTYPES, **COUNT_DTYPES}
+            if mode not in MODES or not isinstance(k, int) or k < 1 or manifest["dtype"] not in dtypes:
+                raise ValueError(f"mode={mode!r}, k={k!r}, dtype={manifest['dtype']!r}")
+            for shard in manifest["shards"]:
+                for kind in SHARD_FILES[mode]:
+                    entry = shard["files"][kind]
+                    if not SHARD_FILE.fullmatch(entry["name"]):
+                        raise ValueError(f"shard file name {entry['name']!r}")
+                    f = self.directory / entry["name"]
+                    size = f.stat().st_size if f.exists() else None
+                    if size != entry["size"]:
+                        state = "is missing" if size is None else f"has {size} bytes"
+                        raise CacheError(f"cache shard file {f} {state}; the manifest says {entry['size']} "
+                                         "(truncated or replaced)")
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, CacheError):
+                raise
+            raise CacheError(f"the cache manifest {path} is malformed ({type(e).__name__}: {e})") from None
         return manifest
 
     def _build_index(self, index: Optional[dict] = None, first_shard: int = 0) -> dict[int, tuple[int, int, int]]:
@@ -240,7 +253,12 @@ class TeacherCache:
         for n in range(first_shard, len(self.manifest["shards"])):
             if self.verify:
                 self._check_sum(n, "examples")
-            for eid, start, length in self._map(n, "examples").tolist():
+            table = self._map(n, "examples").tolist()
+            tokens = self.manifest["shards"][n]["num_tokens"]
+            if any(start < 0 or length < 0 or start + length > tokens for _, start, length in table):
+                raise CacheError(f"cache shard {n} of {self.directory} has an example table that points outside "
+                                 f"its {tokens} tokens")
+            for eid, start, length in table:
                 index[eid] = (n, start, length)
         return index
 
@@ -252,7 +270,7 @@ class TeacherCache:
             return
         known = len(self.manifest["shards"])
         on_disk = self._load_manifest(path)
-        for key in ("k", "temperature", "vocab_size", "dtype"):
+        for key in SETTINGS:
             if on_disk[key] != self.manifest[key]:
                 raise CacheError(f"the cache at {self.directory} now has {key}={on_disk[key]!r}; this writer was "
                                  f"opened with {key}={self.manifest[key]!r}")
@@ -263,52 +281,64 @@ class TeacherCache:
     def _check_sum(self, n: int, kind: str) -> None:
         entry = self.manifest["shards"][n]["files"][kind]
         path = self.directory / entry["name"]
-        if _sha256(path) != entry["sha256"]:
+        try:
+            digest = sha256_of_file(path)
+        except OSError as e:
+            raise CacheError(f"cache shard file {path} cannot be read: {e}") from None
+        if digest != entry["sha256"]:
             raise CacheError(f"cache shard file {path} is corrupt (its SHA-256 does not match the manifest)")
 
-    def _map(self, n: int, kind: str) -> np.ndarray:
-        shard = self.manifest["shards"][n]
-        path = self.directory / shard["files"][kind]["name"]
-        try:
-            array = np.load(path, mmap_mode="c", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise CacheError(f"cache shard file {path} cannot be read: {e}") from None
-        rows = shard["num_examples"] if kind == "examples" else shard["num_tokens"]
-        shape = {"values": (rows, self.k), "indices": (rows, self.k), "rest": (rows,), "examples": (rows, 3)}[kind]
-        if array.shape != shape:
-            raise CacheError(f"cache shard file {path} has shape {array.shape}; the manifest says {shape}")
-        return array
+    def _file_spec(self, kind: str, rows: int) -> tuple[tuple[int, ...], type, torch.dtype]:
+        """(shape, numpy dtype stored, torch dtype read) of a shard file of ``rows`` rows."""
+        if kind == "values":
+            view, stored = VALUE_DTYPES[self.manifest["dtype"]]
+        elif kind == "counts":
+            view, stored = COUNT_DTYPES[self.manifest["dtype"]]
+        else:
+            view, stored = {"indices": (torch.int32, np.int32), "rest": (torch.float32, np.float32),
+                            "examples": (torch.int64, np.int64)}[kind]
+        shape = {"rest": (rows,), "examples": (rows, 3)}.get(kind, (rows, self.k))
+        return shape, stored, view
 
-    def _shard(self, n: int) -> dict[str, np.ndarray]:
+    def _map(self, n: int, kind: str) -> Tensor:
+        shard = self.manifest["shards"][n]
+        rows = shard["num_examples"] if kind == "examples" else shard["num_tokens"]
+        shape, stored, view = self._file_spec(kind, rows)
+        return map_npy(self.directory / shard["files"][kind]["name"], shape, np.dtype(stored), view)
+
+    def _shard(self, n: int) -> dict[str, Tensor]:
         """The mapped files of shard n, their checksums verified on first use (if ``verify``)."""
         arrays = self._arrays.get(n)
         if arrays is not None:
             return arrays
         with self._lock:
             if n not in self._arrays:
+                kinds = SHARD_FILES[self.mode]
                 if self.verify:
-                    for kind in _FILES[:3]:
+                    for kind in kinds[:-1]:  # the example table was checked when opened
                         self._check_sum(n, kind)
-                self._arrays[n] = {kind: self._map(n, kind) for kind in _FILES}
+                self._arrays[n] = {kind: self._map(n, kind) for kind in kinds}
             return self._arrays[n]
 
     # ---- reading ----
-    def _views(self, example_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _views(self, example_id: int) -> dict[str, Tensor]:
+        """One example's rows of each shard file but the example table (views of the maps)."""
         try:
             n, start, length = self._index[int(example_id)]
         except KeyError:
             raise KeyError(f"example id {example_id} is not in the cache at {self.directory}") from None
-        arrays = self._shard(n)
-        values = torch.from_numpy(arrays["values"][start:start + length])
-        if self.manifest["dtype"] == "bfloat16":
-            values = values.view(torch.bfloat16)
-        return (values, torch.from_numpy(arrays["indices"][start:start + length]),
-                torch.from_numpy(arrays["rest"][start:start + length]))
+        return {kind: array[start:start + length] for kind, array in self._shard(n).items() if kind != "examples"}
+
+    def _targets(self, parts: dict[str, Tensor], lengths: Tensor) -> TeacherTopK:
+        if self.mode == "sample":
+            rest = torch.full(parts["indices"].shape[:1], -math.inf)
+            return TeacherTopK(sample_logprobs(parts["counts"], self.k), parts["indices"], rest, lengths)
+        return TeacherTopK(parts["values"], parts["indices"], parts["rest"], lengths)
 
     def __getitem__(self, example_id: int) -> TeacherTopK:
-        """One example's soft targets, as views of the memory-mapped shard (no copy)."""
-        values, indices, rest = self._views(example_id)
-        return TeacherTopK(values, indices, rest, torch.tensor([values.shape[0]]))
+        """One example's soft targets (top-k: views of the memory-mapped shard, no copy)."""
+        parts = self._views(example_id)
+        return self._targets(parts, torch.tensor([parts["indices"].shape[0]]))
 
     def read(self, example_ids: Sequence[int]) -> TeacherTopK:
         """The examples' soft targets concatenated along tokens (in the order of ``example_ids``;
@@ -317,8 +347,8 @@ class TeacherCache:
         if not parts:
             empty = torch.empty(0, self.k)
             return TeacherTopK(empty.to(self.dtype), empty.int(), torch.empty(0), torch.empty(0, dtype=torch.long))
-        values, indices, rest = (torch.cat(x) for x in zip(*parts))
-        return TeacherTopK(values, indices, rest, torch.tensor([p[0].shape[0] for p in parts]))
+        joined = {kind: torch.cat([p[kind] for p in parts]) for kind in parts[0]}
+        return self._targets(joined, torch.tensor([p["indices"].shape[0] for p in parts]))
 
     def verify_all(self) -> None:
         """Checks every shard's checksums now (:class:`CacheError` on the first bad one)."""
@@ -326,26 +356,44 @@ class TeacherCache:
             self._shard(n)
 
     def stats(self) -> dict:
-        """Tokens, examples, shards, disk bytes (per token) and coverage: the mean, minimum and
-        5th percentile over tokens of the kept probability mass ``1 - exp(rest_logprob)``."""
+        """Tokens, examples, shards, disk bytes (per token) and, for a top-k cache, its coverage:
+        the mean, minimum and 5th percentile over tokens of the kept probability mass
+        ``1 - exp(rest_logprob)``; for a sampled cache the mean number of distinct ids drawn."""
+        shards = range(len(self.manifest["shards"]))
         sizes = sum(f["size"] for s in self.manifest["shards"] for f in s["files"].values())
-        coverage = [1.0 - np.exp(self._shard(n)["rest"].astype(np.float64)) for n in range(len(self.manifest["shards"]))]
-        cov = np.concatenate(coverage) if coverage else np.zeros(0)
         tokens = self.manifest["num_tokens"]
+        stats = {
+            "mode": self.mode, "tokens": tokens, "examples": self.manifest["num_examples"],
+            "shards": len(shards), "k": self.k, "disk_bytes": sizes,
+            "bytes_per_token": sizes / tokens if tokens else 0.0,
+        }
+        if self.mode == "sample":
+            distinct = sum(int((self._shard(n)["counts"] > 0).sum()) for n in shards)
+            return {**stats, "distinct_mean": distinct / tokens if tokens else 0.0}
+        coverage = [1.0 - np.exp(self._shard(n)["rest"].double().numpy()) for n in shards]
+        cov = np.concatenate(coverage) if coverage else np.zeros(0)
         return {
-            "tokens": tokens, "examples": self.manifest["num_examples"], "shards": len(self.manifest["shards"]),
-            "k": self.k, "disk_bytes": sizes, "bytes_per_token": sizes / tokens if tokens else 0.0,
+            **stats,
             "coverage_mean": float(cov.mean()) if cov.size else 0.0,
             "coverage_min": float(cov.min()) if cov.size else 0.0,
             "coverage_p5": float(np.percentile(cov, 5)) if cov.size else 0.0,
         }
 
     # ---- writing ----
+    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
+        """The sampling generator on ``device`` (seeded with ``seed``; None: torch's global one)."""
+        if self.seed is None:
+            return None
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._generators[device]
+
     def write(self, example_ids: Union[int, Sequence[int]], teacher_logits: Tensor,
               lengths: Optional[Sequence[int]] = None) -> None:
         """Adds the soft targets of teacher logits: one example ``[L, V]`` (``example_ids`` an
         int), or a batch ``[B, L, V]`` with ``B`` ids; ``lengths`` keeps only each example's
-        first tokens (padding dropped). The top-k is taken at the cache's temperature."""
+        first tokens (padding dropped). The top-k is taken, or the k draws made, at the cache's
+        temperature."""
         if teacher_logits.shape[-1] != self.vocab_size:
             raise CacheError(f"teacher_logits have vocabulary size {teacher_logits.shape[-1]}; the cache has "
                              f"vocab_size={self.vocab_size}")
@@ -354,65 +402,110 @@ class TeacherCache:
         if teacher_logits.dim() != 3 or teacher_logits.shape[0] != len(example_ids):
             raise ValueError(f"teacher_logits must be [B, L, V] with B = {len(example_ids)} example ids; "
                              f"got {tuple(teacher_logits.shape)}")
-        values, indices, rest = topk_targets(teacher_logits.detach(), self.k, self.temperature)
+        if lengths is not None and len(lengths) != len(example_ids):
+            raise ValueError(f"lengths must have one entry per example id ({len(example_ids)}); got {len(lengths)}")
+        logits = teacher_logits.detach()
+        if self.mode == "sample":
+            counts, indices = sample_targets(logits, self.k, self.temperature, self._generator(logits.device))
+        else:
+            values, indices, rest = topk_targets(logits, self.k, self.temperature)
         for b, eid in enumerate(example_ids):
-            n = teacher_logits.shape[1] if lengths is None else int(lengths[b])
-            self.write_topk(eid, values[b, :n], indices[b, :n], rest[b, :n])
+            n = logits.shape[1] if lengths is None else int(lengths[b])
+            if self.mode == "sample":
+                self.write_samples(eid, counts[b, :n], indices[b, :n])
+            else:
+                self.write_topk(eid, values[b, :n], indices[b, :n], rest[b, :n])
+
+    def _check_rows(self, what: str, values: Tensor, indices: Tensor) -> None:
+        if values.dim() != 2 or values.shape[1] != self.k or indices.shape != values.shape:
+            raise CacheError(f"{what} and indices must be [L, k={self.k}]; got {tuple(values.shape)} and "
+                             f"{tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.vocab_size):
+            raise ValueError(f"indices must lie in [0, vocab_size={self.vocab_size})")
 
     def write_topk(self, example_id: int, logprobs: Tensor, indices: Tensor, rest_logprob: Tensor) -> None:
-        """Adds one example's precomputed top-k: ``[L, k]`` log-probabilities and indices and the
-        ``[L]`` log rest mass."""
-        eid = int(example_id)
-        if eid in self._index or any(p[0] == eid for p in self._pending):
-            raise ValueError(f"example id {eid} is already in the cache at {self.directory}")
-        if logprobs.dim() != 2 or logprobs.shape[1] != self.k or indices.shape != logprobs.shape:
-            raise CacheError(f"logprobs and indices must be [L, k={self.k}]; got {tuple(logprobs.shape)} and "
-                             f"{tuple(indices.shape)}")
+        """Adds one example's precomputed top-k (a ``mode="topk"`` cache): ``[L, k]``
+        log-probabilities and indices and the ``[L]`` log rest mass."""
+        if self.mode != "topk":
+            raise CacheError(f"write_topk adds to a mode='topk' cache; the cache at {self.directory} has mode={self.mode!r}")
+        self._check_rows("logprobs", logprobs, indices)
         if rest_logprob.shape != logprobs.shape[:1]:
             raise ValueError(f"rest_logprob must be [L={logprobs.shape[0]}]; got {tuple(rest_logprob.shape)}")
         values = logprobs.detach().to("cpu", self.dtype)
         stored = values.view(torch.int16) if self.dtype == torch.bfloat16 else values
-        self._pending.append((eid, stored.numpy(), indices.detach().to("cpu", torch.int32).numpy(),
-                              rest_logprob.detach().to("cpu", torch.float32).numpy()))
-        self._pending_tokens += logprobs.shape[0]
+        self._add(example_id, {"values": stored.numpy(), "indices": indices.detach().to("cpu", torch.int32).numpy(),
+                               "rest": rest_logprob.detach().to("cpu", torch.float32).numpy()})
+
+    def write_samples(self, example_id: int, counts: Tensor, indices: Tensor) -> None:
+        """Adds one example's precomputed draws (a ``mode="sample"`` cache): ``[L, k]`` counts
+        (each row summing to k) at ``[L, k]`` distinct indices (as :func:`sample_targets`)."""
+        if self.mode != "sample":
+            raise CacheError(f"write_samples adds to a mode='sample' cache; the cache at {self.directory} has "
+                             f"mode={self.mode!r}")
+        self._check_rows("counts", counts, indices)
+        counts = counts.detach().to("cpu", torch.int64)
+        if counts.numel() and (int(counts.min()) < 0 or not bool((counts.sum(1) == self.k).all())):
+            raise ValueError(f"counts must be non-negative with each row summing to k={self.k}")
+        stored = COUNT_DTYPES[self.manifest["dtype"]][1]
+        self._add(example_id, {"counts": counts.numpy().astype(stored),
+                               "indices": indices.detach().to("cpu", torch.int32).numpy()})
+
+    def _add(self, example_id: int, arrays: dict[str, np.ndarray]) -> None:
+        eid = int(example_id)
+        if eid in self._index or any(p[0] == eid for p in self._pending):
+            raise ValueError(f"example id {eid} is already in the cache at {self.directory}")
+        self._pending.append((eid, arrays))
+        self._pending_tokens += arrays["indices"].shape[0]
         if self._pending_tokens >= self.shard_tokens:
             self.flush()
 
     def flush(self) -> None:
-        """Writes the buffered examples as a new shard and updates the manifest (atomically),
-        holding the directory's lock; :class:`CacheError` (nothing written, the examples stay
-        buffered) if another writer has meanwhile added one of their example ids."""
+        """Writes the buffered examples as a new shard and commits it (the manifest replaced
+        atomically), holding the directory's lock, after removing what a killed writer left.
+        :class:`CacheError` (nothing written, the examples stay buffered) if another writer has
+        meanwhile added one of their example ids, or if a write fails (e.g. the disk is full)."""
         if not self._pending:
             return
-        with self._lock, _directory_lock(self.directory):
+        with self._lock, directory_lock(self.directory):
             self._adopt_new_shards()
             taken = [p[0] for p in self._pending if p[0] in self._index]
             if taken:
                 raise CacheError(f"example ids {taken[:8]} were added to the cache at {self.directory} by another "
                                  "writer; nothing was written")
+            committed = {MANIFEST, LOCK} | {f["name"] for s in self.manifest["shards"] for f in s["files"].values()}
+            remove_uncommitted(self.directory, committed)
             self._write_shard()
 
     def _write_shard(self) -> None:
         n = len(self.manifest["shards"])
-        lengths = np.array([p[1].shape[0] for p in self._pending], dtype=np.int64)
+        lengths = np.array([p[1]["indices"].shape[0] for p in self._pending], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         ids = np.array([p[0] for p in self._pending], dtype=np.int64)
-        arrays = {
-            "values": np.concatenate([p[1] for p in self._pending]),
-            "indices": np.concatenate([p[2] for p in self._pending]),
-            "rest": np.concatenate([p[3] for p in self._pending]),
-            "examples": np.stack([ids, starts, lengths], axis=1),
-        }
-        files = {}
-        for kind, array in arrays.items():
-            path = self.directory / f"shard-{n:05d}.{kind}.npy"
-            _write_atomic(path, lambda tmp, a=array: _save_npy(tmp, a))
-            files[kind] = {"name": path.name, "size": path.stat().st_size, "sha256": _sha256(path)}
-        tokens = int(lengths.sum())
-        self.manifest["shards"].append({"num_tokens": tokens, "num_examples": len(ids), "files": files})
-        self.manifest["num_tokens"] += tokens
-        self.manifest["num_examples"] += len(ids)
-        _write_atomic(self.directory / MANIFEST, lambda tmp: tmp.write_text(json.dumps(self.manifest, indent=1)))
+        arrays = {kind: np.concatenate([p[1][kind] for p in self._pending]) for kind in SHARD_FILES[self.mode][:-1]}
+        arrays["examples"] = np.stack([ids, starts, lengths], axis=1)
+        files, written = {}, []
+        try:
+            for kind, array in arrays.items():
+                path = self.directory / f"shard-{n:05d}.{kind}.npy"
+                save_npy(path, array)
+                written.append(path)
+                files[kind] = {"name": path.name, "size": path.stat().st_size, "sha256": sha256_of_file(path)}
+            tokens = int(lengths.sum())
+            manifest = {**self.manifest,
+                        "shards": [*self.manifest["shards"], {"num_tokens": tokens, "num_examples": len(ids),
+                                                             "files": files}],
+                        "num_tokens": self.manifest["num_tokens"] + tokens,
+                        "num_examples": self.manifest["num_examples"] + len(ids)}
+            write_manifest(self.directory, manifest)
+        except BaseException as e:  # nothing committed: remove this flush's files, keep the examples buffered
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            if isinstance(e, OSError):
+                raise CacheError(f"writing shard {n} of the cache at {self.directory} failed ({e}); nothing was "
+                                 f"committed and its {len(ids)} examples stay buffered (flush again)") from e
+            raise
+        self.manifest = manifest
         for eid, start, length in zip(ids.tolist(), starts.tolist(), lengths.tolist()):
             self._index[eid] = (n, start, length)
         self._pending, self._pending_tokens = [], 0
@@ -428,9 +521,9 @@ class TeacherCache:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"TeacherCache({str(self.directory)!r}, k={m['k']}, temperature={m['temperature']}, "
-                f"vocab_size={m['vocab_size']}, dtype={m['dtype']!r}, teacher={m['teacher']!r}, "
-                f"examples={len(self)}, tokens={self.num_tokens})")
+        return (f"TeacherCache({str(self.directory)!r}, mode={m['mode']!r}, k={m['k']}, "
+                f"temperature={m['temperature']}, vocab_size={m['vocab_size']}, dtype={m['dtype']!r}, "
+                f"teacher={m['teacher']!r}, examples={len(self)}, tokens={self.num_tokens})")
 
 
 class ProgressBar:
@@ -465,31 +558,37 @@ def build_cache(
     *,
     k: int,
     temperature: float = 1.0,
-    dtype: str = "bfloat16",
+    mode: str = "topk",
+    seed: Optional[int] = None,
+    dtype: Optional[str] = None,
     teacher: str = "",
     total: Optional[int] = None,
     progress: bool = True,
     **cache_options,
 ) -> TeacherCache:
     """Runs ``teacher_fn(inputs) -> logits [B, L, V]`` over ``batches`` of ``(example_ids,
-    inputs)`` under ``torch.no_grad()`` and writes the top-k to the cache at ``directory``
-    (created, or appended to), with a progress bar on stderr (``total``: the number of batches,
-    if known). Returns the cache, flushed."""
+    inputs)`` (or ``(example_ids, inputs, lengths)``: each example's first tokens kept) under
+    ``torch.no_grad()`` and writes the soft targets to the cache at ``directory`` (created, or
+    appended to): ``mode="topk"`` the top-k (values stored in ``dtype``, default bfloat16),
+    ``mode="sample"`` k draws per token from a generator seeded with ``seed``. A progress bar
+    goes to stderr (``total``: the number of batches, if known). Returns the cache, flushed."""
+    _check_settings(mode, k, temperature, dtype)
+    if mode == "topk" and dtype is None:
+        dtype = "bfloat16"
     bar = ProgressBar(total) if progress else None
     cache = None
     with torch.no_grad():
-        for ids, inputs in batches:
+        for ids, inputs, *lengths in batches:
             logits = teacher_fn(inputs)
             if cache is None:
-                cache = TeacherCache(directory, k=k, temperature=temperature, vocab_size=logits.shape[-1],
-                                     dtype=dtype, teacher=teacher, **cache_options)
-            cache.write(list(ids), logits)
+                cache = TeacherCache(directory, mode=mode, k=k, temperature=temperature, vocab_size=logits.shape[-1],
+                                     dtype=dtype, teacher=teacher, seed=seed, **cache_options)
+            cache.write(list(ids), logits, *lengths)
             if bar is not None:
-                bar.update(logits.shape[0] * logits.shape[1])
+                bar.update(int(sum(lengths[0])) if lengths else logits.shape[0] * logits.shape[1])
     if bar is not None:
         bar.close()
     if cache is None:
         raise ValueError("build_cache: batches was empty")
     cache.flush()
     return cache
-
