@@ -20,9 +20,10 @@ demo: install
 bench: install
 	$(PYTHON) benchmarks/bench_kd.py
 
-# optional extras whose integrations the suite tests (transformers Trainer example, demo/bench plots)
-TEST_EXTRAS := transformers accelerate matplotlib
+# optional extras whose integrations the suite tests (transformers Trainer, TRL's trainers' losses, plots);
+# trl pinned: kdops.integrations.trl replaces functions of that release (torch stays pinned alongside)
+TEST_EXTRAS := transformers accelerate matplotlib trl==1.16.0
 
 test: install
-	$(PIP) install -q $(TEST_EXTRAS)
+	$(PIP) install -q $(TEST_EXTRAS) torch==2.13.0
 	$(PYTHON) -m pytest tests -q -ra
