@@ -50,7 +50,7 @@ def demo_students(ks: list[int], seed: int = 0) -> dict:
     import torch.nn.functional as F
 
     from kdops.demo import text
-    from kdops.demo.language_model import LMConfig, TinyLM, perplexity, train
+    from kdops.demo.language_model import LMConfig, TinyLM, perplexity, train, windows
 
     cfg = LMConfig()
     train_tokens, held_out_tokens = text.corpus(cfg.corpus_tokens)
@@ -61,8 +61,8 @@ def demo_students(ks: list[int], seed: int = 0) -> dict:
     device = torch.device("cpu")
     torch.manual_seed(seed)
     teacher = TinyLM(vocab, cfg.teacher_width, cfg.teacher_layers, cfg.context)
-    train(teacher, stream, cfg.teacher_steps, cfg, seed,
-          lambda ids, targets, h: F.cross_entropy(teacher.lm_head(h).flatten(0, 1), targets.flatten()),
+    train(teacher, cfg.teacher_steps, cfg, seed, lambda g: windows(stream, cfg.batch_size, cfg.context + 1, g),
+          lambda seq: F.cross_entropy(teacher.lm_head(teacher(seq[:, :-1])).flatten(0, 1), seq[:, 1:].flatten()),
           held_out, device, "LM teacher")
     teacher.eval().requires_grad_(False)
     # The student's training data: non-overlapping windows of its prefix, one cache example each.

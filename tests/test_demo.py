@@ -1,35 +1,85 @@
-"""``python -m kdops.demo --quick`` in-process: the table, results.json and the plot."""
+"""``python -m kdops.demo --quick`` in-process: every track, the table, results.json and the plots;
+``--tracks`` choosing a subset."""
 import json
 import math
+import re
+
+import pytest
 
 from kdops.demo import main
 from kdops.demo.classification import STUDENTS
+from kdops.demo.run import TRACKS, parse_args
+
+LM_STUDENTS = {
+    "language-model": ["from scratch", "distilled"],
+    "on-policy": ["supervised KD (data)", "GKD (on-policy)"],
+    "sequence-level": ["CE on data", "CE on teacher corpus", "CE + KD on teacher corpus"],
+    "quantized": ["KD, float", "KD, then PTQ int8", "QAT int8 + KD"],
+    "preference": ["CE on data", "KD from the reference teacher", "KD from the tuned teacher"],
+}
 
 
-def test_demo_quick(tmp_path, capsys):
+def test_demo_quick_all_tracks(tmp_path, capsys):
     results = main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
     out = capsys.readouterr()
-    assert "| track | model | params | held-out metric |" in out.out
-    assert "student, KD + SP" in out.out and "student, distilled" in out.out
+    assert "| track | model | params | held-out perplexity (accuracy) | recipe metric |" in out.out
+    assert "student, KD + SP" in out.out and "student, GKD (on-policy)" in out.out
     assert "[####" in out.err  # progress bars go to stderr
 
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert saved["quick"] is True and saved["machine"]["device"] == "cpu"
-    assert len(saved["verdicts"]) == 4
+    assert list(saved["tracks"]) == list(TRACKS)
+    # 3 classification lines, then per LM track: 1, 2, 2, 2, 3
+    assert len(saved["verdicts"]) == 3 + 1 + 2 + 2 + 2 + 3
+    assert all(("beat" in v) or ("level with" in v) or ("number tokens are" in v) or ("adding SP" in v)
+               for v in saved["verdicts"])
 
-    cls = saved["classification"]
+    cls = saved["tracks"]["classification"]
     assert list(cls["students"]) == list(STUDENTS) and cls["seeds"] == [0]
     for student in cls["students"].values():
         assert 0.0 <= student["mean"] <= 1.0 and len(student["curve_mean"]) == cls["config"]["student_epochs"]
-    assert set(cls["distillation_beats_baseline"]) == {"KD", "KD + SP"}
 
-    lm = saved["language_modelling"]
-    assert lm["vocab_size"] == lm["config"]["vocab_size"]
-    for model in (lm["teacher"], *lm["students"].values()):
-        assert math.isfinite(model["perplexity"]) and model["perplexity"] > 1
-        assert model["curve"][-1][0] == lm["config"]["student_steps"] or model is lm["teacher"]
-    assert isinstance(lm["distillation_beats_baseline"], bool)
+    setup = saved["language_model_setup"]
+    assert setup["vocab_size"] == setup["config"]["vocab_size"]
+    assert math.isfinite(setup["teacher"]["perplexity"]) and setup["teacher"]["perplexity"] > 1
+    steps = setup["config"]["student_steps"]
+    for track, students in LM_STUDENTS.items():
+        r = saved["tracks"][track]
+        assert list(r["students"]) == students and r["seeds"] == [0]
+        for name, s in r["students"].items():
+            ppl = s["perplexity"]
+            assert len(ppl["values"]) == 1 and ppl["std"] == 0.0 and math.isfinite(ppl["mean"]) and ppl["mean"] > 1
+            assert name == "KD, then PTQ int8" or s["curve"][-1][0] == steps
+            if r["metric"]:
+                assert len(s[r["metric"]["key"]]["values"]) == 1
+    # the students every track calls the same are the same runs
+    lm = saved["tracks"]["language-model"]["students"]
+    assert saved["tracks"]["on-policy"]["students"]["supervised KD (data)"]["perplexity"] == lm["distilled"]["perplexity"]
+    assert saved["tracks"]["sequence-level"]["students"]["CE on data"]["perplexity"] == lm["from scratch"]["perplexity"]
+    rates = saved["tracks"]["preference"]["students"]
+    assert all(0.0 <= s["preference_rate"]["mean"] <= 1.0 for s in rates.values())
 
-    png = tmp_path / "learning_curves.png"
-    assert png.exists() == ("wrote " + str(png) in out.out)
+    for png in ("learning_curves.png", "recipe_results.png"):
+        assert (tmp_path / png).exists() == ("wrote " + str(tmp_path / png) in out.out)
+
+
+def test_demo_tracks_subset(tmp_path, capsys):
+    saved = main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--tracks", "quantized", "--seeds", "3"])
+    out = capsys.readouterr().out
+    assert list(saved["tracks"]) == ["quantized"] and "classification" not in out
+    assert saved["tracks"]["quantized"]["seeds"] == [3]
+    assert len(saved["verdicts"]) == 2 and all(v.startswith("quantized: ") for v in saved["verdicts"])
+    assert "LM student QAT" not in out  # progress bars are on stderr only
+
+
+def test_demo_tracks_help_and_bad_names(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = re.sub(r"-\n\s*", "-", capsys.readouterr().out)  # argparse may wrap at a name's hyphen
+    for track in TRACKS:
+        assert track in text
+    assert parse_args([]).tracks == list(TRACKS)
+    with pytest.raises(SystemExit):
+        parse_args(["--tracks", "no-such-track"])
+    assert "invalid choice" in capsys.readouterr().err

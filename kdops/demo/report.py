@@ -1,15 +1,70 @@
-"""The demo's outputs: a plain-text table, ``results.json`` and a PNG of the learning curves."""
+"""The demo's outputs: a plain-text table, one verdict per comparison, ``results.json`` and two
+PNGs (learning curves per track; final held-out perplexity and recipe metric per student)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Optional
 
+LM_TRACKS = ("language-model", "on-policy", "sequence-level", "quantized", "preference", "sampled-cache")
+
+
+def _stat(entry: dict, scale: float = 1.0, digits: int = 1) -> str:
+    n = len(entry["values"])
+    return f"{scale * entry['mean']:.{digits}f} ± {scale * entry['std']:.{digits}f} (n={n})"
+
+
+def compare(track: str, a_name: str, a: dict, b_name: str, b: dict, what: str, *, lower_is_better: bool = True,
+            scale: float = 1.0, digits: int = 1) -> str:
+    """``track: 'a' beats / does NOT beat 'b' on what (a vs b)``; a difference within twice the
+    larger seed spread is called a tie (``is level with``)."""
+    diff = a["mean"] - b["mean"]
+    spread = 2 * max(a["std"], b["std"])
+    if abs(diff) <= spread:
+        verb = "is level with"
+    else:
+        verb = "beats" if (diff < 0) == lower_is_better else "does NOT beat"
+    return (f"{track}: '{a_name}' {verb} '{b_name}' on {what} "
+            f"({_stat(a, scale, digits)} vs {_stat(b, scale, digits)})")
+
+
+def _lm_verdicts(name: str, r: dict) -> list[str]:
+    s = r["students"]
+    ppl = "held-out perplexity"
+    if name == "language-model":
+        return [compare(name, "distilled", s["distilled"]["perplexity"], "from scratch", s["from scratch"]["perplexity"], ppl)]
+    if name == "on-policy":
+        a, b = "GKD (on-policy)", "supervised KD (data)"
+        return [compare(name, a, s[a]["perplexity"], b, s[b]["perplexity"], ppl),
+                compare(name, a, s[a]["teacher_nll"], b, s[b]["teacher_nll"], r["metric"]["name"], digits=3)]
+    if name == "sequence-level":
+        base = "CE on data"
+        return [compare(name, other, s[other]["perplexity"], base, s[base]["perplexity"], ppl)
+                for other in ("CE on teacher corpus", "CE + KD on teacher corpus")]
+    if name == "quantized":
+        return [compare(name, "QAT int8 + KD", s["QAT int8 + KD"]["perplexity"], "KD, then PTQ int8",
+                        s["KD, then PTQ int8"]["perplexity"], f"{ppl} of the int8 model"),
+                compare(name, "KD, then PTQ int8", s["KD, then PTQ int8"]["perplexity"], "KD, float",
+                        s["KD, float"]["perplexity"], f"{ppl} (the cost of PTQ)")]
+    if name == "preference":
+        rate = r["metric"]["name"]
+        tuned, ref = "KD from the tuned teacher", r["reference"]
+        return [compare(name, tuned, s[tuned]["preference_rate"], other, s[other]["preference_rate"], rate,
+                        lower_is_better=False, scale=100) + "; in %"
+                for other in ("CE on data", "KD from the reference teacher")] + [
+            f"{name}: number tokens are {100 * ref['held-out data']['preference_rate']:.1f}% of the held-out data, "
+            f"{100 * ref['reference teacher']['preference_rate']:.1f}% of the reference teacher's generations and "
+            f"{100 * ref['tuned teacher']['preference_rate']:.1f}% of the tuned teacher's"]
+    if name == "sampled-cache":
+        return [compare(name, other, s[other]["perplexity"], "dense KD", s["dense KD"]["perplexity"], ppl)
+                for other in s if other != "dense KD"]
+    raise ValueError(f"no verdicts for track {name!r}")
+
 
 def verdicts(results: dict) -> list[str]:
-    """One honest sentence per track and distilled student: better than the baseline or not."""
+    """One honest sentence per comparison: better than the baseline, level with it, or not."""
     lines = []
-    cls = results.get("classification")
+    cls = results["tracks"].get("classification")
     if cls:
         base = cls["students"]["hard labels"]["mean"]
         for name, beats in cls["distillation_beats_baseline"].items():
@@ -20,33 +75,44 @@ def verdicts(results: dict) -> list[str]:
         gain = 100 * (extra["mean"] - kd["mean"])
         lines.append(f"classification: adding SP to KD changes accuracy by {gain:+.1f} points "
                      f"(seed spread {100 * max(kd['std'], extra['std']):.1f})")
-    lm = results.get("language_modelling")
-    if lm:
-        scratch, distilled = (lm["students"][k]["perplexity"] for k in ("from scratch", "distilled"))
-        lines.append(f"language modelling: the distilled student {'beats' if lm['distillation_beats_baseline'] else 'does NOT beat'} "
-                     f"the one trained from scratch (held-out perplexity {distilled:.1f} vs {scratch:.1f})")
+    for name in LM_TRACKS:
+        if name in results["tracks"]:
+            lines.extend(_lm_verdicts(name, results["tracks"][name]))
     return lines
 
 
 def table(results: dict) -> str:
     """The results as a Markdown table (readable as plain text)."""
-    rows = ["| track | model | params | held-out metric |", "|---|---|---:|---|"]
-    cls = results.get("classification")
+    rows = ["| track | model | params | held-out perplexity (accuracy) | recipe metric |", "|---|---|---:|---|---|"]
+    cls = results["tracks"].get("classification")
     if cls:
         n = len(cls["seeds"])
         rows.append(f"| classification | teacher | {cls['teacher']['parameters']:,} | "
-                    f"accuracy {100 * cls['teacher']['accuracy']:.1f}% |")
+                    f"accuracy {100 * cls['teacher']['accuracy']:.1f}% | |")
         for name, s in cls["students"].items():
             rows.append(f"| classification | student, {name} | {cls['student_parameters']:,} | "
-                        f"accuracy {100 * s['mean']:.1f}% ± {100 * s['std']:.1f} (n={n}) |")
-    lm = results.get("language_modelling")
-    if lm:
-        rows.append(f"| language modelling (V={lm['vocab_size']:,}) | teacher | {lm['teacher']['parameters']:,} | "
-                    f"perplexity {lm['teacher']['perplexity']:.1f} |")
-        for name, s in lm["students"].items():
-            rows.append(f"| language modelling (V={lm['vocab_size']:,}) | student, {name} | {s['parameters']:,} | "
-                        f"perplexity {s['perplexity']:.1f} |")
-    return "\n".join(rows)
+                        f"accuracy {100 * s['mean']:.1f}% ± {100 * s['std']:.1f} (n={n}) | |")
+    setup = results.get("language_model_setup")
+    if setup:
+        rows.append(f"| LM (V={setup['vocab_size']:,}) | teacher | {setup['teacher']['parameters']:,} | "
+                    f"{setup['teacher']['perplexity']:.1f} | |")
+    for name in LM_TRACKS:
+        r = results["tracks"].get(name)
+        if not r:
+            continue
+        metric = r.get("metric")
+        scale, digits = (100, 1) if metric and metric["key"] == "preference_rate" else (1, 3)
+        for ref_name, ref in r.get("reference", {}).items():
+            ppl = f"{ref['perplexity']:.1f}" if "perplexity" in ref else ""
+            value = f"{scale * ref[metric['key']]:.{digits}f}" if metric and metric["key"] in ref else ""
+            rows.append(f"| {name} | {ref_name} | | {ppl} | {value} |")
+        for student, s in r["students"].items():
+            value = _stat(s[metric["key"]], scale, digits) if metric else ""
+            rows.append(f"| {name} | student, {student} | {setup['student_parameters']:,} | "
+                        f"{_stat(s['perplexity'])} | {value} |")
+    metrics = sorted({f"{n}: {r['metric']['name']}" + (" (%)" if r["metric"]["key"] == "preference_rate" else "")
+                      for n, r in results["tracks"].items() if r.get("metric")})
+    return "\n".join(rows + ([""] + [f"recipe metric of {m}" for m in metrics] if metrics else []))
 
 
 def write_json(results: dict, out: Path) -> Path:
@@ -55,37 +121,66 @@ def write_json(results: dict, out: Path) -> Path:
     return path
 
 
-def plot(results: dict, out: Path) -> Optional[Path]:
-    """``learning_curves.png``: held-out accuracy per epoch (seed means) and held-out perplexity
-    per step; None (after a printed note) when matplotlib is not installed."""
+def plot(results: dict, out: Path) -> list[Path]:
+    """``learning_curves.png`` (held-out accuracy per epoch, perplexity per step; seed means; one
+    panel per track) and, with LM tracks, ``recipe_results.png`` (final perplexity and recipe
+    metric per student, mean ± std); none (after a printed note) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed, so no learning_curves.png (pip install matplotlib)")
-        return None
-    tracks = [k for k in ("classification", "language_modelling") if results.get(k)]
-    fig, axes = plt.subplots(1, len(tracks), figsize=(6 * len(tracks), 4), squeeze=False)
-    for ax, track in zip(axes[0], tracks):
-        r = results[track]
-        if track == "classification":
+        print("note: matplotlib is not installed, so no plots (pip install matplotlib)")
+        return []
+    tracks = list(results["tracks"])
+    cols = min(len(tracks), 4)
+    fig, axes = plt.subplots((len(tracks) + cols - 1) // cols, cols, figsize=(5 * cols, 3.8 * ((len(tracks) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax in axes.flat[len(tracks):]:
+        ax.set_visible(False)
+    setup = results.get("language_model_setup")
+    for ax, name in zip(axes.flat, tracks):
+        r = results["tracks"][name]
+        if name == "classification":
             ax.axhline(r["teacher"]["accuracy"], color="gray", linestyle="--", label="teacher")
-            for name, s in r["students"].items():
-                ax.plot(range(1, len(s["curve_mean"]) + 1), s["curve_mean"], label=f"student, {name}")
+            for student, s in r["students"].items():
+                ax.plot(range(1, len(s["curve_mean"]) + 1), s["curve_mean"], label=f"student, {student}")
             ax.set(xlabel="epoch", ylabel="held-out accuracy", title=f"classification (mean of {len(r['seeds'])} seeds)")
         else:
-            ax.axhline(r["teacher"]["perplexity"], color="gray", linestyle="--", label="teacher")
-            for name, s in r["students"].items():
-                steps, ppl = zip(*s["curve"])
-                ax.plot(steps, ppl, label=f"student, {name}")
+            ax.axhline(setup["teacher"]["perplexity"], color="gray", linestyle="--", label="teacher")
+            for student, s in r["students"].items():
+                if "curve" in s:
+                    steps, ppl = zip(*s["curve"])
+                    ax.plot(steps, ppl, label=student)
+                else:
+                    ax.axhline(s["perplexity"]["mean"], color="black", linestyle=":", label=f"{student} (final)")
             ax.set(xlabel="step", ylabel="held-out perplexity", yscale="log",
-                   title=f"language modelling (V={r['vocab_size']:,})")
+                   title=f"{name} (mean of {len(r['seeds'])} seeds)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "learning_curves.png"
-    fig.savefig(path, dpi=120)
+    paths = [out / "learning_curves.png"]
+    fig.savefig(paths[0], dpi=110)
     plt.close(fig)
-    return path
+    lm = [n for n in LM_TRACKS if n in results["tracks"]]
+    if lm:
+        fig, axes = plt.subplots(1, len(lm), figsize=(4.2 * len(lm), 4), squeeze=False)
+        for ax, name in zip(axes[0], lm):
+            r = results["tracks"][name]
+            metric = r.get("metric")
+            key = metric["key"] if metric else "perplexity"
+            names = list(r["students"])
+            means = [r["students"][n][key]["mean"] for n in names]
+            stds = [r["students"][n][key]["std"] for n in names]
+            ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue")
+            ax.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(", ", ",\n") for n in names],
+                          fontsize=7)
+            ax.set(title=name, ylabel=metric["name"] if metric else "held-out perplexity")
+            ax.set_ylim(min(m - s for m, s in zip(means, stds)) * 0.9, max(m + s for m, s in zip(means, stds)) * 1.05)
+            ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        paths.append(out / "recipe_results.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,4 +1,5 @@
-"""Command line of ``python -m kdops.demo``: runs both tracks, prints the table, writes the files."""
+"""Command line of ``python -m kdops.demo``: runs the chosen tracks, prints the table and the
+verdicts, writes the files."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,18 @@ from typing import Optional, Sequence
 import torch
 
 import kdops
-from kdops.demo import classification, language_model, report
+from kdops.demo import classification, language_model, recipe_tracks, report
 from kdops.demo.common import pick_device
+
+LM_TRACKS = {
+    "language-model": language_model.run,
+    "on-policy": recipe_tracks.on_policy,
+    "sequence-level": recipe_tracks.sequence_level,
+    "quantized": recipe_tracks.quantized,
+    "preference": recipe_tracks.preference,
+}
+TRACKS = ("classification", *LM_TRACKS)
+DEFAULT_TRACKS = TRACKS
 
 
 def cpu_name() -> str:
@@ -44,8 +55,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kdops.demo", description=__doc__.split("\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one seed: a smoke test of a few seconds")
     p.add_argument("--out", type=Path, default=Path("demo_results"), help="output folder (default demo_results/)")
+    p.add_argument("--tracks", nargs="+", default=list(DEFAULT_TRACKS), choices=TRACKS, metavar="TRACK",
+                   help=f"tracks to run, of {', '.join(TRACKS)} (default: all of them)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="seeds of the classification students (default 0 1 2; --quick: 0); the LM track uses the first")
+                   help="seeds of the students (default 0 1 2; --quick: 0); the LM teacher uses the first")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default=None, choices=kdops.BACKENDS,
                    help="kdops backend of the losses (default: automatic, see kdops.available_backends())")
@@ -68,9 +81,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     start = time.perf_counter()
     try:
         print(f"kdops demo on {device} ({'quick' if args.quick else 'full'} run, seeds {seeds})", flush=True)
-        results = {"machine": machine(device, args.threads), "quick": args.quick}
-        results["classification"] = classification.run(cls_cfg, seeds, device, args.backend)
-        results["language_modelling"] = language_model.run(lm_cfg, seeds[0], device, args.backend)
+        results = {"machine": machine(device, args.threads), "quick": args.quick, "tracks": {}}
+        tracks = [t for t in TRACKS if t in args.tracks]
+        if "classification" in tracks:
+            results["tracks"]["classification"] = classification.run(cls_cfg, seeds, device, args.backend)
+        if any(t in LM_TRACKS for t in tracks):
+            setup = language_model.LMSetup(lm_cfg, seeds[0], device, args.backend)
+            results["language_model_setup"] = setup.describe()
+            for track in tracks:
+                if track in LM_TRACKS:
+                    start_track = time.perf_counter()
+                    results["tracks"][track] = LM_TRACKS[track](setup, seeds)
+                    results["tracks"][track]["elapsed_s"] = round(time.perf_counter() - start_track, 1)
     finally:
         torch.set_num_threads(threads)
     results["elapsed_s"] = round(time.perf_counter() - start, 1)
@@ -81,7 +103,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for line in results["verdicts"]:
         print(line)
     print(f"\nfinished in {results['elapsed_s']:.0f} s; wrote {report.write_json(results, args.out)}")
-    png = report.plot(results, args.out)
-    if png is not None:
+    for png in report.plot(results, args.out):
         print(f"wrote {png}")
     return results
