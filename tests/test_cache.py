@@ -1,9 +1,13 @@
 """kdops.cache.TeacherCache: bit-exact round trips, appending, corruption and mismatch errors,
 concurrent readers and writers, the CLI, and distillation from a cache."""
+import errno
+import gc
 import importlib.metadata
+import io
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -262,3 +266,335 @@ def test_distill_from_cache_matches_dense_at_full_k(tmp_path):
     got = kdops.sparse_distill_loss(student, batch.logprobs, batch.indices, temperature=T, rest_mass="bucket")
     want = kdops.distill_loss(student, teacher.reshape(8, V), temperature=T)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+
+
+# ---- crash safety: SIGKILL at every step of a flush, full disks, corrupted bytes, file handles ----
+
+# Writes examples 0, 1 (flushed: committed), then 2, 3, and flushes again with np.save / os.fsync /
+# os.replace wrapped: at the n-th call of one of them (before it, after it, or for np.save in the
+# middle of the file) the writer SIGKILLs itself. One interpreter imports kdops and forks a child
+# per kill point and mode, after a first child that records the calls the second flush makes.
+CRASH_WRITER = r"""
+import io, json, os, signal, sys
+import numpy as np
+import torch
+torch.set_num_threads(1)
+from kdops.cache import TeacherCache
+
+root = sys.argv[1]
+V, K, T = 50, 8, 2.0
+
+def logits(seed):
+    return torch.randn(2, 5, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+def kill():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def arm(point, events):
+    originals = {"save": np.save, "fsync": os.fsync, "replace": os.replace}
+    calls = dict.fromkeys(originals, 0)
+
+    def wrap(name):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            events.append(name)
+            hit = point is not None and point[0] == name and point[1] == calls[name]
+            if hit and point[2] == "before":
+                kill()
+            if hit and point[2] == "mid":
+                buffer = io.BytesIO()
+                originals["save"](buffer, *args[1:], **kwargs)
+                args[0].write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                args[0].flush()
+                kill()
+            result = originals[name](*args, **kwargs)
+            if hit and point[2] == "after":
+                kill()
+            return result
+        return wrapper
+
+    np.save, os.fsync, os.replace = wrap("save"), wrap("fsync"), wrap("replace")
+
+def in_child(work):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            work()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+def run(directory, mode, point, events_file=None):
+    cache = TeacherCache(directory, mode=mode, k=K, temperature=T, vocab_size=V, seed=1, shard_tokens=1000)
+    cache.write([0, 1], logits(0))
+    cache.flush()
+    cache.write([2, 3], logits(1))
+    events = []
+    arm(point, events)
+    cache.flush()
+    if events_file:
+        with open(events_file, "w") as f:
+            json.dump(events, f)
+
+report = {}
+for mode in ("topk", "sample"):
+    events_file = os.path.join(root, mode + "-events.json")
+    in_child(lambda: run(os.path.join(root, mode + "-count"), mode, None, events_file))
+    with open(events_file) as f:
+        events = json.load(f)
+    points, seen = [], {}
+    for name in events:
+        seen[name] = seen.get(name, 0) + 1
+        points += [[name, seen[name], when] for when in ("before", "after") + (("mid",) if name == "save" else ())]
+    killed = [in_child(lambda: run(os.path.join(root, f"{mode}-{i}"), mode, point)) for i, point in enumerate(points)]
+    report[mode] = {"events": events, "points": points, "killed": killed}
+print(json.dumps(report))
+"""
+
+
+def crash_logits(seed):
+    return torch.randn(2, 5, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def reference_cache(path, mode, ids=(0, 1, 2, 3, 4, 5)):
+    """The cache CRASH_WRITER writes, written without a crash (same seed: the same draws)."""
+    with TeacherCache(path, mode=mode, k=K, temperature=T, vocab_size=V, seed=1, shard_tokens=1000) as cache:
+        for first in range(0, len(ids), 2):
+            cache.write(list(ids[first:first + 2]), crash_logits(first // 2))
+            cache.flush()
+    return TeacherCache(path)
+
+
+def committed_files(path):
+    manifest = json.loads((path / "manifest.json").read_text())
+    return {"manifest.json", ".lock"} | {f["name"] for s in manifest["shards"] for f in s["files"].values()}
+
+
+def assert_same_targets(cache, reference, ids):
+    for e in ids:
+        got, want = cache[e], reference[e]
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), e
+
+
+def test_writer_killed_at_every_step_of_a_flush(tmp_path):
+    """SIGKILL before / after every np.save, fsync and rename of a flush (and in the middle of
+    each file), in both modes: the cache opens with exactly the committed shards (the second one
+    only once its manifest was renamed in), verifies, and the next writer resumes, removing the
+    dead one's files."""
+    done = subprocess.run([sys.executable, "-c", CRASH_WRITER, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    for mode, runs in report.items():
+        events = runs["events"]
+        assert events.count("save") == len(kdops.cache.SHARD_FILES[mode]) and events[-2] == "replace"
+        assert runs["killed"] == [True] * len(runs["points"])  # every child died by SIGKILL
+        reference = reference_cache(tmp_path / f"{mode}-reference", mode)
+        left = []
+        for i, point in enumerate(runs["points"]):
+            name, n, when = point
+            position = [p for p, e in enumerate(events) if e == name][n - 1]
+            commit = len(events) - 2  # the manifest's rename: the last one
+            committed = position > commit or (position == commit and when == "after")
+            left.append(check_after_crash(tmp_path / f"{mode}-{i}", mode, point, committed, reference))
+        assert 0 < sum(left) < len(left)  # some kills left partial files (removed by the next writer)
+
+
+def check_after_crash(path, mode, point, committed, reference):
+    """The state a killed writer left at ``path``: the committed examples, bit-exact; then a new
+    writer's flush completes the cache and leaves only committed files. Returns whether the
+    killed writer had left files the manifest does not name."""
+    leftovers = set(os.listdir(path)) != committed_files(path)
+    cache = TeacherCache(path)
+    want = [0, 1, 2, 3] if committed else [0, 1]
+    assert sorted(cache.example_ids()) == want, point
+    cache.verify_all()
+    assert_same_targets(cache, reference, want)
+    with TeacherCache(path, mode=mode, k=K, temperature=T, vocab_size=V, seed=1) as resumed:  # the next writer
+        if not committed:
+            resumed.write([2, 3], crash_logits(1))
+        resumed.write([4, 5], crash_logits(2))
+    assert set(os.listdir(path)) == committed_files(path), point  # the dead writer's files are gone
+    cache = TeacherCache(path)
+    cache.verify_all()
+    assert sorted(cache.example_ids()) == [0, 1, 2, 3, 4, 5]
+    assert_same_targets(cache, reference, range(6) if mode == "topk" else want)  # new draws: new targets
+    return leftovers
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _half_then_no_space(f, array, **kwargs):
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    _no_space()
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_disk_full_during_a_flush(tmp_path, monkeypatch, mode):
+    """ENOSPC in the middle of each file a flush writes, or when it is synced: CacheError, the
+    directory holds exactly the committed files (nothing partial), the examples stay buffered and
+    the next flush, with space again, commits them."""
+    reference = reference_cache(tmp_path / "reference", mode, ids=(0, 1, 2, 3))
+    kinds = len(kdops.cache.SHARD_FILES[mode])
+    faults = [("save", n) for n in range(1, kinds + 1)] + [("fsync", n) for n in range(1, 2 * kinds + 3)]
+    for i, (name, n) in enumerate(faults):
+        path = tmp_path / str(i)
+        cache = TeacherCache(path, mode=mode, k=K, temperature=T, vocab_size=V, seed=1, shard_tokens=1000)
+        cache.write([0, 1], crash_logits(0))
+        cache.flush()
+        cache.write([2, 3], crash_logits(1))
+        before = set(os.listdir(path))
+        calls, original = [0], {"save": np.save, "fsync": os.fsync}[name]
+
+        def fault(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == n:
+                return (_half_then_no_space if name == "save" else _no_space)(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(np if name == "save" else os, name, fault)
+        if name == "save" or n % 2:  # a file's write or sync (a directory's sync after a rename is best effort)
+            with pytest.raises(CacheError, match="No space left on device.*nothing was committed"):
+                cache.flush()
+            assert set(os.listdir(path)) == before == committed_files(path), (name, n)
+            assert sorted(TeacherCache(path).example_ids()) == [0, 1] and cache.num_tokens == 20
+        else:
+            cache.flush()
+        monkeypatch.undo()
+        cache.flush()
+        assert sorted(TeacherCache(path).example_ids()) == [0, 1, 2, 3]
+        assert set(os.listdir(path)) == committed_files(path)
+        assert_same_targets(TeacherCache(path), reference, range(4))
+
+
+# A real full disk: a 256 KiB tmpfs mounted in a user + mount namespace; writes until a flush fails.
+FULL_DISK = r"""
+import json, os, subprocess, sys
+import torch
+from kdops.cache import CacheError, TeacherCache
+root = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "none", root], check=True)
+path = os.path.join(root, "cache")
+cache = TeacherCache(path, k=8, temperature=2.0, vocab_size=50, shard_tokens=10 ** 9)
+committed, error = [], None
+for n in range(1000):
+    ids = [2 * n, 2 * n + 1]
+    cache.write(ids, torch.randn(2, 5, 50))
+    try:
+        cache.flush()
+    except CacheError as e:
+        error = str(e)
+        break
+    committed += ids
+reopened = TeacherCache(path)
+reopened.verify_all()
+manifest = json.load(open(os.path.join(path, "manifest.json")))
+names = {"manifest.json", ".lock"} | {f["name"] for s in manifest["shards"] for f in s["files"].values()}
+print(json.dumps({"error": error, "committed": committed, "reopened": sorted(reopened.example_ids()),
+                  "stray": sorted(set(os.listdir(path)) - names)}))
+"""
+
+
+def test_real_full_disk(tmp_path):
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to mount a small tmpfs")
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "none", str(tmp_path)], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here: {probe.stderr.decode().strip()}")
+    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["error"] and "No space left on device" in report["error"] and "nothing was committed" in report["error"]
+    assert len(report["committed"]) > 2 and report["reopened"] == report["committed"] and report["stray"] == []
+
+
+def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """One random corruption: flipped bits, a random byte, a truncation, an insertion, a deletion."""
+    data = bytearray(data)
+    at = int(rng.integers(0, max(len(data), 1)))
+    kind = int(rng.integers(0, 5))
+    if kind == 0:
+        data[at] ^= 1 << int(rng.integers(0, 8))
+    elif kind == 1:
+        data[at] = int(rng.integers(0, 256))
+    elif kind == 2:
+        del data[at:]
+    elif kind == 3:
+        data[at:at] = rng.bytes(int(rng.integers(1, 9)))
+    else:
+        del data[at:at + int(rng.integers(1, 9))]
+    return bytes(data)
+
+
+def _replace_bytes(path, data):
+    tmp = path.with_name(path.name + ".fuzz")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # a new inode: the pages mapped by earlier readers stay valid
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_fuzzed_bytes_never_read_wrong(tmp_path, mode):
+    """Hundreds of random corruptions of the manifest or a shard file: opening and reading the
+    cache either raises CacheError or returns exactly the original targets (a corruption that
+    changes nothing, e.g. in the manifest's whitespace), never another error or other data."""
+    reference_cache(tmp_path, mode)
+    reference = TeacherCache(tmp_path)
+    want = {e: [t.clone() for t in reference[e]] for e in reference.example_ids()}
+    originals = {p: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"}
+    files = sorted(originals)
+    rng = np.random.default_rng(torch.randint(0, 2**31, ()).item())
+    outcomes = {"error": 0, "same": 0}
+    for _ in range(400):
+        target = tmp_path / "manifest.json" if rng.random() < 0.5 else files[int(rng.integers(0, len(files)))]
+        _replace_bytes(target, _mutate(originals[target], rng))
+        try:
+            cache = TeacherCache(tmp_path)
+            got = {e: list(cache[e]) for e in cache.example_ids()}
+        except CacheError:
+            outcomes["error"] += 1
+        else:
+            assert got.keys() == want.keys()
+            for e in want:
+                assert all(torch.equal(a, b) for a, b in zip(got[e], want[e])), (target.name, e)
+            outcomes["same"] += 1
+        _replace_bytes(target, originals[target])
+    assert outcomes["error"] > 300, outcomes
+
+
+def _open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_no_file_descriptors_left_open(tmp_path, mode):
+    """Writing, reading (memory-mapped, 60 shards), stats, verification and the error paths keep
+    no file descriptor open, while the cache is alive or after."""
+    before = _open_descriptors()
+    with TeacherCache(tmp_path, mode=mode, k=K, temperature=T, vocab_size=V, shard_tokens=5) as cache:
+        for n in range(30):
+            cache.write([2 * n, 2 * n + 1], logits_batch(2, 5, n))
+    reader = TeacherCache(tmp_path)
+    batch = reader.read(list(range(60)))
+    reader.verify_all()
+    reader.stats()
+    assert len(reader.manifest["shards"]) == 60 and batch.indices.shape == (300, K)
+    assert _open_descriptors() == before  # 60 shards mapped, no descriptor held
+    path = tmp_path / f"shard-{reader._index[14][0]:05d}.indices.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    _replace_bytes(path, bytes(data))
+    with pytest.raises(CacheError, match="corrupt"):
+        TeacherCache(tmp_path)[14]
+    with pytest.raises(CacheError, match="no cache"):
+        TeacherCache(tmp_path / "nowhere")
+    del cache, reader, batch
+    gc.collect()
+    assert _open_descriptors() == before

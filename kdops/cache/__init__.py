@@ -487,8 +487,8 @@ class TeacherCache:
         try:
             for kind, array in arrays.items():
                 path = self.directory / f"shard-{n:05d}.{kind}.npy"
-                save_npy(path, array)
                 written.append(path)
+                save_npy(path, array)
                 files[kind] = {"name": path.name, "size": path.stat().st_size, "sha256": sha256_of_file(path)}
             tokens = int(lengths.sum())
             manifest = {**self.manifest,

@@ -46,15 +46,14 @@ def sha256_of_file(path: Path) -> str:
 
 
 def _fsync_directory(directory: Path) -> None:
-    """Makes a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
+    """Makes a rename in ``directory`` durable against power loss, where the file system allows
+    (best effort: the rename is done, so a failure here must not undo a commit)."""
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
