@@ -3,6 +3,7 @@ from kdops import cache, distributed, nn, reference
 from kdops._dispatch import BACKENDS, available_backends
 from kdops.divergences import DIVERGENCES
 from kdops.ops.affinity import affinity, rkd_angle_loss, rkd_distance_loss, similarity_preserving_loss
+from kdops.ops.attention_relation import attention_relation_loss
 from kdops.ops.feature import attention_transfer_loss, hint_loss
 from kdops.ops.fused_linear import fused_linear_distill_loss
 from kdops.ops.kd import distill_loss
@@ -14,6 +15,7 @@ __all__ = [
     "BACKENDS",
     "DIVERGENCES",
     "affinity",
+    "attention_relation_loss",
     "attention_transfer_loss",
     "available_backends",
     "cache",

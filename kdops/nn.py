@@ -6,6 +6,7 @@ from typing import Callable, Optional, Sequence, Union
 from torch import Tensor, nn
 
 from kdops.ops.affinity import rkd_angle_loss, rkd_distance_loss, similarity_preserving_loss
+from kdops.ops.attention_relation import attention_relation_loss
 from kdops.ops.feature import attention_transfer_loss, hint_loss
 from kdops.ops.fused_linear import fused_linear_distill_loss
 from kdops.ops.kd import distill_loss
@@ -16,7 +17,7 @@ class DistillLoss(nn.Module):
     """Module form of :func:`kdops.distill_loss`; the constructor takes its keyword options.
 
     >>> crit = DistillLoss(temperature=2.0, divergence="jsd", beta=0.5)
-    >>> loss = crit(student_logits, teacher_logits, labels)
+    >>> loss = crit(student_logits, teacher_logits, labels)  # normalizer=num_items_in_batch: sum / it
 
     K teachers: ``teacher_logits (K, ..., V)``, mixed with ``teacher_weights`` (K,) (default 1/K).
     """
@@ -41,8 +42,9 @@ class DistillLoss(nn.Module):
             reduction=reduction, teacher_weights=teacher_weights, backend=backend,
         )
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return distill_loss(student_logits, teacher_logits, labels, **self.options)
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None,
+                normalizer: Union[None, int, Tensor] = None) -> Tensor:
+        return distill_loss(student_logits, teacher_logits, labels, normalizer=normalizer, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -89,10 +91,11 @@ class FusedLinearDistillLoss(nn.Module):
         labels: Optional[Tensor] = None,
         student_bias: Optional[Tensor] = None,
         teacher_bias: Union[None, Tensor, Sequence[Optional[Tensor]]] = None,
+        normalizer: Union[None, int, Tensor] = None,
     ) -> Tensor:
         return fused_linear_distill_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-            student_bias=student_bias, teacher_bias=teacher_bias, **self.options,
+            student_bias=student_bias, teacher_bias=teacher_bias, normalizer=normalizer, **self.options,
         )
 
     def extra_repr(self) -> str:
@@ -218,8 +221,41 @@ class SparseDistillLoss(nn.Module):
         )
 
     def forward(self, student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor,
-                labels: Optional[Tensor] = None) -> Tensor:
-        return sparse_distill_loss(student_logits, topk_logprobs, topk_indices, labels, **self.options)
+                labels: Optional[Tensor] = None, normalizer: Union[None, int, Tensor] = None) -> Tensor:
+        return sparse_distill_loss(student_logits, topk_logprobs, topk_indices, labels, normalizer=normalizer,
+                                   **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class AttentionRelationLoss(nn.Module):
+    """Module form of :func:`kdops.attention_relation_loss`; the constructor takes its keyword
+    options, ``forward`` the student's and the teacher's ``(a, b)`` pairs.
+
+    >>> crit = AttentionRelationLoss(relation_heads=8)  # MiniLMv2 query-query relation
+    >>> loss = crit(q_student, q_student, q_teacher, q_teacher, attention_mask=mask)
+    """
+
+    def __init__(
+        self,
+        *,
+        relation_heads: Optional[int] = None,
+        causal: bool = False,
+        temperature: float = 1.0,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        reduction: str = "mean",
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.options = dict(relation_heads=relation_heads, causal=causal, temperature=temperature,
+                            divergence=divergence, beta=beta, reduction=reduction, backend=backend)
+
+    def forward(self, student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor,
+                attention_mask: Optional[Tensor] = None) -> Tensor:
+        return attention_relation_loss(student_a, student_b, teacher_a, teacher_b, attention_mask=attention_mask,
+                                       **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,230 @@
+"""kdops.attention_relation_loss against the float64 reference that materialises the relations."""
+import pytest
+import torch
+
+import kdops
+from conftest import LOSS_TOL, RELATION_GRAD_TOL, assert_close, assert_close_to_max
+from kdops import reference
+from kdops._dispatch import available_backends
+from kdops.ops import attention_relation as ops
+
+KERNEL_BACKENDS = [b for b in ("cpu", "triton") if available_backends()[b].available]
+needs_cpu = pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="kdops._C is not built")
+
+
+def _inputs(batch, length, student=(4, 16), teacher=(12, 64), dtype=torch.float32, scale=1.0, three_d=False):
+    """(sa, sb, ta, tb): student [B, Hs, L, ds] with gradients, teacher [B, Ht, L, dt]."""
+    def make(heads, dim, grad):
+        x = (torch.randn(batch, heads, length, dim, dtype=torch.float64) * scale).to(dtype)
+        if three_d:
+            x = x.transpose(1, 2).reshape(batch, length, heads * dim)
+        return x.requires_grad_(grad)
+    return make(*student, True), make(*student, True), make(*teacher, False), make(*teacher, False)
+
+
+def _padding(batch, length, fully_masked=True):
+    """A [B, L] mask: sample 0 keeps a random prefix (at least one token), the last sample is
+    fully masked when ``fully_masked`` and batch > 1, the others keep everything."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, int(torch.randint(1, length + 1, ())):] = 0
+    if fully_masked and batch > 1:
+        mask[-1] = 0
+    return mask
+
+
+def _check(backend, inputs, loss_tol=None, grad_tol=None, floor=0.0, **options):
+    """Loss and gradients of ``backend`` vs the float64 reference on the same (upcast) inputs
+    (``floor``: see assert_close_to_max)."""
+    sa, sb, ta, tb = inputs
+    got = kdops.attention_relation_loss(sa, sb, ta, tb, backend=backend, **options)
+    ref_inputs = [x.detach().double().requires_grad_(x.requires_grad) for x in inputs]
+    expected = reference.attention_relation_loss(*ref_inputs, **options)
+    assert got.dtype == (torch.float64 if sa.dtype == torch.float64 else torch.float32)
+    assert_close(got, expected, loss_tol or LOSS_TOL[sa.dtype])
+    weights = torch.rand_like(expected) if expected.dim() else torch.ones(())  # reduction="none": any weighting
+    g_sa, g_sb = torch.autograd.grad((got * weights.to(got.dtype)).sum(), (sa, sb))
+    e_sa, e_sb = torch.autograd.grad((expected * weights.double()).sum(), ref_inputs[:2])
+    assert g_sa.dtype == sa.dtype and g_sa.shape == sa.shape
+    for g, e in ((g_sa, e_sa), (g_sb, e_sb)):
+        assert_close_to_max(g, e, grad_tol or RELATION_GRAD_TOL[sa.dtype], floor)
+    return got
+
+
+CASES = {  # name: (batch, length, options); student 4 x 16, teacher 12 x 64 -> 8 relation heads
+    "L1": (2, 1, dict(relation_heads=8)),
+    "L7-regroup": (2, 7, dict(relation_heads=8)),
+    "L7-causal-jsd": (2, 7, dict(relation_heads=8, causal=True, divergence="jsd", beta=0.3)),
+    "L33-padded-reverse": (3, 33, dict(relation_heads=8, mask=True, divergence="reverse_kl")),
+    "L33-causal-padded-T": (2, 33, dict(relation_heads=4, causal=True, mask=True, temperature=3.0)),
+    "L7-tvd-sum": (2, 7, dict(relation_heads=2, divergence="tvd", reduction="sum")),
+    "L7-skew-none": (2, 7, dict(relation_heads=8, divergence="skew_reverse_kl", beta=0.2, reduction="none")),
+}
+
+
+def _options(batch, length, options):
+    options = dict(options)
+    if options.pop("mask", False):
+        options["attention_mask"] = _padding(batch, length)
+    return options
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(backend, case):
+    batch, length, options = CASES[case]
+    _check(backend, _inputs(batch, length), **_options(batch, length, options))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_length_130_with_padding_and_causal(backend):
+    """Several query and key blocks, partial last blocks, causal tiles skipped."""
+    inputs = _inputs(2, 130, student=(2, 8), teacher=(2, 24))
+    _check(backend, inputs, relation_heads=2, causal=True, attention_mask=_padding(2, 130, fully_masked=False))
+
+
+@needs_cpu
+def test_length_1000_native_cpu():
+    inputs = _inputs(1, 1000, student=(2, 16), teacher=(2, 32))
+    _check("cpu", inputs, relation_heads=2, attention_mask=_padding(1, 1000))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dtypes(backend, dtype):
+    _check(backend, _inputs(2, 9, student=(2, 16), teacher=(4, 16), dtype=dtype), relation_heads=2, causal=True)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_extreme_scores(backend):
+    """|scores| in the thousands: near one-hot relations, exp underflows to exact zeros. The
+    gradient is a difference of terms p (log p_s - log p_t) b / sqrt(d), of size up to
+    max|score| max|b| / sqrt(d), whose rounding survives the cancellation: that is the floor."""
+    inputs = _inputs(2, 11, student=(2, 8), teacher=(2, 8), scale=30.0, dtype=torch.float64)
+    sa, sb, ta, tb = (x.detach() for x in inputs)
+    scores = torch.cat([(a @ b.transpose(-1, -2)).abs().flatten() for a, b in ((sa, sb), (ta, tb))]) / 8**0.5
+    floor = float(scores.max() * torch.cat([sa.flatten(), sb.flatten()]).abs().max()) / 8**0.5
+    _check(backend, inputs, floor=floor, relation_heads=2, divergence="reverse_kl")
+    _check(backend, inputs, floor=floor, relation_heads=2, divergence="jsd")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fully_masked_sample_counts_nothing(backend):
+    sa, sb, ta, tb = _inputs(2, 6, student=(2, 8), teacher=(2, 8))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1] = False
+    rows = kdops.attention_relation_loss(sa, sb, ta, tb, attention_mask=mask, reduction="none", backend=backend)
+    assert rows.shape == (2, 2, 6) and bool((rows[1] == 0).all()) and bool((rows[0] > 0).all())
+    mean = kdops.attention_relation_loss(sa, sb, ta, tb, attention_mask=mask, backend=backend)
+    assert_close(mean, rows.sum() / 12, LOSS_TOL[torch.float32])
+    g_sa, g_sb = torch.autograd.grad(mean, (sa, sb))
+    assert bool((g_sa[1] == 0).all()) and bool((g_sb[1] == 0).all())
+    none = kdops.attention_relation_loss(sa, sb, ta, tb, attention_mask=torch.zeros(2, 6), backend=backend)
+    assert float(none) == 0.0
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_same_tensor_and_hidden_layout(backend):
+    """MiniLMv2's (q, q) relation with one tensor for a and b, and [B, L, H*d] inputs equal to
+    their [B, H, L, d] form."""
+    sa, _, ta, _ = _inputs(2, 7, student=(4, 8), teacher=(2, 16))
+    got = kdops.attention_relation_loss(sa, sa, ta, ta, relation_heads=4, backend=backend)
+    (g,) = torch.autograd.grad(got, sa)
+    ref = sa.detach().double().requires_grad_()
+    expected = reference.attention_relation_loss(ref, ref, ta.double(), ta.double(), relation_heads=4)
+    assert_close(got, expected, LOSS_TOL[torch.float32])
+    assert_close_to_max(g, torch.autograd.grad(expected, ref)[0], RELATION_GRAD_TOL[torch.float32])
+    hidden = [x.detach().transpose(1, 2).reshape(2, 7, -1) for x in (sa, ta)]
+    flat = kdops.attention_relation_loss(hidden[0], hidden[0], hidden[1], hidden[1], relation_heads=4, backend=backend)
+    assert_close(flat, got.detach(), LOSS_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_identical_models_give_zero(backend):
+    sa, sb, _, _ = _inputs(1, 9, student=(2, 8))
+    loss = kdops.attention_relation_loss(sa, sb, sa.detach(), sb.detach(), backend=backend)
+    assert abs(float(loss)) < 1e-6
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_gradcheck_float64(backend):
+    length, heads, dim = (4, 1, 3) if backend == "triton" else (6, 2, 4)  # the interpreter is slow
+    sa, sb, ta, tb = _inputs(1, length, student=(heads, dim), teacher=(heads, 5), dtype=torch.float64)
+    mask = torch.tensor([[1] * (length - 1) + [0]])
+    fn = lambda a, b: kdops.attention_relation_loss(a, b, ta, tb, causal=True, attention_mask=mask,  # noqa: E731
+                                                    divergence="jsd", backend=backend)
+    assert torch.autograd.gradcheck(fn, (sa, sb))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS[:1])
+def test_opcheck_and_compile(backend):
+    sa, sb, ta, tb = _inputs(2, 5, student=(2, 8), teacher=(2, 8))
+    if backend != "torch":
+        views = [x.detach().requires_grad_(x.requires_grad) for x in (sa, sb, ta, tb)]
+        counted = _padding(2, 5).to(torch.uint8)
+        torch.library.opcheck(torch.ops.kdops.attention_relation.default,
+                              (*views, counted, True, 1.5, 2, 0.5, backend))
+        rows, stats = ops.attention_relation_op(*views, counted, True, 1.5, 2, 0.5, backend)
+        torch.library.opcheck(torch.ops.kdops.attention_relation_backward.default,
+                              (torch.rand_like(rows), *views, counted, stats, True, 1.5, 2, 0.5, backend))
+
+    def step(a, b):
+        loss = kdops.attention_relation_loss(a, b, ta, tb, causal=True, backend=backend)
+        return loss, torch.autograd.grad(loss, (a, b))
+
+    # the kernels sit inside custom ops, opaque to the compiler
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager, got = step(sa, sb), compiled(sa, sb)
+    assert_close(got[0], eager[0], LOSS_TOL[torch.float32])
+    for g, e in zip(got[1], eager[1]):
+        assert_close_to_max(g, e, RELATION_GRAD_TOL[torch.float32])
+
+
+def test_torch_backend_is_the_reference_and_teacher_is_constant():
+    sa, sb, ta, tb = _inputs(2, 5, student=(2, 8), teacher=(2, 8))
+    ta.requires_grad_(True)
+    loss = kdops.attention_relation_loss(sa, sb, ta, tb, backend="torch")
+    assert ta.grad is None
+    for backend in ["torch"] + KERNEL_BACKENDS:
+        got = kdops.attention_relation_loss(sa, sb, ta, tb, backend=backend)
+        got.backward()
+        assert ta.grad is None or bool((ta.grad == 0).all())
+        assert_close(got, loss.detach(), LOSS_TOL[torch.float32])
+    assert ops.implementation("torch", sa.device, sa.dtype) == "torch"
+
+
+def test_module_wrapper():
+    sa, sb, ta, tb = _inputs(2, 5, student=(2, 8), teacher=(4, 8))
+    crit = kdops.nn.AttentionRelationLoss(relation_heads=2, causal=True, divergence="jsd")
+    expected = kdops.attention_relation_loss(sa, sb, ta, tb, relation_heads=2, causal=True, divergence="jsd")
+    assert_close(crit(sa, sb, ta, tb), expected.detach(), LOSS_TOL[torch.float32])
+
+
+def _bad(**change):
+    sa, sb, ta, tb = (x.detach() for x in _inputs(2, 5, student=(2, 8), teacher=(3, 8)))
+    args = dict(student_a=sa, student_b=sb, teacher_a=ta, teacher_b=tb, relation_heads=2)
+    args.update(change)
+    return args
+
+
+BAD = {
+    "student_a": (_bad(student_a=torch.ones(2, 5, 16, dtype=torch.long)), TypeError),
+    "student_b": (_bad(student_b=torch.randn(2, 2, 5, 4)), ValueError),
+    "teacher_b": (_bad(teacher_b=torch.randn(2, 3, 5, 8, dtype=torch.float64)), TypeError),
+    "teacher_a": (_bad(teacher_a=torch.randn(2, 3, 6, 8), teacher_b=torch.randn(2, 3, 6, 8)), ValueError),
+    "relation_heads": (_bad(relation_heads=5), ValueError),
+    "relation_heads ": (_bad(relation_heads=None), ValueError),
+    "attention_mask": (_bad(attention_mask=torch.ones(2, 4)), ValueError),
+    "causal": (_bad(causal=1), TypeError),
+    "temperature": (_bad(temperature=0.0), ValueError),
+    "divergence": (_bad(divergence="kl"), ValueError),
+    "reduction": (_bad(reduction="avg"), ValueError),
+    "beta": (_bad(divergence="jsd", beta=1.0), ValueError),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_names_the_argument(name):
+    args, error = BAD[name]
+    for backend in ["torch"] + KERNEL_BACKENDS[:1]:
+        with pytest.raises(error, match=name.strip()):
+            kdops.attention_relation_loss(**args, backend=backend)
