@@ -1,6 +1,6 @@
-"""The one place that decides which backend runs a kdops loss.
+"""The one place that decides which backend runs a kdops loss, and the one lazy import of kernels.
 
-Backends:
+Backends (each declared by a :class:`kdops.backends.Backend` in its package):
   ``"triton"``  Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
   ``"cuda"``    the CUDA C++ kernels of the native module ``kdops._C_cuda``: CUDA tensors
   ``"cpu"``     the OpenMP C++ kernels of the native module ``kdops._C``: CPU tensors
@@ -9,107 +9,86 @@ Backends:
 Choice: the ``backend`` argument, else the environment variable ``KDOPS_BACKEND``, else
 automatic: CUDA tensors -> triton, then cuda, then torch; CPU tensors -> cpu, then torch.
 A backend asked for by name that cannot run the call is an error, never a silent fallback.
+:func:`kernels` then gives the resolved backend's module of a family (its launchers, one
+signature per family); a backend without kernels of a family is an error there too, so each
+op resolves ``"torch"`` (the reference) explicitly before asking for kernels.
 """
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 import os
-from typing import NamedTuple, Optional
+from types import ModuleType
+from typing import Optional
 
 import torch
 
-BACKENDS: tuple[str, ...] = ("triton", "cuda", "cpu", "torch")
+from kdops.backends import TORCH, Backend, BackendStatus
+from kdops.backends import native as _native
+from kdops.backends import triton as _triton
+
+__all__ = ["BACKENDS", "ENV_VAR", "BackendStatus", "available_backends", "kernels", "offers",
+           "resolve_backend", "why_not"]
+
+DECLARATIONS: dict[str, Backend] = {b.name: b for b in (_triton.BACKEND, _native.CUDA, _native.CPU, TORCH)}
+BACKENDS: tuple[str, ...] = tuple(DECLARATIONS)
 ENV_VAR = "KDOPS_BACKEND"
-
-# dtypes each backend's kernels take (the torch reference takes every floating dtype).
-_DTYPES = {
-    "triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-}
-
-
-class BackendStatus(NamedTuple):
-    available: bool
-    reason: str
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_status(interpreting: bool) -> BackendStatus:
-    if importlib.util.find_spec("triton") is None:
-        return BackendStatus(False, "triton is not installed (pip install triton)")
-    import triton
-
-    if interpreting:
-        return BackendStatus(True, f"triton {triton.__version__}, interpreter (TRITON_INTERPRET=1)")
-    if not torch.cuda.is_available():
-        return BackendStatus(False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)")
-    return BackendStatus(True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
-
-
-@functools.lru_cache(maxsize=None)
-def _native_status(which: str) -> BackendStatus:
-    from kdops.backends.native import _module
-
-    ok, reason = _module.cpu_status() if which == "cpu" else _module.cuda_status()
-    return BackendStatus(ok, reason)
+_AUTOMATIC = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
 def available_backends() -> dict[str, BackendStatus]:
     """Each backend's availability on this machine, with the reason when it is not available."""
-    return {
-        "triton": _triton_status(_interpreting()),
-        "cuda": _native_status("cuda"),
-        "cpu": _native_status("cpu"),
-        "torch": BackendStatus(True, f"torch {torch.__version__}"),
-    }
+    return {name: backend.status() for name, backend in DECLARATIONS.items()}
 
 
-def _status(name: str) -> BackendStatus:
-    if name == "triton":
-        return _triton_status(_interpreting())
-    if name == "torch":
-        return BackendStatus(True, "")
-    return _native_status(name)
+def why_not(name: str, device: torch.device, dtype: torch.dtype, family: Optional[str] = None,
+            n_teachers: int = 1) -> Optional[str]:
+    """None if backend ``name`` can run a call on ``device`` / ``dtype`` tensors (of ``family``
+    with ``n_teachers`` teachers, if given), else why not."""
+    reasons = DECLARATIONS[name].not_supported_reasons(device, dtype, family, n_teachers)
+    return "; ".join(reasons) if reasons else None
 
 
-def _runs_on(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """None if backend ``name`` can run on this device and dtype, else why not."""
-    status = _status(name)
-    if not status.available:
-        return status.reason
-    if name != "torch" and dtype not in _DTYPES[name]:
-        return f"it does not take {dtype} tensors"
-    if name == "cpu" and device.type != "cpu":
-        return f"it runs on CPU tensors, these are on {device}"
-    if name == "cuda" and device.type != "cuda":
-        return f"it runs on CUDA tensors, these are on {device}"
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
-        return f"it runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), these are on {device}"
-    return None
+def offers(family: str, name: str, device: torch.device, dtype: torch.dtype, n_teachers: int = 1) -> bool:
+    """Whether backend ``name`` has kernels of ``family`` for this call. Only for a family that is
+    an alternative to a generic path on the same backend (the blockwise ``"fused_linear"``
+    kernel beside the chunked driver over ``"kd"``), never to choose another backend."""
+    return DECLARATIONS[name].package is not None and why_not(name, device, dtype, family, n_teachers) is None
 
 
 @torch.compiler.assume_constant_result  # torch.compile runs it once while tracing: no graph break
-def resolve_backend(requested: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs a call on ``device`` / ``dtype`` tensors; ``requested`` is the
-    user's ``backend`` argument (None: the environment variable, then automatic)."""
+def resolve_backend(requested: Optional[str], device: torch.device, dtype: torch.dtype,
+                    family: Optional[str] = None, n_teachers: int = 1) -> str:
+    """The backend that runs a call on ``device`` / ``dtype`` tensors (of ``family`` with
+    ``n_teachers`` teachers: the backend must have kernels of it, or be ``"torch"``);
+    ``requested`` is the user's ``backend`` argument (None: the environment variable, then
+    automatic)."""
     source = "backend"
     if requested is None:
         requested = os.environ.get(ENV_VAR) or None
         source = f"environment variable {ENV_VAR}"
     if requested is None or requested == "auto":
-        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
-        return next(name for name in order if _runs_on(name, device, dtype) is None)
+        order = _AUTOMATIC["cuda" if device.type == "cuda" else "cpu"]
+        return next(name for name in order if why_not(name, device, dtype, family, n_teachers) is None)
     if requested not in BACKENDS:
         raise ValueError(
             f"{source} must be one of {', '.join(map(repr, BACKENDS + ('auto',)))}; got {requested!r}"
         )
-    why_not = _runs_on(requested, device, dtype)
-    if why_not is not None:
-        raise RuntimeError(f"{source}={requested!r} cannot run this call: {why_not}")
+    reason = why_not(requested, device, dtype, family, n_teachers)
+    if reason is not None:
+        raise RuntimeError(f"{source}={requested!r} cannot run this call: {reason}")
     return requested
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(family: str, backend: str) -> ModuleType:
+    """The module with ``backend``'s launchers of ``family`` (``kdops.backends.<package>.<family>``):
+    the only place kdops imports a kernel module, on first use (Triton's modules read
+    ``TRITON_INTERPRET`` when imported). Every backend's module of a family has the same
+    launcher signatures (the family's contract, in its ops module)."""
+    declared = DECLARATIONS[backend]
+    if declared.package is None:
+        raise LookupError(f"the {backend!r} backend has no kernels: a call resolved to it runs kdops.reference")
+    if family not in declared.families:
+        raise LookupError(f"the {backend!r} backend has no kernels of the {family!r} family")
+    return importlib.import_module(f"{declared.package}.{family}")

@@ -40,29 +40,20 @@ when every rank counts as many rows; in general use ``reduction="sum"`` divided 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from kdops import reference
 from kdops._alloc import compute_dtype
+from kdops._codes import DIVERGENCES
 from kdops.ops import validation
-from kdops.ops.fused_linear import _check_pair, chunk_rows
+from kdops.ops._chunked import check_chunk_size, chunk_logits, chunk_rows, lm_head_rows
+from kdops.ops._common import DistillOptions, distill_options, reduce_rows, scale_forward_grads
 from kdops.ops.saved_grad import scale_saved_grad
 
 __all__ = ["global_row_count", "vocab_parallel_distill_loss", "vocab_parallel_fused_linear_distill_loss"]
-
-
-class _Options(NamedTuple):
-    temperature: float
-    divergence: str
-    beta: float
-    hard_weight: float
-    soft_weight: float  # (1 - hard_weight) * T**2 (or * 1)
-    ignore_index: int
 
 
 # ------------------------------------------------------------------------------- collectives
@@ -160,7 +151,7 @@ def _divergence_terms(log_ps: Tensor, log_pt: Tensor, ps: Tensor, pt: Tensor, di
 
 
 def _shard_rows(
-    student: Tensor, teacher: Tensor, labels: Optional[Tensor], vocab_start: int, opts: _Options,
+    student: Tensor, teacher: Tensor, labels: Optional[Tensor], vocab_start: int, opts: DistillOptions,
     group: Optional[dist.ProcessGroup], compute_grad: bool,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Row losses ``[N]`` of the full-vocabulary rows whose columns ``[vocab_start, vocab_start + V_r)``
@@ -197,7 +188,7 @@ def _shard_rows(
     ps.div_(sums[0].unsqueeze(1))
     pt.div_(sums[1].unsqueeze(1))
 
-    d, q = _divergence_terms(log_ps, log_pt, ps, pt, opts.divergence, opts.beta)
+    d, q = _divergence_terms(log_ps, log_pt, ps, pt, DIVERGENCES[opts.divergence], opts.beta)
     partial = torch.stack([d.sum(-1), q.sum(-1)])  # the same size on every rank, with or without grad
     _all_reduce(partial, "sum", group)
 
@@ -235,7 +226,7 @@ class _VocabParallelRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], vocab_start: int,
-                opts: _Options, group: Optional[dist.ProcessGroup], compute_grad: bool) -> Tensor:
+                opts: DistillOptions, group: Optional[dist.ProcessGroup], compute_grad: bool) -> Tensor:
         rows, grad = _shard_rows(student, teacher, labels, vocab_start, opts, group, compute_grad)
         ctx.save_for_backward(grad.to(student.dtype) if compute_grad else None)
         return rows
@@ -244,21 +235,6 @@ class _VocabParallelRows(torch.autograd.Function):
     def backward(ctx, grad_rows: Tensor):
         (grad,) = ctx.saved_tensors
         return scale_saved_grad(grad, grad_rows.unsqueeze(1)), None, None, None, None, None, None
-
-
-def _options(temperature: float, divergence: str, beta: float, hard_weight: float,
-             scale_by_temperature_squared: bool, ignore_index: int, reduction: str,
-             has_labels: bool) -> _Options:
-    validation.check_options(temperature=temperature, divergence=divergence, beta=beta,
-                             hard_weight=hard_weight, reduction=reduction, has_labels=has_labels)
-    c = temperature * temperature if scale_by_temperature_squared else 1.0
-    return _Options(float(temperature), divergence, float(beta), float(hard_weight),
-                    (1.0 - hard_weight) * c, int(ignore_index))
-
-
-def _reduce(rows: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str, lead: torch.Size) -> Tensor:
-    valid = torch.ones(rows.shape, dtype=torch.bool, device=rows.device) if labels is None else labels != ignore_index
-    return reference.reduce_rows(rows, valid, reduction).reshape(lead if reduction == "none" else ())
 
 
 def vocab_parallel_distill_loss(
@@ -309,8 +285,9 @@ def vocab_parallel_distill_loss(
     labels = validation.check_labels(labels, lead, "student_logits_shard")
     validation.check_same_device(student_logits_shard=student_logits_shard,
                                  teacher_logits_shard=teacher_logits_shard, labels=labels)
-    opts = _options(temperature, divergence, beta, hard_weight, scale_by_temperature_squared,
-                    ignore_index, reduction, labels is not None)
+    opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+                           scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+                           reduction=reduction, has_labels=labels is not None)
     student = student_logits_shard.reshape(lead.numel(), shard)  # V_r may be 0: no -1
     flat_labels = None if labels is None else labels.reshape(-1)
     if vocab_start is None:
@@ -319,79 +296,65 @@ def vocab_parallel_distill_loss(
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     rows = _VocabParallelRows.apply(student, teacher_logits_shard.detach().reshape(student.shape),
                                     flat_labels, vocab_start, opts, group, compute_grad)
-    return _reduce(rows, flat_labels, ignore_index, reduction, lead)
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
 
 
 # ------------------------------------------------------------------------------- lm_head shards
 
 
-def _chunked(
+def _lm_head_rows(
     h: Tensor, w: Tensor, b: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
     labels: Optional[Tensor], row_weights: Optional[Tensor], vocab_start: int, chunk: int,
-    opts: _Options, group: Optional[dist.ProcessGroup], needs: tuple[bool, bool, bool],
+    opts: DistillOptions, group: Optional[dist.ProcessGroup], needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Row losses ``[N]`` and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if
-    None) to ``h`` (summed over the group), ``w``, ``b`` where ``needs`` says so (else None).
-    Token chunks of counted rows; each chunk forms its ``[chunk, V_r]`` shard logits and runs
-    the row protocol of :func:`_shard_rows` (every rank visits the same chunks)."""
-    dtype = compute_dtype(h.dtype)
-    rows = h.new_zeros(h.shape[0], dtype=dtype)
-    gh = torch.zeros(h.shape, dtype=dtype, device=h.device) if needs[0] else None
-    gw = torch.zeros(w.shape, dtype=dtype, device=w.device) if needs[1] else None
-    gb = torch.zeros(w.shape[0], dtype=dtype, device=w.device) if needs[2] else None
-    any_grad = any(needs)
-    order = None if labels is None else (labels != opts.ignore_index).nonzero().squeeze(1)
-    count = h.shape[0] if order is None else order.numel()
-    for start in range(0, count, chunk):
-        idx = slice(start, min(start + chunk, count)) if order is None else order[start:start + chunk]
-        hc = h[idx]
-        s = F.linear(hc, w, b)
-        t = F.linear(th[idx], tw, tb).to(s.dtype)
-        r, g = _shard_rows(s, t, None if labels is None else labels[idx], vocab_start, opts, group, any_grad)
-        rows[idx] = r
-        if not any_grad:
-            continue
-        if row_weights is not None:
-            g.mul_(row_weights[idx].unsqueeze(1))
-        if needs[0]:
-            gh[idx] = g.to(w.dtype) @ w
-        if needs[1]:
-            gw.addmm_(g.t(), hc.to(dtype))
-        if needs[2]:
-            gb.add_(g.sum(0))
-    if needs[0]:
+    None) to ``h`` (summed over the group), ``w``, ``b`` where ``needs`` says so (else None):
+    the chunked driver of :mod:`kdops.ops._chunked`, each chunk's ``[chunk, V_r]`` shard logits
+    through the row protocol of :func:`_shard_rows` (every rank visits the same chunks)."""
+
+    def row_loss(idx, logits: Tensor, want_grad: bool):
+        teacher = chunk_logits(th[idx], tw, tb).to(logits.dtype)
+        return _shard_rows(logits, teacher, None if labels is None else labels[idx], vocab_start, opts, group,
+                           want_grad)
+
+    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs)
+    if gh is not None:
         _all_reduce(gh, "sum", group)
     return rows, gh, gw, gb
 
 
 class _VocabParallelFusedLinear(torch.autograd.Function):
-    """Sum of the row losses (``per_row``: the rows) of a vocabulary-sharded lm_head. With the
-    sum, the gradients are computed in forward and backward scales them; with the rows, their
-    weights are only known in backward, which runs a second chunked pass (with communication)."""
+    """Row losses of a vocabulary-sharded lm_head. With ``needs`` set (reduction "sum" / "mean":
+    the rows are only summed) the gradients are computed in forward and backward scales them;
+    without (reduction "none") backward runs a second chunked pass (with communication) with the
+    row weights (the wiring of :func:`kdops.ops._common.register_lm_head_autograd`)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
-                labels: Optional[Tensor], vocab_start: int, chunk: int, opts: _Options,
-                group: Optional[dist.ProcessGroup], per_row: bool, needs: tuple[bool, bool, bool]) -> Tensor:
-        ctx.setup = (vocab_start, chunk, opts, group, per_row, needs)
-        if per_row:
+                labels: Optional[Tensor], vocab_start: int, chunk: int, opts: DistillOptions,
+                group: Optional[dist.ProcessGroup], needs: tuple[bool, bool, bool]) -> Tensor:
+        ctx.setup = (vocab_start, chunk, opts, group)
+        ctx.in_forward = any(needs)
+        rows, *grads = _lm_head_rows(h, w, b, th, tw, tb, labels, None, vocab_start, chunk, opts, group, needs)
+        if ctx.in_forward:
+            ctx.needs = needs
+            ctx.save_for_backward(*(None if g is None else g.to(x.dtype) for g, x in zip(grads, (h, w, w))))
+        else:
             ctx.save_for_backward(h, w, b, th, tw, tb, labels)
-            return _chunked(h, w, b, th, tw, tb, labels, None, vocab_start, chunk, opts, group, (False,) * 3)[0]
-        rows, *grads = _chunked(h, w, b, th, tw, tb, labels, None, vocab_start, chunk, opts, group, needs)
-        ctx.save_for_backward(*(None if g is None else g.to(x.dtype) for g, x in zip(grads, (h, w, w))))
-        return rows.sum()
+        return rows
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        vocab_start, chunk, opts, group, per_row, needs = ctx.setup
-        if per_row:
-            h, w, b, th, tw, tb, labels = ctx.saved_tensors
-            _, *grads = _chunked(h, w, b, th, tw, tb, labels, grad_out.contiguous(), vocab_start, chunk,
-                                 opts, group, needs)
-            grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (h, w, w))]
+    def backward(ctx, grad_rows: Tensor):
+        vocab_start, chunk, opts, group = ctx.setup
+        if ctx.in_forward:
+            grads = scale_forward_grads(ctx.saved_tensors, ctx.needs, grad_rows)
         else:
-            grads = [None if g is None else scale_saved_grad(g, grad_out) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None, None, None, None, None, None)
+            h, w, b, th, tw, tb, labels = ctx.saved_tensors
+            needs = tuple(ctx.needs_input_grad[:3])
+            _, *grads = _lm_head_rows(h, w, b, th, tw, tb, labels, grad_rows.contiguous(), vocab_start, chunk,
+                                      opts, group, needs)
+            grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (h, w, w))]
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def vocab_parallel_fused_linear_distill_loss(
@@ -428,10 +391,10 @@ def vocab_parallel_fused_linear_distill_loss(
     computes the gradients in backward, with communication: every rank must run backward. Options as in :func:`kdops.distill_loss` (temperature 1 by
     default, as :func:`kdops.fused_linear_distill_loss`).
     """
-    _check_pair("student_hidden", student_hidden, "student_weight_shard", student_weight_shard,
-                "student_bias_shard", student_bias_shard)
-    _check_pair("teacher_hidden", teacher_hidden, "teacher_weight_shard", teacher_weight_shard,
-                "teacher_bias_shard", teacher_bias_shard)
+    validation.check_linear("student_hidden", student_hidden, "student_weight_shard", student_weight_shard,
+                            "student_bias_shard", student_bias_shard)
+    validation.check_linear("teacher_hidden", teacher_hidden, "teacher_weight_shard", teacher_weight_shard,
+                            "teacher_bias_shard", teacher_bias_shard)
     if teacher_weight_shard.shape[0] != student_weight_shard.shape[0]:
         raise ValueError(
             f"teacher_weight_shard and student_weight_shard must hold the same vocabulary rows V_r; got "
@@ -443,32 +406,27 @@ def vocab_parallel_fused_linear_distill_loss(
             f"teacher_hidden must have the leading shape of student_hidden, {tuple(lead)}; got "
             f"{tuple(teacher_hidden.shape[:-1])}"
         )
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     labels = validation.check_labels(labels, lead, "student_hidden")
     validation.check_same_device(
         student_hidden=student_hidden, student_weight_shard=student_weight_shard,
         student_bias_shard=student_bias_shard, teacher_hidden=teacher_hidden,
         teacher_weight_shard=teacher_weight_shard, teacher_bias_shard=teacher_bias_shard, labels=labels,
     )
-    opts = _options(temperature, divergence, beta, hard_weight, scale_by_temperature_squared,
-                    ignore_index, reduction, labels is not None)
+    opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+                           scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+                           reduction=reduction, has_labels=labels is not None)
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1)
     sizes = _shard_sizes(student_weight_shard.shape[0], h.shape[0], h.device, group)
-    chunk = chunk_rows(h.shape[0], max(*sizes, 1), h.element_size(), chunk_size)  # the same on every rank
-    grad_on = torch.is_grad_enabled()
+    chunk = chunk_rows(h.shape[0], max(*sizes, 1), h.dtype, chunk_size)  # the same on every rank
+    grad_on = torch.is_grad_enabled() and reduction != "none"  # "none": the gradients come in backward
     needs = tuple(grad_on and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight_shard, student_bias_shard))
-    out = _VocabParallelFusedLinear.apply(
+    rows = _VocabParallelFusedLinear.apply(
         h, student_weight_shard, student_bias_shard, th, teacher_weight_shard.detach(),
         None if teacher_bias_shard is None else teacher_bias_shard.detach(), flat_labels,
-        _vocab_start(sizes, group), chunk, opts, group, reduction == "none", needs,
+        _vocab_start(sizes, group), chunk, opts, group, needs,
     )
-    if reduction == "none":
-        return out.reshape(lead)
-    if reduction == "sum":
-        return out
-    count = h.shape[0] if flat_labels is None else (flat_labels != ignore_index).sum()
-    return out / (count.clamp(min=1).to(out.dtype) if isinstance(count, Tensor) else max(count, 1))
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)

@@ -17,7 +17,7 @@ class DistillLoss(nn.Module):
     """Module form of :func:`kdops.distill_loss`; the constructor takes its keyword options.
 
     >>> crit = DistillLoss(temperature=2.0, divergence="jsd", beta=0.5)
-    >>> loss = crit(student_logits, teacher_logits, labels)
+    >>> loss = crit(student_logits, teacher_logits, labels)  # normalizer=num_items_in_batch: sum / it
 
     K teachers: ``teacher_logits (K, ..., V)``, mixed with ``teacher_weights`` (K,) (default 1/K).
     """
@@ -42,8 +42,9 @@ class DistillLoss(nn.Module):
             reduction=reduction, teacher_weights=teacher_weights, backend=backend,
         )
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return distill_loss(student_logits, teacher_logits, labels, **self.options)
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None,
+                normalizer: Union[None, int, Tensor] = None) -> Tensor:
+        return distill_loss(student_logits, teacher_logits, labels, normalizer=normalizer, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -90,10 +91,11 @@ class FusedLinearDistillLoss(nn.Module):
         labels: Optional[Tensor] = None,
         student_bias: Optional[Tensor] = None,
         teacher_bias: Union[None, Tensor, Sequence[Optional[Tensor]]] = None,
+        normalizer: Union[None, int, Tensor] = None,
     ) -> Tensor:
         return fused_linear_distill_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-            student_bias=student_bias, teacher_bias=teacher_bias, **self.options,
+            student_bias=student_bias, teacher_bias=teacher_bias, normalizer=normalizer, **self.options,
         )
 
     def extra_repr(self) -> str:
@@ -219,11 +221,13 @@ class SparseDistillLoss(nn.Module):
         )
 
     def forward(self, student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor,
-                labels: Optional[Tensor] = None) -> Tensor:
-        return sparse_distill_loss(student_logits, topk_logprobs, topk_indices, labels, **self.options)
+                labels: Optional[Tensor] = None, normalizer: Union[None, int, Tensor] = None) -> Tensor:
+        return sparse_distill_loss(student_logits, topk_logprobs, topk_indices, labels, normalizer=normalizer,
+                                   **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
 
 class AttentionRelationLoss(nn.Module):
     """Module form of :func:`kdops.attention_relation_loss`; the constructor takes its keyword

@@ -7,7 +7,7 @@ everywhere, differentiable by autograd, but memory-hungry.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -164,14 +164,17 @@ def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return -_times(log_p.exp(), log_p).sum(-1)
 
 
-def reduce_rows(row: Tensor, valid: Tensor, reduction: str) -> Tensor:
+def reduce_rows(row: Tensor, valid: Tensor, reduction: str, normalizer: Union[None, int, Tensor] = None) -> Tensor:
     """``"none"``: the rows; ``"sum"``: their sum; ``"mean"``: sum / number of counted rows
-    (0 when no row counts)."""
+    (0 when no row counts), or sum / ``normalizer`` when given (an int or a one-element tensor,
+    e.g. Transformers' ``num_items_in_batch``: the counted rows of the whole accumulated batch)."""
     if reduction == "none":
         return row
     total = row.sum()
     if reduction == "sum":
         return total
+    if normalizer is not None:
+        return total / (normalizer.detach().to(total).reshape(()) if isinstance(normalizer, Tensor) else normalizer)
     return total / valid.sum().clamp(min=1).to(total.dtype)
 
 
@@ -188,6 +191,7 @@ def distill_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     teacher_weights: Optional[Tensor] = None,
+    normalizer: Union[None, int, Tensor] = None,
 ) -> Tensor:
     """Reference of :func:`kdops.distill_loss` on logits of shape ``(..., V)``; ``K`` teachers
     as ``teacher_logits (K, ..., V)`` with ``teacher_weights (K,)`` (see :func:`teacher_log_probs`)."""
@@ -206,7 +210,7 @@ def distill_loss(
         ignore_index=ignore_index,
         teacher_weights=teacher_weights,
     )
-    return reduce_rows(row, valid, reduction).reshape(lead if reduction == "none" else ())
+    return reduce_rows(row, valid, reduction, normalizer).reshape(lead if reduction == "none" else ())
 
 
 def fused_linear_distill_loss(
@@ -442,6 +446,7 @@ def sparse_distill_loss(
     labels: Optional[Tensor] = None,
     *,
     reduction: str = "mean",
+    normalizer: Union[None, int, Tensor] = None,
     **options,
 ) -> Tensor:
     """Reference of :func:`kdops.sparse_distill_loss` on ``(..., V)`` logits and ``(..., K)`` top-k."""
@@ -453,7 +458,7 @@ def sparse_distill_loss(
         None if labels is None else labels.reshape(-1),
         **options,
     )
-    return reduce_rows(row, valid, reduction).reshape(lead if reduction == "none" else ())
+    return reduce_rows(row, valid, reduction, normalizer).reshape(lead if reduction == "none" else ())
 
 
 def fused_linear_sparse_distill_loss(

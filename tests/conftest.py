@@ -10,6 +10,38 @@ os.environ["KDOPS_POISON_OUTPUTS"] = "1"  # outputs start as NaN: unwritten elem
 
 import pytest  # noqa: E402
 
+import kdops  # noqa: E402
+
+# Every backend, and those with kernels (all but the torch reference), in the order tests run them.
+BACKENDS = ["torch", "cpu", "triton", "cuda"]
+KERNEL_BACKENDS = ["cpu", "triton", "cuda"]
+# The 16/32-bit dtypes tests draw inputs in (float64 has its own gradcheck tests).
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def device_for(backend: str) -> str:
+    """The device of the tensors a test gives ``backend``: CUDA for cuda (and triton on a GPU machine), else CPU."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def require(backend: str) -> str:
+    """Skips the test when ``backend`` cannot run here (with the reason); else its test device."""
+    status = kdops.available_backends()[backend]
+    if not status.available:
+        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
+    return device_for(backend)
+
+
+def interpreted(backend: str) -> bool:
+    """Whether ``backend`` runs under the Triton interpreter here (slow: tests keep its shapes small)."""
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+def beta_for(divergence: str) -> float:
+    """A beta valid for ``divergence`` (mixture divergences take beta in (0, 1))."""
+    return 0.3 if divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl") else 0.5
+
+
 # (rtol, atol) for the loss (computed in float32 whatever the input dtype) and for gradients
 # (stored in the input dtype), against the float64 reference on the same (upcast) inputs.
 LOSS_TOL = {

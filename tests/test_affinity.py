@@ -10,9 +10,8 @@ import kdops
 from kdops import reference
 from kdops.ops import affinity as ops
 
-from conftest import RELATION_GRAD_TOL, RELATION_LOSS_TOL, assert_close_to_max
+from conftest import (BACKENDS, RELATION_GRAD_TOL, RELATION_LOSS_TOL, assert_close_to_max, interpreted, require)
 
-BACKENDS = ["torch", "cpu", "triton", "cuda"]
 KINDS = ["dot", "cosine", "euclidean", "squared_euclidean"]
 # name -> (kdops loss, reference loss, smallest batch)
 LOSSES = {
@@ -30,21 +29,6 @@ CASES = [
     (65, 9, 4, torch.float32),
     (257, 5, 3, torch.float64),  # not for the Triton interpreter: B = 65 and 150 cover several tiles
 ]
-
-
-def device_for(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-def require(backend):
-    status = kdops.available_backends()[backend]
-    if not status.available:
-        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
-    return device_for(backend)
-
-
-def interpreted(backend):
-    return backend == "triton" and not torch.cuda.is_available()
 
 
 def features(batch, dim, dtype, device):
@@ -325,15 +309,17 @@ def test_module_wrappers_match_functions():
 
 
 def test_kernel_table_and_codes():
-    """Every backend has an explicit entry; triton, cpu and cuda have kernels, torch runs the reference."""
+    """triton, cpu and cuda declare kernels of this family; torch has none: it runs the reference."""
+    from kdops import _dispatch
     from kdops.backends.triton import affinity as kernels
 
-    assert set(ops._KERNELS) == set(kdops.BACKENDS)
+    assert all(ops.FAMILY in _dispatch.DECLARATIONS[b].families for b in ("triton", "cpu", "cuda"))
+    with pytest.raises(LookupError, match="kdops.reference"):
+        _dispatch.kernels(ops.FAMILY, "torch")
     for kind in KINDS:
         assert getattr(kernels, kind.upper()).value == ops.AFFINITY_KINDS.index(kind)
     assert (kernels.SP.value, kernels.RKD_DISTANCE.value, kernels.RKD_ANGLE.value) == (ops.SP, ops.RKD_DISTANCE,
                                                                                          ops.RKD_ANGLE)
-    assert ops._KERNELS["torch"] is None and None not in (ops._KERNELS[b] for b in ("triton", "cpu", "cuda"))
     cpu = torch.device("cpu")
     assert ops.implementation("torch", cpu, torch.float32) == "torch"
     if kdops.available_backends()["triton"].available:

@@ -21,14 +21,10 @@ from kdops import distributed as kdist
 from kdops import reference
 from kdops.divergences import DIVERGENCES
 
-from conftest import GRAD_TOL, LOSS_TOL, assert_close
+from conftest import GRAD_TOL, LOSS_TOL, assert_close, beta_for
 
 JOIN_TIMEOUT_S = 150  # the whole group; a collective that hangs fails after the gloo timeout below
 COLLECTIVE_TIMEOUT_S = 60
-
-
-def beta_for(divergence):
-    return 0.3 if divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl") else 0.5
 
 
 def shard_sizes(vocab, world, uneven):

@@ -6,11 +6,9 @@ import torch
 import kdops
 from kdops import reference
 from kdops.divergences import DIVERGENCES
+from kdops.ops._common import DistillOptions
 
-from conftest import GRAD_TOL, LOSS_TOL, assert_close
-from test_kd import beta_for, require
-
-BACKENDS = ["torch", "cpu", "triton", "cuda"]
+from conftest import BACKENDS, GRAD_TOL, LOSS_TOL, assert_close, beta_for, require
 
 
 def make(n, hs, ht, v, dtype, device, bias=True, ignore_frac=0.3):
@@ -123,7 +121,7 @@ def test_triton_takes_the_blockwise_kernel(monkeypatch):
     def chunked(*args, **kwargs):
         raise AssertionError("the chunked path ran")
 
-    monkeypatch.setattr(fused_linear, "_chunked", chunked)
+    monkeypatch.setattr(fused_linear, "lm_head_rows", chunked)
     h, w, b, th, tw, tb, labels = make(20, 16, 16, 32, torch.float32, device)
     h.requires_grad_(True)
     for reduction in ("mean", "none"):
@@ -169,11 +167,11 @@ def test_leading_dims_and_module():
 
 
 def test_chunk_size_from_memory_budget():
-    from kdops.ops.fused_linear import CHUNK_BUDGET_BYTES, chunk_rows
-    rows = chunk_rows(16384, 128256, 2, None)
-    assert 1 <= rows < 16384 and rows * 128256 * (3 * 2 + 4) <= CHUNK_BUDGET_BYTES
-    assert chunk_rows(10, 100, 4, None) == 10
-    assert chunk_rows(10, 100, 4, 3) == 3
+    from kdops.ops._chunked import CHUNK_BUDGET_BYTES, chunk_rows
+    rows = chunk_rows(16384, 128256, torch.bfloat16, None)  # float32 logits: 4 bytes per element
+    assert 1 <= rows < 16384 and rows * 128256 * (3 * 4 + 4) <= CHUNK_BUDGET_BYTES
+    assert chunk_rows(10, 100, torch.float32, None) == 10
+    assert chunk_rows(10, 100, torch.float32, 3) == 3
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -182,9 +180,10 @@ def test_opcheck(backend):
     h, w, b, th, tw, tb, labels = make(7, 4, 3, 11, torch.float32, "cpu")
     h.requires_grad_(True)
     w.requires_grad_(True)
-    common = (h, w, b, th, tw, tb, labels, 2, 2.0, 0.5, 0.3, 2.8, -100, 3)
-    torch.library.opcheck(torch.ops.kdops.fused_linear_distill_sum.default, common + ([True, True, False], backend))
-    torch.library.opcheck(torch.ops.kdops.fused_linear_distill_rows.default, common + (backend,))
+    options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100)
+    for needs in ([True, True, False], [False, False, False]):  # gradients in forward / in backward
+        args = (h, w, b, th, tw, tb, None, labels, None, needs, 3, backend, *options)
+        torch.library.opcheck(torch.ops.kdops.fused_linear_distill.default, args)
 
 
 def test_torch_compile_fullgraph():

@@ -8,26 +8,9 @@ import torch.nn.functional as F
 import kdops
 from kdops import reference
 from kdops.divergences import DIVERGENCES
+from kdops.ops._common import DistillOptions
 
-from conftest import GRAD_TOL, LOSS_TOL, assert_close, huge_logits_grad_tol
-
-BACKENDS = ["torch", "cpu", "triton", "cuda"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def device_for(backend):
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-def require(backend):
-    status = kdops.available_backends()[backend]
-    if not status.available:
-        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
-    return device_for(backend)
-
-
-def beta_for(divergence):
-    return 0.3 if divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl") else 0.5
+from conftest import (BACKENDS, DTYPES, GRAD_TOL, LOSS_TOL, assert_close, beta_for, huge_logits_grad_tol, require)
 
 
 def run(backend, student, teacher, labels=None, **options):
@@ -211,7 +194,8 @@ def test_opcheck(backend):
     student, teacher, labels = make_inputs((4, 23), torch.float32, device)
     student.requires_grad_(True)
     for labels_arg, hard in ((labels, 0.3), (None, 0.0)):
-        args = (student, teacher, labels_arg, 2, 2.0, 0.5, hard, (1 - hard) * 4.0, -100, True, backend)
+        options = DistillOptions(2, 2.0, 0.5, hard, (1 - hard) * 4.0, -100)
+        args = (student, teacher, labels_arg, None, True, backend, *options)
         torch.library.opcheck(torch.ops.kdops.distill_rows.default, args)
 
 

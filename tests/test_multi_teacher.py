@@ -7,22 +7,9 @@ import torch
 import kdops
 from kdops import reference
 from kdops.divergences import DIVERGENCES
+from kdops.ops._common import DistillOptions
 
-from conftest import GRAD_TOL, LOSS_TOL, assert_close
-
-KERNEL_BACKENDS = ["cpu", "triton", "cuda"]
-BACKENDS = ["torch"] + KERNEL_BACKENDS
-
-
-def require(backend):
-    status = kdops.available_backends()[backend]
-    if not status.available:
-        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
-def beta_for(divergence):
-    return 0.3 if divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl") else 0.5
+from conftest import BACKENDS, GRAD_TOL, KERNEL_BACKENDS, LOSS_TOL, assert_close, beta_for, require
 
 
 def random_weights(k):
@@ -244,16 +231,16 @@ def test_opcheck(backend):
     student, teachers, labels = make((4,), 23, 3, torch.float32, "cpu")
     student.requires_grad_(True)
     log_w = random_weights(3).log().float()
-    args = (student, teachers, labels, 2, 2.0, 0.5, 0.3, 2.8, -100, True, backend, log_w)
+    options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100)
+    args = (student, teachers, labels, log_w, True, backend, *options)
     torch.library.opcheck(torch.ops.kdops.distill_rows.default, args)
     h, w, lin, labels = make_linear(7, 4, (3, 5), 11, torch.float32, "cpu", (True, False))
     h.requires_grad_(True)
     ths, tws, tbs = map(list, zip(*lin))
-    common = (h, w, None, ths, tws, tbs, labels, 2, 2.0, 0.5, 0.3, 2.8, -100, 3)
     log_w = random_weights(2).log().float()
-    torch.library.opcheck(torch.ops.kdops.fused_linear_multi_distill_sum.default,
-                          common + ([True, False, False], backend, log_w))
-    torch.library.opcheck(torch.ops.kdops.fused_linear_multi_distill_rows.default, common + (backend, log_w))
+    for needs in ([True, False, False], [False, False, False]):  # gradients in forward / in backward
+        args = (h, w, None, ths, tws, tbs, log_w, labels, None, needs, 3, backend, *options)
+        torch.library.opcheck(torch.ops.kdops.fused_linear_multi_distill.default, args)
 
 
 def test_torch_compile_fullgraph():

@@ -9,12 +9,10 @@ import torch
 import kdops
 from kdops import reference
 from kdops.divergences import DIVERGENCES
+from kdops.ops._common import DistillOptions
 
-from conftest import GRAD_TOL, LOSS_TOL, assert_close
-from test_kd import beta_for, require
+from conftest import BACKENDS, DTYPES, GRAD_TOL, LOSS_TOL, assert_close, beta_for, require
 
-BACKENDS = ["torch", "cpu", "triton", "cuda"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REST = ["ignore", "bucket"]
 
 
@@ -171,9 +169,15 @@ def test_opcheck(backend):
     student, values, indices, labels = make((4, 23), 5, torch.float32, device)
     student.requires_grad_(True)
     for labels_arg, hard, bucket in ((labels, 0.3, True), (None, 0.0, False)):
-        args = (student, values, indices.int(), labels_arg, 2, 2.0, 0.5, hard, (1 - hard) * 4.0, -100, bucket,
-                True, backend)
+        options = DistillOptions(2, 2.0, 0.5, hard, (1 - hard) * 4.0, -100, rest_bucket=bucket)
+        args = (student, values, indices.int(), labels_arg, True, backend, *options)
         torch.library.opcheck(torch.ops.kdops.sparse_distill_rows.default, args)
+        h, w = torch.randn(7, 4, requires_grad=True), torch.randn(23, 4, requires_grad=True)
+        _, values7, indices7, labels7 = make((7, 23), 5, torch.float32, device)
+        for needs in ([True, True, False], [False, False, False]):  # gradients in forward / in backward
+            fused = (h, w, None, values7, indices7.int(), None if labels_arg is None else labels7, None, needs, 3,
+                     backend, *options)
+            torch.library.opcheck(torch.ops.kdops.fused_linear_sparse_distill.default, fused)
 
 
 @pytest.mark.parametrize("backend", [None, "torch"])

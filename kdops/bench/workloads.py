@@ -76,7 +76,7 @@ def kdops_backends(device: torch.device, dtype: torch.dtype, options: Options) -
         candidates = options.backends
     chosen, notes = [], []
     for name in candidates:
-        why_not = _dispatch._runs_on(name, device, dtype)
+        why_not = _dispatch.why_not(name, device, dtype)
         if automatic and name == "triton" and device.type == "cpu":
             why_not = "the Triton interpreter is for tests, not timings; ask for it with --backends triton"
         if why_not is None:

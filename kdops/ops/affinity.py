@@ -25,7 +25,6 @@ for SP and RKD-D (Gram tiles recomputed, never a ``[B, B]`` matrix) and ``O(B^2)
 from __future__ import annotations
 
 import math
-from types import ModuleType
 from typing import Callable, Optional
 
 import torch
@@ -38,39 +37,19 @@ from kdops.ops import validation
 
 
 
-def _triton_kernels() -> ModuleType:
-    from kdops.backends.triton import affinity  # imported late: TRITON_INTERPRET is read at import
-
-    return affinity
-
-
-def _native_kernels() -> ModuleType:
-    from kdops.backends.native import affinity as native_affinity  # kdops._C (CPU tensors) or kdops._C_cuda (CUDA tensors)
-
-    return native_affinity
-
-
-# backend -> loader of the module with this family's kernels, which provides
+# The family's contract: every backend's kdops.backends.<backend>.affinity module provides
 #   affinity_forward(x [B, D], kind) -> A [B, B]
 #   affinity_backward(grad [B, B], x, A, kind) -> dx [B, D]
 #   relation_forward(student [B, Ds], teacher [B, Dt], loss, beta) -> (loss [], stats)
 #   relation_backward(grad [], student, teacher, stats, loss, beta) -> dstudent [B, Ds]
-# (contracts in kdops.backends.triton.affinity; stats are produced and read by one backend). None: no
-# kernels of this family, so calls resolved to that backend run the torch reference.
-_KERNELS: dict[str, Optional[Callable[[], ModuleType]]] = {
-    "triton": _triton_kernels,
-    "cuda": _native_kernels,
-    "cpu": _native_kernels,
-    "torch": None,
-}
+# (contracts in kdops.backends.triton.affinity; stats are produced and read by one backend).
+# The "torch" backend runs the reference (kdops.reference) instead.
+FAMILY = "affinity"
 
 
 def implementation(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """What runs a call of this family: the resolved backend, or ``"torch"`` where that backend
-    has no kernels of this family."""
-    name = _dispatch.resolve_backend(backend, device, dtype)
-    return name if _KERNELS[name] is not None else "torch"
-
+    """What runs a call of this family: the resolved backend (``"torch"``: the reference)."""
+    return _dispatch.resolve_backend(backend, device, dtype, FAMILY)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -79,7 +58,7 @@ def implementation(backend: Optional[str], device: torch.device, dtype: torch.dt
 @torch.library.custom_op("kdops::affinity", mutates_args=())
 def affinity_op(x: Tensor, kind: int, backend: str) -> Tensor:
     """``[B, B]`` affinity of the rows of ``x [B, D]`` (contiguous rows); ``kind`` indexes AFFINITY_KINDS."""
-    return _KERNELS[backend]().affinity_forward(x, kind)
+    return _dispatch.kernels(FAMILY, backend).affinity_forward(x, kind)
 
 
 @affinity_op.register_fake
@@ -90,7 +69,7 @@ def _(x, kind, backend):
 @torch.library.custom_op("kdops::affinity_backward", mutates_args=())
 def affinity_backward_op(grad: Tensor, x: Tensor, out: Tensor, kind: int, backend: str) -> Tensor:
     """``dL/dx`` from ``grad = dL/dA`` and ``out = A``."""
-    return _KERNELS[backend]().affinity_backward(grad, x, out, kind)
+    return _dispatch.kernels(FAMILY, backend).affinity_backward(grad, x, out, kind)
 
 
 @affinity_backward_op.register_fake
@@ -114,7 +93,7 @@ affinity_op.register_autograd(_affinity_backward, setup_context=_affinity_setup)
 @torch.library.custom_op("kdops::relation_loss", mutates_args=())
 def relation_loss_op(student: Tensor, teacher: Tensor, loss: int, beta: float, backend: str) -> tuple[Tensor, Tensor]:
     """(loss, stats for the backward) of SP / RKD-D / RKD-A (``loss`` code) of ``[B, D]`` rows."""
-    return _KERNELS[backend]().relation_forward(student, teacher, loss, beta)
+    return _dispatch.kernels(FAMILY, backend).relation_forward(student, teacher, loss, beta)
 
 
 @relation_loss_op.register_fake
@@ -127,7 +106,7 @@ def _(student, teacher, loss, beta, backend):
 def relation_loss_backward_op(grad: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, loss: int,
                               beta: float, backend: str) -> Tensor:
     """``dL/dstudent`` from the incoming 0-d ``grad`` and the forward's ``stats``."""
-    return _KERNELS[backend]().relation_backward(grad, student, teacher, stats, loss, beta)
+    return _dispatch.kernels(FAMILY, backend).relation_backward(grad, student, teacher, stats, loss, beta)
 
 
 @relation_loss_backward_op.register_fake
@@ -178,8 +157,8 @@ def affinity(x: Tensor, kind: str = "cosine", *, backend: Optional[str] = None) 
     if kind not in AFFINITY_KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, AFFINITY_KINDS))}; got {kind!r}")
     _check_features("x", x)
-    name = _dispatch.resolve_backend(backend, x.device, x.dtype)
-    if _KERNELS[name] is None:
+    name = _dispatch.resolve_backend(backend, x.device, x.dtype, FAMILY)
+    if name == "torch":
         return reference.affinity(x, kind)
     return affinity_op(_rows(x), AFFINITY_KINDS.index(kind), name)
 
@@ -213,8 +192,8 @@ def check_student_teacher(f_s: Tensor, f_t: Tensor, min_batch: int, what: str) -
 
 def _relation_loss(f_s: Tensor, f_t: Tensor, loss: int, beta: float, backend: Optional[str],
                    reference_loss: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    name = _dispatch.resolve_backend(backend, f_s.device, f_s.dtype)
-    if _KERNELS[name] is None:
+    name = _dispatch.resolve_backend(backend, f_s.device, f_s.dtype, FAMILY)
+    if name == "torch":
         return reference_loss(f_s, f_t)
     return relation_loss_op(_rows(f_s), _rows(f_t).detach(), loss, beta, name)[0]
 

@@ -14,85 +14,40 @@ backward is a scale of the saved gradient by the incoming one.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from kdops import _dispatch, reference
-from kdops.backends.native import kd as native_kd
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
-from kdops.ops.saved_grad import scale_saved_grad
+from kdops.ops._common import (DistillOptions, OpArgs, check_normalizer, define, distill_options, reduce_rows,
+                               register_saved_grad_autograd)
 
 
-def _triton_kd_forward(*args):
-    from kdops.backends.triton.kd import kd_forward  # imported late: TRITON_INTERPRET is read at import
-
-    return kd_forward(*args)
-
-
-# backend -> kd_forward(student, teacher, labels, divergence, temperature, beta, hard_weight,
-#                       soft_weight, ignore_index, compute_grad, teacher_log_weights=None)
-#            -> (row losses, row gradients); teacher [N, V], or [K, N, V] with log weights (K,)
-KD_KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "triton": _triton_kd_forward,
-    "cuda": native_kd.kd_forward,
-    "cpu": native_kd.kd_forward,
-}
-
-
-
-@torch.library.custom_op("kdops::distill_rows", mutates_args=())
-def distill_rows(
-    student: Tensor,
-    teacher: Tensor,
-    labels: Optional[Tensor],
-    divergence: int,
-    temperature: float,
-    beta: float,
-    hard_weight: float,
-    soft_weight: float,
-    ignore_index: int,
-    compute_grad: bool,
-    backend: str,
-    teacher_log_weights: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor]:
+# The family's contract: every backend's kdops.backends.<backend>.kd module provides
+#   kd_forward(student [N, V], teacher [N, V] or [K, N, V], labels [N] or None, options: DistillOptions,
+#              compute_grad: bool, teacher_log_weights (K,) or None) -> (row losses [N], row gradients [N, V])
+def _distill_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], teacher_log_weights: Optional[Tensor],
+                  compute_grad: bool, backend: str, *options) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` of ``[N, V]`` logits and, if ``compute_grad``, their gradients with
     respect to ``student`` (``[N, V]``, student dtype; else an empty tensor). ``teacher``:
     ``[N, V]``, or ``[K, N, V]`` mixed with ``teacher_log_weights`` ``(K,)`` (float32; float64
     for float64 logits)."""
-    return KD_KERNELS[backend](
-        student, teacher, labels, divergence, temperature, beta, hard_weight, soft_weight,
-        ignore_index, compute_grad, teacher_log_weights,
-    )
+    return _dispatch.kernels("kd", backend).kd_forward(
+        student, teacher, labels, DistillOptions(*options), compute_grad, teacher_log_weights)
 
 
-@distill_rows.register_fake
-def _(student, teacher, labels, divergence, temperature, beta, hard_weight, soft_weight,
-      ignore_index, compute_grad, backend, teacher_log_weights=None):
+def _distill_rows_fake(student, teacher, labels, teacher_log_weights, compute_grad, backend, *options):
     loss = student.new_empty(student.shape[:1], dtype=compute_dtype(student.dtype))
-    grad = student.new_empty(student.shape if compute_grad else (0,))
-    return loss, grad
+    return loss, student.new_empty(student.shape if compute_grad else (0,))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # no [N, V] zeros for the unused gradient of output[1]
-    ctx.save_for_backward(output[1])
-    ctx.compute_grad = inputs[9]
-
-
-def _backward(ctx, grad_loss: Tensor, _grad_of_grad: Optional[Tensor]):
-    if not ctx.compute_grad:
-        raise RuntimeError("kdops: the loss was computed without gradient tracking of the student logits")
-    if grad_loss is None:  # only output[1] was used: no gradient to the logits
-        return (None,) * len(ctx.needs_input_grad)
-    (row_grad,) = ctx.saved_tensors
-    grad = scale_saved_grad(row_grad, grad_loss.unsqueeze(-1))
-    return grad, None, None, None, None, None, None, None, None, None, None, None
-
-
-distill_rows.register_autograd(_backward, setup_context=_setup_context)
+_ARGS = OpArgs("Tensor student, Tensor teacher, Tensor? labels, Tensor? teacher_log_weights, bool compute_grad, "
+               "str backend, {options}")
+distill_rows = define("distill_rows", _ARGS, "(Tensor, Tensor)", _distill_rows, _distill_rows_fake)
+register_saved_grad_autograd(distill_rows, _ARGS, wrt="student")
 
 
 def distill_loss(
@@ -108,6 +63,7 @@ def distill_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     teacher_weights: Optional[Union[Sequence[float], Tensor]] = None,
+    normalizer: Union[None, int, Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Knowledge-distillation loss between student and teacher logits of shape ``(..., V)``.
@@ -117,7 +73,9 @@ def distill_loss(
     ``divergence`` (``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_forward_kl``,
     ``skew_reverse_kl``, ``tvd``; ``beta`` mixes the last three's distributions). ``labels``
     (the leading shape) add the hard-label term and mask rows equal to ``ignore_index``.
-    ``reduction``: ``"mean"`` over counted rows (0 when none count), ``"sum"`` or ``"none"``.
+    ``reduction``: ``"mean"`` over counted rows (0 when none count), ``"sum"`` or ``"none"``;
+    ``normalizer`` (an int or a one-element tensor, with ``"mean"``): the row sum divided by it
+    instead, e.g. Transformers' ``num_items_in_batch`` for gradient accumulation.
     The teacher is a constant: gradient flows to ``student_logits`` only. The loss is float32
     (float64 for float64 logits); the gradient has the student's dtype.
     ``backend``: None (``KDOPS_BACKEND``, else automatic), ``"triton"``, ``"cuda"``, ``"cpu"``
@@ -164,21 +122,19 @@ def distill_loss(
     lead = student_logits.shape[:-1]
     labels = validation.check_labels(labels, lead, "student_logits")
     validation.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    code = validation.check_options(
-        temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
-        reduction=reduction, has_labels=labels is not None,
-    )
+    opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+                           scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+                           reduction=reduction, has_labels=labels is not None)
+    check_normalizer(normalizer, reduction)
     if labels is not None and hard_weight > 0:
         validation.check_labels_in_range(labels, ignore_index, vocab)
-    name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype)
-    options = dict(
-        temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
-        scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-    )
+    name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype, "kd", n_teachers)
     weights = validation.check_teacher_weights(teacher_weights, n_teachers, student_logits.device) if multi else None
     if name == "torch":
-        return reference.distill_loss(student_logits, teacher_logits, labels, reduction=reduction,
-                                      teacher_weights=weights, **options)
+        return reference.distill_loss(
+            student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence, beta=beta,
+            hard_weight=hard_weight, scale_by_temperature_squared=scale_by_temperature_squared,
+            ignore_index=ignore_index, reduction=reduction, teacher_weights=weights, normalizer=normalizer)
 
     student = _rows(student_logits, vocab)
     if n_teachers == 1:  # either form: the single-teacher kernel (a weight must be 1)
@@ -188,16 +144,9 @@ def distill_loss(
         teacher = _rows(teacher_logits, vocab, n_teachers)
         log_weights = weights.log().to(compute_dtype(student.dtype))
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    soft_weight = (1.0 - hard_weight) * (temperature * temperature if scale_by_temperature_squared else 1.0)
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    rows, _ = distill_rows(
-        student, teacher, flat_labels, code, float(temperature), float(beta), float(hard_weight),
-        float(soft_weight), int(ignore_index), compute_grad, name, log_weights,
-    )
-    valid = None if flat_labels is None else flat_labels != ignore_index
-    if valid is None:
-        valid = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
-    return reference.reduce_rows(rows, valid, reduction).reshape(lead if reduction == "none" else ())
+    rows, _ = distill_rows(student, teacher, flat_labels, log_weights, compute_grad, name, *opts)
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)
 
 
 def _rows(logits: Tensor, vocab: int, n_teachers: int = 0) -> Tensor:

@@ -32,86 +32,44 @@ reference sums the rest exactly).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from kdops import _dispatch, reference
-from kdops.backends.native import sparse_kd as native_sparse_kd
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
-from kdops.ops.fused_linear import _check_pair, chunk_rows
-from kdops.ops.saved_grad import scale_saved_grad
+from kdops.ops._chunked import check_chunk_size, chunk_rows, lm_head_rows
+from kdops.ops._common import (DistillOptions, OpArgs, check_normalizer, define, distill_options, reduce_rows,
+                               register_lm_head_autograd, register_saved_grad_autograd)
 
 REST_MASS = ("ignore", "bucket")
 _INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 
 
-def _triton_sparse_kd_forward(*args):
-    from kdops.backends.triton.sparse_kd import sparse_kd_forward  # late: TRITON_INTERPRET is read at import
-
-    return sparse_kd_forward(*args)
-
-
-# backend -> sparse_kd_forward(student, topk_logprobs, topk_indices, labels, divergence,
-#   temperature, beta, hard_weight, soft_weight, ignore_index, bucket, compute_grad) -> (rows, grad)
-SPARSE_KD_KERNELS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
-    "triton": _triton_sparse_kd_forward,
-    "cuda": native_sparse_kd.sparse_kd_forward,
-    "cpu": native_sparse_kd.sparse_kd_forward,
-}
-
-
-
-@torch.library.custom_op("kdops::sparse_distill_rows", mutates_args=())
-def sparse_distill_rows(
-    student: Tensor,
-    topk_logprobs: Tensor,
-    topk_indices: Tensor,
-    labels: Optional[Tensor],
-    divergence: int,
-    temperature: float,
-    beta: float,
-    hard_weight: float,
-    soft_weight: float,
-    ignore_index: int,
-    bucket: bool,
-    compute_grad: bool,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
+# The family's contract: every backend's kdops.backends.<backend>.sparse_kd module provides
+#   sparse_kd_forward(student [N, V], topk_logprobs [N, K], topk_indices [N, K] int32, labels [N] or None,
+#                     options: DistillOptions, compute_grad: bool) -> (row losses [N], row gradients [N, V])
+def _sparse_distill_rows(student: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, labels: Optional[Tensor],
+                         compute_grad: bool, backend: str, *options) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` of ``[N, V]`` student logits against ``[N, K]`` teacher top-k
     (float32 / float64 log-probabilities, int32 indices) and, if ``compute_grad``, their gradients
     with respect to ``student`` (``[N, V]``, student dtype; else an empty tensor)."""
-    return SPARSE_KD_KERNELS[backend](
-        student, topk_logprobs, topk_indices, labels, divergence, temperature, beta, hard_weight,
-        soft_weight, ignore_index, bucket, compute_grad,
-    )
+    return _dispatch.kernels("sparse_kd", backend).sparse_kd_forward(
+        student, topk_logprobs, topk_indices, labels, DistillOptions(*options), compute_grad)
 
 
-@sparse_distill_rows.register_fake
-def _(student, topk_logprobs, topk_indices, labels, divergence, temperature, beta, hard_weight,
-      soft_weight, ignore_index, bucket, compute_grad, backend):
+def _sparse_distill_rows_fake(student, topk_logprobs, topk_indices, labels, compute_grad, backend, *options):
     loss = student.new_empty(student.shape[:1], dtype=compute_dtype(student.dtype))
     return loss, student.new_empty(student.shape if compute_grad else (0,))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # no [N, V] zeros for the unused gradient of output[1]
-    ctx.save_for_backward(output[1])
-    ctx.compute_grad = inputs[11]
-
-
-def _backward(ctx, grad_loss: Tensor, _grad_of_grad: Optional[Tensor]):
-    if not ctx.compute_grad:
-        raise RuntimeError("kdops: the loss was computed without gradient tracking of the student logits")
-    if grad_loss is None:  # only output[1] was used: no gradient to the logits
-        return (None,) * len(ctx.needs_input_grad)
-    (row_grad,) = ctx.saved_tensors
-    return (scale_saved_grad(row_grad, grad_loss.unsqueeze(-1)),) + (None,) * 12
-
-
-sparse_distill_rows.register_autograd(_backward, setup_context=_setup_context)
+_ROWS_ARGS = OpArgs("Tensor student, Tensor topk_logprobs, Tensor topk_indices, Tensor? labels, bool compute_grad, "
+                    "str backend, {options}")
+sparse_distill_rows = define("sparse_distill_rows", _ROWS_ARGS, "(Tensor, Tensor)", _sparse_distill_rows,
+                             _sparse_distill_rows_fake)
+register_saved_grad_autograd(sparse_distill_rows, _ROWS_ARGS, wrt="student")
 
 
 def _check_topk(topk_logprobs: Tensor, topk_indices: Tensor, lead: torch.Size, vocab: int, what: str) -> int:
@@ -138,19 +96,15 @@ def _check_topk(topk_logprobs: Tensor, topk_indices: Tensor, lead: torch.Size, v
         low, high = int(topk_indices.min()), int(topk_indices.max())
         if low < 0 or high >= vocab:
             raise ValueError(f"topk_indices must lie in [0, {vocab}); found {low if low < 0 else high}")
+    if k > 1 and topk_indices.numel() and not torch.compiler.is_compiling():
+        # every device (one synchronisation on a GPU): a repeated index would race in the kernels'
+        # gradient scatter and count twice in their sums
+        ordered = topk_indices.reshape(-1, k).to(torch.int32).sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if bool(repeated.any()):
+            row = int(repeated.nonzero()[0, 0])
+            raise ValueError(f"topk_indices must be distinct within each row; row {row} repeats an index")
     return k
-
-
-def _check_sparse_options(rest_mass: str, divergence: str, beta: float) -> bool:
-    """Checks ``rest_mass`` against the divergence; returns whether it is ``"bucket"``."""
-    if rest_mass not in REST_MASS:
-        raise ValueError(f"rest_mass must be one of {', '.join(map(repr, REST_MASS))}; got {rest_mass!r}")
-    if rest_mass == "ignore" and (divergence == "reverse_kl" or (divergence == "skew_reverse_kl" and beta == 0)):
-        raise ValueError(
-            f"divergence={divergence!r} with rest_mass='ignore' is +inf whenever the student has mass "
-            "outside the teacher's top-k (the renormalised teacher has none there); use rest_mass='bucket'"
-        )
-    return rest_mass == "bucket"
 
 
 def _kernel_topk(topk_logprobs: Tensor, topk_indices: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -158,6 +112,19 @@ def _kernel_topk(topk_logprobs: Tensor, topk_indices: Tensor, k: int, dtype: tor
     students) log-probabilities and int32 indices (copies only if needed: ``N * K`` elements)."""
     values = topk_logprobs.detach().reshape(-1, k).to(compute_dtype(dtype)).contiguous()
     return values, topk_indices.reshape(-1, k).to(torch.int32).contiguous()
+
+
+def _sparse_options(rest_mass: str, divergence: str, beta: float, **options) -> DistillOptions:
+    """The checked options of a sparse call (``rest_mass`` against the divergence as well)."""
+    opts = distill_options(divergence=divergence, beta=beta, rest_bucket=rest_mass == "bucket", **options)
+    if rest_mass not in REST_MASS:
+        raise ValueError(f"rest_mass must be one of {', '.join(map(repr, REST_MASS))}; got {rest_mass!r}")
+    if rest_mass == "ignore" and (divergence == "reverse_kl" or (divergence == "skew_reverse_kl" and beta == 0)):
+        raise ValueError(
+            f"divergence={divergence!r} with rest_mass='ignore' is +inf whenever the student has mass "
+            "outside the teacher's top-k (the renormalised teacher has none there); use rest_mass='bucket'"
+        )
+    return opts
 
 
 def sparse_distill_loss(
@@ -174,6 +141,7 @@ def sparse_distill_loss(
     scale_by_temperature_squared: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
+    normalizer: Union[None, int, Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Knowledge distillation of ``student_logits (..., V)`` from a sparse teacher: its top-k
@@ -186,8 +154,8 @@ def sparse_distill_loss(
     ``rest_mass="ignore"``: the teacher's top-k renormalised to sum 1, no rest (refused for
     ``reverse_kl``: infinite); ``"bucket"``: the teacher's rest mass ``1 - sum exp(lt)`` against
     the student's. ``a = hard_weight``, ``c = T**2`` if ``scale_by_temperature_squared``.
-    ``divergence``, ``beta``, ``labels``, ``ignore_index``, ``reduction``, ``backend`` as in
-    :func:`kdops.distill_loss`. The gradient flows to ``student_logits`` only.
+    ``divergence``, ``beta``, ``labels``, ``ignore_index``, ``reduction``, ``normalizer``,
+    ``backend`` as in :func:`kdops.distill_loss`. The gradient flows to ``student_logits`` only.
     """
     validation.check_float_tensor("student_logits", student_logits)
     if student_logits.dim() == 0:
@@ -200,91 +168,53 @@ def sparse_distill_loss(
     labels = validation.check_labels(labels, lead, "student_logits")
     validation.check_same_device(student_logits=student_logits, topk_logprobs=topk_logprobs,
                                  topk_indices=topk_indices, labels=labels)
-    code = validation.check_options(temperature=temperature, divergence=divergence, beta=beta,
-                                    hard_weight=hard_weight, reduction=reduction, has_labels=labels is not None)
-    bucket = _check_sparse_options(rest_mass, divergence, beta)
+    opts = _sparse_options(rest_mass, divergence, beta, temperature=temperature, hard_weight=hard_weight,
+                           scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+                           reduction=reduction, has_labels=labels is not None)
+    check_normalizer(normalizer, reduction)
     if labels is not None and hard_weight > 0:
         validation.check_labels_in_range(labels, ignore_index, vocab)
-    name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype)
+    name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype, "sparse_kd")
     if name == "torch":
         return reference.sparse_distill_loss(
             student_logits, topk_logprobs, topk_indices, labels, temperature=temperature,
             divergence=divergence, beta=beta, rest_mass=rest_mass, hard_weight=hard_weight,
             scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-            reduction=reduction,
+            reduction=reduction, normalizer=normalizer,
         )
     student = student_logits.reshape(-1, vocab)
     if student.stride(-1) != 1:
         student = student.contiguous()
     values, indices = _kernel_topk(topk_logprobs, topk_indices, k, student.dtype)
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    soft_weight = (1.0 - hard_weight) * (temperature * temperature if scale_by_temperature_squared else 1.0)
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    rows, _ = sparse_distill_rows(
-        student, values, indices, flat_labels, code, float(temperature), float(beta),
-        float(hard_weight), float(soft_weight), int(ignore_index), bucket, compute_grad, name,
-    )
-    valid = torch.ones(rows.shape, dtype=torch.bool, device=rows.device) if flat_labels is None else flat_labels != ignore_index
-    return reference.reduce_rows(rows, valid, reduction).reshape(lead if reduction == "none" else ())
+    rows, _ = sparse_distill_rows(student, values, indices, flat_labels, compute_grad, name, *opts)
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)
 
 
 # ---- fused linear: chunks of rows, the [N, V] student logits never formed ----
 
 
-def _chunked_sparse(
-    h: Tensor, w: Tensor, b: Optional[Tensor], values: Tensor, indices: Tensor,
-    labels: Optional[Tensor], row_weights: Optional[Tensor], divergence: int, temperature: float,
-    beta: float, hard_weight: float, soft_weight: float, ignore_index: int, bucket: bool,
-    chunk: int, needs: list[bool], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row losses, and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if None)
-    to ``h``, ``w``, ``b`` where ``needs`` says so (else empty tensors). Ignored rows are skipped."""
-    kernel = SPARSE_KD_KERNELS[backend]
-    rows = h.new_zeros(h.shape[0], dtype=compute_dtype(h.dtype))
-    gh = torch.zeros_like(h) if needs[0] else h.new_empty(0)
-    gw = torch.zeros(w.shape, dtype=compute_dtype(w.dtype), device=w.device) if needs[1] else w.new_empty(0)
-    gb = torch.zeros(w.shape[0], dtype=compute_dtype(w.dtype), device=w.device) if needs[2] else w.new_empty(0)
-    any_grad = any(needs)
-    order = None if labels is None else (labels != ignore_index).nonzero().squeeze(1)
-    count = h.shape[0] if order is None else order.numel()
-    for start in range(0, count, chunk):
-        idx = slice(start, min(start + chunk, count)) if order is None else order[start:start + chunk]
-        hc = h[idx]
-        logits = torch.nn.functional.linear(hc, w, b)
-        r, g = kernel(logits, values[idx], indices[idx], None if labels is None else labels[idx],
-                      divergence, temperature, beta, hard_weight, soft_weight, ignore_index, bucket, any_grad)
-        rows[idx] = r
-        if not any_grad:
-            continue
-        if row_weights is not None:
-            g.mul_(row_weights[idx].unsqueeze(1).to(g.dtype))
-        if needs[0]:
-            gh[idx] = g @ w
-        if needs[1]:
-            gw.addmm_(g.t().to(gw.dtype), hc.to(gw.dtype))
-        if needs[2]:
-            gb.add_(g.sum(0, dtype=gb.dtype))
-    return rows, gh, gw, gb
-
-
-@torch.library.custom_op("kdops::fused_linear_sparse_distill", mutates_args=())
-def fused_linear_sparse_distill(
-    h: Tensor, w: Tensor, b: Optional[Tensor], values: Tensor, indices: Tensor,
-    labels: Optional[Tensor], row_weights: Optional[Tensor], divergence: int, temperature: float,
-    beta: float, hard_weight: float, soft_weight: float, ignore_index: int, bucket: bool,
-    chunk: int, needs: list[bool], backend: str,
+def _fused_compute(
+    h: Tensor, w: Tensor, b: Optional[Tensor], topk_logprobs: Tensor, topk_indices: Tensor,
+    labels: Optional[Tensor], row_weights: Optional[Tensor], needs: list[bool], chunk: int, backend: str, *options,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row losses ``[N]`` and the gradients of ``sum_r row_weights[r] * row[r]`` to ``h``, ``w``,
-    ``b`` (as ``needs`` says; empty otherwise)."""
-    rows, gh, gw, gb = _chunked_sparse(h, w, b, values, indices, labels, row_weights, divergence,
-                                       temperature, beta, hard_weight, soft_weight, ignore_index,
-                                       bucket, chunk, needs, backend)
-    return rows, gh, gw.to(w.dtype), gb.to(w.dtype)
+    ``b`` (as ``needs`` says; empty otherwise): the chunked driver over the backend's
+    ``"sparse_kd"`` kernels."""
+    opts = DistillOptions(*options)
+    kernels = _dispatch.kernels("sparse_kd", backend)
+
+    def row_loss(idx, logits: Tensor, want_grad: bool):
+        return kernels.sparse_kd_forward(logits, topk_logprobs[idx], topk_indices[idx],
+                                         None if labels is None else labels[idx], opts, want_grad)
+
+    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs)
+    return (rows, h.new_empty(0) if gh is None else gh.to(h.dtype), w.new_empty(0) if gw is None else gw.to(w.dtype),
+            w.new_empty(0) if gb is None else gb.to(w.dtype))
 
 
-@fused_linear_sparse_distill.register_fake
-def _(h, w, b, values, indices, labels, row_weights, divergence, temperature, beta, hard_weight,
-      soft_weight, ignore_index, bucket, chunk, needs, backend):
+def _fused_compute_fake(h, w, b, topk_logprobs, topk_indices, labels, row_weights, needs, chunk, backend, *options):
     return (
         h.new_empty(h.shape[:1], dtype=compute_dtype(h.dtype)),
         h.new_empty(h.shape if needs[0] else (0,)),
@@ -293,35 +223,11 @@ def _(h, w, b, values, indices, labels, row_weights, divergence, temperature, be
     )
 
 
-def _fused_setup(ctx, inputs, output):
-    """Gradients computed in forward (no row weights: a sum) are saved; for per-row losses
-    (``reduction="none"``) the inputs are, and backward runs a second chunked pass."""
-    ctx.in_forward = any(inputs[15])
-    if ctx.in_forward:
-        ctx.save_for_backward(*output[1:])
-        ctx.needs = inputs[15]
-    else:
-        ctx.save_for_backward(*(x for x in inputs[:6] if x is not None))
-        ctx.present = [x is not None for x in inputs[:6]]
-        ctx.scalars = inputs[7:15] + inputs[16:]
-
-
-def _fused_backward(ctx, grad_rows, *_):
-    if ctx.in_forward:  # the rows' weights were all 1: grad_rows is one value repeated (a sum)
-        scale = grad_rows[:1] if grad_rows.numel() else grad_rows.new_zeros(1)
-        grads = [scale_saved_grad(g, scale) if need else None for g, need in zip(ctx.saved_tensors, ctx.needs)]
-    else:
-        saved = iter(ctx.saved_tensors)
-        h, w, b, values, indices, labels = (next(saved) if p else None for p in ctx.present)
-        *scalars, backend = ctx.scalars
-        needs = list(ctx.needs_input_grad[:3])
-        _, gh, gw, gb = fused_linear_sparse_distill(h, w, b, values, indices, labels, grad_rows.contiguous(),
-                                                    *scalars, needs, backend)
-        grads = [g if need else None for g, need in zip((gh, gw, gb), needs)]
-    return (*grads,) + (None,) * 14
-
-
-fused_linear_sparse_distill.register_autograd(_fused_backward, setup_context=_fused_setup)
+_FUSED_ARGS = OpArgs("Tensor h, Tensor w, Tensor? b, Tensor topk_logprobs, Tensor topk_indices, Tensor? labels, "
+                     "Tensor? row_weights, bool[] needs, SymInt chunk, str backend, {options}")
+fused_linear_sparse_distill = define("fused_linear_sparse_distill", _FUSED_ARGS, "(Tensor, Tensor, Tensor, Tensor)",
+                                     _fused_compute, _fused_compute_fake)
+register_lm_head_autograd(fused_linear_sparse_distill, _FUSED_ARGS)
 
 
 def fused_linear_sparse_distill_loss(
@@ -341,47 +247,45 @@ def fused_linear_sparse_distill_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
+    normalizer: Union[None, int, Tensor] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """:func:`sparse_distill_loss` of ``student_hidden (..., H) @ student_weight (V, H).T +
     student_bias`` without forming the ``[N, V]`` logits: rows go in chunks of ``chunk_size``
     (default: from a 256 MiB budget, as :func:`kdops.fused_linear_distill_loss`), each chunk's
-    logits give its row losses and ``dL/dlogits`` at once, and the gradients to the hidden
+    float32 logits give its row losses and ``dL/dlogits`` at once, and the gradients to the hidden
     states, weight and bias are accumulated. Other options as in :func:`sparse_distill_loss`.
     """
-    _check_pair("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
+                            "student_bias", student_bias)
     lead = student_hidden.shape[:-1]
     vocab = student_weight.shape[0]
     k = _check_topk(topk_logprobs, topk_indices, lead, vocab, "student_hidden")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     labels = validation.check_labels(labels, lead, "student_hidden")
     validation.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
                                  student_bias=student_bias, topk_logprobs=topk_logprobs,
                                  topk_indices=topk_indices, labels=labels)
-    code = validation.check_options(temperature=temperature, divergence=divergence, beta=beta,
-                                    hard_weight=hard_weight, reduction=reduction, has_labels=labels is not None)
-    bucket = _check_sparse_options(rest_mass, divergence, beta)
+    opts = _sparse_options(rest_mass, divergence, beta, temperature=temperature, hard_weight=hard_weight,
+                           scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+                           reduction=reduction, has_labels=labels is not None)
+    check_normalizer(normalizer, reduction)
     if labels is not None and hard_weight > 0:
         validation.check_labels_in_range(labels, ignore_index, vocab)
-    name = _dispatch.resolve_backend(backend, student_hidden.device, student_hidden.dtype)
+    name = _dispatch.resolve_backend(backend, student_hidden.device, student_hidden.dtype, "sparse_kd")
     if name == "torch":
         return reference.fused_linear_sparse_distill_loss(
             student_hidden, student_weight, topk_logprobs, topk_indices, labels, student_bias=student_bias,
             temperature=temperature, divergence=divergence, beta=beta, rest_mass=rest_mass,
             hard_weight=hard_weight, scale_by_temperature_squared=scale_by_temperature_squared,
-            ignore_index=ignore_index, reduction=reduction,
+            ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
         )
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     values, indices = _kernel_topk(topk_logprobs, topk_indices, k, h.dtype)
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    soft_weight = (1.0 - hard_weight) * (temperature * temperature if scale_by_temperature_squared else 1.0)
-    chunk = chunk_rows(h.shape[0], vocab, h.element_size(), chunk_size)
-    grad_on = torch.is_grad_enabled() and reduction != "none"
+    chunk = chunk_rows(h.shape[0], vocab, h.dtype, chunk_size, n_teachers=0)
+    grad_on = torch.is_grad_enabled() and reduction != "none"  # "none": the gradients come in backward
     needs = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
-    rows, *_ = fused_linear_sparse_distill(
-        h, student_weight, student_bias, values, indices, flat_labels, None, code, float(temperature),
-        float(beta), float(hard_weight), float(soft_weight), int(ignore_index), bucket, chunk, needs, name,
-    )
-    valid = torch.ones(rows.shape, dtype=torch.bool, device=rows.device) if flat_labels is None else flat_labels != ignore_index
-    return reference.reduce_rows(rows, valid, reduction).reshape(lead if reduction == "none" else ())
+    rows = fused_linear_sparse_distill(h, student_weight, student_bias, values, indices, flat_labels, None, needs,
+                                       chunk, name, *opts)[0]
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)

@@ -49,9 +49,10 @@ def check_labels(labels: Optional[Tensor], lead_shape: torch.Size, what: str) ->
 
 
 def check_labels_in_range(labels: Tensor, ignore_index: int, vocab: int) -> None:
-    """Eager CPU check that every counted label indexes the vocabulary (on GPU and under
-    torch.compile the kernels give such rows a NaN loss instead of stopping the stream)."""
-    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+    """Eager check, on every device (one synchronisation on a GPU), that every counted label
+    indexes the vocabulary; under torch.compile (no check) every backend's kernels give such a
+    row a NaN loss and a NaN gradient row instead of reading out of bounds."""
+    if torch.compiler.is_compiling():
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
@@ -89,6 +90,28 @@ def check_options(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
     return code
+
+
+def check_linear(hidden_name: str, hidden: Tensor, weight_name: str, weight: Tensor,
+                 bias_name: str, bias: Optional[Tensor]) -> None:
+    """An lm_head's inputs: ``hidden (..., H)``, ``weight (V, H)``, ``bias (V,)`` or None, one float dtype."""
+    check_float_tensor(hidden_name, hidden)
+    check_float_tensor(weight_name, weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{hidden_name} must have shape (..., H); got a scalar")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{weight_name} must have shape (V, H) with H = {hidden_name}.shape[-1] = "
+            f"{hidden.shape[-1]}; got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{weight_name} must have the dtype of {hidden_name}; got {weight.dtype} and {hidden.dtype}")
+    if bias is not None:
+        check_float_tensor(bias_name, bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{bias_name} must have the dtype of {weight_name}; got {bias.dtype} and {weight.dtype}")
 
 
 # |sum(teacher_weights) - 1| allowed, checked in float64.

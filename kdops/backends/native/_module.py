@@ -11,7 +11,6 @@ from types import ModuleType
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> tuple[Optional[ModuleType], str]:

@@ -5,7 +5,6 @@ One module serves both devices: the tensors' device picks ``kdops._C`` or ``kdop
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from kdops import _alloc

@@ -2,7 +2,7 @@
 ``csrc/common/kd.h``)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from torch import Tensor
 
@@ -10,17 +10,15 @@ from kdops import _alloc
 from kdops._codes import DTYPE_CODES
 from kdops.backends.native._module import call
 
+if TYPE_CHECKING:
+    from kdops.ops._common import DistillOptions
+
 
 def kd_forward(
     student: Tensor,
     teacher: Tensor,
     labels: Optional[Tensor],
-    divergence: int,
-    temperature: float,
-    beta: float,
-    hard_weight: float,
-    soft_weight: float,
-    ignore_index: int,
+    options: DistillOptions,
     compute_grad: bool,
     teacher_log_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
@@ -49,8 +47,8 @@ def kd_forward(
         student.data_ptr(), teacher.data_ptr(), 0 if labels is None else labels.data_ptr(),
         loss.data_ptr(), grad.data_ptr() if compute_grad else 0,
         n_rows, vocab, student.stride(0), teacher.stride(-2), vocab,
-        DTYPE_CODES[student.dtype], divergence, temperature, beta, hard_weight, soft_weight,
-        ignore_index,
+        DTYPE_CODES[student.dtype], options.divergence, options.temperature, options.beta,
+        options.hard_weight, options.soft_weight, options.ignore_index,
     )
     teachers = {}
     if multi:

@@ -2,7 +2,7 @@
 ``csrc/cuda/sparse_kd.cu``; see ``csrc/common/sparse_kd.h``)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from torch import Tensor
 
@@ -10,19 +10,16 @@ from kdops import _alloc
 from kdops._codes import DTYPE_CODES
 from kdops.backends.native._module import call
 
+if TYPE_CHECKING:
+    from kdops.ops._common import DistillOptions
+
 
 def sparse_kd_forward(
     student: Tensor,
     topk_logprobs: Tensor,
     topk_indices: Tensor,
     labels: Optional[Tensor],
-    divergence: int,
-    temperature: float,
-    beta: float,
-    hard_weight: float,
-    soft_weight: float,
-    ignore_index: int,
-    bucket: bool,
+    options: DistillOptions,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Sparse (top-k teacher) KD: row losses ``[N]`` and, if ``compute_grad``, their gradients
@@ -44,8 +41,8 @@ def sparse_kd_forward(
         student.data_ptr(), topk_logprobs.data_ptr(), topk_indices.data_ptr(),
         0 if labels is None else labels.data_ptr(), loss.data_ptr(),
         grad.data_ptr() if compute_grad else 0, n_rows, vocab, topk_indices.shape[1],
-        student.stride(0), vocab, DTYPE_CODES[student.dtype], divergence, temperature, beta,
-        hard_weight, soft_weight, ignore_index, bucket,
+        student.stride(0), vocab, DTYPE_CODES[student.dtype], options.divergence, options.temperature,
+        options.beta, options.hard_weight, options.soft_weight, options.ignore_index, options.rest_bucket,
     )
     call("sparse_kd_forward", device, *args)
     return loss, grad

@@ -1,1 +1,46 @@
-"""Triton kernels of kdops (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+"""Triton kernels of kdops (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): the
+``"triton"`` backend's declaration. One module per family (``kd``, ``sparse_kd``, ``fused_linear``,
+``affinity``), each its ``@triton.jit`` kernels and their launcher; ``_common`` the shared helpers.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from kdops.backends import FLOAT_DTYPES, Backend, BackendStatus, Family
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _status(interpreting: bool) -> BackendStatus:
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus(False, "triton is not installed (pip install triton)")
+    import triton
+
+    if interpreting:
+        return BackendStatus(True, f"triton {triton.__version__}, interpreter (TRITON_INTERPRET=1)")
+    if not torch.cuda.is_available():
+        return BackendStatus(False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)")
+    return BackendStatus(True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
+
+
+BACKEND = Backend(
+    name="triton",
+    package=__name__,
+    device_types=lambda: ("cuda", "cpu") if _interpreting() else ("cuda",),
+    dtypes=FLOAT_DTYPES,
+    status=lambda: _status(_interpreting()),
+    families={
+        "kd": Family(),
+        "sparse_kd": Family(),
+        # the blockwise kernel: one teacher, 16/32-bit inputs (others take the chunked path over "kd")
+        "fused_linear": Family(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_teachers=1),
+        "affinity": Family(),
+    },
+)

@@ -27,7 +27,7 @@ None, which Triton specialises as a compile-time constant: ``b_ptr is not None``
 ``HAS_BIAS`` switch, the gradient pointers the ``COMPUTE_GRAD`` ones.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 import triton
@@ -38,6 +38,9 @@ from kdops import _alloc
 from kdops.divergences import divergence_code
 from kdops.backends.triton._common import UPCAST_DOT, block, launch, mixture_logs
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
+
+if TYPE_CHECKING:
+    from kdops.ops._common import DistillOptions
 
 _FORWARD_KL = divergence_code("forward_kl")
 
@@ -258,14 +261,15 @@ def _merge_max_sum(m: Tensor, z: Tensor, scale: float) -> tuple[Tensor, Tensor]:
 
 def fused_linear_distill(
     h: Tensor, w: Tensor, b: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
-    labels: Optional[Tensor], row_weights: Optional[Tensor], divergence: int, temperature: float,
-    beta: float, hard_weight: float, soft_weight: float, ignore_index: int, needs: list[bool],
+    labels: Optional[Tensor], row_weights: Optional[Tensor], options: "DistillOptions", needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row losses ``[N]`` (float32, 0 for ignored rows) of the logits ``h @ w.T + b`` against
     ``th @ tw.T + tb``, and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if None)
     to ``h``, ``w``, ``b`` where ``needs`` says so (in their dtypes; else empty tensors).
     ``h`` [N, Hs], ``w`` [V, Hs], ``th`` [N, Ht], ``tw`` [V, Ht], any strides; float32, float16
     or bfloat16. The caller has checked the arguments (see :mod:`kdops.ops.fused_linear`)."""
+    divergence, temperature, beta = options.divergence, options.temperature, options.beta
+    hard_weight, soft_weight, ignore_index = options.hard_weight, options.soft_weight, options.ignore_index
     n, hs = h.shape
     vocab, ht = w.shape[0], th.shape[1]
     device = h.device

@@ -14,7 +14,7 @@ divergence of :mod:`kdops.divergences` (math in :mod:`kdops.backends.triton.dive
    forward KL, whose ``S = -1``;
 3. forward KL's ``D``, and the gradient row.
 """
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import triton
 import triton.language as tl
@@ -25,6 +25,9 @@ from kdops.backends.triton._common import (
     acc_dtype, block, exp_sum, launch, mixture_logs, row_block, row_warps, write_ignored_row,
 )
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
+
+if TYPE_CHECKING:
+    from kdops.ops._common import DistillOptions
 
 # Largest vocabulary block: the GPU's, or a small one that keeps the interpreter's numpy fast.
 _MAX_BLOCK_V = block(4096, 64)
@@ -168,12 +171,7 @@ def kd_forward(
     student: Tensor,
     teacher: Tensor,
     labels: Optional[Tensor],
-    divergence: int,
-    temperature: float,
-    beta: float,
-    hard_weight: float,
-    soft_weight: float,
-    ignore_index: int,
+    options: "DistillOptions",
     compute_grad: bool,
     teacher_log_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
@@ -202,10 +200,10 @@ def kd_forward(
         student, teacher, labels, loss, grad,
         vocab, student.stride(0), teacher.stride(-2), vocab, teacher.stride(0) if multi else 0,
         n_teachers, teacher_log_weights if multi else None,
-        1.0 / temperature, beta, *mixture_logs(divergence, beta),
-        hard_weight, soft_weight, ignore_index,
-        DIV=divergence, HAS_LABELS=labels is not None,
-        HAS_HARD=labels is not None and hard_weight > 0, COMPUTE_GRAD=compute_grad,
+        1.0 / options.temperature, options.beta, *mixture_logs(options.divergence, options.beta),
+        options.hard_weight, options.soft_weight, options.ignore_index,
+        DIV=options.divergence, HAS_LABELS=labels is not None,
+        HAS_HARD=labels is not None and options.hard_weight > 0, COMPUTE_GRAD=compute_grad,
         ACC=acc, BLOCK_V=block_v, MULTI=multi, BLOCK_K=block_k, num_warps=row_warps(block_v),
     )
     return loss, grad

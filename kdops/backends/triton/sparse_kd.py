@@ -13,7 +13,7 @@ indices ``idx_k`` and the divergence terms ``(d, q)`` of :mod:`kdops.backends.tr
    a barrier) ``soft_weight / T * (q_k - p_k * S)`` at the top-k entries; plus the hard term
    ``hard_weight * (softmax(s) - onehot(label))``.
 """
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import triton
 import triton.language as tl
@@ -24,6 +24,9 @@ from kdops.backends.triton._common import (
     acc_dtype, block, exp_sum, launch, mixture_logs, row_block, row_warps, write_ignored_row,
 )
 from kdops.backends.triton.divergence import divergence_term
+
+if TYPE_CHECKING:
+    from kdops.ops._common import DistillOptions
 
 # Largest vocabulary / top-k block: the GPU's, or a small one that keeps the interpreter fast.
 _MAX_BLOCK = block(4096, 64)
@@ -153,13 +156,7 @@ def sparse_kd_forward(
     topk_logprobs: Tensor,
     topk_indices: Tensor,
     labels: Optional[Tensor],
-    divergence: int,
-    temperature: float,
-    beta: float,
-    hard_weight: float,
-    soft_weight: float,
-    ignore_index: int,
-    bucket: bool,
+    options: "DistillOptions",
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` and, if ``compute_grad``, the contiguous gradients ``[N, V]`` w.r.t.
@@ -179,9 +176,11 @@ def sparse_kd_forward(
         _sparse_kd_row_kernel, (n_rows,), student.device,
         student, topk_logprobs, topk_indices, labels, loss, grad,
         vocab, k, student.stride(0), vocab,
-        1.0 / temperature, beta, *mixture_logs(divergence, beta), hard_weight, soft_weight, ignore_index,
-        DIV=divergence, HAS_LABELS=labels is not None, HAS_HARD=labels is not None and hard_weight > 0,
-        BUCKET=bucket, COMPUTE_GRAD=compute_grad, ACC=acc,
+        1.0 / options.temperature, options.beta, *mixture_logs(options.divergence, options.beta),
+        options.hard_weight, options.soft_weight, options.ignore_index,
+        DIV=options.divergence, HAS_LABELS=labels is not None,
+        HAS_HARD=labels is not None and options.hard_weight > 0,
+        BUCKET=options.rest_bucket, COMPUTE_GRAD=compute_grad, ACC=acc,
         BLOCK_V=block_v, BLOCK_K=block_k, num_warps=row_warps(block_v),
     )
     return loss, grad
