@@ -742,3 +742,83 @@ def test_sampled_bad_input(tmp_path):
         cache.write_samples(0, counts, indices + V)
     with pytest.raises(CacheError, match=r"counts and indices must be \[L, k=8\]"):
         cache.write_samples(0, counts[:, :3], indices[:, :3])
+
+
+# ---- python -m kdops.cache build: from a local Transformers model directory ----
+
+CORPUS = ["the cat sat on the mat", "a dog ran in the park and the cat ran too", "the end",
+          "on the mat a cat", "dogs and cats and mats in the park on a sunny day"]
+
+
+def tiny_model_dir(path):
+    """A random 1-layer Llama with a WordLevel tokenizer trained on CORPUS, saved (no downloads)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(CORPUS, tokenizers.trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<s>")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tokenizer.get_vocab_size() + 3, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      max_position_embeddings=64, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return model, fast
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_build_from_model_cli(tmp_path, capfd, mode):
+    """``build --model --data``: every corpus text's targets are those of the model's own logits
+    (padding dropped, truncated to --max-length), with a progress bar; a rerun resumes."""
+    model, tokenizer = tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in CORPUS[:4]) + "\n\n")
+    out = tmp_path / "cache"
+    command = ["build", "--model", str(tmp_path / "model"), "--data", str(data), "--out", str(out), "--mode", mode,
+               "--k", "4", "--temperature", "2", "--max-length", "6", "--batch-size", "3", "--seed", "5"]
+    assert cache_cli(command) == 0
+    captured = capfd.readouterr()
+    assert "2/2 batches" in captured.err and "4 examples" in captured.out
+    cache = TeacherCache(out)
+    assert cache.mode == mode and cache.k == 4 and cache.vocab_size == model.config.vocab_size
+    assert cache.manifest["teacher"] == "model" and sorted(cache.example_ids()) == [0, 1, 2, 3]
+    for n, text in enumerate(CORPUS[:4]):
+        tokens = tokenizer(text, truncation=True, max_length=6, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=tokens).logits[0]
+        got = cache[n]
+        assert got.indices.shape == (tokens.shape[1], 4)
+        if mode == "topk":
+            values, indices, rest = topk_targets(logits, 4, 2.0)
+            torch.testing.assert_close(got.logprobs.float(), values.to(torch.bfloat16).float(), rtol=0, atol=2e-2)
+            assert (got.indices == indices).float().mean() > 0.9  # ties between near-equal logits may swap
+        else:
+            assert (got.logprobs.exp().sum(-1) - 1).abs().max() < 1e-6
+            assert torch.isfinite(logits.gather(-1, got.indices.long())[got.logprobs > -math.inf]).all()
+    (tmp_path / "more.txt").write_text("\n".join(CORPUS) + "\n")  # plain text: one example per line
+    command[command.index(str(data))] = str(tmp_path / "more.txt")
+    assert cache_cli(command) == 0
+    assert "1/1 batches" in capfd.readouterr().err  # only the fifth text was new
+    assert sorted(TeacherCache(out).example_ids()) == [0, 1, 2, 3, 4]
+    assert cache_cli([str(out), "--json"]) == 0 and json.loads(capfd.readouterr().out)["mode"] == mode
+
+
+def test_build_from_model_bad_input(tmp_path, capfd):
+    tiny_model_dir(tmp_path / "model")
+    (tmp_path / "bad.jsonl").write_text('{"text": "a cat"}\n{"txt": "no text"}\n')
+    base = ["build", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "cache")]
+    assert cache_cli(base + ["--data", str(tmp_path / "bad.jsonl")]) == 1
+    assert 'bad.jsonl:2 has no "text" string field' in capfd.readouterr().err
+    (tmp_path / "ok.txt").write_text("a cat\n")
+    for extra, message in [(["--k", "0"], "k must be"), (["--temperature", "0"], "temperature must be"),
+                           (["--max-length", "0"], "max_length must be"), (["--batch-size", "0"], "batch_size must be")]:
+        assert cache_cli(base + ["--data", str(tmp_path / "ok.txt")] + extra) == 1
+        assert message in capfd.readouterr().err
+    assert cache_cli(base + ["--data", str(tmp_path / "ok.txt"), "--k", "3"]) == 0
+    assert cache_cli(base + ["--data", str(tmp_path / "ok.txt"), "--mode", "sample", "--k", "3"]) == 1
+    assert "has mode='topk'; asked for mode='sample'" in capfd.readouterr().err
+    with pytest.raises(SystemExit):
+        cache_cli(["build", "--data", "x"])  # --model is required
