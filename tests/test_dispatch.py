@@ -1,4 +1,10 @@
-"""The backend choice: argument, then KDOPS_BACKEND, then automatic; clear errors otherwise."""
+"""The backend choice: argument, then KDOPS_BACKEND, then automatic; clear errors otherwise; the
+backends' declarations and the one lazy import of their kernels."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -46,3 +52,48 @@ def test_backend_without_the_dtype_is_skipped_or_refused():
         pytest.skip("checks the CPU-only choice")
     # the torch reference takes every floating dtype
     assert _dispatch.resolve_backend("torch", torch.device("cpu"), torch.float64) == "torch"
+
+
+def test_status_imports_no_kernel_module():
+    """kdops and its dispatch import no kernel module: kernels() is the one lazy import."""
+    code = ("import sys, kdops; kdops.available_backends(); "
+            "print(sorted(m for m in sys.modules if m.startswith('kdops.backends.') and m.count('.') == 3))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['kdops.backends.native._module']"
+
+
+def test_kernels_of_a_family():
+    assert _dispatch.kernels("kd", "cpu").__name__ == "kdops.backends.native.kd"
+    assert _dispatch.kernels("sparse_kd", "triton").__name__ == "kdops.backends.triton.sparse_kd"
+    for family in ("kd", "sparse_kd", "affinity", "attention_relation"):  # one contract per family
+        modules = [_dispatch.kernels(family, b) for b in ("triton", "cpu", "cuda")]
+        names = [set(n for n in dir(m) if n.endswith(("_forward", "_backward")) and not n.startswith("_"))
+                 for m in modules]
+        assert names[0] == names[1] == names[2] and names[0], family
+    with pytest.raises(LookupError, match="kdops.reference"):
+        _dispatch.kernels("kd", "torch")
+    with pytest.raises(LookupError, match="no kernels of the 'fused_linear' family"):
+        _dispatch.kernels("fused_linear", "cpu")
+
+
+def test_declared_support():
+    cpu = torch.device("cpu")
+    triton = _dispatch.DECLARATIONS["triton"]
+    assert _dispatch.offers("fused_linear", "triton", cpu, torch.bfloat16) == triton.status().available
+    assert not _dispatch.offers("fused_linear", "triton", cpu, torch.float64)  # the chunked path instead
+    assert not _dispatch.offers("fused_linear", "triton", cpu, torch.float32, n_teachers=2)
+    assert not _dispatch.offers("fused_linear", "cpu", cpu, torch.float32)
+    assert not _dispatch.offers("kd", "torch", cpu, torch.float32)
+    cuda = _dispatch.DECLARATIONS["cuda"]
+    reasons = cuda.not_supported_reasons(torch.device("cuda"), torch.float64, "kd", cuda.families["kd"].max_teachers + 1)
+    if cuda.status().available:
+        assert any("float64" in r for r in reasons) and any("at most" in r for r in reasons)
+    else:
+        assert reasons == [cuda.status().reason]
+
+
+def test_cuda_max_teachers_is_the_kernels():
+    """The CUDA kd kernel's teacher limit (kMaxTeachers in csrc/cuda/kd.cu) is declared once in Python."""
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "kd.cu").read_text()
+    value = int(re.search(r"constexpr\s+int64_t\s+kMaxTeachers\s*=\s*(\d+)", source).group(1))
+    assert _dispatch.DECLARATIONS["cuda"].families["kd"].max_teachers == value

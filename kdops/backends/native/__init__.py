@@ -27,7 +27,7 @@ CPU = Backend(
     device_types=lambda: ("cpu",),
     dtypes=FLOAT_DTYPES,
     status=lambda: _status("cpu"),
-    families={"kd": Family(), "sparse_kd": Family(), "affinity": Family()},
+    families={"kd": Family(), "sparse_kd": Family(), "affinity": Family(), "attention_relation": Family()},
 )
 
 CUDA = Backend(
@@ -36,5 +36,6 @@ CUDA = Backend(
     device_types=lambda: ("cuda",),
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
     status=lambda: _status("cuda"),
-    families={"kd": Family(max_teachers=CUDA_MAX_TEACHERS), "sparse_kd": Family(), "affinity": Family()},
+    families={"kd": Family(max_teachers=CUDA_MAX_TEACHERS), "sparse_kd": Family(), "affinity": Family(),
+              "attention_relation": Family()},
 )

@@ -42,5 +42,6 @@ BACKEND = Backend(
         # the blockwise kernel: one teacher, 16/32-bit inputs (others take the chunked path over "kd")
         "fused_linear": Family(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_teachers=1),
         "affinity": Family(),
+        "attention_relation": Family(),
     },
 )
