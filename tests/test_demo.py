@@ -16,6 +16,7 @@ LM_STUDENTS = {
     "sequence-level": ["CE on data", "CE on teacher corpus", "CE + KD on teacher corpus"],
     "quantized": ["KD, float", "KD, then PTQ int8", "QAT int8 + KD"],
     "preference": ["CE on data", "KD from the reference teacher", "KD from the tuned teacher"],
+    "sampled-cache": ["dense KD", "top-8 cache", "sampled cache, k=10"],
 }
 
 
@@ -30,9 +31,10 @@ def test_demo_quick_all_tracks(tmp_path, capsys):
     assert saved == json.loads(json.dumps(results))
     assert saved["quick"] is True and saved["machine"]["device"] == "cpu"
     assert list(saved["tracks"]) == list(TRACKS)
-    # 3 classification lines, then per LM track: 1, 2, 2, 2, 3
-    assert len(saved["verdicts"]) == 3 + 1 + 2 + 2 + 2 + 3
+    # 3 classification lines, then per LM track: 1, 2, 2, 2, 3, 3
+    assert len(saved["verdicts"]) == 3 + 1 + 2 + 2 + 2 + 3 + 3
     assert all(("beat" in v) or ("level with" in v) or ("number tokens are" in v) or ("adding SP" in v)
+               or ("gap to dense KD" in v)
                for v in saved["verdicts"])
 
     cls = saved["tracks"]["classification"]
@@ -57,6 +59,11 @@ def test_demo_quick_all_tracks(tmp_path, capsys):
     lm = saved["tracks"]["language-model"]["students"]
     assert saved["tracks"]["on-policy"]["students"]["supervised KD (data)"]["perplexity"] == lm["distilled"]["perplexity"]
     assert saved["tracks"]["sequence-level"]["students"]["CE on data"]["perplexity"] == lm["from scratch"]["perplexity"]
+    cache = saved["tracks"]["sampled-cache"]
+    assert cache["caches"]["top-8 cache"]["k"] == 8 and "coverage_mean" in cache["caches"]["top-8 cache"]
+    sampled = cache["caches"]["sampled cache, k=10"]
+    # equal bytes per token: the sampled cache's k is the one closest to the top-k cache's bytes
+    assert abs(sampled["bytes_per_token"] - cache["caches"]["top-8 cache"]["bytes_per_token"]) < 5
     rates = saved["tracks"]["preference"]["students"]
     assert all(0.0 <= s["preference_rate"]["mean"] <= 1.0 for s in rates.values())
 

@@ -1,16 +1,23 @@
-"""End-to-end distillation demo: ``python -m kdops.demo [--quick] [--out DIR] [--seeds 0 1 2] [--device auto]``.
+"""End-to-end distillation demo: ``python -m kdops.demo [--tracks ...] [--quick] [--out DIR] [--seeds 0 1 2] [--device auto]``.
 
-Two tracks, data generated or shipped with Python (no downloads), a GPU used when present:
+Tracks (``--tracks``, default all), data generated or shipped with Python (no downloads), a GPU
+used when present:
 
-* classification (:mod:`kdops.demo.classification`): a wide teacher MLP, then a narrow student
-  trained from hard labels, with ``kdops.distill_loss`` (soft + hard), and with that plus
+* ``classification`` (:mod:`kdops.demo.classification`): a wide teacher MLP, then a narrow
+  student trained from hard labels, with ``kdops.distill_loss`` (soft + hard), and with that plus
   ``kdops.similarity_preserving_loss``; held-out accuracy, mean and std over seeds.
-* language modelling (:mod:`kdops.demo.language_model`): a causal transformer teacher and a
+* ``language-model`` (:mod:`kdops.demo.language_model`): a causal transformer teacher and a
   smaller student over an 8192-token word vocabulary of the stdlib's sources; the student
   trained from scratch vs distilled with ``kdops.fused_linear_distill_loss``; held-out perplexity.
+* the LLM recipes of :mod:`kdops.recipes` on the same teacher and student
+  (:mod:`kdops.demo.recipe_tracks`): ``on-policy`` (GKD), ``sequence-level`` (teacher
+  generations), ``quantized`` (int8 QAT vs PTQ), ``preference`` (a tilted teacher), and
+  ``sampled-cache`` (top-k vs sampled offline soft targets at equal bytes per token).
 
-Writes ``results.json`` and ``learning_curves.png`` (with matplotlib) to ``--out`` and prints a
-table and one verdict per track, which says so when distillation does not beat the baseline.
+LM results are mean and std over the student seeds (one teacher, trained with the first seed).
+Writes ``results.json``, ``learning_curves.png`` and ``recipe_results.png`` (with matplotlib) to
+``--out`` and prints a table and one verdict per comparison, which says so when a recipe does not
+beat its baseline.
 
 What mattered (tuned as a practitioner would):
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,25 +40,29 @@ class LMConfig:
     student_width: int = 64
     student_layers: int = 1
     teacher_steps: int = 400
-    student_steps: int = 300
-    eval_every: int = 25
+    student_steps: int = 200
+    eval_every: int = 50
     lr: float = 3e-3
     temperature: float = 1.0
     hard_weight: float = 0.2
     # generations (on-policy, sequence-level, preference): prompt + continuation = context
     prompt_len: int = 16
     eval_prompts: int = 128  # held-out prompts the students' generations are scored on
-    # on-policy (GKD): share of on-policy batches, divergence on them
+    # on-policy (GKD, after supervised KD for on_policy_start of the steps): share of on-policy
+    # batches, divergence on them
+    on_policy_start: float = 0.5
     on_policy_fraction: float = 0.5
     on_policy_divergence: str = "reverse_kl"
     # sequence-level: teacher continuations of student-data prompts, sampled at T = 1
-    corpus_sequences: int = 4_000
+    corpus_sequences: int = 2_000
     sequence_hard_weight: float = 0.5  # of CE in "CE + KD"
     # quantized: int8 weights (and 8-bit inputs of the linear layers)
     quantize_activations: bool = True
     # preference: reward 1 on the preferred tokens (numbers), tilt exp(1 / beta)
     preference_beta: float = 0.5
     preference_steps: int = 100
+    # sampled-cache: the top-k cache's k (the sampled cache gets the same bytes per token)
+    cache_topk: int = 8
 
 
 QUICK_LM = LMConfig(
@@ -111,18 +115,19 @@ def perplexity(model: TinyLM, stream: Tensor, context: int, device: torch.device
     return math.exp(total / (n * context))
 
 
-def train(model: TinyLM, steps: int, cfg: LMConfig, seed: int, batches: Callable[[torch.Generator], Tensor],
-          loss_fn: Callable[[Tensor], Tensor], held_out: Tensor, device: torch.device,
+def train(model: TinyLM, steps: int, cfg: LMConfig, seed: int, batches: Callable[[torch.Generator], Any],
+          loss_fn: Callable[[Any], Tensor], held_out: Tensor, device: torch.device,
           label: str) -> list[tuple[int, float]]:
-    """AdamW with cosine decay; each step ``loss_fn(batches(g))`` on a batch of ``(B, context + 1)``
-    sequences; returns the held-out perplexity every ``cfg.eval_every`` steps (and at the end)."""
+    """AdamW with cosine decay; each step ``loss_fn(batches(g))`` (a batch of ``(B, context + 1)``
+    sequences on ``device``, or what ``loss_fn`` takes); returns the held-out perplexity every
+    ``cfg.eval_every`` steps (and at the end)."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = generator(seed)
     curve = []
     bar = Progress(label, steps)
     for step in range(1, steps + 1):
-        loss = loss_fn(batches(g).to(device))
+        loss = loss_fn(batches(g))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -155,6 +160,10 @@ class LMSetup:
         self.stream = self.tokenizer.encode(train_tokens)
         self.held_out = self.tokenizer.encode(held_out_tokens)[: cfg.held_out_tokens + 1]
         self.student_stream = self.stream[: cfg.student_tokens]
+        # the student's data: its prefix cut into windows of context + 1 tokens (overlapping by one)
+        n = (self.student_stream.numel() - 1) // cfg.context
+        self.student_windows = self.student_stream[torch.arange(n)[:, None] * cfg.context
+                                                   + torch.arange(cfg.context + 1)].to(device)
         self.vocab_size = len(self.tokenizer)
         starts = torch.linspace(0, self.held_out.numel() - cfg.context - 1, cfg.eval_prompts).long()
         self.eval_prompts = self.held_out[starts[:, None] + torch.arange(cfg.prompt_len)].to(device)
@@ -167,7 +176,12 @@ class LMSetup:
         self._baselines: dict[tuple[str, int], tuple[TinyLM, list[tuple[int, float]]]] = {}
 
     def data(self, stream: Tensor) -> Callable[[torch.Generator], Tensor]:
-        return lambda g: windows(stream, self.cfg.batch_size, self.cfg.context + 1, g)
+        """Batches of random windows of ``stream`` (the teacher's data)."""
+        return lambda g: windows(stream, self.cfg.batch_size, self.cfg.context + 1, g).to(self.device)
+
+    def rows(self, sequences: Tensor) -> Callable[[torch.Generator], Tensor]:
+        """Batches of random rows of ``sequences`` (the students' data: windows, or a corpus)."""
+        return lambda g: sequences[torch.randint(sequences.shape[0], (self.cfg.batch_size,), generator=g)]
 
     @staticmethod
     def cross_entropy(model: TinyLM) -> Callable[[Tensor], Tensor]:
@@ -191,10 +205,10 @@ class LMSetup:
     def train_student(self, seed: int, make_loss: Callable[[TinyLM], Callable[[Tensor], Tensor]], label: str,
                       batches: Optional[Callable[[torch.Generator], Tensor]] = None,
                       student: Optional[TinyLM] = None) -> tuple[TinyLM, list[tuple[int, float]]]:
-        """A new student (or ``student``) trained ``student_steps`` on ``batches`` (default: windows of
-        the student's data, order from ``seed``) with ``make_loss(student)``."""
+        """A new student (or ``student``) trained ``student_steps`` on ``batches`` (default: the
+        student's windows, order from ``seed``) with ``make_loss(student)``."""
         student = student if student is not None else self.new_student(seed)
-        curve = self.train(student, self.cfg.student_steps, seed + 1, batches or self.data(self.student_stream),
+        curve = self.train(student, self.cfg.student_steps, seed + 1, batches or self.rows(self.student_windows),
                            make_loss(student), f"{label} (seed {seed})")
         return student, curve
 

@@ -2,12 +2,16 @@
 :mod:`kdops.demo.language_model` (same corpus, teacher, student architecture and step count; the
 baselines are the track's ``from scratch`` and ``distilled`` students of the same seeds):
 
-* ``on-policy``: GKD (half the batches on the student's own samples, reverse KL) vs supervised
-  KD on the data; metric: the teacher's NLL per token of the student's generations.
+* ``on-policy``: supervised KD on the data for the first half of the steps, then GKD (half the
+  batches on the student's own samples, reverse KL), vs supervised KD throughout; metric: the
+  teacher's NLL per token of the student's generations of held-out prompts.
 * ``sequence-level``: CE on a corpus the teacher generated once (T = 1), and CE + token-level KD
   on it, vs CE on the data alone.
 * ``quantized``: QAT (int8 weights, 8-bit linear inputs, through torch.ao) with the KD loss vs
   post-training quantisation of the distilled float student; both int8 models evaluated.
+* ``sampled-cache``: students trained from an offline cache of the teacher, top-k (log-probs +
+  rest mass) vs k sampled ids with counts at the same bytes per token, vs dense KD; the gap in
+  held-out perplexity to dense KD.
 * ``preference``: the teacher tilted toward number tokens (``p* ∝ p_ref exp(r / beta)``); the
   rate of number tokens in the generations of a student distilled from it vs trained on data.
 
@@ -19,10 +23,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import tempfile
 
 import torch
 
+import kdops
 from kdops import recipes
+from kdops.cache import TeacherCache, build_cache
 from kdops.demo.common import generator
 from kdops.demo.language_model import LMSetup, parameters, perplexity, summarize, train
 
@@ -33,10 +40,23 @@ def on_policy(setup: LMSetup, seeds: list[int]) -> dict:
     cfg = setup.cfg
 
     def gkd(seed: int):
+        """Supervised KD (the baseline's loss) for the first ``on_policy_start`` of the steps, then GKD."""
         g = generator(20_000 + seed, setup.device)
-        return lambda student: lambda seq: recipes.on_policy.gkd_loss(
-            student, setup.teacher, seq, cfg.prompt_len, on_policy_fraction=cfg.on_policy_fraction,
-            divergence=cfg.on_policy_divergence, temperature=cfg.temperature, generator=g, backend=setup.backend)
+        warm_steps = round(cfg.on_policy_start * cfg.student_steps)
+
+        def make_loss(student):
+            supervised, step = setup.distill(student), [0]
+
+            def loss(seq):
+                step[0] += 1
+                if step[0] <= warm_steps:
+                    return supervised(seq)
+                return recipes.on_policy.gkd_loss(
+                    student, setup.teacher, seq, cfg.prompt_len, on_policy_fraction=cfg.on_policy_fraction,
+                    divergence=cfg.on_policy_divergence, temperature=cfg.temperature, generator=g,
+                    backend=setup.backend)
+            return loss
+        return make_loss
 
     def judged(model, seed: int) -> float:
         with torch.no_grad():
@@ -52,7 +72,8 @@ def on_policy(setup: LMSetup, seeds: list[int]) -> dict:
     return {"seeds": seeds, "students": summarize(per_seed),
             "metric": {"key": "teacher_nll", "name": "teacher NLL/token of its generations", "lower_is_better": True},
             "reference": {"teacher": {"teacher_nll": judged(setup.teacher, 0)}},
-            "settings": {"on_policy_fraction": cfg.on_policy_fraction, "divergence": cfg.on_policy_divergence}}
+            "settings": {"on_policy_fraction": cfg.on_policy_fraction, "divergence": cfg.on_policy_divergence,
+                         "on_policy_start": cfg.on_policy_start}}
 
 
 def sequence_level(setup: LMSetup, seeds: list[int]) -> dict:
@@ -62,7 +83,6 @@ def sequence_level(setup: LMSetup, seeds: list[int]) -> dict:
     prompts = setup.student_stream[starts + torch.arange(cfg.prompt_len)].to(setup.device)
     corpus = recipes.sequence_level.generate_corpus(setup.teacher, prompts, cfg.context + 1 - cfg.prompt_len,
                                                     temperature=1.0, generator=generator(30_001, setup.device))
-    rows = lambda g: corpus[torch.randint(corpus.shape[0], (cfg.batch_size,), generator=g).to(corpus.device)]
 
     def loss(teacher):
         return lambda student: lambda seq: recipes.sequence_level.sequence_level_loss(
@@ -74,7 +94,7 @@ def sequence_level(setup: LMSetup, seeds: list[int]) -> dict:
         _, scratch = setup.baseline("from scratch", seed)
         per_seed["CE on data"].append({"perplexity": scratch[-1][1], "curve": scratch})
         for name, teacher in (("CE on teacher corpus", None), ("CE + KD on teacher corpus", setup.teacher)):
-            _, curve = setup.train_student(seed, loss(teacher), f"LM student {name}", batches=rows)
+            _, curve = setup.train_student(seed, loss(teacher), f"LM student {name}", batches=setup.rows(corpus))
             per_seed[name].append({"perplexity": curve[-1][1], "curve": curve})
     return {"seeds": seeds, "students": summarize(per_seed), "metric": None,
             "corpus": {"sequences": corpus.shape[0], "prompt_len": cfg.prompt_len,
@@ -86,10 +106,8 @@ def quantized(setup: LMSetup, seeds: list[int]) -> dict:
     activations = cfg.quantize_activations
 
     def calibrate(model) -> None:
-        data = setup.data(setup.student_stream)
-        g = generator(40_000)
-        for _ in range(8):
-            model(data(g)[:, :-1].to(setup.device))
+        for batch in setup.student_windows[:8 * cfg.batch_size].split(cfg.batch_size):
+            model(batch[:, :-1])
 
     def qat(student):
         return setup.distill(recipes.quantized.prepare(student, activations=activations))
@@ -146,3 +164,58 @@ def preference(setup: LMSetup, seeds: list[int]) -> dict:
             "settings": {"preferred": "number tokens ([0-9]+)", "preferred_tokens": int(preferred.sum()),
                          "beta": cfg.preference_beta, "tuning_steps": cfg.preference_steps,
                          "parameters": parameters(tuned)}}
+
+
+def sampled_cache(setup: LMSetup, seeds: list[int]) -> dict:
+    cfg = setup.cfg
+    windows = setup.student_windows
+    options = {"temperature": cfg.temperature, "hard_weight": cfg.hard_weight, "backend": setup.backend}
+
+    def build(directory: str, mode: str, k: int) -> TeacherCache:
+        batches = ((list(range(i, min(i + 256, windows.shape[0]))), windows[i:i + 256, :-1])
+                   for i in range(0, windows.shape[0], 256))
+        return build_cache(lambda ids: setup.teacher.lm_head(setup.teacher(ids)), batches, directory, k=k,
+                           temperature=cfg.temperature, mode=mode, seed=0 if mode == "sample" else None,
+                           teacher="kdops demo LM teacher", progress=False)
+
+    def from_cache(cache: TeacherCache, rest_mass: str):
+        def make_loss(student):
+            def loss(batch):
+                ids, seq = batch
+                soft = cache.read(ids.tolist())
+                h = student(seq[:, :-1]).flatten(0, 1)
+                return kdops.fused_linear_sparse_distill_loss(
+                    h, student.lm_head.weight, soft.logprobs.to(h.device), soft.indices.to(h.device),
+                    seq[:, 1:].flatten(), rest_mass=rest_mass, **options)
+            return loss
+        return make_loss
+
+    def batches(g: torch.Generator):
+        ids = torch.randint(windows.shape[0], (cfg.batch_size,), generator=g)
+        return ids, windows[ids]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        topk = build(f"{tmp}/topk", "topk", cfg.cache_topk)
+        topk_bytes = topk.stats()["bytes_per_token"]
+        # the sampled cache's k for the top-k cache's bytes per token (bytes grow ~linearly with k)
+        probe = build(f"{tmp}/probe", "sample", cfg.cache_topk).stats()["bytes_per_token"]
+        k_sample = max(1, round(cfg.cache_topk * topk_bytes / probe))
+        sample = build(f"{tmp}/sample", "sample", k_sample)
+        caches = {f"top-{cfg.cache_topk} cache": (topk, "bucket"), f"sampled cache, k={k_sample}": (sample, "ignore")}
+        per_seed: dict[str, list[dict]] = {"dense KD": [], **{name: [] for name in caches}}
+        for seed in seeds:
+            _, curve = setup.baseline("distilled", seed)
+            per_seed["dense KD"].append({"perplexity": curve[-1][1], "curve": curve})
+            for name, (cache, rest_mass) in caches.items():
+                _, curve = setup.train_student(seed, from_cache(cache, rest_mass), f"LM student {name}",
+                                               batches=batches)
+                per_seed[name].append({"perplexity": curve[-1][1], "curve": curve})
+        stats = {name: cache.stats() for name, (cache, _) in caches.items()}
+    students = summarize(per_seed)
+    dense = students["dense KD"]["perplexity"]["mean"]
+    return {"seeds": seeds, "students": students, "metric": None,
+            "gap_to_dense": {name: students[name]["perplexity"]["mean"] - dense for name in caches},
+            "caches": {name: {key: s[key] for key in ("k", "bytes_per_token") if key in s}
+                       | ({"coverage_mean": s["coverage_mean"]} if "coverage_mean" in s else {})
+                       | ({"distinct_mean": s["distinct_mean"]} if "distinct_mean" in s else {})
+                       for name, s in stats.items()}}

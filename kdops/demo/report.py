@@ -56,8 +56,10 @@ def _lm_verdicts(name: str, r: dict) -> list[str]:
             f"{100 * ref['reference teacher']['preference_rate']:.1f}% of the reference teacher's generations and "
             f"{100 * ref['tuned teacher']['preference_rate']:.1f}% of the tuned teacher's"]
     if name == "sampled-cache":
+        gaps = ", ".join(f"{cache} ({r['caches'][cache]['bytes_per_token']:.0f} B/token) {gap:+.1f}"
+                         for cache, gap in r["gap_to_dense"].items())
         return [compare(name, other, s[other]["perplexity"], "dense KD", s["dense KD"]["perplexity"], ppl)
-                for other in s if other != "dense KD"]
+                for other in s if other != "dense KD"] + [f"{name}: held-out perplexity gap to dense KD: {gaps}"]
     raise ValueError(f"no verdicts for track {name!r}")
 
 

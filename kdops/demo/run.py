@@ -22,6 +22,7 @@ LM_TRACKS = {
     "sequence-level": recipe_tracks.sequence_level,
     "quantized": recipe_tracks.quantized,
     "preference": recipe_tracks.preference,
+    "sampled-cache": recipe_tracks.sampled_cache,
 }
 TRACKS = ("classification", *LM_TRACKS)
 DEFAULT_TRACKS = TRACKS
