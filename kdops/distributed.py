@@ -50,7 +50,7 @@ from kdops._alloc import compute_dtype
 from kdops._codes import DIVERGENCES
 from kdops.ops import validation
 from kdops.ops._chunked import check_chunk_size, chunk_logits, chunk_rows, lm_head_rows
-from kdops.ops._common import DistillOptions, distill_options, reduce_rows, scale_forward_grads
+from kdops.ops._common import DistillOptions, distill_options, function_grads, reduce_rows, scale_forward_grads
 from kdops.ops.saved_grad import scale_saved_grad
 
 __all__ = ["global_row_count", "vocab_parallel_distill_loss", "vocab_parallel_fused_linear_distill_loss"]
@@ -234,7 +234,7 @@ class _VocabParallelRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(grad, grad_rows.unsqueeze(1)), None, None, None, None, None, None
+        return function_grads(ctx, scale_saved_grad(grad, grad_rows.unsqueeze(1)))
 
 
 def vocab_parallel_distill_loss(
@@ -354,7 +354,7 @@ class _VocabParallelFusedLinear(torch.autograd.Function):
             _, *grads = _lm_head_rows(h, w, b, th, tw, tb, labels, grad_rows.contiguous(), vocab_start, chunk,
                                       opts, group, needs)
             grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (h, w, w))]
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return function_grads(ctx, *grads)
 
 
 def vocab_parallel_fused_linear_distill_loss(

@@ -88,6 +88,11 @@ class OpArgs:
         return tuple(grads.get(name, none) for name, none in no_grads.items())
 
 
+def function_grads(ctx, *grads: Optional[Tensor]) -> tuple:
+    """The return of an ``autograd.Function``'s backward: ``grads`` for its first inputs, None for the rest."""
+    return (*grads, *(None,) * (len(ctx.needs_input_grad) - len(grads)))
+
+
 def define(name: str, args: OpArgs, returns: str, impl: Callable, fake: Callable) -> torch.library.CustomOpDef:
     """The custom op ``kdops::<name>`` of schema ``(args) -> returns`` with its fake impl."""
     op = torch.library.custom_op(f"kdops::{name}", impl, mutates_args=(), schema=f"({args.schema}) -> {returns}")
