@@ -73,13 +73,19 @@ class FusedLinearDistillLoss(nn.Module):
         reduction: str = "mean",
         chunk_size: Optional[int] = None,
         teacher_weights: Optional[Union[Sequence[float], Tensor]] = None,
+        student_logit_scale: float = 1.0,
+        student_softcap: Optional[float] = None,
+        teacher_logit_scale: float = 1.0,
+        teacher_softcap: Optional[float] = None,
         backend: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.options = dict(
             temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
             scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-            reduction=reduction, chunk_size=chunk_size, teacher_weights=teacher_weights, backend=backend,
+            reduction=reduction, chunk_size=chunk_size, teacher_weights=teacher_weights,
+            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap, backend=backend,
         )
 
     def forward(

@@ -153,8 +153,11 @@ def distill_row_loss(
 def transform_logits(logits: Tensor, scale: float = 1.0, softcap: Optional[float] = None) -> Tensor:
     """A model's final-logit transform, applied before the temperature: ``z' = scale * z``
     (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), then with a softcap ``c``
-    ``z' = c * tanh(scale * z / c)`` (Gemma 2/3's ``final_logit_softcapping``)."""
-    z = logits * scale if scale != 1.0 else logits
+    ``z' = c * tanh(scale * z / c)`` (Gemma 2/3's ``final_logit_softcapping``); float32 or
+    float64 (16-bit logits are upcast first)."""
+    if scale == 1.0 and softcap is None:
+        return logits
+    z = _upcast(logits) * scale
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
@@ -224,20 +227,39 @@ def fused_linear_distill_loss(
     teacher_bias: Optional[Tensor] = None,
     reduction: str = "mean",
     temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
     **options,
-) -> Tensor:
-    """Reference of :func:`kdops.fused_linear_distill_loss`: the logits, materialised. ``K``
-    teachers: ``teacher_hidden``, ``teacher_weight`` (and ``teacher_bias``) lists of length K,
-    their logits stacked to ``(K, ..., V)``."""
-    student_logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+):
+    """Reference of :func:`kdops.fused_linear_distill_loss`: the logits, materialised (and
+    transformed by :func:`transform_logits`). ``K`` teachers: ``teacher_hidden``,
+    ``teacher_weight`` (and ``teacher_bias``) lists of length K, their logits stacked to
+    ``(K, ..., V)``. ``return_entropy``: also the student's :func:`entropy` at ``T``, per row
+    (0 where not counted) for ``reduction="none"``, else summed over the counted rows."""
+    student_logits = transform_logits(torch.nn.functional.linear(student_hidden, student_weight, student_bias),
+                                      student_logit_scale, student_softcap)
+
+    def teacher(h: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        logits = transform_logits(torch.nn.functional.linear(h, w, b), teacher_logit_scale, teacher_softcap)
+        return logits.to(student_logits.dtype)
+
     if isinstance(teacher_hidden, Tensor):
-        teacher_logits = torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias)
+        teacher_logits = teacher(teacher_hidden, teacher_weight, teacher_bias)
     else:
         biases = [None] * len(teacher_hidden) if teacher_bias is None else teacher_bias
-        teacher_logits = torch.stack([torch.nn.functional.linear(h, w, b).to(student_logits.dtype)
-                                      for h, w, b in zip(teacher_hidden, teacher_weight, biases)])
-    return distill_loss(student_logits, teacher_logits.to(student_logits.dtype), labels,
-                        temperature=temperature, reduction=reduction, **options)
+        teacher_logits = torch.stack([teacher(h, w, b) for h, w, b in zip(teacher_hidden, teacher_weight, biases)])
+    loss = distill_loss(student_logits, teacher_logits, labels, temperature=temperature, reduction=reduction,
+                        ignore_index=ignore_index, **options)
+    if not return_entropy:
+        return loss
+    rows = entropy(student_logits.detach(), temperature)
+    if labels is not None:
+        rows = torch.where(labels != ignore_index, rows, torch.zeros_like(rows))
+    return loss, rows if reduction == "none" else rows.sum()
 
 
 # ---------------------------------------------------------------------------------------------

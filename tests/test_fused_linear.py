@@ -182,7 +182,7 @@ def test_opcheck(backend):
     w.requires_grad_(True)
     options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100)
     for needs in ([True, True, False], [False, False, False]):  # gradients in forward / in backward
-        args = (h, w, b, th, tw, tb, None, labels, None, needs, 3, backend, *options)
+        args = (h, w, b, th, tw, tb, None, labels, None, needs, 3, False, backend, *options)  # False: no entropy
         torch.library.opcheck(torch.ops.kdops.fused_linear_distill.default, args)
 
 

@@ -13,10 +13,15 @@ compute dtype (``grad_h`` too: :mod:`kdops.distributed` sums it over ranks); ``G
 ``w``'s dtype only as the operand of the ``grad_h`` matmul (the rounding autograd through
 materialised logits does). The callers cast the gradients to the input dtypes once. Used by :mod:`kdops.ops.fused_linear` (dense teachers),
 :mod:`kdops.ops.sparse_kd` (top-k teachers) and :mod:`kdops.distributed` (vocabulary shards).
+
+A model's final-logit transform (:class:`LogitTransform`: logit scale, softcapping) is applied
+to each chunk's float32 logits in place before ``row_loss``, and its derivative multiplies ``G``
+in place after it (chain rule; no temporaries beyond the chunk's).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+import math
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -30,6 +35,61 @@ UPCAST_BUDGET_BYTES = 64 * 2**20
 
 # row_loss(rows of the chunk, student logits [n, V] compute dtype, want_grad) -> (row losses [n], G or None)
 RowLoss = Callable[[Union[slice, Tensor], Tensor, bool], tuple[Tensor, Optional[Tensor]]]
+
+
+class LogitTransform(NamedTuple):
+    """A model's final-logit transform, applied before the temperature::
+
+        z' = scale * z                              (softcap None: Cohere, Granite, Falcon-H1)
+        z' = softcap * tanh(scale * z / softcap)    (Gemma 2 / 3 final-logit softcapping)
+
+    with ``dz'/dz = scale`` or ``scale * (1 - (z' / softcap)**2)``."""
+
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+    @staticmethod
+    def checked(model: str, scale: float, softcap: Optional[float]) -> "LogitTransform":
+        """The transform of ``{model}_logit_scale`` (a finite number) and ``{model}_softcap``
+        (None or a finite number > 0); errors name the argument."""
+        for name, value in ((f"{model}_logit_scale", scale), (f"{model}_softcap", softcap)):
+            if value is None and name.endswith("softcap"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number" + (" or None" if name.endswith("softcap") else "")
+                                + f"; got {type(value).__name__}")
+            if not math.isfinite(value) or (name.endswith("softcap") and value <= 0):
+                raise ValueError(f"{name} must be a finite number" + (" > 0" if name.endswith("softcap") else "")
+                                 + f"; got {value}")
+        return LogitTransform(float(scale), None if softcap is None else float(softcap))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply_(self, z: Tensor) -> Tensor:
+        """``z'`` in place of the logits ``z``."""
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+    def chain_(self, g: Tensor, z: Tensor) -> Tensor:
+        """``g * dz'/dz`` in place of the gradient ``g`` to the transformed logits ``z`` (= z',
+        overwritten when softcapped)."""
+        if self.softcap is not None:
+            g.mul_(z.div_(self.softcap).square_().neg_().add_(1.0))
+        if self.scale != 1.0:
+            g.mul_(self.scale)
+        return g
+
+
+def row_entropy(z: Tensor, temperature: float) -> Tensor:
+    """``H(softmax(z / T))`` per row of finite logits ``z``: ``logsumexp(y) - sum softmax(y) y``,
+    ``y = z / T`` (two chunk-sized temporaries)."""
+    y = z / temperature
+    return torch.logsumexp(y, dim=-1).sub_(torch.softmax(y, dim=-1).mul_(y).sum(-1))
 
 
 def chunk_rows(n_rows: int, vocab: int, dtype: torch.dtype, chunk_size: Optional[int], n_teachers: int = 1) -> int:
@@ -70,11 +130,11 @@ def chunk_logits(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 
 def lm_head_rows(
     h: Tensor, w: Tensor, b: Optional[Tensor], row_loss: RowLoss, labels: Optional[Tensor], ignore_index: int,
-    row_weights: Optional[Tensor], chunk: int, needs: Sequence[bool],
+    row_weights: Optional[Tensor], chunk: int, needs: Sequence[bool], transform: LogitTransform = LogitTransform(),
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Row losses ``[N]`` (compute dtype, 0 for ignored rows) of the logits ``h @ w.T + b``, and
-    the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if None) to ``h``, ``w``, ``b``
-    where ``needs`` says so (else None), in the compute dtype."""
+    """Row losses ``[N]`` (compute dtype, 0 for ignored rows) of the logits
+    ``transform(h @ w.T + b)``, and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1
+    if None) to ``h``, ``w``, ``b`` where ``needs`` says so (else None), in the compute dtype."""
     dtype = compute_dtype(h.dtype)
     rows = torch.zeros(h.shape[0], dtype=dtype, device=h.device)
     gh = torch.zeros(h.shape, dtype=dtype, device=h.device) if needs[0] else None
@@ -86,11 +146,12 @@ def lm_head_rows(
     for start in range(0, count, chunk):
         idx = slice(start, min(start + chunk, count)) if order is None else order[start:start + chunk]
         hc = h[idx]
-        r, g = row_loss(idx, chunk_logits(hc, w, b), want_grad)
+        logits = transform.apply_(chunk_logits(hc, w, b))
+        r, g = row_loss(idx, logits, want_grad)
         rows[idx] = r
         if not want_grad:
             continue
-        g = g.to(dtype)
+        g = transform.chain_(g.to(dtype), logits)
         if row_weights is not None:
             g.mul_(row_weights[idx].to(dtype).unsqueeze(1))
         if gh is not None:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from kdops import reference
 from kdops.ops import validation
+from kdops.ops._chunked import LogitTransform
 from kdops.ops.saved_grad import scale_saved_grad
 
 
@@ -39,6 +40,20 @@ class DistillOptions(NamedTuple):
     soft_weight: float
     ignore_index: int
     rest_bucket: bool = False  # sparse (top-k) teachers: rest_mass="bucket" (else "ignore")
+    # lm_head ops: the models' final-logit transforms (kdops.ops._chunked.LogitTransform), applied
+    # by the chunked driver to the logits it forms, before the kernels (which never see them)
+    student_logit_scale: float = 1.0
+    student_softcap: Optional[float] = None
+    teacher_logit_scale: float = 1.0
+    teacher_softcap: Optional[float] = None
+
+    @property
+    def student_transform(self) -> LogitTransform:
+        return LogitTransform(self.student_logit_scale, self.student_softcap)
+
+    @property
+    def teacher_transform(self) -> LogitTransform:
+        return LogitTransform(self.teacher_logit_scale, self.teacher_softcap)
 
 
 _SCHEMA_TYPES = {int: "SymInt", float: "float", bool: "bool", Optional[float]: "float?"}
@@ -49,13 +64,17 @@ OPTIONS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[t]} {name}" for name, t in get_type_
 def distill_options(
     *, temperature: float, divergence: str, beta: float, hard_weight: float, scale_by_temperature_squared: bool,
     ignore_index: int, reduction: str, has_labels: bool, rest_bucket: bool = False,
+    student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
 ) -> DistillOptions:
     """The checked options of a call (errors name the argument); ``soft_weight`` is computed here only."""
     code = validation.check_options(temperature=temperature, divergence=divergence, beta=beta,
                                     hard_weight=hard_weight, reduction=reduction, has_labels=has_labels)
     scale = temperature * temperature if scale_by_temperature_squared else 1.0
     return DistillOptions(code, float(temperature), float(beta), float(hard_weight),
-                          float((1.0 - hard_weight) * scale), int(ignore_index), bool(rest_bucket))
+                          float((1.0 - hard_weight) * scale), int(ignore_index), bool(rest_bucket),
+                          *LogitTransform.checked("student", student_logit_scale, student_softcap),
+                          *LogitTransform.checked("teacher", teacher_logit_scale, teacher_softcap))
 
 
 # ------------------------------------------------------------------------------- custom ops
@@ -173,7 +192,7 @@ def register_lm_head_autograd(op: torch.library.CustomOpDef, args: OpArgs) -> No
         ctx.needs = named["needs"]
         ctx.in_forward = any(ctx.needs)
         if ctx.in_forward:
-            ctx.save_for_backward(*output[1:])
+            ctx.save_for_backward(*output[1:4])  # grad_h, grad_w, grad_b (not a trailing output: entropies)
         else:
             _pack(ctx, named)
 

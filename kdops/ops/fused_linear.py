@@ -27,9 +27,16 @@ from torch import Tensor
 from kdops import _dispatch, reference
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
-from kdops.ops._chunked import check_chunk_size, chunk_logits, chunk_rows, lm_head_rows
-from kdops.ops._common import (DistillOptions, OpArgs, check_normalizer, define, distill_options, reduce_rows,
-                               register_lm_head_autograd)
+from kdops.ops._chunked import check_chunk_size, chunk_logits, chunk_rows, lm_head_rows, row_entropy
+from kdops.ops._common import (
+    DistillOptions,
+    OpArgs,
+    check_normalizer,
+    define,
+    distill_options,
+    reduce_rows,
+    register_lm_head_autograd,
+)
 
 # A teacher's (hidden [N, Ht], weight [V, Ht], bias [V] or None).
 Teacher = tuple[Tensor, Tensor, Optional[Tensor]]
@@ -37,45 +44,56 @@ Teacher = tuple[Tensor, Tensor, Optional[Tensor]]
 
 def _compute(
     h: Tensor, w: Tensor, b: Optional[Tensor], th, tw, tb, teacher_log_weights: Optional[Tensor],
-    labels: Optional[Tensor], row_weights: Optional[Tensor], needs: list[bool], chunk: int, backend: str,
-    *options,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    labels: Optional[Tensor], row_weights: Optional[Tensor], needs: list[bool], chunk: int, entropy: bool,
+    backend: str, *options,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Row losses ``[N]`` and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if
-    None) to ``h``, ``w``, ``b`` where ``needs`` says so (their dtypes; else empty tensors).
-    ``th``, ``tw``, ``tb``: one teacher's tensors, or lists of K teachers' (mixed with
+    None) to ``h``, ``w``, ``b`` where ``needs`` says so (their dtypes; else empty tensors), and
+    if ``entropy`` the student's row entropies ``H(softmax(z' / T))`` (0 for ignored rows; else
+    empty). ``th``, ``tw``, ``tb``: one teacher's tensors, or lists of K teachers' (mixed with
     ``teacher_log_weights``). The backend's blockwise ``"fused_linear"`` kernel where it has one
-    for the call (Triton: one teacher, 16/32-bit inputs), else the chunked driver over its
-    ``"kd"`` kernels (K teachers' chunk logits ``[K, n, V]`` mixed there)."""
+    for the call (Triton: one teacher, 16/32-bit inputs, no logit transform, no entropy), else
+    the chunked driver over its ``"kd"`` kernels (K teachers' chunk logits ``[K, n, V]`` mixed
+    there), which applies the logit transforms of ``options`` to the chunk logits."""
     opts = DistillOptions(*options)
     teachers: list[Teacher] = [(th, tw, tb)] if isinstance(th, Tensor) else list(zip(th, tw, tb))
-    if all(_dispatch.offers("fused_linear", backend, h.device, x.dtype, len(teachers)) for x in (h, teachers[0][0])):
-        return _dispatch.kernels("fused_linear", backend).fused_linear_distill(
-            h, w, b, th, tw, tb, labels, row_weights, opts, needs)
+    student_transform, teacher_transform = opts.student_transform, opts.teacher_transform
+    plain = student_transform.is_identity and teacher_transform.is_identity and not entropy
+    if plain and all(_dispatch.offers("fused_linear", backend, h.device, x.dtype, len(teachers))
+                     for x in (h, teachers[0][0])):
+        return (*_dispatch.kernels("fused_linear", backend).fused_linear_distill(
+            h, w, b, th, tw, tb, labels, row_weights, opts, needs), h.new_empty(0))
     kd = _dispatch.kernels("kd", backend)
+    row_entropies = torch.zeros(h.shape[0], dtype=compute_dtype(h.dtype), device=h.device) if entropy else None
 
     def row_loss(idx, logits: Tensor, want_grad: bool):
-        t = [chunk_logits(x[idx], t_w, t_b).to(logits.dtype) for x, t_w, t_b in teachers]
+        t = [teacher_transform.apply_(chunk_logits(x[idx], t_w, t_b)).to(logits.dtype) for x, t_w, t_b in teachers]
         t = t[0] if len(t) == 1 else torch.stack(t)
+        if row_entropies is not None:
+            row_entropies[idx] = row_entropy(logits, opts.temperature)
         return kd.kd_forward(logits, t, None if labels is None else labels[idx], opts, want_grad, teacher_log_weights)
 
-    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs)
+    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs,
+                                    student_transform)
     return (rows, h.new_empty(0) if gh is None else gh.to(h.dtype), w.new_empty(0) if gw is None else gw.to(w.dtype),
-            w.new_empty(0) if gb is None else gb.to(w.dtype))
+            w.new_empty(0) if gb is None else gb.to(w.dtype), h.new_empty(0) if row_entropies is None else row_entropies)
 
 
-def _compute_fake(h, w, b, th, tw, tb, teacher_log_weights, labels, row_weights, needs, chunk, backend, *options):
+def _compute_fake(h, w, b, th, tw, tb, teacher_log_weights, labels, row_weights, needs, chunk, entropy, backend,
+                  *options):
     return (
         h.new_empty(h.shape[:1], dtype=compute_dtype(h.dtype)),
         h.new_empty(h.shape if needs[0] else (0,)),
         w.new_empty(w.shape if needs[1] else (0,)),
         w.new_empty(w.shape[:1] if needs[2] else (0,)),
+        h.new_empty(h.shape[:1] if entropy else (0,), dtype=compute_dtype(h.dtype)),
     )
 
 
 # Two ops, one implementation: one teacher's tensors, or lists of K teachers' with their log
-# mixture weights. (rows, grad_h, grad_w, grad_b); autograd: see kdops.ops._common.
-_TAIL = "Tensor? labels, Tensor? row_weights, bool[] needs, SymInt chunk, str backend, {options}"
-_RETURNS = "(Tensor, Tensor, Tensor, Tensor)"
+# mixture weights. (rows, grad_h, grad_w, grad_b, entropies); autograd: see kdops.ops._common.
+_TAIL = "Tensor? labels, Tensor? row_weights, bool[] needs, SymInt chunk, bool entropy, str backend, {options}"
+_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
 _ARGS = OpArgs("Tensor h, Tensor w, Tensor? b, Tensor th, Tensor tw, Tensor? tb, Tensor? teacher_log_weights, "
                + _TAIL)
 _MULTI_ARGS = OpArgs("Tensor h, Tensor w, Tensor? b, Tensor[] th, Tensor[] tw, Tensor?[] tb, "
@@ -132,10 +150,24 @@ def fused_linear_distill_loss(
     chunk_size: Optional[int] = None,
     teacher_weights: Optional[Union[Sequence[float], Tensor]] = None,
     normalizer: Union[None, int, Tensor] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
+    return_entropy: bool = False,
     backend: Optional[str] = None,
-) -> Tensor:
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """:func:`kdops.distill_loss` of ``student_hidden @ student_weight.T + student_bias`` against
     ``teacher_hidden @ teacher_weight.T + teacher_bias`` without forming either ``[N, V]`` logits.
+
+    Logit transforms (a model's own, before the temperature): ``z' = scale * z``, or with a
+    softcap ``c``, ``z' = c * tanh(scale * z / c)`` (``student_logit_scale``,
+    ``student_softcap``; ``teacher_*`` for every teacher): Cohere's ``logit_scale``, Granite's
+    ``1 / logits_scaling``, Gemma 2/3's ``final_logit_softcapping``. Applied to each chunk's
+    float32 logits, the exact chain rule in the gradient. ``return_entropy``: returns
+    ``(loss, entropy)``, ``entropy`` the student's ``H(softmax(z' / T))`` from the same pass
+    (float32, no gradient): per row (0 where ignored) for ``reduction="none"``, else summed over
+    the counted rows. Transforms and the entropy take the chunked path on every backend.
 
     ``student_hidden (..., Hs)``, ``student_weight (V, Hs)``, ``teacher_hidden (..., Ht)``,
     ``teacher_weight (V, Ht)``: ``Ht`` may differ from ``Hs``. Both logits are formed in float32
@@ -177,7 +209,9 @@ def fused_linear_distill_loss(
     )
     opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None)
+                           reduction=reduction, has_labels=labels is not None,
+                           student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                           teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
     check_normalizer(normalizer, reduction)
     vocab = student_weight.shape[0]
     if labels is not None and hard_weight > 0:
@@ -191,6 +225,8 @@ def fused_linear_distill_loss(
             divergence=divergence, beta=beta, hard_weight=hard_weight,
             scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
             reduction=reduction, teacher_weights=weights, normalizer=normalizer,
+            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap, return_entropy=return_entropy,
         )
 
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -204,5 +240,10 @@ def fused_linear_distill_loss(
         teacher_args = (*map(list, zip(*flat)), weights.log().to(compute_dtype(h.dtype)))
     grad_on = torch.is_grad_enabled() and reduction != "none"  # "none": the gradients come in backward
     needs = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
-    rows = op(h, student_weight, student_bias, *teacher_args, flat_labels, None, needs, chunk, name, *opts)[0]
-    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)
+    rows, *_, entropies = op(h, student_weight, student_bias, *teacher_args, flat_labels, None, needs, chunk,
+                             return_entropy, name, *opts)
+    loss = reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)
+    if not return_entropy:
+        return loss
+    entropies = entropies.detach()
+    return loss, entropies.reshape(lead) if reduction == "none" else entropies.sum()

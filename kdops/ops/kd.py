@@ -64,6 +64,10 @@ def distill_loss(
     reduction: str = "mean",
     teacher_weights: Optional[Union[Sequence[float], Tensor]] = None,
     normalizer: Union[None, int, Tensor] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Knowledge-distillation loss between student and teacher logits of shape ``(..., V)``.
@@ -76,6 +80,9 @@ def distill_loss(
     ``reduction``: ``"mean"`` over counted rows (0 when none count), ``"sum"`` or ``"none"``;
     ``normalizer`` (an int or a one-element tensor, with ``"mean"``): the row sum divided by it
     instead, e.g. Transformers' ``num_items_in_batch`` for gradient accumulation.
+    ``student_logit_scale`` / ``*_softcap`` (the logit transforms of
+    :func:`kdops.fused_linear_distill_loss`) are refused here (NotImplementedError): the logits
+    are the caller's, transform them first.
     The teacher is a constant: gradient flows to ``student_logits`` only. The loss is float32
     (float64 for float64 logits); the gradient has the student's dtype.
     ``backend``: None (``KDOPS_BACKEND``, else automatic), ``"triton"``, ``"cuda"``, ``"cpu"``
@@ -93,6 +100,12 @@ def distill_loss(
         # the current model and its EMA as a two-teacher mixture for a smaller student
         loss = distill_loss(s, torch.stack([t_now.detach(), t_ema.detach()]), teacher_weights=[0.7, 0.3])
     """
+    for name, value, identity in (("student_logit_scale", student_logit_scale, 1.0), ("student_softcap", student_softcap, None),
+                                  ("teacher_logit_scale", teacher_logit_scale, 1.0), ("teacher_softcap", teacher_softcap, None)):
+        if value != identity:
+            raise NotImplementedError(
+                f"{name}: distill_loss takes logits already formed; apply the model's transform to them (autograd "
+                "differentiates it), or use fused_linear_distill_loss, which applies it in the fused pass")
     validation.check_float_tensor("student_logits", student_logits)
     validation.check_float_tensor("teacher_logits", teacher_logits)
     if student_logits.dim() == 0:
