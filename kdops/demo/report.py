@@ -3,6 +3,7 @@ PNGs (learning curves per track; final held-out perplexity and recipe metric per
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -17,10 +18,9 @@ def _stat(entry: dict, scale: float = 1.0, digits: int = 1) -> str:
 def compare(track: str, a_name: str, a: dict, b_name: str, b: dict, what: str, *, lower_is_better: bool = True,
             scale: float = 1.0, digits: int = 1) -> str:
     """``track: 'a' beats / does NOT beat 'b' on what (a vs b)``; a difference within twice the
-    larger seed spread is called a tie (``is level with``)."""
+    larger seed spread, or within 1% of b, is called a tie (``is level with``)."""
     diff = a["mean"] - b["mean"]
-    spread = 2 * max(a["std"], b["std"])
-    if abs(diff) <= spread:
+    if abs(diff) <= max(2 * a["std"], 2 * b["std"], 0.01 * abs(b["mean"])):
         verb = "is level with"
     else:
         verb = "beats" if (diff < 0) == lower_is_better else "does NOT beat"
@@ -176,8 +176,7 @@ def plot(results: dict, out: Path) -> list[Path]:
             means = [r["students"][n][key]["mean"] for n in names]
             stds = [r["students"][n][key]["std"] for n in names]
             ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue")
-            ax.set_xticks(range(len(names)), [n.replace(" (", "\n(").replace(", ", ",\n") for n in names],
-                          fontsize=7)
+            ax.set_xticks(range(len(names)), [textwrap.fill(n, 14) for n in names], fontsize=7)
             ax.set(title=name, ylabel=metric["name"] if metric else "held-out perplexity")
             ax.set_ylim(min(m - s for m, s in zip(means, stds)) * 0.9, max(m + s for m, s in zip(means, stds)) * 1.05)
             ax.grid(alpha=0.3, axis="y")
