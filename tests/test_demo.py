@@ -57,8 +57,9 @@ def test_demo_quick_all_tracks(tmp_path, capsys):
                 assert len(s[r["metric"]["key"]]["values"]) == 1
     # the students every track calls the same are the same runs
     lm = saved["tracks"]["language-model"]["students"]
-    assert saved["tracks"]["on-policy"]["students"]["supervised KD (data)"]["perplexity"] == lm["distilled"]["perplexity"]
-    assert saved["tracks"]["sequence-level"]["students"]["CE on data"]["perplexity"] == lm["from scratch"]["perplexity"]
+    tracks = saved["tracks"]
+    assert tracks["on-policy"]["students"]["supervised KD (data)"]["perplexity"] == lm["distilled"]["perplexity"]
+    assert tracks["sequence-level"]["students"]["CE on data"]["perplexity"] == lm["from scratch"]["perplexity"]
     cache = saved["tracks"]["sampled-cache"]
     assert cache["caches"]["top-8 cache"]["k"] == 8 and "coverage_mean" in cache["caches"]["top-8 cache"]
     sampled = cache["caches"]["sampled cache, k=10"]

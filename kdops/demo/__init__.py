@@ -1,4 +1,4 @@
-"""End-to-end distillation demo: ``python -m kdops.demo [--tracks ...] [--quick] [--out DIR] [--seeds 0 1 2] [--device auto]``.
+"""End-to-end distillation demo: ``python -m kdops.demo [--tracks ...] [--quick] [--out DIR] [--seeds 0 1 2]``.
 
 Tracks (``--tracks``, default all), data generated or shipped with Python (no downloads), a GPU
 used when present:

@@ -200,7 +200,8 @@ class LMSetup:
     def new_student(self, seed: int) -> TinyLM:
         """The student architecture, initialised from ``seed`` (the same for every recipe)."""
         torch.manual_seed(seed + 1)
-        return TinyLM(self.vocab_size, self.cfg.student_width, self.cfg.student_layers, self.cfg.context).to(self.device)
+        cfg = self.cfg
+        return TinyLM(self.vocab_size, cfg.student_width, cfg.student_layers, cfg.context).to(self.device)
 
     def train_student(self, seed: int, make_loss: Callable[[TinyLM], Callable[[Tensor], Tensor]], label: str,
                       batches: Optional[Callable[[torch.Generator], Tensor]] = None,

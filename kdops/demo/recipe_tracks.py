@@ -134,7 +134,8 @@ def preference(setup: LMSetup, seeds: list[int]) -> dict:
     preferred = torch.tensor([bool(NUMBER.fullmatch(t)) for t in setup.tokenizer.vocab], device=setup.device)
     reward = preferred.float()
     tuned = copy.deepcopy(setup.teacher).train().requires_grad_(True)
-    train(tuned, cfg.preference_steps, dataclasses.replace(cfg, eval_every=cfg.preference_steps), 50_000, setup.data(setup.stream),
+    tune_cfg = dataclasses.replace(cfg, eval_every=cfg.preference_steps)
+    train(tuned, cfg.preference_steps, tune_cfg, 50_000, setup.data(setup.stream),
           lambda seq: recipes.preference.preference_tuning_loss(tuned, setup.teacher, seq[:, :-1], reward,
                                                                 beta=cfg.preference_beta, backend=setup.backend),
           setup.held_out, setup.device, "LM teacher preference tuning")
@@ -150,8 +151,8 @@ def preference(setup: LMSetup, seeds: list[int]) -> dict:
             model, curve = setup.baseline(base, seed)
             per_seed[name].append({"perplexity": curve[-1][1], "preference_rate": rate(model, seed), "curve": curve})
         student, curve = setup.train_student(seed, lambda s: setup.distill(s, tuned), "LM student KD from tuned")
-        per_seed["KD from the tuned teacher"].append({"perplexity": curve[-1][1], "preference_rate": rate(student, seed),
-                                                     "curve": curve})
+        per_seed["KD from the tuned teacher"].append(
+            {"perplexity": curve[-1][1], "preference_rate": rate(student, seed), "curve": curve})
     data_rate = preferred.cpu()[setup.held_out].float().mean().item()
     return {"seeds": seeds, "students": summarize(per_seed),
             "metric": {"key": "preference_rate", "name": "share of number tokens in its generations",
@@ -159,8 +160,8 @@ def preference(setup: LMSetup, seeds: list[int]) -> dict:
             "reference": {"held-out data": {"preference_rate": data_rate},
                           "reference teacher": {"preference_rate": rate(setup.teacher, 0),
                                                 "perplexity": setup.teacher_result["perplexity"]},
-                          "tuned teacher": {"preference_rate": rate(tuned, 0),
-                                            "perplexity": perplexity(tuned, setup.held_out, cfg.context, setup.device)}},
+                          "tuned teacher": {"preference_rate": rate(tuned, 0), "perplexity": perplexity(
+                              tuned, setup.held_out, cfg.context, setup.device)}},
             "settings": {"preferred": "number tokens ([0-9]+)", "preferred_tokens": int(preferred.sum()),
                          "beta": cfg.preference_beta, "tuning_steps": cfg.preference_steps,
                          "parameters": parameters(tuned)}}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
-from typing import Optional
 
 LM_TRACKS = ("language-model", "on-policy", "sequence-level", "quantized", "preference", "sampled-cache")
 
@@ -32,7 +31,8 @@ def _lm_verdicts(name: str, r: dict) -> list[str]:
     s = r["students"]
     ppl = "held-out perplexity"
     if name == "language-model":
-        return [compare(name, "distilled", s["distilled"]["perplexity"], "from scratch", s["from scratch"]["perplexity"], ppl)]
+        return [compare(name, "distilled", s["distilled"]["perplexity"], "from scratch",
+                        s["from scratch"]["perplexity"], ppl)]
     if name == "on-policy":
         a, b = "GKD (on-policy)", "supervised KD (data)"
         return [compare(name, a, s[a]["perplexity"], b, s[b]["perplexity"], ppl),
@@ -137,8 +137,8 @@ def plot(results: dict, out: Path) -> list[Path]:
         return []
     tracks = list(results["tracks"])
     cols = min(len(tracks), 4)
-    fig, axes = plt.subplots((len(tracks) + cols - 1) // cols, cols, figsize=(5 * cols, 3.8 * ((len(tracks) + cols - 1) // cols)),
-                             squeeze=False)
+    rows = (len(tracks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
     for ax in axes.flat[len(tracks):]:
         ax.set_visible(False)
     setup = results.get("language_model_setup")
@@ -148,7 +148,8 @@ def plot(results: dict, out: Path) -> list[Path]:
             ax.axhline(r["teacher"]["accuracy"], color="gray", linestyle="--", label="teacher")
             for student, s in r["students"].items():
                 ax.plot(range(1, len(s["curve_mean"]) + 1), s["curve_mean"], label=f"student, {student}")
-            ax.set(xlabel="epoch", ylabel="held-out accuracy", title=f"classification (mean of {len(r['seeds'])} seeds)")
+            ax.set(xlabel="epoch", ylabel="held-out accuracy",
+                   title=f"classification (mean of {len(r['seeds'])} seeds)")
         else:
             ax.axhline(setup["teacher"]["perplexity"], color="gray", linestyle="--", label="teacher")
             for student, s in r["students"].items():
