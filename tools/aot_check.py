@@ -1,0 +1,567 @@
+"""Ahead-of-time check of every Triton kernel specialisation kdops launches, for real GPU targets,
+without a GPU (issue 12, section 1).
+
+1. Capture: the launchers of :mod:`kdops.backends.triton` run on ``meta`` tensors (no memory, no
+   device) over the shape matrix below, with ``JITFunction.run`` replaced by a recorder; the
+   recorded calls go through Triton's own binder (``create_function_from_signature`` and
+   ``_pack_args``, as ``JITFunction.run`` does) to the signature, constexprs, attributes and
+   options Triton would compile on a GPU. Nothing is hand-listed: a launcher change shows here.
+2. Compile each distinct specialisation with ``triton.compile(ASTSource(...),
+   target=GPUTarget("cuda", cc, 32))`` for sm_80, sm_90 and sm_100, in ``--jobs`` processes,
+   with a fresh Triton cache (so that ptxas runs); read registers, spill stores / loads and the
+   stack frame from Triton's bundled ``ptxas -v`` log, registers / local / stack / static shared
+   memory from its bundled ``cuobjdump --dump-resource-usage``, and the dynamic shared memory
+   from the kernel's metadata.
+3. Fail on: a compile error; shared memory over the target's per-block limit; a grid over CUDA's
+   limits; registers that let no CTA fit on an SM; spill stores or loads over ``SPILL_BUDGET``.
+
+``--python PY`` runs the same check again under another interpreter (another Triton: the Makefile
+passes a Triton 3.6 virtual environment) and merges its rows. Output: a table per kernel / arch /
+Triton version (then every failure) on stdout, all rows as JSON (``--json``).
+
+    python3 tools/aot_check.py                   # full matrix (make aot-check runs it for both Tritons)
+    python3 tools/aot_check.py --quick           # the CI subset
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import datetime
+import inspect
+import io
+import json
+import math
+import multiprocessing
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for GPUs: Triton reads it when kdops decorates kernels
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime import jit as triton_jit  # noqa: E402
+
+ARCHS = (80, 90, 100)
+
+# Per compute capability: opt-in dynamic shared memory per block, shared memory per SM (bytes),
+# 32-bit registers per SM, threads and CTAs per SM (CUDA C Programming Guide, compute capabilities).
+ARCH_LIMITS = {
+    80: dict(smem_block=166912, smem_sm=167936, regs_sm=65536, threads_sm=2048, ctas_sm=32),
+    90: dict(smem_block=232448, smem_sm=233472, regs_sm=65536, threads_sm=2048, ctas_sm=32),
+    100: dict(smem_block=232448, smem_sm=233472, regs_sm=65536, threads_sm=2048, ctas_sm=32),
+}
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+SMEM_RESERVED_PER_CTA = 1024  # the driver reserves 1 KB of shared memory per CTA (sm_80 and later)
+
+# Spill budget, bytes per thread of spill stores and of spill loads. A spill of S bytes per thread
+# costs the CTA S * threads bytes of local memory (L1-resident) per spill site; at 32 bytes (eight
+# 32-bit values: a few loop-invariant scalars evicted once per loop) that is at most 1% of the
+# logits bytes a row-kernel thread streams per vocabulary block (BLOCK_V * 4 B / 256 threads per
+# warp group = 64 B per block for 4096-lane fp32 blocks, times the 3 passes), and no tile can hide
+# in it: the spills issue 12 found were 80 B to 10 KB. Budget 0 would fail on ptxas' choices that
+# change between CUDA releases without a change in kdops.
+SPILL_BUDGET = 32
+
+
+# ----------------------------------------------------------------------------- shape matrix
+
+
+@dataclass
+class Matrix:
+    """The shapes each launcher is driven with (issue 12, section 1)."""
+
+    dtypes: tuple = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+    tokens: int = 8192
+    vocabs: tuple = (32000, 128256, 151936, 262144)
+    divergences: tuple = (0, 1, 2, 3, 4, 5)  # codes of kdops.divergences
+    teachers: tuple = (1, 2, 3, 4, 8, 16)
+    label_modes: tuple = ("none", "labels", "hard")  # no labels; labels (ignored rows), no CE; CE term
+    grads: tuple = (False, True)
+    sparse_k: tuple = (8, 64, 128)
+    rest_buckets: tuple = (False, True)
+    linear_hidden: tuple = (1024, 4096)
+    linear_vocabs: tuple = (32000, 128256)
+    linear_needs: tuple = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
+    linear_bias: tuple = (False, True)
+    linear_row_weights: tuple = (False, True)
+    float32_precisions: tuple = ("highest", "high")  # torch.set_float32_matmul_precision: ieee, tf32 dots
+    batches: tuple = (256, 4096, 65536)
+    features: tuple = (128, 2048)
+    archs: tuple = ARCHS
+
+
+def quick_matrix() -> Matrix:
+    """The CI subset: every kernel and code path (each divergence, labels mode, gradient and
+    dtype) at one shape each, on sm_90 (the Hopper GPUs kdops is lent) and sm_100."""
+    return Matrix(vocabs=(151936,), divergences=(0, 2, 5), teachers=(1, 3), sparse_k=(64,), rest_buckets=(True,),
+                  linear_hidden=(4096,), linear_vocabs=(128256,),
+                  linear_needs=((False, False, False), (True, True, True)), linear_bias=(True,),
+                  linear_row_weights=(False,), float32_precisions=("highest",), batches=(4096,), features=(2048,),
+                  archs=(90, 100))
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+@dataclass
+class Launch:
+    """One recorded ``kernel[grid](*args, **kwargs)``; ``case``: what the launcher was asked."""
+
+    fn: Any
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    case: str
+
+
+@contextlib.contextmanager
+def recording(into: list[Launch], case: Callable[[], str]) -> Iterator[None]:
+    """Replace ``JITFunction.run`` (what ``kernel[grid](...)`` calls) by a recorder for the block."""
+    original = triton_jit.JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        into.append(Launch(self, tuple(grid), args, dict(kwargs), case()))
+
+    triton_jit.JITFunction.run = record
+    try:
+        yield
+    finally:
+        triton_jit.JITFunction.run = original
+
+
+def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _options(divergence: int, hard: bool, rest_bucket: bool = False):
+    """The options record of kdops' ops (``kdops.ops._common.DistillOptions``): T = 2, beta 0.5."""
+    from kdops.ops._common import DistillOptions
+
+    hard_weight = 0.5 if hard else 0.0
+    return DistillOptions(divergence, 2.0, 0.5, hard_weight, (1.0 - hard_weight) * 4.0, -100, rest_bucket)
+
+
+def _call(launcher: Callable, before: tuple, opts, after: tuple, sparse: bool = False):
+    """``launcher(*before, opts, *after)``; launchers not (yet) taking the record get its fields."""
+    if {"options", "opts"} & set(inspect.signature(launcher).parameters):
+        return launcher(*before, opts, *after)
+    scalars = tuple(opts)[:6] + ((opts.rest_bucket,) if sparse else ())
+    return launcher(*before, *scalars, *after)
+
+
+def _labels(mode: str, n: int) -> Optional[torch.Tensor]:
+    return None if mode == "none" else meta(n, dtype=torch.int64)
+
+
+def kd_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from kdops.backends.triton.kd import kd_forward
+
+    n = m.tokens
+    for dtype in m.dtypes:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for vocab in m.vocabs:
+            for k in m.teachers:
+                teacher = meta(k, n, vocab, dtype=dtype) if k > 1 else meta(n, vocab, dtype=dtype)
+                log_w = meta(k, dtype=acc) if k > 1 else None
+                for div in m.divergences:
+                    for mode in m.label_modes:
+                        for grad in m.grads:
+                            opts = _options(div, mode == "hard")
+                            yield (f"kd {dtype} N={n} V={vocab} K={k} div={div} labels={mode} grad={grad}",
+                                   lambda t=teacher, w=log_w, o=opts, mo=mode, g=grad, v=vocab: _call(
+                                       kd_forward, (meta(n, v, dtype=dtype), t, _labels(mo, n)), o, (g, w)))
+
+
+def sparse_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from kdops.backends.triton.sparse_kd import sparse_kd_forward
+
+    n = m.tokens
+    for dtype in m.dtypes:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for vocab in m.vocabs:
+            for k in m.sparse_k:
+                for bucket in m.rest_buckets:
+                    for div in m.divergences:
+                        for mode in m.label_modes:
+                            for grad in m.grads:
+                                opts = _options(div, mode == "hard", bucket)
+                                yield (f"sparse {dtype} N={n} V={vocab} k={k} bucket={bucket} div={div} "
+                                       f"labels={mode} grad={grad}",
+                                       lambda v=vocab, k=k, o=opts, mo=mode, g=grad, a=acc: _call(
+                                           sparse_kd_forward,
+                                           (meta(n, v, dtype=dtype), meta(n, k, dtype=a), meta(n, k, dtype=torch.int32),
+                                            _labels(mo, n)), o, (g,), sparse=True))
+
+
+def fused_linear_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from kdops.backends.triton import fused_linear
+
+    n = m.tokens
+    for dtype in (d for d in m.dtypes if d != torch.float64):  # fp64 takes the chunked path over kd
+        precisions = m.float32_precisions if dtype == torch.float32 else ("highest",)
+        for hidden in m.linear_hidden:
+            for vocab in m.linear_vocabs:
+                for bias in m.linear_bias:
+                    for needs in m.linear_needs:
+                        if needs[2] and not bias:
+                            continue
+                        for row_w in m.linear_row_weights if any(needs) else (False,):
+                            for div in m.divergences:
+                                for mode in m.label_modes:
+                                    for precision in precisions:
+                                        def run(h=hidden, v=vocab, b=bias, nd=needs, rw=row_w, o=_options(div, mode == "hard"),
+                                                mo=mode, p=precision):
+                                            bias_ = meta(v, dtype=dtype) if b else None
+                                            torch.set_float32_matmul_precision(p)
+                                            try:
+                                                return _call(fused_linear.fused_linear_distill,
+                                                             (meta(n, h, dtype=dtype), meta(v, h, dtype=dtype), bias_,
+                                                              meta(n, h, dtype=dtype), meta(v, h, dtype=dtype), bias_,
+                                                              _labels(mo, n), meta(n, dtype=torch.float32) if rw else None),
+                                                             o, (list(nd),))
+                                            finally:
+                                                torch.set_float32_matmul_precision("highest")
+
+                                        yield (f"fused_linear {dtype} N={n} H={hidden} V={vocab} bias={bias} "
+                                               f"needs={needs} row_weights={row_w} div={div} labels={mode} "
+                                               f"matmul={precision}", run)
+
+
+def affinity_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from kdops.backends.triton import affinity
+
+    for dtype in m.dtypes:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for b in m.batches:
+            for d in m.features:
+                for kind in (affinity.DOT, affinity.COSINE, affinity.EUCLIDEAN, affinity.SQUARED_EUCLIDEAN):
+                    def run(b=b, d=d, kind=kind):
+                        x = meta(b, d, dtype=dtype)
+                        out = affinity.affinity_forward(x, kind)
+                        affinity.affinity_backward(meta(b, b, dtype=acc), x, out, kind)
+
+                    yield f"affinity {dtype} B={b} D={d} kind={kind} forward+backward", run
+                for loss in (affinity.SP, affinity.RKD_DISTANCE, affinity.RKD_ANGLE):
+                    def run(b=b, d=d, loss=loss):
+                        s, t = meta(b, d, dtype=dtype), meta(b, d, dtype=dtype)
+                        _, stats = affinity.relation_forward(s, t, loss, 1.0)
+                        affinity.relation_backward(meta(dtype=acc), s, t, stats, loss, 1.0)
+
+                    yield f"relation {dtype} B={b} D={d} loss={loss} forward+backward", run
+
+
+FAMILIES = {"kd": kd_cases, "sparse_kd": sparse_cases, "fused_linear": fused_linear_cases, "affinity": affinity_cases}
+
+
+def capture(m: Matrix, families: tuple[str, ...] = tuple(FAMILIES)) -> list[Launch]:
+    """Every launch the launchers make over the matrix (meta tensors, recorder in place)."""
+    import torch.fx.experimental._config as fx_config
+
+    launches: list[Launch] = []
+    current = [""]
+    with recording(launches, lambda: current[0]), \
+            _setting(fx_config, "meta_nonzero_assume_all_nonzero", True), \
+            _sm_count(132):
+        for family in families:
+            for case, run in FAMILIES[family](m):
+                current[0] = case
+                run()
+    return launches
+
+
+@contextlib.contextmanager
+def _setting(obj: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def _sm_count(count: int) -> Iterator[None]:
+    """The fused-linear launcher sizes its grid by the SM count of a CUDA device; meta tensors
+    get that of an H100 / H200 (132), so that the captured grids are a GPU's."""
+    from kdops.backends.triton import fused_linear
+
+    with _setting(fused_linear, "_target_programs", lambda device: 2 * count):
+        yield
+
+
+# ----------------------------------------------------------------------------- specialise
+
+
+@dataclass
+class Spec:
+    """A distinct specialisation: what Triton compiles for one launch."""
+
+    fn: Any
+    kwargs: dict
+    args: tuple
+    name: str
+    summary: str
+    cases: list[str] = field(default_factory=list)
+    max_grid: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+
+def bind(launch_fn: Any, args: tuple, kwargs: dict, cc: int) -> tuple[Any, dict, dict, dict, Any]:
+    """(target, signature, constexprs, attrs, options) of a launch for compute capability ``cc``,
+    by Triton's own binder (what ``JITFunction.run`` computes before compiling)."""
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    binder = triton_jit.create_function_from_signature(launch_fn.signature, launch_fn.params, backend)
+    kwargs = dict(kwargs)
+    kwargs.setdefault("debug", False)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = launch_fn._pack_args(backend, kwargs, bound, specialization, options)
+    return target, signature, constexprs, attrs, options
+
+
+def _name(fn: Any) -> str:
+    return fn.fn.__name__
+
+
+def specialisations(launches: list[Launch]) -> list[Spec]:
+    """The distinct specialisations of ``launches`` (keyed as Triton keys its cache)."""
+    specs: dict[str, Spec] = {}
+    for launch in launches:
+        _, signature, constexprs, attrs, options = bind(launch.fn, launch.args, launch.kwargs, 90)
+        key = repr((_name(launch.fn), sorted(signature.items()), sorted(map(repr, constexprs.items())),
+                    sorted(map(repr, attrs.items())), sorted(map(repr, options.__dict__.items()))))
+        spec = specs.get(key)
+        if spec is None:
+            consts = {p.name: v for p, v in zip(launch.fn.params, _bound_values(launch)) if p.is_constexpr}
+            tensors = sorted({sig for name, sig in signature.items() if str(sig).startswith("*")})
+            summary = " ".join([f"{k}={_short(v)}" for k, v in consts.items()]
+                               + [f"warps={options.num_warps}", f"stages={options.num_stages}", "ptrs=" + ",".join(tensors)])
+            spec = specs[key] = Spec(launch.fn, launch.kwargs, launch.args, _name(launch.fn), summary)
+        if len(spec.cases) < 3:
+            spec.cases.append(launch.case)
+        grid = list(launch.grid) + [1] * (3 - len(launch.grid))
+        spec.max_grid = [max(a, b) for a, b in zip(spec.max_grid, grid)]
+    return list(specs.values())
+
+
+def _bound_values(launch: Launch) -> list[Any]:
+    sig = launch.fn.signature
+    bound = sig.bind(*launch.args, **{k: v for k, v in launch.kwargs.items() if k in sig.parameters})
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+def _short(v: Any) -> str:
+    return str(v).replace("triton.language.", "").replace(" ", "")
+
+
+# ----------------------------------------------------------------------------- compile and read
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_CUOBJDUMP = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def parse_ptxas_log(log: str) -> dict[str, int]:
+    """Registers, stack frame and spill bytes (per thread) from a ``ptxas -v`` log of one kernel."""
+    regs = _PTXAS_REGS.findall(log)
+    spill = _PTXAS_SPILL.findall(log)
+    if not regs or not spill:
+        raise ValueError(f"no register / spill lines in the ptxas log: {log[:400]!r}")
+    stack, stores, loads = (max(int(s[i]) for s in spill) for i in range(3))
+    return dict(regs=max(map(int, regs)), stack=stack, spill_stores=stores, spill_loads=loads)
+
+
+def parse_resource_usage(text: str) -> dict[str, int]:
+    """``cuobjdump --dump-resource-usage`` of a cubin with one kernel: REG, STACK, SHARED, LOCAL."""
+    found = _CUOBJDUMP.findall(text)
+    if not found:
+        raise ValueError(f"no resource line in the cuobjdump output: {text[:400]!r}")
+    reg, stack, shared, local = map(int, found[0])
+    return dict(cuobjdump_regs=reg, cuobjdump_stack=stack, static_shared=shared, local=local)
+
+
+def ctas_per_sm(cc: int, regs: int, num_warps: int, shared: int) -> int:
+    """Resident CTAs per SM (registers allocated per warp in units of 256, shared memory plus the
+    1 KB the driver reserves per CTA); 0: the kernel cannot launch."""
+    lim = ARCH_LIMITS[cc]
+    threads = 32 * num_warps
+    by_threads = lim["threads_sm"] // threads
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
+    by_regs = (lim["regs_sm"] // regs_per_warp) // num_warps
+    by_smem = lim["smem_sm"] // (shared + SMEM_RESERVED_PER_CTA)
+    return min(lim["ctas_sm"], by_threads, by_regs, by_smem)
+
+
+def check(row: dict, cc: int, grid: list[int], budget: int) -> list[str]:
+    """The failures of a compiled specialisation (empty: it passes)."""
+    lim = ARCH_LIMITS[cc]
+    errors = []
+    if row["shared"] > lim["smem_block"]:
+        errors.append(f"shared memory {row['shared']} B > {lim['smem_block']} B per block on sm_{cc}")
+    for axis, (n, top) in enumerate(zip(grid, GRID_LIMITS)):
+        if n > top:
+            errors.append(f"grid[{axis}] = {n} > CUDA's {top}")
+    if row["ctas_per_sm"] < 1:
+        errors.append(f"{row['regs']} registers x {row['num_warps']} warps do not fit an SM")
+    if max(row["spill_stores"], row["spill_loads"]) > budget:
+        errors.append(f"spills {row['spill_stores']} B stores / {row['spill_loads']} B loads > budget {budget} B")
+    return errors
+
+
+_SPECS: list[Spec] = []  # set before the worker processes fork
+
+
+def compile_spec(index: int, cc: int) -> dict:
+    """Compile ``_SPECS[index]`` for sm_``cc`` and read its resources (in a worker process)."""
+    from triton import knobs
+
+    spec = _SPECS[index]
+    row = dict(kernel=spec.name, spec=spec.summary, arch=f"sm_{cc}", triton=triton.__version__,
+               grid=spec.max_grid, cases=spec.cases)
+    start = time.perf_counter()
+    try:
+        target, signature, constexprs, attrs, options = bind(spec.fn, spec.args, spec.kwargs, cc)
+        log = io.StringIO()
+        with _setting(knobs.nvidia, "dump_ptxas_log", True), contextlib.redirect_stdout(log):
+            kernel = triton.compile(ASTSource(spec.fn, signature, constexprs, attrs), target=target,
+                                    options=options.__dict__)
+        row.update(parse_ptxas_log(log.getvalue()))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(kernel.asm["cubin"])
+            cubin.flush()
+            dump = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                                  capture_output=True, text=True, check=True).stdout
+        row.update(parse_resource_usage(dump))
+        row.update(num_warps=options.num_warps, num_stages=options.num_stages, shared=int(kernel.metadata.shared))
+        row["ctas_per_sm"] = ctas_per_sm(cc, row["regs"], options.num_warps, row["shared"] + row["static_shared"])
+        row["errors"] = check(row, cc, spec.max_grid, SPILL_BUDGET)
+    except Exception as e:  # a compile error is a failure of the check, reported with the rest
+        row["errors"] = [f"compile error: {type(e).__name__}: {str(e)[-800:]}"]
+    row["compile_s"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int) -> list[dict]:
+    """Every spec for every arch, ``jobs`` processes (forked: they inherit the specs), fresh cache."""
+    global _SPECS
+    _SPECS = specs
+    tasks = [(i, cc) for cc in archs for i in range(len(specs))]
+    with tempfile.TemporaryDirectory(prefix="kdops-aot-cache-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            return list(pool.map(compile_spec, *zip(*tasks), chunksize=4)) if tasks else []
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """One line per (kernel, arch, Triton): count, worst registers / spills / shared, fewest CTAs/SM."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["arch"], r["triton"]), []).append(r)
+    out = []
+    for (kernel, arch, version), rs in sorted(groups.items()):
+        ok = [r for r in rs if "regs" in r]
+        out.append(dict(kernel=kernel, arch=arch, triton=version, specs=len(rs),
+                        failed=sum(bool(r["errors"]) for r in rs),
+                        max_regs=max((r["regs"] for r in ok), default=None),
+                        max_spill=max((max(r["spill_stores"], r["spill_loads"]) for r in ok), default=None),
+                        max_shared=max((r["shared"] + r["static_shared"] for r in ok), default=None),
+                        min_ctas_per_sm=min((r["ctas_per_sm"] for r in ok), default=None),
+                        compile_s=round(sum(r["compile_s"] for r in rs), 1)))
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    cols = ("kernel", "arch", "triton", "specs", "failed", "max_regs", "max_spill", "max_shared", "min_ctas_per_sm",
+            "compile_s")
+    cells = [[str(r[c]) for c in cols] for r in summary]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def run_here(m: Matrix, jobs: int, families: tuple[str, ...]) -> tuple[list[dict], dict]:
+    start = time.perf_counter()
+    launches = capture(m, families)
+    specs = specialisations(launches)
+    captured = time.perf_counter() - start
+    rows = compile_all(specs, m.archs, jobs)
+    info = dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
+                launches=len(launches), specialisations=len(specs), capture_s=round(captured, 1),
+                compile_wall_s=round(time.perf_counter() - start - captured, 1))
+    return rows, info
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the CI subset (see quick_matrix)")
+    p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    p.add_argument("--python", action="append", default=[], metavar="PY",
+                   help="also run the check under interpreter PY (another Triton), merged into one report")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES))
+    p.add_argument("--json", type=Path, default=None,
+                   help="where the rows go (default benchmarks/results/aot[-quick]-<date>.json)")
+    p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # a --python child: rows to --json
+    args = p.parse_args(argv)
+    m = quick_matrix() if args.quick else Matrix()
+    families = tuple(f for f in args.families.split(",") if f)
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        p.error(f"--families: unknown {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
+
+    rows, info = run_here(m, args.jobs, families)
+    if args.rows_only:
+        args.json.write_text(json.dumps(dict(rows=rows, runs=[info])))
+        return 0
+    runs = [info]
+    for py in args.python:
+        if Path(py).resolve() == Path(sys.executable).resolve() and not os.environ.get("KDOPS_AOT_SAME_PYTHON"):
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            cmd = [py, __file__, "--rows-only", "--json", tmp.name, "--jobs", str(args.jobs), "--families",
+                   ",".join(families)] + (["--quick"] if args.quick else [])
+            subprocess.run(cmd, check=True)
+            child = json.loads(Path(tmp.name).read_text())
+        rows += child["rows"]
+        runs += child["runs"]
+
+    summary = summary_rows(rows)
+    failures = [r for r in rows if r["errors"]]
+    date = datetime.date.today().isoformat()
+    out = args.json or REPO / "benchmarks" / "results" / f"aot{'-quick' if args.quick else ''}-{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), date=date,
+                  machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, no GPU needed",
+                  spill_budget_bytes=SPILL_BUDGET, archs=[f"sm_{a}" for a in m.archs], runs=runs,
+                  summary=summary, failures=len(failures), rows=rows)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(summary))
+    for r in failures:
+        print(f"FAIL {r['kernel']} {r['arch']} triton {r['triton']}: {'; '.join(r['errors'])}\n     {r['spec']}\n"
+              f"     e.g. {r['cases'][0]}")
+    print(f"{sum(i['specialisations'] for i in runs)} specialisations x {len(m.archs)} archs over "
+          f"{', '.join('triton ' + i['triton'] for i in runs)}: {len(failures)} failing; rows in {out}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
