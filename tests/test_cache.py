@@ -326,19 +326,22 @@ def in_child(work):
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 def run(directory, mode, point, events_file=None):
-    cache = TeacherCache(directory, mode=mode, k=K, temperature=T, vocab_size=V, seed=1, shard_tokens=1000)
-    cache.write([0, 1], logits(0))
-    cache.flush()
-    cache.write([2, 3], logits(1))
+    cache = TeacherCache(directory, mode=mode.split("-")[0], k=K, temperature=T, vocab_size=V, seed=1, shard_tokens=1000)
     events = []
-    arm(point, events)
+    cache.write([0, 1], logits(0))
+    if mode == "topk-first":  # the crash in the flush that creates the cache
+        arm(point, events)
     cache.flush()
+    if mode != "topk-first":
+        cache.write([2, 3], logits(1))
+        arm(point, events)
+        cache.flush()
     if events_file:
         with open(events_file, "w") as f:
             json.dump(events, f)
 
 report = {}
-for mode in ("topk", "sample"):
+for mode in ("topk", "sample", "topk-first"):
     events_file = os.path.join(root, mode + "-events.json")
     in_child(lambda: run(os.path.join(root, mode + "-count"), mode, None, events_file))
     with open(events_file) as f:
@@ -380,13 +383,27 @@ def assert_same_targets(cache, reference, ids):
 
 def test_writer_killed_at_every_step_of_a_flush(tmp_path):
     """SIGKILL before / after every np.save, fsync and rename of a flush (and in the middle of
-    each file), in both modes: the cache opens with exactly the committed shards (the second one
+    each file), in both modes and in the flush that creates a cache: the cache opens with exactly the committed shards (the second one
     only once its manifest was renamed in), verifies, and the next writer resumes, removing the
     dead one's files."""
     done = subprocess.run([sys.executable, "-c", CRASH_WRITER, str(tmp_path)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
+    first = report.pop("topk-first")
+    assert first["killed"] == [True] * len(first["points"])
+    for i, (name, n, when) in enumerate(first["points"]):  # killed in the flush that creates the cache
+        path = tmp_path / f"topk-first-{i}"
+        position = [p for p, e in enumerate(first["events"]) if e == name][n - 1]
+        if position > len(first["events"]) - 2 or (position == len(first["events"]) - 2 and when == "after"):
+            assert sorted(TeacherCache(path).example_ids()) == [0, 1]
+            continue
+        with pytest.raises(CacheError, match="no cache"):
+            TeacherCache(path)
+        with TeacherCache(path, k=K, temperature=T, vocab_size=V) as cache:
+            cache.write([0, 1], crash_logits(0))
+        assert set(os.listdir(path)) == committed_files(path)
+        assert sorted(TeacherCache(path).example_ids()) == [0, 1]
     for mode, runs in report.items():
         events = runs["events"]
         assert events.count("save") == len(kdops.cache.SHARD_FILES[mode]) and events[-2] == "replace"
