@@ -11,8 +11,9 @@ gradient ``G = dL/dlogits`` (compute dtype), and the gradients are accumulated a
 (``w_r`` the row weights, 1 if None). ``G``, the row weights and all three gradients are in the
 compute dtype (``grad_h`` too: :mod:`kdops.distributed` sums it over ranks); ``G`` is rounded to
 ``w``'s dtype only as the operand of the ``grad_h`` matmul (the rounding autograd through
-materialised logits does). The callers cast the gradients to the input dtypes once. Used by :mod:`kdops.ops.fused_linear` (dense teachers),
-:mod:`kdops.ops.sparse_kd` (top-k teachers) and :mod:`kdops.distributed` (vocabulary shards).
+materialised logits does). The callers cast the gradients to the input dtypes once. Used by
+:mod:`kdops.ops.fused_linear` (dense teachers), :mod:`kdops.ops.sparse_kd` (top-k teachers) and
+:mod:`kdops.distributed` (vocabulary shards).
 
 A model's final-logit transform (:class:`LogitTransform`: logit scale, softcapping) is applied
 to each chunk's float32 logits in place before ``row_loss``, and its derivative multiplies ``G``
@@ -32,6 +33,8 @@ from kdops._alloc import compute_dtype
 CHUNK_BUDGET_BYTES = 256 * 2**20
 # Most bytes of an lm_head weight upcast at once when forming 16-bit logits in float32.
 UPCAST_BUDGET_BYTES = 64 * 2**20
+# torch.mm(..., out_dtype=) (16-bit operands, float32 result; CUDA kernels only), where this torch has it.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 
 # row_loss(rows of the chunk, student logits [n, V] compute dtype, want_grad) -> (row losses [n], G or None)
 RowLoss = Callable[[Union[slice, Tensor], Tensor, bool], tuple[Tensor, Optional[Tensor]]]
@@ -110,12 +113,12 @@ def check_chunk_size(chunk_size: Optional[int]) -> None:
 def chunk_logits(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """``x @ w.T + b`` as a ``[n, V]`` tensor of the compute dtype (float32; float64 for float64)
     with float32 accumulation: 16-bit inputs give exact float32 products and one float32 result
-    per logit. On CUDA through ``torch.mm(..., out_dtype=float32)``; elsewhere the weight is
-    upcast in vocabulary slices of at most ``UPCAST_BUDGET_BYTES``."""
+    per logit. On CUDA through ``torch.mm(..., out_dtype=float32)`` where torch has it (not run on
+    a GPU here); elsewhere the weight is upcast in vocabulary slices of at most ``UPCAST_BUDGET_BYTES``."""
     dtype = compute_dtype(x.dtype)
     if x.dtype == dtype and w.dtype == dtype:
         return torch.nn.functional.linear(x, w, b)
-    if x.is_cuda and x.dtype == w.dtype:
+    if x.is_cuda and x.dtype == w.dtype and _MM_OUT_DTYPE:
         out = torch.mm(x, w.t(), out_dtype=dtype)
         return out if b is None else out.add_(b.to(dtype))
     out = torch.empty(x.shape[0], w.shape[0], dtype=dtype, device=x.device)
