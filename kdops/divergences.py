@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from kdops._codes import DIVERGENCES
 
-
 # Divergences whose beta must lie in an interval: name -> (low, high, low_inclusive).
 BETA_RANGES: dict[str, tuple[float, float, bool]] = {
     "jsd": (0.0, 1.0, False),

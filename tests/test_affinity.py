@@ -10,7 +10,7 @@ import kdops
 from kdops import reference
 from kdops.ops import affinity as ops
 
-from conftest import (BACKENDS, RELATION_GRAD_TOL, RELATION_LOSS_TOL, assert_close_to_max, interpreted, require)
+from conftest import BACKENDS, RELATION_GRAD_TOL, RELATION_LOSS_TOL, assert_close_to_max, interpreted, require
 
 KINDS = ["dot", "cosine", "euclidean", "squared_euclidean"]
 # name -> (kdops loss, reference loss, smallest batch)

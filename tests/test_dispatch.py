@@ -85,7 +85,8 @@ def test_declared_support():
     assert not _dispatch.offers("fused_linear", "cpu", cpu, torch.float32)
     assert not _dispatch.offers("kd", "torch", cpu, torch.float32)
     cuda = _dispatch.DECLARATIONS["cuda"]
-    reasons = cuda.not_supported_reasons(torch.device("cuda"), torch.float64, "kd", cuda.families["kd"].max_teachers + 1)
+    too_many = cuda.families["kd"].max_teachers + 1
+    reasons = cuda.not_supported_reasons(torch.device("cuda"), torch.float64, "kd", too_many)
     if cuda.status().available:
         assert any("float64" in r for r in reasons) and any("at most" in r for r in reasons)
     else:

@@ -190,7 +190,8 @@ def test_fused_linear_matches_materialised(backend):
         h64, w64 = (x.detach().double().clone().requires_grad_(True) for x in (h, w))
         logits = torch.stack([torch.nn.functional.linear(th.double(), tw.double(), None if tb is None else tb.double())
                               for th, tw, tb in teachers])
-        ref = reference.distill_loss(h64 @ w64.T, logits, labels, teacher_weights=torch.tensor(weights, dtype=torch.float64),
+        ref = reference.distill_loss(h64 @ w64.T, logits, labels,
+                                     teacher_weights=torch.tensor(weights, dtype=torch.float64),
                                      reduction=reduction, **options)
         ref.sum().backward()
         tol = LOSS_TOL[dtype] if dtype == torch.float64 else (1e-4, 1e-5)

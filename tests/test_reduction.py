@@ -24,7 +24,8 @@ def _inputs(backend):
 def _losses(x):
     """Each loss as a function of the student tensor it differentiates and its keyword options."""
     return {
-        "distill_loss": (x["h"] @ x["w"].T, lambda s, **o: kdops.distill_loss(s, x["th"] @ x["tw"].T, x["labels"], **o)),
+        "distill_loss": (x["h"] @ x["w"].T, lambda s, **o: kdops.distill_loss(
+            s, x["th"] @ x["tw"].T, x["labels"], **o)),
         "fused_linear_distill_loss": (x["h"], lambda s, **o: kdops.fused_linear_distill_loss(
             s, x["w"], x["th"], x["tw"], x["labels"], chunk_size=3, **o)),
         "sparse_distill_loss": (x["h"] @ x["w"].T, lambda s, **o: kdops.sparse_distill_loss(

@@ -35,8 +35,6 @@ from kdops._alloc import compute_dtype
 from kdops._codes import AFFINITY_KINDS, RKD_ANGLE, RKD_DISTANCE, SP, relation_stats_shape
 from kdops.ops import validation
 
-
-
 # The family's contract: every backend's kdops.backends.<backend>.affinity module provides
 #   affinity_forward(x [B, D], kind) -> A [B, B]
 #   affinity_backward(grad [B, B], x, A, kind) -> dx [B, D]
@@ -99,7 +97,8 @@ def relation_loss_op(student: Tensor, teacher: Tensor, loss: int, beta: float, b
 @relation_loss_op.register_fake
 def _(student, teacher, loss, beta, backend):
     dtype = compute_dtype(student.dtype)
-    return student.new_empty((), dtype=dtype), student.new_empty(relation_stats_shape(loss, student.shape[0]), dtype=dtype)
+    stats = student.new_empty(relation_stats_shape(loss, student.shape[0]), dtype=dtype)
+    return student.new_empty((), dtype=dtype), stats
 
 
 @torch.library.custom_op("kdops::relation_loss_backward", mutates_args=())

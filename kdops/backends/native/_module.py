@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> tuple[Optional[ModuleType], str]:
     """The module kdops.<name>, or None and why it cannot be imported."""

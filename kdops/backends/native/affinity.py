@@ -12,8 +12,6 @@ from kdops._codes import DTYPE_CODES, relation_stats_shape
 from kdops.backends.native._module import call
 
 
-
-
 def affinity_forward(x: Tensor, kind: int) -> Tensor:
     """``[B, B]`` affinity (compute dtype) of the rows of ``x [B, D]`` (rows contiguous)."""
     B, D = x.shape
