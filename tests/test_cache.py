@@ -839,3 +839,21 @@ def test_build_from_model_bad_input(tmp_path, capfd):
     assert "has mode='topk'; asked for mode='sample'" in capfd.readouterr().err
     with pytest.raises(SystemExit):
         cache_cli(["build", "--data", "x"])  # --model is required
+
+
+def test_targets_in_chunks_of_rows(tmp_path, monkeypatch):
+    """write takes the targets of a few rows at a time (bounded float32 temporaries): the same
+    top-k as one call over the batch; sampled rows still draw k each."""
+    monkeypatch.setattr(kdops.cache, "TARGET_CHUNK_ELEMENTS", 7 * V)  # 7 of the 15 rows per chunk
+    teacher = logits_batch(3, 5, 11)
+    with TeacherCache(tmp_path / "topk", k=K, temperature=T, vocab_size=V, dtype="float32") as cache:
+        cache.write([0, 1, 2], teacher)
+    values, indices, rest = topk_targets(teacher, K, T)
+    for e in range(3):
+        got = TeacherCache(tmp_path / "topk")[e]
+        assert torch.equal(got.logprobs, values[e]) and torch.equal(got.indices, indices[e])
+        assert torch.equal(got.rest_logprob, rest[e])
+    with TeacherCache(tmp_path / "sample", mode="sample", k=K, temperature=T, vocab_size=V, seed=2) as cache:
+        cache.write([0, 1, 2], teacher)
+    soft = TeacherCache(tmp_path / "sample").read([0, 1, 2])
+    assert soft.indices.shape == (15, K) and torch.allclose(soft.logprobs.exp().sum(-1), torch.ones(15))

@@ -62,6 +62,7 @@ FORMAT = "kdops-teacher-cache"
 VERSION = 2
 MODES = ("topk", "sample")
 DEFAULT_SHARD_TOKENS = 1 << 20
+TARGET_CHUNK_ELEMENTS = 1 << 26  # teacher logits per chunk of rows in write: 256 MiB float32 temporaries
 # top-k value dtype name -> (torch dtype read, numpy dtype stored)
 VALUE_DTYPES = {
     "float32": (torch.float32, np.float32),
@@ -405,10 +406,20 @@ class TeacherCache:
         if lengths is not None and len(lengths) != len(example_ids):
             raise ValueError(f"lengths must have one entry per example id ({len(example_ids)}); got {len(lengths)}")
         logits = teacher_logits.detach()
+        rows = logits.reshape(-1, self.vocab_size)
+        step = max(1, TARGET_CHUNK_ELEMENTS // self.vocab_size)  # float32 temporaries per chunk of rows
         if self.mode == "sample":
-            counts, indices = sample_targets(logits, self.k, self.temperature, self._generator(logits.device))
+            generator = self._generator(logits.device)
+            parts = [sample_targets(rows[i:i + step], self.k, self.temperature, generator)
+                     for i in range(0, rows.shape[0], step)]
         else:
-            values, indices, rest = topk_targets(logits, self.k, self.temperature)
+            parts = [topk_targets(rows[i:i + step], self.k, self.temperature) for i in range(0, rows.shape[0], step)]
+        shape = logits.shape[:2]
+        if self.mode == "sample":
+            counts, indices = (torch.cat(x).reshape(*shape, self.k) for x in zip(*parts))
+        else:
+            values, indices, rest = (torch.cat(x).reshape(*shape, -1) for x in zip(*parts))
+            rest = rest.reshape(shape)
         for b, eid in enumerate(example_ids):
             n = logits.shape[1] if lengths is None else int(lengths[b])
             if self.mode == "sample":
