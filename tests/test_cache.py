@@ -134,6 +134,18 @@ def test_missing_or_bad_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(CacheError, match="not a kdops teacher cache"):
         TeacherCache(tmp_path)
+    old = {"format": "kdops-teacher-cache", "version": 1, "k": K, "temperature": T, "vocab_size": V, "shards": []}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))  # format version 1 had no seal
+    with pytest.raises(CacheError, match="before format version 2 have none: rebuild"):
+        TeacherCache(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(kdops.cache._files.seal(old)))
+    with pytest.raises(CacheError, match="format version 1; this kdops reads 2"):
+        TeacherCache(tmp_path)
+    sealed = kdops.cache._files.seal({**old, "version": 2, "mode": "topk", "dtype": "float32",
+                                      "shards": [{"files": {"values": {"name": "../../etc/passwd"}}}]})
+    (tmp_path / "manifest.json").write_text(json.dumps(sealed))  # sealed, but not by kdops
+    with pytest.raises(CacheError, match="malformed"):
+        TeacherCache(tmp_path)
 
 
 def test_bad_settings(tmp_path):
