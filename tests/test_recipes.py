@@ -1,5 +1,6 @@
 """kdops.recipes at tiny sizes (seconds): sampling, continuation losses against the float64
-reference, GKD, sequence-level KD, int8 fake quantisation (QAT / PTQ), preference tuning."""
+reference, GKD, sequence-level KD, int8 fake quantisation (QAT / PTQ), preference tuning,
+distillation from top-k and sampled caches."""
 import copy
 import math
 
@@ -9,6 +10,7 @@ from torch import nn
 
 import kdops
 from kdops import recipes
+from kdops.cache import build_cache
 from kdops.demo.language_model import TinyLM
 
 V, CONTEXT = 37, 12
@@ -293,3 +295,33 @@ def test_preference_rate():
         recipes.preference.preference_rate(seq, 1, preferred.float())
     with pytest.raises(ValueError, match="prompt_len"):
         recipes.preference.preference_rate(seq, 4, preferred)
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_cached_distill_loss_against_reference(mode, tmp_path):
+    teacher, student = teacher_student()
+    windows = torch.randint(V, (5, CONTEXT + 1))
+    T, k = 2.0, (V if mode == "topk" else 6)
+    extra = {"dtype": "float32"} if mode == "topk" else {"seed": 0}
+    cache = build_cache(lambda ids: teacher.lm_head(teacher(ids)), [([0, 1, 2], windows[:3, :-1]),
+                                                                   ([3, 4], windows[3:, :-1])],
+                        tmp_path / mode, k=k, temperature=T, mode=mode, progress=False, **extra)
+    ids = [4, 1, 2]
+    got = recipes.cached.cached_distill_loss(student, cache, ids, windows[ids], hard_weight=0.3)
+    with torch.no_grad():
+        s = student.lm_head(student(windows[ids, :-1])).double().flatten(0, 1)
+        if mode == "topk":  # all V kept: dense KD
+            t = teacher.lm_head(teacher(windows[ids, :-1])).double().flatten(0, 1)
+        else:  # the target is counts / k; logits T log(counts / k) give it at temperature T
+            soft = cache.read(ids)
+            q = torch.zeros_like(s).scatter_add_(1, soft.indices.long(), soft.logprobs.double().exp())
+            assert torch.allclose(q.sum(1), torch.ones(q.shape[0], dtype=q.dtype))
+            t = T * q.log()
+    want = kdops.reference.distill_loss(s, t, windows[ids, 1:].flatten(), temperature=T, hard_weight=0.3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    got.backward()
+    assert student.lm_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="example ids"):
+        recipes.cached.cached_distill_loss(student, cache, [0, 1], windows[:3])
+    with pytest.raises(ValueError, match="tokens"):
+        recipes.cached.cached_distill_loss(student, cache, [0, 1], windows[:2, :-2])

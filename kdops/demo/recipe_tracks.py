@@ -27,7 +27,6 @@ import tempfile
 
 import torch
 
-import kdops
 from kdops import recipes
 from kdops.cache import TeacherCache, build_cache
 from kdops.demo.common import generator
@@ -170,7 +169,6 @@ def preference(setup: LMSetup, seeds: list[int]) -> dict:
 def sampled_cache(setup: LMSetup, seeds: list[int]) -> dict:
     cfg = setup.cfg
     windows = setup.student_windows
-    options = {"temperature": cfg.temperature, "hard_weight": cfg.hard_weight, "backend": setup.backend}
 
     def build(directory: str, mode: str, k: int) -> TeacherCache:
         batches = ((list(range(i, min(i + 256, windows.shape[0]))), windows[i:i + 256, :-1])
@@ -179,17 +177,9 @@ def sampled_cache(setup: LMSetup, seeds: list[int]) -> dict:
                            temperature=cfg.temperature, mode=mode, seed=0 if mode == "sample" else None,
                            teacher="kdops demo LM teacher", progress=False)
 
-    def from_cache(cache: TeacherCache, rest_mass: str):
-        def make_loss(student):
-            def loss(batch):
-                ids, seq = batch
-                soft = cache.read(ids.tolist())
-                h = student(seq[:, :-1]).flatten(0, 1)
-                return kdops.fused_linear_sparse_distill_loss(
-                    h, student.lm_head.weight, soft.logprobs.to(h.device), soft.indices.to(h.device),
-                    seq[:, 1:].flatten(), rest_mass=rest_mass, **options)
-            return loss
-        return make_loss
+    def from_cache(cache: TeacherCache):
+        return lambda student: lambda batch: recipes.cached.cached_distill_loss(
+            student, cache, batch[0].tolist(), batch[1], hard_weight=cfg.hard_weight, backend=setup.backend)
 
     def batches(g: torch.Generator):
         ids = torch.randint(windows.shape[0], (cfg.batch_size,), generator=g)
@@ -202,16 +192,16 @@ def sampled_cache(setup: LMSetup, seeds: list[int]) -> dict:
         probe = build(f"{tmp}/probe", "sample", cfg.cache_topk).stats()["bytes_per_token"]
         k_sample = max(1, round(cfg.cache_topk * topk_bytes / probe))
         sample = build(f"{tmp}/sample", "sample", k_sample)
-        caches = {f"top-{cfg.cache_topk} cache": (topk, "bucket"), f"sampled cache, k={k_sample}": (sample, "ignore")}
+        caches = {f"top-{cfg.cache_topk} cache": topk, f"sampled cache, k={k_sample}": sample}
         per_seed: dict[str, list[dict]] = {"dense KD": [], **{name: [] for name in caches}}
         for seed in seeds:
             _, curve = setup.baseline("distilled", seed)
             per_seed["dense KD"].append({"perplexity": curve[-1][1], "curve": curve})
-            for name, (cache, rest_mass) in caches.items():
-                _, curve = setup.train_student(seed, from_cache(cache, rest_mass), f"LM student {name}",
+            for name, cache in caches.items():
+                _, curve = setup.train_student(seed, from_cache(cache), f"LM student {name}",
                                                batches=batches)
                 per_seed[name].append({"perplexity": curve[-1][1], "curve": curve})
-        stats = {name: cache.stats() for name, (cache, _) in caches.items()}
+        stats = {name: cache.stats() for name, cache in caches.items()}
     students = summarize(per_seed)
     dense = students["dense KD"]["perplexity"]["mean"]
     return {"seeds": seeds, "students": students, "metric": None,
