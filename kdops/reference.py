@@ -491,10 +491,14 @@ def fused_linear_sparse_distill_loss(
     labels: Optional[Tensor] = None,
     *,
     student_bias: Optional[Tensor] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
     **options,
 ) -> Tensor:
-    """Reference of :func:`kdops.fused_linear_sparse_distill_loss`: the logits, materialised."""
-    logits = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+    """Reference of :func:`kdops.fused_linear_sparse_distill_loss`: the logits, materialised (and
+    transformed by :func:`transform_logits`)."""
+    logits = transform_logits(torch.nn.functional.linear(student_hidden, student_weight, student_bias),
+                              student_logit_scale, student_softcap)
     return sparse_distill_loss(logits, topk_logprobs, topk_indices, labels, **options)
 
 

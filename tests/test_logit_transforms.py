@@ -202,3 +202,26 @@ def test_torch_compile_fullgraph_with_transforms():
     grads = torch.autograd.grad(compiled[0], (h, w))
     for g, e in zip(grads, torch.autograd.grad(eager[0], (h, w))):
         assert_close(g, e, (1e-6, 1e-7))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rest_mass", ["ignore", "bucket"])
+def test_sparse_student_transform(backend, rest_mass):
+    """fused_linear_sparse_distill_loss with the student's softcap and scale (a cached teacher
+    is log-probabilities already) against the float64 reference."""
+    device = _device(backend)
+    h, w, b, th, tw, tb, labels = _tensors(23, 16, 16, 157, torch.float32, device)
+    topk = torch.log_softmax(torch.randn(23, 157) * 3, dim=-1).topk(12, dim=-1)
+    values, indices = topk.values.to(device), topk.indices.to(device)
+    kw = dict(temperature=1.5, rest_mass=rest_mass, hard_weight=0.2, student_logit_scale=0.8, student_softcap=2.5)
+    params = [x.detach().clone().requires_grad_(True) for x in (h, w, b)]
+    got = kdops.fused_linear_sparse_distill_loss(params[0], params[1], values, indices, labels, student_bias=params[2],
+                                                 chunk_size=6, backend=backend, **kw)
+    got.backward()
+    ref_params = [x.detach().double().cpu().requires_grad_(True) for x in (h, w, b)]
+    ref = reference.fused_linear_sparse_distill_loss(ref_params[0], ref_params[1], values.double().cpu(),
+                                                     indices.cpu(), labels.cpu(), student_bias=ref_params[2], **kw)
+    ref.backward()
+    assert_close(got.cpu(), ref, LOSS_TOL[torch.float32], scale=float(ref.detach().abs()))
+    for p, r in zip(params, ref_params):
+        assert_close(p.grad.cpu(), r.grad, GRAD_TOL[torch.float32], scale=float(r.grad.abs().max()))

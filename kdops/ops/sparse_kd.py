@@ -209,7 +209,8 @@ def _fused_compute(
         return kernels.sparse_kd_forward(logits, topk_logprobs[idx], topk_indices[idx],
                                          None if labels is None else labels[idx], opts, want_grad)
 
-    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs)
+    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs,
+                                    opts.student_transform)
     return (rows, h.new_empty(0) if gh is None else gh.to(h.dtype), w.new_empty(0) if gw is None else gw.to(w.dtype),
             w.new_empty(0) if gb is None else gb.to(w.dtype))
 
@@ -248,13 +249,17 @@ def fused_linear_sparse_distill_loss(
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     normalizer: Union[None, int, Tensor] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """:func:`sparse_distill_loss` of ``student_hidden (..., H) @ student_weight (V, H).T +
     student_bias`` without forming the ``[N, V]`` logits: rows go in chunks of ``chunk_size``
     (default: from a 256 MiB budget, as :func:`kdops.fused_linear_distill_loss`), each chunk's
     float32 logits give its row losses and ``dL/dlogits`` at once, and the gradients to the hidden
-    states, weight and bias are accumulated. Other options as in :func:`sparse_distill_loss`.
+    states, weight and bias are accumulated. ``student_logit_scale``, ``student_softcap``: the
+    student's logit transform, as in :func:`kdops.fused_linear_distill_loss` (the cached teacher
+    is already log-probabilities). Other options as in :func:`sparse_distill_loss`.
     """
     validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
                             "student_bias", student_bias)
@@ -268,7 +273,8 @@ def fused_linear_sparse_distill_loss(
                                  topk_indices=topk_indices, labels=labels)
     opts = _sparse_options(rest_mass, divergence, beta, temperature=temperature, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None)
+                           reduction=reduction, has_labels=labels is not None,
+                           student_logit_scale=student_logit_scale, student_softcap=student_softcap)
     check_normalizer(normalizer, reduction)
     if labels is not None and hard_weight > 0:
         validation.check_labels_in_range(labels, ignore_index, vocab)
@@ -279,6 +285,7 @@ def fused_linear_sparse_distill_loss(
             temperature=temperature, divergence=divergence, beta=beta, rest_mass=rest_mass,
             hard_weight=hard_weight, scale_by_temperature_squared=scale_by_temperature_squared,
             ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
         )
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     values, indices = _kernel_topk(topk_logprobs, topk_indices, k, h.dtype)
