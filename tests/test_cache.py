@@ -338,7 +338,8 @@ def in_child(work):
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 def run(directory, mode, point, events_file=None):
-    cache = TeacherCache(directory, mode=mode.split("-")[0], k=K, temperature=T, vocab_size=V, seed=1, shard_tokens=1000)
+    cache = TeacherCache(directory, mode=mode.split("-")[0], k=K, temperature=T, vocab_size=V, seed=1,
+                         shard_tokens=1000)
     events = []
     cache.write([0, 1], logits(0))
     if mode == "topk-first":  # the crash in the flush that creates the cache
@@ -395,9 +396,9 @@ def assert_same_targets(cache, reference, ids):
 
 def test_writer_killed_at_every_step_of_a_flush(tmp_path):
     """SIGKILL before / after every np.save, fsync and rename of a flush (and in the middle of
-    each file), in both modes and in the flush that creates a cache: the cache opens with exactly the committed shards (the second one
-    only once its manifest was renamed in), verifies, and the next writer resumes, removing the
-    dead one's files."""
+    each file), in both modes and in the flush that creates a cache: the cache opens with
+    exactly the committed shards (the second one only once its manifest was renamed in),
+    verifies, and the next writer resumes, removing the dead one's files."""
     done = subprocess.run([sys.executable, "-c", CRASH_WRITER, str(tmp_path)], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr
@@ -540,7 +541,8 @@ def test_real_full_disk(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
-    assert report["error"] and "No space left on device" in report["error"] and "nothing was committed" in report["error"]
+    assert report["error"] and "No space left on device" in report["error"]
+    assert "nothing was committed" in report["error"]
     assert len(report["committed"]) > 2 and report["reopened"] == report["committed"] and report["stray"] == []
 
 
@@ -697,7 +699,8 @@ def test_sampled_targets_are_the_empirical_distribution(tmp_path, backend):
         cache.write([0, 1], teacher)
     soft = TeacherCache(tmp_path).read([0, 1])
     assert (soft.logprobs == -math.inf).any()  # some padding to get right
-    empirical = torch.full((12, V), -math.inf, dtype=torch.float64).scatter(1, soft.indices.long(), soft.logprobs.double())
+    empirical = torch.full((12, V), -math.inf, dtype=torch.float64)
+    empirical.scatter_(1, soft.indices.long(), soft.logprobs.double())
     student = torch.randn(12, V, dtype=torch.float64)
     s1, s2 = student.clone().float().requires_grad_(), student.clone().requires_grad_()
     got = kdops.sparse_distill_loss(s1, soft.logprobs, soft.indices, temperature=T, backend=backend)
@@ -756,11 +759,13 @@ def test_sampled_bad_input(tmp_path):
     for options, name in [({"k": 0}, "k must be"), ({"k": -3}, "k must be"), ({"k": 2.5}, "k must be"),
                           ({"k": V + 1}, "k must be"), ({"temperature": 0.0}, "temperature must be"),
                           ({"temperature": -1.0}, "temperature must be"), ({"temperature": math.inf}, "temperature"),
-                          ({"mode": "topp"}, "mode must be one of"), ({"dtype": "float32"}, "dtype applies to mode='topk'"),
+                          ({"mode": "topp"}, "mode must be one of"),
+                          ({"dtype": "float32"}, "dtype applies to mode='topk'"),
                           ({"seed": 1.5}, "seed must be")]:
         with pytest.raises(ValueError, match=name):
             create(**options)
-    for options, name in [({"k": 0}, "k must be"), ({"temperature": 0}, "temperature must be"), ({"mode": "x"}, "mode")]:
+    for options, name in [({"k": 0}, "k must be"), ({"temperature": 0}, "temperature must be"),
+                          ({"mode": "x"}, "mode")]:
         with pytest.raises(ValueError, match=name):
             build_cache(lambda x: x, [([0], logits_batch(1, 5, 0))], tmp_path / "b", **({"k": K} | options))
     cache = create()
@@ -785,7 +790,8 @@ def tiny_model_dir(path):
     tokenizers = pytest.importorskip("tokenizers")
     tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(CORPUS, tokenizers.trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>"]))
+    trainer = tokenizers.trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>"])
+    tokenizer.train_from_iterator(CORPUS, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
                                                 bos_token="<s>")
     torch.manual_seed(0)
@@ -843,7 +849,8 @@ def test_build_from_model_bad_input(tmp_path, capfd):
     assert 'bad.jsonl:2 has no "text" string field' in capfd.readouterr().err
     (tmp_path / "ok.txt").write_text("a cat\n")
     for extra, message in [(["--k", "0"], "k must be"), (["--temperature", "0"], "temperature must be"),
-                           (["--max-length", "0"], "max_length must be"), (["--batch-size", "0"], "batch_size must be")]:
+                           (["--max-length", "0"], "max_length must be"),
+                           (["--batch-size", "0"], "batch_size must be")]:
         assert cache_cli(base + ["--data", str(tmp_path / "ok.txt")] + extra) == 1
         assert message in capfd.readouterr().err
     assert cache_cli(base + ["--data", str(tmp_path / "ok.txt"), "--k", "3"]) == 0

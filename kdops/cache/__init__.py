@@ -51,8 +51,17 @@ import torch
 from torch import Tensor
 
 from kdops.cache._files import (
-    LOCK, MANIFEST, SHARD_FILE, CacheError, directory_lock, map_npy, read_sealed, remove_uncommitted,
-    save_npy, sha256_of_file, write_manifest,
+    LOCK,
+    MANIFEST,
+    SHARD_FILE,
+    CacheError,
+    directory_lock,
+    map_npy,
+    read_sealed,
+    remove_uncommitted,
+    save_npy,
+    sha256_of_file,
+    write_manifest,
 )
 from kdops.cache.targets import sample_logprobs, sample_targets, topk_targets
 
@@ -97,7 +106,8 @@ def _check_settings(mode: Optional[str], k: Optional[int], temperature: Optional
         raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
     if dtype is not None:
         if mode == "sample":
-            raise ValueError(f"dtype applies to mode='topk' (a sampled cache stores integer counts); got dtype={dtype!r}")
+            raise ValueError(f"dtype applies to mode='topk' (a sampled cache stores integer counts); "
+                             f"got dtype={dtype!r}")
         if dtype not in VALUE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(map(repr, VALUE_DTYPES))}; got {dtype!r}")
 
@@ -169,7 +179,8 @@ class TeacherCache:
         else:
             if k is None or temperature is None or vocab_size is None:
                 raise CacheError(
-                    f"no cache at {self.directory} ({MANIFEST} not found); to create one give k, temperature and vocab_size"
+                    f"no cache at {self.directory} ({MANIFEST} not found); to create one give k, temperature and "
+                    "vocab_size"
                 )
             mode = mode or "topk"
             if not (isinstance(vocab_size, int) and k <= vocab_size):
@@ -438,7 +449,8 @@ class TeacherCache:
         """Adds one example's precomputed top-k (a ``mode="topk"`` cache): ``[L, k]``
         log-probabilities and indices and the ``[L]`` log rest mass."""
         if self.mode != "topk":
-            raise CacheError(f"write_topk adds to a mode='topk' cache; the cache at {self.directory} has mode={self.mode!r}")
+            raise CacheError(f"write_topk adds to a mode='topk' cache; the cache at {self.directory} has "
+                             f"mode={self.mode!r}")
         self._check_rows("logprobs", logprobs, indices)
         if rest_logprob.shape != logprobs.shape[:1]:
             raise ValueError(f"rest_logprob must be [L={logprobs.shape[0]}]; got {tuple(rest_logprob.shape)}")

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, BinaryIO
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch

@@ -79,7 +79,8 @@ def build_cache_from_model(
             ids = todo[first:first + batch_size]
             encoded = tokenizer([texts[n] for n in ids], truncation=True, max_length=max_length, padding=True,
                                 return_tensors="pt")
-            yield ids, {key: value.to(device) for key, value in encoded.items()}, encoded["attention_mask"].sum(1).tolist()
+            lengths = encoded["attention_mask"].sum(1).tolist()
+            yield ids, {key: value.to(device) for key, value in encoded.items()}, lengths
 
     def teacher(inputs: dict) -> torch.Tensor:
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
