@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import kdops
-from kdops.divergences import DIVERGENCES, divergence_code
+from kdops.divergences import DIVERGENCES
+from kdops.ops._common import distill_options
 from kdops.reference import distill_row_loss
 
 from conftest import GRAD_TOL, LOSS_TOL, assert_close, huge_logits_grad_tol
@@ -25,9 +26,10 @@ GRAD_TOL = {**GRAD_TOL, torch.float32: (GRAD_TOL[torch.float32][0], 1e-6)}
 
 def kd(student, teacher, labels, divergence, *, temperature=2.0, beta=0.3, hard_weight=0.0,
        compute_grad=True):
-    soft_weight = (1.0 - hard_weight) * temperature**2
-    return kd_forward(student, teacher, labels, divergence_code(divergence), temperature, beta,
-                      hard_weight, soft_weight, IGNORE, compute_grad)
+    options = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+                              scale_by_temperature_squared=True, ignore_index=IGNORE, reduction="none",
+                              has_labels=labels is not None)
+    return kd_forward(student, teacher, labels, options, compute_grad)
 
 
 def reference(student, teacher, labels, divergence, *, temperature=2.0, beta=0.3, hard_weight=0.0):
