@@ -503,6 +503,15 @@ def test_disk_full_during_a_flush(tmp_path, monkeypatch, mode):
         assert_same_targets(TeacherCache(path), reference, range(4))
 
 
+def test_unwritable_directory(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    cache = TeacherCache(tmp_path / "file" / "cache", k=K, temperature=T, vocab_size=V)
+    cache.write(0, logits_batch(1, 5, 0)[0])
+    with pytest.raises(CacheError, match="cannot create the lock of the cache directory"):
+        cache.flush()
+    assert cache.num_tokens == 5  # still buffered
+
+
 # A real full disk: a 256 KiB tmpfs mounted in a user + mount namespace; writes until a flush fails.
 FULL_DISK = r"""
 import json, os, subprocess, sys

@@ -496,7 +496,10 @@ class TeacherCache:
                 raise CacheError(f"example ids {taken[:8]} were added to the cache at {self.directory} by another "
                                  "writer; nothing was written")
             committed = {MANIFEST, LOCK} | {f["name"] for s in self.manifest["shards"] for f in s["files"].values()}
-            remove_uncommitted(self.directory, committed)
+            try:
+                remove_uncommitted(self.directory, committed)
+            except OSError as e:
+                raise CacheError(f"cannot remove the files a killed writer left in {self.directory}: {e}") from None
             self._write_shard()
 
     def _write_shard(self) -> None:

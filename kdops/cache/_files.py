@@ -148,9 +148,13 @@ def remove_uncommitted(directory: Path, committed: set[str]) -> None:
 @contextlib.contextmanager
 def directory_lock(directory: Path):
     """Holds an exclusive lock on ``directory / LOCK`` (across processes) for the ``with`` block;
-    the kernel releases it when its holder dies."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK, "a+b") as handle:
+    the kernel releases it when its holder dies. :class:`CacheError` if it cannot be created."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        handle = open(directory / LOCK, "a+b")
+    except OSError as e:
+        raise CacheError(f"cannot create the lock of the cache directory {directory}: {e}") from None
+    with handle:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
