@@ -503,6 +503,23 @@ def test_disk_full_during_a_flush(tmp_path, monkeypatch, mode):
         assert_same_targets(TeacherCache(path), reference, range(4))
 
 
+def test_strided_and_transposed_inputs(tmp_path):
+    """Precomputed targets given as expanded or transposed (Fortran-ordered) tensors are stored
+    in C order and read back equal."""
+    values, indices, rest = topk_targets(logits_batch(1, 6, 0)[0], K, T)
+    with TeacherCache(tmp_path / "topk", k=K, temperature=T, vocab_size=V, dtype="float32") as cache:
+        cache.write_topk(0, values.t().contiguous().t(), indices.t().contiguous().t(), rest)  # Fortran order
+        cache.write_topk(1, values[:1].expand(6, K), indices[:1].expand(6, K), rest[:1].expand(6))  # stride 0
+    got = TeacherCache(tmp_path / "topk")
+    assert torch.equal(got[0].logprobs, values) and torch.equal(got[0].indices, indices)
+    assert torch.equal(got[1].indices, indices[:1].expand(6, K))
+    counts = torch.zeros(6, K, dtype=torch.int32)
+    counts[:, 0] = K
+    with TeacherCache(tmp_path / "sample", mode="sample", k=K, temperature=T, vocab_size=V) as cache:
+        cache.write_samples(0, counts.t().contiguous().t(), torch.arange(K, dtype=torch.int32).expand(6, K))
+    assert torch.equal(TeacherCache(tmp_path / "sample")[0].indices, torch.arange(K, dtype=torch.int32).expand(6, K))
+
+
 def test_unwritable_directory(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     cache = TeacherCache(tmp_path / "file" / "cache", k=K, temperature=T, vocab_size=V)

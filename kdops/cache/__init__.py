@@ -507,7 +507,8 @@ class TeacherCache:
         lengths = np.array([p[1]["indices"].shape[0] for p in self._pending], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         ids = np.array([p[0] for p in self._pending], dtype=np.int64)
-        arrays = {kind: np.concatenate([p[1][kind] for p in self._pending]) for kind in SHARD_FILES[self.mode][:-1]}
+        arrays = {kind: np.ascontiguousarray(np.concatenate([p[1][kind] for p in self._pending]))  # C order
+                  for kind in SHARD_FILES[self.mode][:-1]}
         arrays["examples"] = np.stack([ids, starts, lengths], axis=1)
         files, written = {}, []
         try:
