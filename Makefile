@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 # torch is pinned: 2.13.0 resolves to the local CPU wheel here (an unpinned torch pulls CUDA builds)
 DEPS := torch==2.13.0 triton==3.9.0 pybind11 ninja pytest numpy
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench aot-check gpu-check
 
 install:
 	$(PIP) install -q $(DEPS)
@@ -27,3 +27,26 @@ TEST_EXTRAS := transformers accelerate matplotlib trl==1.16.0
 test: install
 	$(PIP) install -q $(TEST_EXTRAS) torch==2.13.0
 	$(PYTHON) -m pytest tests -q -ra
+
+# make aot-check: every Triton specialisation the launchers produce, compiled for sm_80/90/100 with
+# the pinned Triton and with Triton 3.6 (the GPU machines' version; a virtual environment made here
+# on first use, torch pinned to the local CPU wheel), then the CUDA C++ kernels with nvcc -Xptxas -v.
+# AOT_FLAGS=--quick: the CI subset. No GPU needed; non-zero exit status on any failure.
+TRITON36_VENV ?= $(HOME)/.cache/kdops/venv-triton36
+AOT_FLAGS ?=
+AOT_DATE := $(shell date +%F)
+
+$(TRITON36_VENV)/bin/python:
+	$(PYTHON) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/pip install -q torch==2.13.0 triton==3.6.0 numpy
+
+aot-check: $(TRITON36_VENV)/bin/python
+	nice $(PYTHON) tools/aot_check.py --python $(TRITON36_VENV)/bin/python $(AOT_FLAGS)
+	nice $(PYTHON) tools/cuda_resource_check.py $(if $(findstring --quick,$(AOT_FLAGS)),--quick,) \
+		benchmarks/results/cuda-resources$(if $(findstring --quick,$(AOT_FLAGS)),-quick,)-$(AOT_DATE).json
+
+# make gpu-check: the one prepared command for a lent GPU (builds kdops, CUDA tests, GPU benchmark
+# presets; JSON under benchmarks/results/); GPU_CHECK_FLAGS=--dry-run runs its plumbing on CPU.
+GPU_CHECK_FLAGS ?=
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_FLAGS)

@@ -1,0 +1,270 @@
+"""The one prepared command for a lent GPU (issue 12, section 3): ``make gpu-check``.
+
+Made for the GPU machines kdops may be lent (one H200, 16 cores, torch 2.11, Triton 3.6, Python
+3.12, nvcc 13.0, no network, about 15 minutes of GPU time, at most 10 minutes per command): in
+under 8 minutes, each step under its own timeout (and all under ``--budget`` seconds), it
+
+1. builds kdops with this machine's Python, both native modules, no downloads
+   (``pip install --no-build-isolation --no-deps -e .``, CUDA for this GPU's architecture only);
+2. runs the CUDA-device tests (the ``cuda`` and ``triton`` cases of the kernel test files, which
+   take CUDA tensors on a GPU machine; one pytest process per file, in parallel) against the
+   float64 oracle;
+3. runs ``compute-sanitizer`` memcheck (and racecheck on the sparse scatter) on a short payload
+   of kd / sparse kd / multi-teacher / relation calls on both GPU backends, where the tool exists;
+4. runs the GPU benchmark presets through ``python -m kdops.bench`` (KD 8192 x {32000, 128256,
+   151936} bf16 / fp32 vs torch eager and torch.compile with the measured copy bandwidth; fused
+   linear 8192 x 4096 x 128256 bf16 vs materialised logits, torch.compile and Liger-Kernel where
+   installed; sparse KD; SP / RKD-D at 16384 x 2048);
+5. writes versions, device, commands, every step's status and output tail and the benchmark
+   tables as JSON (``benchmarks/results/gpu-check-<date>.json``), and a short table last on stdout.
+
+``--dry-run`` runs every step on CPU with tiny shapes (the Triton interpreter for the tests, the
+payload without the sanitizer, the benchmarks with the cpu backend), and checks the build by
+importing it instead of rebuilding: the plumbing, tested by ``tests/test_aot_check.py``.
+
+    python3 benchmarks/gpu_check.py             # on the GPU machine (make gpu-check)
+    python3 benchmarks/gpu_check.py --dry-run --out-dir /tmp/gpu-check
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_FILES = ("test_kd.py", "test_sparse_kd.py", "test_multi_teacher.py", "test_fused_linear.py",
+              "test_affinity.py", "test_feature.py", "test_gpu_bugs.py", "test_attention_relation.py")
+
+
+@dataclass
+class Step:
+    """One command of the check; ``timeout`` seconds (cut to what the budget has left)."""
+
+    name: str
+    commands: list[list[str]]  # run in parallel
+    timeout: float
+    env: dict = field(default_factory=dict)
+    bench_json: Optional[Path] = None  # a kdops.bench result to include
+
+
+def _bench(name: str, out_dir: Path, date: str, device: str, args: list[str], timeout: float) -> Step:
+    out = out_dir / f"gpu-{name}-{date}.json"
+    cmd = [sys.executable, "-m", "kdops.bench", *args, "--device", device, "--out", str(out), "--no-plots"]
+    return Step(f"bench {name}", [cmd], timeout, bench_json=out)
+
+
+def plan(dry_run: bool, out_dir: Path, date: str) -> list[Step]:
+    """The steps: the GPU run, or its CPU dry run with tiny shapes."""
+    py = sys.executable
+    tests = [f for f in TEST_FILES if (REPO / "tests" / f).exists()]
+    if dry_run:
+        interp = {"TRITON_INTERPRET": "1"}
+        bench = dict(device="cpu", extra=["--backends", "cpu", "--baselines", "eager", "--repeats", "1", "--warmup", "0"])
+        return [
+            Step("build (import check)", [[py, "-c", "import kdops; print(kdops.available_backends())"]], 120),
+            Step("cuda tests", [[py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                 "tests/test_gpu_bugs.py::test_launch_helper_makes_the_tensors_device_current"]],
+                 300, env=interp),
+            Step("sanitizer payload", [[py, __file__, "--payload", "--device", "cpu"]], 300, env=interp),
+            _bench("kd", out_dir, date, bench["device"], ["--ops", "kd", "--shapes", "16x100", "--dtypes", "float32",
+                                                         *bench["extra"]], 300),
+            _bench("fused-linear", out_dir, date, bench["device"], ["--ops", "fused_linear", "--shapes", "16x8x100",
+                                                                   "--dtypes", "float32", *bench["extra"]], 300),
+            _bench("sparse-kd", out_dir, date, bench["device"], ["--ops", "sparse_kd", "--shapes", "16x100x8",
+                                                                "--dtypes", "float32", *bench["extra"]], 300),
+            _bench("relation", out_dir, date, bench["device"], ["--ops", "sp", "rkd_distance", "--shapes", "16x8",
+                                                               "--dtypes", "float32", *bench["extra"]], 300),
+        ]
+    cc = _capability()
+    build_env = {"CUDAARCHS": cc, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 16), "KDOPS_REQUIRE_CUDA": "1"}
+    sanitizer = shutil.which("compute-sanitizer") or _cuda_tool("compute-sanitizer")
+    steps = [
+        Step("build", [[py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "-e", "."]], 150,
+             env=build_env),
+        Step("cuda tests", [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda or triton", f"tests/{f}"]
+                            for f in tests], 120),
+    ]
+    if sanitizer:
+        steps.append(Step("compute-sanitizer", [
+            [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", py, __file__, "--payload", "--device", "cuda"],
+            [sanitizer, "--tool", "racecheck", "--error-exitcode", "1", py, __file__, "--payload", "--device", "cuda",
+             "--only", "sparse"]], 60))
+    else:
+        steps.append(Step("compute-sanitizer (not found: payload only)",
+                          [[py, __file__, "--payload", "--device", "cuda"]], 60))
+    steps += [
+        _bench("kd", out_dir, date, "cuda", ["--ops", "kd", "--shapes", "8192x32000", "8192x128256", "8192x151936",
+                                             "--dtypes", "bfloat16", "float32", "--baselines", "eager", "compile",
+                                             "--repeats", "10"], 75),
+        _bench("fused-linear", out_dir, date, "cuda", ["--ops", "fused_linear", "--shapes", "8192x4096x128256",
+                                                       "--dtypes", "bfloat16", "--baselines", "eager", "compile",
+                                                       "liger", "--repeats", "5"], 60),
+        _bench("sparse-kd", out_dir, date, "cuda", ["--ops", "sparse_kd", "--shapes", "8192x128256x64",
+                                                    "--dtypes", "bfloat16", "--baselines", "eager", "--repeats", "10"], 30),
+        _bench("relation", out_dir, date, "cuda", ["--ops", "sp", "rkd_distance", "--shapes", "16384x2048",
+                                                   "--dtypes", "float32", "bfloat16", "--baselines", "eager",
+                                                   "--repeats", "5"], 45),
+    ]
+    return steps
+
+
+def _cuda_tool(name: str) -> Optional[str]:
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / name).exists():
+            return str(Path(root) / "bin" / name)
+    return None
+
+
+def _capability() -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}{minor}"
+
+
+def run_step(step: Step, budget_left: float) -> dict:
+    """Run the step's commands in parallel, each killed at the step's timeout (or the budget's end)."""
+    timeout = max(1.0, min(step.timeout, budget_left))
+    start = time.monotonic()
+    env = {**os.environ, **step.env}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd in step.commands]
+    results = []
+    for cmd, proc in zip(step.commands, procs):
+        try:
+            out, _ = proc.communicate(timeout=max(0.1, timeout - (time.monotonic() - start)))
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            rc = "timeout"
+        results.append(dict(command=" ".join(cmd), rc=rc, tail=out[-4000:]))
+    status = "ok" if all(r["rc"] == 0 for r in results) else "FAILED"
+    row = dict(step=step.name, status=status, seconds=round(time.monotonic() - start, 1), timeout=round(timeout),
+               env=step.env, runs=results)
+    if step.bench_json is not None and step.bench_json.exists():
+        bench = json.loads(step.bench_json.read_text())
+        row["bench_json"] = str(step.bench_json)
+        row["bench"] = {k: bench[k] for k in ("machine", "rows", "copy_bandwidth_gbps") if k in bench}
+        md = step.bench_json.with_suffix(".md")
+        if md.exists():
+            row["tables"] = md.read_text()
+    return row
+
+
+def versions() -> dict:
+    """Python, torch, Triton, CUDA, nvcc and the device of this machine."""
+    import torch
+
+    info = dict(python=platform.python_version(), torch=torch.__version__, torch_cuda=torch.version.cuda,
+                platform=platform.platform(), cpus=os.cpu_count())
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = dict(name=props.name, capability=f"{props.major}.{props.minor}",
+                              memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
+    else:
+        info["device"] = "none (CPU)"
+    for tool, args in (("nvcc", ["--version"]), ("nvidia-smi", ["--query-gpu=name,driver_version", "--format=csv"])):
+        path = shutil.which(tool) or _cuda_tool(tool)
+        if path:
+            out = subprocess.run([path, *args], capture_output=True, text=True).stdout.strip().splitlines()
+            info[tool] = out[-1] if out else None
+    return info
+
+
+def payload(device: str, only: Optional[str]) -> None:
+    """A short pass over the GPU kernels for the sanitizer: each family on each backend that takes
+    ``device`` tensors, forward and backward, with ignored rows, a multi-teacher mixture, a
+    sparse scatter, a relation loss; compared with the torch reference."""
+    import torch
+
+    import kdops
+
+    torch.manual_seed(0)
+    backends = [b for b, s in kdops.available_backends().items() if s.available and b != "torch"]
+    if device == "cpu":
+        backends = [b for b in backends if b in ("cpu", "triton")]
+    n, vocab = (33, 1000) if device == "cuda" else (5, 40)  # the interpreter: tiny
+    s = torch.randn(n, vocab, device=device)
+    t = torch.randn(3, n, vocab, device=device)
+    labels = torch.randint(0, vocab, (n,), device=device)
+    labels[::5] = -100
+    top = t[0].log_softmax(-1).topk(16)
+    for backend in backends:
+        calls = {
+            "kd": lambda x: kdops.distill_loss(x, t[0], labels, hard_weight=0.5, divergence="jsd", backend=backend),
+            "multi": lambda x: kdops.distill_loss(x, t, labels, divergence="reverse_kl", backend=backend),
+            "sparse": lambda x: kdops.sparse_distill_loss(x, top.values, top.indices, labels, hard_weight=0.5,
+                                                          rest_mass="bucket", backend=backend),
+            "relation": lambda x: kdops.rkd_distance_loss(x[:, :64], t[0, :, :32], backend=backend),
+        }
+        for name, call in calls.items():
+            if only and name != only:
+                continue
+            x = s.clone().requires_grad_()
+            loss = call(x)
+            (grad,) = torch.autograd.grad(loss, x)
+            assert torch.isfinite(loss) and torch.isfinite(grad).all(), (backend, name)
+            print(f"payload {backend} {name}: loss {float(loss):.6g}")
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = [f"{'step':44s} {'status':8s} {'seconds':>8s}"]
+    for r in rows:
+        lines.append(f"{r['step']:44s} {r['status']:8s} {r['seconds']:8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="every step on CPU with tiny shapes (plumbing test)")
+    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--budget", type=float, default=460.0, help="seconds for all steps (default 460: under 8 min)")
+    p.add_argument("--payload", action="store_true", help=argparse.SUPPRESS)  # the sanitizer's program
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.payload:
+        payload(args.device, args.only)
+        return 0
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("no CUDA device: run on the GPU machine, or --dry-run here")
+    date = datetime.date.today().isoformat()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    rows = []
+    for step in plan(args.dry_run, args.out_dir, date):
+        rows.append(run_step(step, args.budget - (time.monotonic() - start)))
+        print(f"[gpu-check] {rows[-1]['step']}: {rows[-1]['status']} in {rows[-1]['seconds']} s", flush=True)
+    result = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), date=date, dry_run=args.dry_run,
+                  versions=versions(), budget_s=args.budget, total_s=round(time.monotonic() - start, 1), steps=rows)
+    out = args.out_dir / f"gpu-check{'-dry-run' if args.dry_run else ''}-{date}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for r in rows:  # the benchmark tables, then the short table last
+        if r.get("tables"):
+            print(r["tables"])
+    print(summary_table(rows))
+    print(f"total {result['total_s']} s; JSON: {out}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

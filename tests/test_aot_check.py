@@ -1,0 +1,99 @@
+"""The plumbing of tools/aot_check.py (capture, binding, dedupe, ptxas / cuobjdump parsing, the
+checks) on a tiny case, and the CPU dry run of benchmarks/gpu_check.py. The check compiles for
+GPUs, so it runs in a subprocess without TRITON_INTERPRET (this process interprets)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _run(code: str, timeout: int = 600) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_capture_bind_dedupe_and_compile_one():
+    """kd launches at K = 1 and K = 3 (two vocabularies: one specialisation each), the
+    specialisations Triton's binder gives them, and one real compile for sm_90 read back."""
+    out = _run("""
+        import json, sys, torch
+        sys.path.insert(0, "tools")
+        import aot_check as a
+        m = a.Matrix(dtypes=(torch.bfloat16,), vocabs=(32000, 151936), divergences=(2,), teachers=(1, 3),
+                     label_modes=("hard",), grads=(True,))
+        launches = a.capture(m, ("kd",))
+        specs = a.specialisations(launches)
+        _, signature, constexprs, attrs, options = a.bind(specs[0].fn, specs[0].args, specs[0].kwargs, 90)
+        affinity = a.specialisations(a.capture(a.Matrix(dtypes=(torch.float32,), batches=(100,), features=(8,)),
+                                               ("affinity",)))
+        a._SPECS = [s for s in affinity if s.name == "_sq_norms_kernel"]
+        row = a.compile_spec(0, 90)
+        print(json.dumps(dict(launches=len(launches), specs=[s.summary for s in specs], cases=specs[0].cases,
+                              grid=specs[0].max_grid, signature={k: str(v) for k, v in signature.items()},
+                              num_warps=options.num_warps, row=row)))
+    """)
+    assert out["launches"] == 4  # 2 vocabularies x 2 teacher counts
+    assert len(out["specs"]) == 2  # the vocabulary changes no specialisation here
+    single, multi = sorted(out["specs"], key=lambda s: "MULTI=True" in s)
+    assert "MULTI=False" in single and "BLOCK_V=4096" in single and "DIV=2" in single and "HAS_HARD=True" in single
+    assert "MULTI=True" in multi and "BLOCK_K=4" in multi and "BLOCK_V=1024" in multi
+    assert out["grid"] == [8192, 1, 1] and len(out["cases"]) == 2
+    assert out["signature"]["student_ptr"] == "*bf16" and out["signature"]["labels_ptr"] == "*i64"
+    row = out["row"]
+    assert row["errors"] == [] and row["arch"] == "sm_90" and row["kernel"] == "_sq_norms_kernel"
+    assert 0 < row["regs"] <= 255 and row["spill_stores"] == 0 and row["ctas_per_sm"] >= 1
+    assert row["cuobjdump_regs"] == row["regs"]
+
+
+def test_parsers_and_checks():
+    out = _run("""
+        import json, sys
+        sys.path.insert(0, "tools")
+        import aot_check as a
+        log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\\n"
+               "ptxas info    : Function properties for k\\n"
+               "    48 bytes stack frame, 40 bytes spill stores, 36 bytes spill loads\\n"
+               "ptxas info    : Used 255 registers, used 1 barriers, 48 bytes cumulative stack size\\n")
+        dump = "Function k:\\n REG:255 STACK:48 SHARED:0 LOCAL:0 CONSTANT[0]:560 TEXTURE:0 SURFACE:0 SAMPLER:0\\n"
+        parsed = {**a.parse_ptxas_log(log), **a.parse_resource_usage(dump)}
+        row = dict(parsed, shared=240000, num_warps=8, ctas_per_sm=a.ctas_per_sm(90, 255, 8, 240000))
+        errors = a.check(row, 90, [70000, 70000, 1], budget=32)
+        print(json.dumps(dict(parsed=parsed, errors=errors, ctas=[a.ctas_per_sm(90, 64, 4, 0),
+                                                                  a.ctas_per_sm(80, 128, 8, 100000)])))
+    """)
+    assert out["parsed"] == dict(regs=255, stack=48, spill_stores=40, spill_loads=36, cuobjdump_regs=255,
+                                 cuobjdump_stack=48, static_shared=0, local=0)
+    text = " | ".join(out["errors"])
+    for expected in ("shared memory 240000 B > 232448", "grid[1] = 70000 > CUDA's 65535",
+                     "no CTA fits an SM", "spills 40 B stores / 36 B loads > budget 32 B"):
+        assert expected in text, text
+    assert "grid[0]" not in text  # 2^31 - 1 blocks allowed along x
+    assert out["ctas"] == [8, 1]  # 64 regs x 128 threads: the register file holds 8 CTAs; 100 KB smem: 1
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """Every step of make gpu-check on CPU with tiny shapes; the JSON names each step and its status."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out-dir", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    (result_file,) = tmp_path.glob("gpu-check-dry-run-*.json")
+    result = json.loads(result_file.read_text())
+    steps = [s["step"] for s in result["steps"]]
+    assert steps[:3] == ["build (import check)", "cuda tests", "sanitizer payload"]
+    assert {"bench kd", "bench fused-linear", "bench sparse-kd", "bench relation"} <= set(steps)
+    assert all(s["status"] == "ok" for s in result["steps"])
+    assert all(s["bench"]["rows"] for s in result["steps"] if s["step"].startswith("bench"))
+    assert result["versions"]["torch"] and proc.stdout.strip().splitlines()[-1].startswith("total")
