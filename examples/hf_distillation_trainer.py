@@ -1,8 +1,9 @@
 """Distilling a Hugging Face causal LM with kdops inside ``transformers.Trainer``.
 
-``DistillationTrainer.compute_loss`` runs the student's and the teacher's base models (no
-``lm_head``), then ``kdops.fused_linear_distill_loss`` on their final hidden states and
-``lm_head`` weights: the ``[tokens, V]`` logits of neither model are ever formed. Per token::
+:class:`kdops.integrations.transformers.DistillationTrainer` runs the student's and the teacher's
+base models (no ``lm_head``), then ``kdops.fused_linear_distill_loss`` on their final hidden
+states and ``lm_head`` weights: the ``[tokens, V]`` logits of neither model are ever formed.
+Per token::
 
     loss = a * CE(student, next token) + (1 - a) * T**2 * KL(softmax(t / T) || softmax(s / T))
 
@@ -14,45 +15,13 @@ Run: ``python examples/hf_distillation_trainer.py`` (a few steps on CPU or GPU).
 from __future__ import annotations
 
 import tempfile
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch import Tensor, nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Trainer, TrainingArguments
+from torch import Tensor
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-import kdops
-
-
-class DistillationTrainer(Trainer):
-    """A ``Trainer`` whose loss distils ``teacher`` into the trained model with
-    :func:`kdops.fused_linear_distill_loss` (``temperature``, ``hard_weight`` as there)."""
-
-    # compute_loss returns a per-batch mean: the Trainer divides it for gradient accumulation.
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args: Any, teacher: PreTrainedModel, temperature: float = 2.0, hard_weight: float = 0.5,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # older transformers: same meaning as the line above
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
-        self.temperature = temperature
-        self.hard_weight = hard_weight
-
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Tensor], return_outputs: bool = False,
-                     num_items_in_batch: Optional[Tensor] = None):
-        student = self.accelerator.unwrap_model(model)
-        features = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
-        hidden = student.base_model(**features).last_hidden_state  # (B, T, H_s), after the final norm
-        with torch.no_grad():
-            teacher_hidden = self.teacher.base_model(**features).last_hidden_state
-        # Position t predicts token t + 1; padding (label -100) is ignored.
-        labels = inputs["labels"][:, 1:]
-        loss = kdops.fused_linear_distill_loss(
-            hidden[:, :-1], student.get_output_embeddings().weight,
-            teacher_hidden[:, :-1], self.teacher.get_output_embeddings().weight, labels,
-            temperature=self.temperature, hard_weight=self.hard_weight,
-        )
-        return (loss, {"loss": loss}) if return_outputs else loss
+from kdops.integrations.transformers import DistillationTrainer
 
 
 def build_models(vocab_size: int = 512, seed: int = 0) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
@@ -83,7 +52,8 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
 
 
-def make_trainer(output_dir: str, steps: int = 8, **trainer_options: Any) -> DistillationTrainer:
+def make_trainer(output_dir: str, steps: int = 8, temperature: float = 2.0, hard_weight: float = 0.5,
+                 **trainer_options: Any) -> DistillationTrainer:
     """A :class:`DistillationTrainer` of the tiny models for ``steps`` optimizer steps."""
     teacher, student = build_models()
     args = TrainingArguments(
@@ -92,7 +62,7 @@ def make_trainer(output_dir: str, steps: int = 8, **trainer_options: Any) -> Dis
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )
     return DistillationTrainer(model=student, args=args, train_dataset=RandomTokens(32, 24, 512), teacher=teacher,
-                               **trainer_options)
+                               temperature=temperature, hard_weight=hard_weight, **trainer_options)
 
 
 def logged_losses(trainer: Trainer) -> list[float]:
