@@ -45,13 +45,22 @@ def _check(backend, inputs, loss_tol=None, grad_tol=None, floor=0.0, **options):
     g_sa, g_sb = torch.autograd.grad((got * weights.to(got.dtype)).sum(), (sa, sb))
     e_sa, e_sb = torch.autograd.grad((expected * weights.double()).sum(), ref_inputs[:2])
     assert g_sa.dtype == sa.dtype and g_sa.shape == sa.shape
+    # the size of one row's gradient terms, g_i c_s |b| (a gradient that cancels to 0 exactly, as
+    # with one key, is rounding noise of that size)
+    heads = options.get("relation_heads") or sa.shape[1]
+    channels = sa.shape[1] * sa.shape[3] if sa.dim() == 4 else sa.shape[2]
+    rows = heads * (sa.shape[0] * sa.shape[-2] if options.get("attention_mask") is None
+                    else max(int((options["attention_mask"] != 0).sum()), 1))
+    g = 1.0 / rows if options.get("reduction", "mean") == "mean" else 1.0
+    size = float(torch.cat([sa.detach().flatten(), sb.detach().flatten()]).abs().max().double())
+    floor = max(floor, g * size / ((channels / heads) ** 0.5 * options.get("temperature", 1.0)))
     for g, e in ((g_sa, e_sa), (g_sb, e_sb)):
         assert_close_to_max(g, e, grad_tol or RELATION_GRAD_TOL[sa.dtype], floor)
     return got
 
 
 CASES = {  # name: (batch, length, options); student 4 x 16, teacher 12 x 64 -> 8 relation heads
-    "L1": (2, 1, dict(relation_heads=8)),
+    "L1": (2, 1, dict(relation_heads=2)),
     "L7-regroup": (2, 7, dict(relation_heads=8)),
     "L7-causal-jsd": (2, 7, dict(relation_heads=8, causal=True, divergence="jsd", beta=0.3)),
     "L33-padded-reverse": (3, 33, dict(relation_heads=8, mask=True, divergence="reverse_kl")),
@@ -68,18 +77,32 @@ def _options(batch, length, options):
     return options
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("case", CASES)
+TRITON_CASES = ("L1", "L7-regroup", "L7-skew-none")  # the interpreter pays per program: few heads
+
+
+@pytest.mark.parametrize("backend, case", [(b, c) for b in KERNEL_BACKENDS for c in CASES
+                                           if b != "triton" or c in TRITON_CASES])
 def test_matches_reference(backend, case):
     batch, length, options = CASES[case]
     _check(backend, _inputs(batch, length), **_options(batch, length, options))
 
 
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="triton is not available")
+def test_triton_gpu_block_sizes(monkeypatch):
+    """The GPU's 64 x 64 tiles (the interpreter runs 32 x 32 by default): partial and causal tiles."""
+    from kdops.backends.triton import attention_relation as kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_M", 64)
+    monkeypatch.setattr(kernels, "BLOCK_N", 64)
+    inputs = _inputs(2, 70, student=(2, 8), teacher=(2, 16))
+    _check("triton", inputs, relation_heads=2, causal=True, attention_mask=_padding(2, 70), divergence="jsd")
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_length_130_with_padding_and_causal(backend):
     """Several query and key blocks, partial last blocks, causal tiles skipped."""
-    inputs = _inputs(2, 130, student=(2, 8), teacher=(2, 24))
-    _check(backend, inputs, relation_heads=2, causal=True, attention_mask=_padding(2, 130, fully_masked=False))
+    inputs = _inputs(1, 130, student=(1, 8), teacher=(1, 24))
+    _check(backend, inputs, causal=True, attention_mask=_padding(1, 130, fully_masked=False))
 
 
 @needs_cpu
@@ -103,8 +126,8 @@ def test_extreme_scores(backend):
     sa, sb, ta, tb = (x.detach() for x in inputs)
     scores = torch.cat([(a @ b.transpose(-1, -2)).abs().flatten() for a, b in ((sa, sb), (ta, tb))]) / 8**0.5
     floor = float(scores.max() * torch.cat([sa.flatten(), sb.flatten()]).abs().max()) / 8**0.5
-    _check(backend, inputs, floor=floor, relation_heads=2, divergence="reverse_kl")
-    _check(backend, inputs, floor=floor, relation_heads=2, divergence="jsd")
+    for divergence in ("reverse_kl", "jsd")[: 1 if backend == "triton" else 2]:  # the interpreter is slow
+        _check(backend, inputs, floor=floor, relation_heads=2, divergence=divergence)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -119,7 +142,7 @@ def test_fully_masked_sample_counts_nothing(backend):
     g_sa, g_sb = torch.autograd.grad(mean, (sa, sb))
     assert bool((g_sa[1] == 0).all()) and bool((g_sb[1] == 0).all())
     none = kdops.attention_relation_loss(sa, sb, ta, tb, attention_mask=torch.zeros(2, 6), backend=backend)
-    assert float(none) == 0.0
+    assert float(none.detach()) == 0.0
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -147,7 +170,7 @@ def test_identical_models_give_zero(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradcheck_float64(backend):
-    length, heads, dim = (4, 1, 3) if backend == "triton" else (6, 2, 4)  # the interpreter is slow
+    length, heads, dim = (3, 1, 2) if backend == "triton" else (6, 2, 4)  # the interpreter is slow
     sa, sb, ta, tb = _inputs(1, length, student=(heads, dim), teacher=(heads, 5), dtype=torch.float64)
     mask = torch.tensor([[1] * (length - 1) + [0]])
     fn = lambda a, b: kdops.attention_relation_loss(a, b, ta, tb, causal=True, attention_mask=mask,  # noqa: E731
@@ -163,20 +186,23 @@ def test_opcheck_and_compile(backend):
         counted = _padding(2, 5).to(torch.uint8)
         torch.library.opcheck(torch.ops.kdops.attention_relation.default,
                               (*views, counted, True, 1.5, 2, 0.5, backend))
-        rows, stats = ops.attention_relation_op(*views, counted, True, 1.5, 2, 0.5, backend)
+        constants = [x.detach() for x in views]  # the backward op has no autograd formula (no double backward)
+        rows, stats = ops.attention_relation_op(*constants, counted, True, 1.5, 2, 0.5, backend)
         torch.library.opcheck(torch.ops.kdops.attention_relation_backward.default,
-                              (torch.rand_like(rows), *views, counted, stats, True, 1.5, 2, 0.5, backend))
+                              (torch.rand_like(rows), *constants, counted, stats, True, 1.5, 2, 0.5, backend))
 
     def step(a, b):
-        loss = kdops.attention_relation_loss(a, b, ta, tb, causal=True, backend=backend)
-        return loss, torch.autograd.grad(loss, (a, b))
+        return kdops.attention_relation_loss(a, b, ta, tb, causal=True, backend=backend)
 
     # the kernels sit inside custom ops, opaque to the compiler
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager, got = step(sa, sb), compiled(sa, sb)
-    assert_close(got[0], eager[0], LOSS_TOL[torch.float32])
-    for g, e in zip(got[1], eager[1]):
-        assert_close_to_max(g, e, RELATION_GRAD_TOL[torch.float32])
+    copies = [[x.detach().clone().requires_grad_() for x in (sa, sb)] for _ in range(2)]
+    eager, got = step(*copies[0]), compiled(*copies[1])
+    eager.backward()
+    got.backward()
+    assert_close(got, eager, LOSS_TOL[torch.float32])
+    for g, e in zip(copies[1], copies[0]):
+        assert_close_to_max(g.grad, e.grad, RELATION_GRAD_TOL[torch.float32])
 
 
 def test_torch_backend_is_the_reference_and_teacher_is_constant():

@@ -20,8 +20,7 @@ tiles, as flash-attention's does: with ``g_i`` the incoming gradient of row ``i`
 """
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -31,37 +30,19 @@ from kdops._alloc import compute_dtype
 from kdops.ops import validation
 
 
-def _triton_kernels() -> ModuleType:
-    from kdops.backends.triton import attention_relation  # imported late: TRITON_INTERPRET is read at import
-
-    return attention_relation
-
-
-def _native_kernels() -> ModuleType:
-    from kdops.backends.native import attention_relation  # kdops._C (CPU tensors) or kdops._C_cuda (CUDA)
-
-    return attention_relation
-
-
-# backend -> loader of the module with this family's kernels, which provides
+FAMILY = "attention_relation"
+# The family's contract: every backend's kdops.backends.<backend>.attention_relation module provides
 #   relation_forward(sa, sb, ta, tb, counted, causal, temperature, divergence, beta)
 #       -> (rows [B, H, L], stats [3, B, H, L] = lse_s, lse_t, S)
 #   relation_backward(grad_rows, sa, sb, ta, tb, counted, stats, causal, temperature, divergence, beta)
 #       -> (d sa, d sb)
 # with sa, sb [B, H, L, ds], ta, tb [B, H, L, dt] (unit stride on the last dim), counted None or a
-# contiguous uint8 [B, L]. None: no kernels, the torch reference runs.
-_KERNELS: dict[str, Optional[Callable[[], ModuleType]]] = {
-    "triton": _triton_kernels,
-    "cuda": _native_kernels,
-    "cpu": _native_kernels,
-    "torch": None,
-}
+# contiguous uint8 [B, L].
 
 
 def implementation(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """What runs a call: the resolved backend, or ``"torch"`` where it has no kernels of this family."""
-    name = _dispatch.resolve_backend(backend, device, dtype)
-    return name if _KERNELS[name] is not None else "torch"
+    """What runs a call of this family: the resolved backend (``"torch"``: the reference)."""
+    return _dispatch.resolve_backend(backend, device, dtype, FAMILY)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -72,7 +53,7 @@ def attention_relation_op(student_a: Tensor, student_b: Tensor, teacher_a: Tenso
                           counted: Optional[Tensor], causal: bool, temperature: float, divergence: int,
                           beta: float, backend: str) -> tuple[Tensor, Tensor]:
     """(row losses ``[B, H, L]``, row statistics ``[3, B, H, L]``) of ``[B, H, L, d]`` inputs."""
-    return _KERNELS[backend]().relation_forward(student_a, student_b, teacher_a, teacher_b, counted, causal,
+    return _dispatch.kernels(FAMILY, backend).relation_forward(student_a, student_b, teacher_a, teacher_b, counted, causal,
                                                 temperature, divergence, beta)
 
 
@@ -89,7 +70,7 @@ def attention_relation_backward_op(grad_rows: Tensor, student_a: Tensor, student
                                    temperature: float, divergence: int, beta: float,
                                    backend: str) -> tuple[Tensor, Tensor]:
     """(dL/d student_a, dL/d student_b) from the rows' gradient ``[B, H, L]`` and the forward's stats."""
-    return _KERNELS[backend]().relation_backward(grad_rows.contiguous(), student_a, student_b, teacher_a,
+    return _dispatch.kernels(FAMILY, backend).relation_backward(grad_rows.contiguous(), student_a, student_b, teacher_a,
                                                  teacher_b, counted, stats, causal, temperature, divergence, beta)
 
 
@@ -218,10 +199,10 @@ def attention_relation_loss(
     validation.check_same_device(student_a=student_a, attention_mask=attention_mask)
     code = validation.check_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=0.0,
                                     reduction=reduction, has_labels=False)
-    name = _dispatch.resolve_backend(backend, student_a.device, student_a.dtype)
+    name = _dispatch.resolve_backend(backend, student_a.device, student_a.dtype, FAMILY)
     options = dict(relation_heads=heads, causal=causal, attention_mask=attention_mask, temperature=temperature,
                    divergence=divergence, beta=beta)
-    if _KERNELS[name] is None:
+    if name == "torch":
         return reference.attention_relation_loss(student_a, student_b, teacher_a, teacher_b, reduction=reduction,
                                                  **options)
     views = [_unit_stride(reference.relation_head_view(x, heads)) for x in (student_a, student_b)]
