@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import kdops
-from kdops.cache import CacheError, TeacherCache, build_cache, sample_targets, topk_targets
+from kdops.cache import CacheError, TeacherCache, build_cache, example_seed, sample_targets, topk_targets
 from kdops.cache.__main__ import main as cache_cli
 
 V, K, T = 50, 8, 2.0
@@ -668,13 +668,13 @@ def test_sampled_round_trip_and_reopening(tmp_path):
     (uint8), reads them as log(count / k) with rest -inf, appends, and refuses another mode."""
     batches = [([2 * n, 2 * n + 1], logits_batch(2, 5, n)) for n in range(3)]
     cache = build_cache(lambda x: x, batches, tmp_path, mode="sample", k=K, temperature=T, seed=7, progress=False)
-    generator = torch.Generator().manual_seed(7)
-    want = [sample_targets(logits, K, T, generator) for _, logits in batches]
+    want = [[sample_targets(logits[e % 2], K, T, torch.Generator().manual_seed(example_seed(7, e)))
+             for e in ids] for ids, logits in batches]  # each example its own generator
     reopened = TeacherCache(tmp_path, mode="sample")
     assert reopened.manifest["mode"] == "sample" and reopened.manifest["dtype"] == "uint8"
     assert not (tmp_path / "shard-00000.values.npy").exists() and (tmp_path / "shard-00000.counts.npy").exists()
     for e in range(6):
-        counts, indices = (x[e % 2] for x in want[e // 2])
+        counts, indices = want[e // 2][e % 2]
         got = reopened[e]
         assert torch.equal(got.indices, indices) and got.logprobs.dtype == torch.float32
         assert torch.equal(got.logprobs, torch.log(counts.float() / K))
@@ -888,7 +888,8 @@ def test_build_from_model_bad_input(tmp_path, capfd):
 
 def test_targets_in_chunks_of_rows(tmp_path, monkeypatch):
     """write takes the targets of a few rows at a time (bounded float32 temporaries): the same
-    top-k as one call over the batch; sampled rows still draw k each."""
+    top-k as one call over the batch; each example's draws come from its own seeded generator,
+    the same whatever the batches and their order."""
     monkeypatch.setattr(kdops.cache, "TARGET_CHUNK_ELEMENTS", 7 * V)  # 7 of the 15 rows per chunk
     teacher = logits_batch(3, 5, 11)
     with TeacherCache(tmp_path / "topk", k=K, temperature=T, vocab_size=V, dtype="float32") as cache:
@@ -902,3 +903,12 @@ def test_targets_in_chunks_of_rows(tmp_path, monkeypatch):
         cache.write([0, 1, 2], teacher)
     soft = TeacherCache(tmp_path / "sample").read([0, 1, 2])
     assert soft.indices.shape == (15, K) and torch.allclose(soft.logprobs.exp().sum(-1), torch.ones(15))
+    monkeypatch.undo()  # one chunk per example, examples written one at a time in another order: same draws
+    with TeacherCache(tmp_path / "again", mode="sample", k=K, temperature=T, vocab_size=V, seed=2) as cache:
+        for e in (2, 0, 1):
+            cache.write(e, teacher[e])
+    for e in range(3):
+        assert torch.equal(TeacherCache(tmp_path / "again")[e].indices, TeacherCache(tmp_path / "sample")[e].indices)
+    with TeacherCache(tmp_path / "other", mode="sample", k=K, temperature=T, vocab_size=V, seed=3) as cache:
+        cache.write([0, 1, 2], teacher)  # another seed: other draws
+    assert not torch.equal(TeacherCache(tmp_path / "other").read([0, 1, 2]).logprobs, soft.logprobs)

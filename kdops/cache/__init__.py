@@ -38,6 +38,7 @@ shards that existed when it opened.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import sys
@@ -65,7 +66,7 @@ from kdops.cache._files import (
 )
 from kdops.cache.targets import sample_logprobs, sample_targets, topk_targets
 
-__all__ = ["CacheError", "TeacherCache", "TeacherTopK", "build_cache", "sample_targets", "topk_targets"]
+__all__ = ["CacheError", "TeacherCache", "TeacherTopK", "build_cache", "example_seed", "sample_targets", "topk_targets"]
 
 FORMAT = "kdops-teacher-cache"
 VERSION = 2
@@ -87,6 +88,14 @@ COUNT_DTYPES = {
 # the files of a shard, per mode
 SHARD_FILES = {"topk": ("values", "indices", "rest", "examples"), "sample": ("counts", "indices", "examples")}
 SETTINGS = ("mode", "k", "temperature", "vocab_size", "dtype")
+
+
+def example_seed(seed: int, example_id: int) -> int:
+    """The seed of example ``example_id``'s draws in a cache seeded with ``seed``: 63 bits of
+    ``SHA-256(f"{seed}:{example_id}")``. Each example has its own stream, so a sampled cache is
+    the same whatever the batching, the order, the resumptions or the number of writers."""
+    digest = hashlib.sha256(f"{seed}:{int(example_id)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def count_dtype(k: int) -> str:
@@ -129,9 +138,10 @@ class TeacherCache:
     ``vocab_size`` it creates one if there is none, and otherwise checks that the existing one
     has the settings given (``mode``, ``k``, ``temperature``, ``vocab_size``, ``dtype``,
     ``teacher``: :class:`CacheError` if not) and appends to it. ``mode``: ``"topk"`` (default)
-    or ``"sample"`` (``k`` draws per token from a generator seeded with ``seed``; None: torch's
-    global generator). ``dtype``: the stored top-k value type (``"bfloat16"``, ``"float16"`` or
-    ``"float32"``; a sampled cache stores counts). ``teacher``: a free-form name.
+    or ``"sample"`` (``k`` draws per token, each example's from a generator seeded with
+    :func:`example_seed` of ``seed`` and its id; None: torch's global generator). ``dtype``: the
+    stored top-k value type (``"bfloat16"``, ``"float16"`` or ``"float32"``; a sampled cache
+    stores counts). ``teacher``: a free-form name.
     ``shard_tokens``: tokens per shard (buffered in memory until flushed). ``verify``: check each
     shard's checksums before its first read.
 
@@ -161,7 +171,6 @@ class TeacherCache:
         self.verify = verify
         self.shard_tokens = shard_tokens
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
         self._lock = threading.Lock()
         self._pending: list[tuple[int, dict[str, np.ndarray]]] = []
         self._pending_tokens = 0
@@ -392,20 +401,25 @@ class TeacherCache:
         }
 
     # ---- writing ----
-    def _generator(self, device: torch.device) -> Optional[torch.Generator]:
-        """The sampling generator on ``device`` (seeded with ``seed``; None: torch's global one)."""
+    def _generator(self, device: torch.device, example_id: int) -> Optional[torch.Generator]:
+        """The generator of one example's draws: seeded with :func:`example_seed` (None: torch's
+        global generator when the cache has no ``seed``)."""
         if self.seed is None:
             return None
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(self.seed)
-        return self._generators[device]
+        return torch.Generator(device).manual_seed(example_seed(self.seed, example_id))
+
+    def _by_rows(self, targets: Callable[[Tensor], tuple[Tensor, ...]], rows: Tensor) -> tuple[Tensor, ...]:
+        """``targets`` of ``[N, V]`` rows, a chunk of rows at a time (bounded float32 temporaries)."""
+        step = max(1, TARGET_CHUNK_ELEMENTS // self.vocab_size)
+        parts = [targets(rows[i:i + step]) for i in range(0, max(rows.shape[0], 1), step)]
+        return tuple(torch.cat(x) for x in zip(*parts))
 
     def write(self, example_ids: Union[int, Sequence[int]], teacher_logits: Tensor,
               lengths: Optional[Sequence[int]] = None) -> None:
         """Adds the soft targets of teacher logits: one example ``[L, V]`` (``example_ids`` an
         int), or a batch ``[B, L, V]`` with ``B`` ids; ``lengths`` keeps only each example's
-        first tokens (padding dropped). The top-k is taken, or the k draws made, at the cache's
-        temperature."""
+        first tokens (padding dropped). The top-k is taken, or the k draws made (for each example
+        from its own generator, see :func:`example_seed`), at the cache's temperature."""
         if teacher_logits.shape[-1] != self.vocab_size:
             raise CacheError(f"teacher_logits have vocabulary size {teacher_logits.shape[-1]}; the cache has "
                              f"vocab_size={self.vocab_size}")
@@ -417,26 +431,20 @@ class TeacherCache:
         if lengths is not None and len(lengths) != len(example_ids):
             raise ValueError(f"lengths must have one entry per example id ({len(example_ids)}); got {len(lengths)}")
         logits = teacher_logits.detach()
-        rows = logits.reshape(-1, self.vocab_size)
-        step = max(1, TARGET_CHUNK_ELEMENTS // self.vocab_size)  # float32 temporaries per chunk of rows
-        if self.mode == "sample":
-            generator = self._generator(logits.device)
-            parts = [sample_targets(rows[i:i + step], self.k, self.temperature, generator)
-                     for i in range(0, rows.shape[0], step)]
-        else:
-            parts = [topk_targets(rows[i:i + step], self.k, self.temperature) for i in range(0, rows.shape[0], step)]
-        shape = logits.shape[:2]
-        if self.mode == "sample":
-            counts, indices = (torch.cat(x).reshape(*shape, self.k) for x in zip(*parts))
-        else:
-            values, indices, rest = (torch.cat(x).reshape(*shape, -1) for x in zip(*parts))
-            rest = rest.reshape(shape)
+        if self.mode == "topk":
+            batch, length = logits.shape[:2]
+            values, indices, rest = self._by_rows(lambda rows: topk_targets(rows, self.k, self.temperature),
+                                                  logits.reshape(-1, self.vocab_size))
+            values, indices = (x.reshape(batch, length, self.k) for x in (values, indices))
+            rest = rest.reshape(batch, length)
         for b, eid in enumerate(example_ids):
             n = logits.shape[1] if lengths is None else int(lengths[b])
-            if self.mode == "sample":
-                self.write_samples(eid, counts[b, :n], indices[b, :n])
-            else:
+            if self.mode == "topk":
                 self.write_topk(eid, values[b, :n], indices[b, :n], rest[b, :n])
+                continue
+            generator = self._generator(logits.device, eid)
+            self.write_samples(eid, *self._by_rows(
+                lambda rows: sample_targets(rows, self.k, self.temperature, generator), logits[b, :n]))
 
     def _check_rows(self, what: str, values: Tensor, indices: Tensor) -> None:
         if values.dim() != 2 or values.shape[1] != self.k or indices.shape != values.shape:
@@ -597,8 +605,8 @@ def build_cache(
     inputs)`` (or ``(example_ids, inputs, lengths)``: each example's first tokens kept) under
     ``torch.no_grad()`` and writes the soft targets to the cache at ``directory`` (created, or
     appended to): ``mode="topk"`` the top-k (values stored in ``dtype``, default bfloat16),
-    ``mode="sample"`` k draws per token from a generator seeded with ``seed``. A progress bar
-    goes to stderr (``total``: the number of batches, if known). Returns the cache, flushed."""
+    ``mode="sample"`` k draws per token (reproducible with ``seed``: :func:`example_seed`). A
+    progress bar goes to stderr (``total``: the number of batches, if known). Returns the cache, flushed."""
     _check_settings(mode, k, temperature, dtype)
     if mode == "topk" and dtype is None:
         dtype = "bfloat16"
