@@ -76,7 +76,8 @@ def _compute(
     rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs,
                                     student_transform)
     return (rows, h.new_empty(0) if gh is None else gh.to(h.dtype), w.new_empty(0) if gw is None else gw.to(w.dtype),
-            w.new_empty(0) if gb is None else gb.to(w.dtype), h.new_empty(0) if row_entropies is None else row_entropies)
+            w.new_empty(0) if gb is None else gb.to(w.dtype),
+            h.new_empty(0) if row_entropies is None else row_entropies)
 
 
 def _compute_fake(h, w, b, th, tw, tb, teacher_log_weights, labels, row_weights, needs, chunk, entropy, backend,
@@ -109,8 +110,10 @@ def _teacher_triples(teacher_hidden, teacher_weight, teacher_bias) -> list[Teach
     each checked: one teacher's tensors, or equal-length sequences of K teachers'."""
     if isinstance(teacher_hidden, Tensor):
         if not (isinstance(teacher_weight, Tensor) or teacher_weight is None):
-            raise TypeError(f"teacher_weight must be a tensor when teacher_hidden is one; got {type(teacher_weight).__name__}")
-        validation.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight, "teacher_bias", teacher_bias)
+            raise TypeError(
+                f"teacher_weight must be a tensor when teacher_hidden is one; got {type(teacher_weight).__name__}")
+        validation.check_linear("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight,
+                                "teacher_bias", teacher_bias)
         return [(teacher_hidden, teacher_weight, teacher_bias)]
     if not isinstance(teacher_hidden, (list, tuple)) or not isinstance(teacher_weight, (list, tuple)):
         raise TypeError(
@@ -120,7 +123,8 @@ def _teacher_triples(teacher_hidden, teacher_weight, teacher_bias) -> list[Teach
     k = len(teacher_hidden)
     biases = [None] * k if teacher_bias is None else teacher_bias
     if not isinstance(biases, (list, tuple)):
-        raise TypeError(f"teacher_bias must be None or a list/tuple of K = {k} biases (or None); got {type(biases).__name__}")
+        raise TypeError(
+            f"teacher_bias must be None or a list/tuple of K = {k} biases (or None); got {type(biases).__name__}")
     if k == 0 or len(teacher_weight) != k or len(biases) != k:
         raise ValueError(
             f"teacher_hidden, teacher_weight (and teacher_bias) must list the same K >= 1 teachers; got "
@@ -182,7 +186,8 @@ def fused_linear_distill_loss(
     chunk holds the K teachers' logits (K > 1 takes the chunked path on the Triton backend too).
     Other options as in :func:`kdops.distill_loss`.
     """
-    validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight, "student_bias", student_bias)
+    validation.check_linear("student_hidden", student_hidden, "student_weight", student_weight,
+                            "student_bias", student_bias)
     teachers = _teacher_triples(teacher_hidden, teacher_weight, teacher_bias)
     multi = not isinstance(teacher_hidden, Tensor)
     if teacher_weights is not None and not multi:

@@ -22,8 +22,15 @@ from torch import Tensor
 from kdops import _dispatch, reference
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
-from kdops.ops._common import (DistillOptions, OpArgs, check_normalizer, define, distill_options, reduce_rows,
-                               register_saved_grad_autograd)
+from kdops.ops._common import (
+    DistillOptions,
+    OpArgs,
+    check_normalizer,
+    define,
+    distill_options,
+    reduce_rows,
+    register_saved_grad_autograd,
+)
 
 
 # The family's contract: every backend's kdops.backends.<backend>.kd module provides
@@ -100,8 +107,9 @@ def distill_loss(
         # the current model and its EMA as a two-teacher mixture for a smaller student
         loss = distill_loss(s, torch.stack([t_now.detach(), t_ema.detach()]), teacher_weights=[0.7, 0.3])
     """
-    for name, value, identity in (("student_logit_scale", student_logit_scale, 1.0), ("student_softcap", student_softcap, None),
-                                  ("teacher_logit_scale", teacher_logit_scale, 1.0), ("teacher_softcap", teacher_softcap, None)):
+    transforms = (("student_logit_scale", student_logit_scale, 1.0), ("student_softcap", student_softcap, None),
+                  ("teacher_logit_scale", teacher_logit_scale, 1.0), ("teacher_softcap", teacher_softcap, None))
+    for name, value, identity in transforms:
         if value != identity:
             raise NotImplementedError(
                 f"{name}: distill_loss takes logits already formed; apply the model's transform to them (autograd "
@@ -118,7 +126,8 @@ def distill_loss(
         )
     n_teachers = teacher_logits.shape[0] if multi else 1
     if n_teachers == 0:
-        raise ValueError(f"teacher_logits (K, ..., V) must hold K >= 1 teachers; got shape {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"teacher_logits (K, ..., V) must hold K >= 1 teachers; got shape {tuple(teacher_logits.shape)}")
     if teacher_weights is not None and not multi:
         raise ValueError(
             "teacher_weights needs K teachers: teacher_logits of shape (K, ..., V); got the "
@@ -131,7 +140,8 @@ def distill_loss(
         )
     vocab = student_logits.shape[-1]
     if vocab == 0:
-        raise ValueError(f"student_logits must have a vocabulary dimension V >= 1; got shape {tuple(student_logits.shape)}")
+        raise ValueError(
+            f"student_logits must have a vocabulary dimension V >= 1; got shape {tuple(student_logits.shape)}")
     lead = student_logits.shape[:-1]
     labels = validation.check_labels(labels, lead, "student_logits")
     validation.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)

@@ -41,8 +41,16 @@ from kdops import _dispatch, reference
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
 from kdops.ops._chunked import check_chunk_size, chunk_rows, lm_head_rows
-from kdops.ops._common import (DistillOptions, OpArgs, check_normalizer, define, distill_options, reduce_rows,
-                               register_lm_head_autograd, register_saved_grad_autograd)
+from kdops.ops._common import (
+    DistillOptions,
+    OpArgs,
+    check_normalizer,
+    define,
+    distill_options,
+    reduce_rows,
+    register_lm_head_autograd,
+    register_saved_grad_autograd,
+)
 
 REST_MASS = ("ignore", "bucket")
 _INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
@@ -162,7 +170,8 @@ def sparse_distill_loss(
         raise ValueError("student_logits must have at least one dimension (..., V); got a scalar")
     vocab = student_logits.shape[-1]
     if vocab == 0:
-        raise ValueError(f"student_logits must have a vocabulary dimension V >= 1; got shape {tuple(student_logits.shape)}")
+        raise ValueError(
+            f"student_logits must have a vocabulary dimension V >= 1; got shape {tuple(student_logits.shape)}")
     lead = student_logits.shape[:-1]
     k = _check_topk(topk_logprobs, topk_indices, lead, vocab, "student_logits")
     labels = validation.check_labels(labels, lead, "student_logits")
