@@ -393,3 +393,52 @@ def test_bad_input_names_the_argument(case):
         pytest.skip("checks the error of a machine without a GPU")
     with pytest.raises(error, match=re.escape(text)):
         fn(*args, **kwargs)
+
+
+# ---- near-duplicate samples (issue 16): exact distances in the native CPU kernels ----
+
+
+def _close_features(case):
+    """float32 features whose pairwise distances the Gram form |x_i|^2 + |x_j|^2 - 2 x_i.x_j
+    cancels: 1-D samples (B = 257), tight clusters far from the origin, exact duplicates."""
+    if case == "1d":
+        return torch.randn(257, 1) + 3.0
+    if case == "clustered":
+        centres = torch.randn(5, 16) * 10
+        return (50.0 + centres.repeat_interleave(26, 0) + 1e-3 * torch.randn(130, 16)).float()
+    y = torch.randn(40, 8) + 7.0
+    return torch.cat([y, y[:20]])  # duplicated rows
+
+
+@pytest.mark.parametrize("case", ["1d", "clustered", "duplicated"])
+@pytest.mark.parametrize("kind", ["euclidean", "squared_euclidean"])
+def test_native_affinity_of_close_pairs_matches_float64(kind, case):
+    require("cpu")
+    x = _close_features(case)
+    upstream = torch.randn(x.shape[0], x.shape[0], dtype=torch.float64)
+    s = x.clone().requires_grad_(True)
+    a = kdops.affinity(s, kind=kind, backend="cpu")
+    (a * upstream.float()).sum().backward()
+    s64 = x.double().requires_grad_(True)
+    a64 = reference.affinity(s64, kind)
+    (a64 * upstream).sum().backward()
+    assert_close_to_max(a, a64, RELATION_LOSS_TOL[torch.float32])
+    assert_close_to_max(s.grad, s64.grad, RELATION_GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", ["1d", "clustered", "duplicated"])
+def test_native_rkd_distance_of_close_pairs_matches_float64(case):
+    require("cpu")
+    x = _close_features(case)
+    teacher = x[:, :1].repeat(1, 3) * 2.0 + 0.5 * torch.randn(x.shape[0], 3)
+    check_loss("rkd_distance", "cpu", x, teacher)
+
+
+def test_native_distances_ignore_a_common_shift():
+    """Distances do not see a shift of the batch (here 1000, where |x|^2 ~ 4e6 and float32's Gram
+    form loses ~0.5 of every squared distance): the kernels centre it away."""
+    require("cpu")
+    x = torch.randn(65, 4) + 1000.0
+    for kind in ("euclidean", "squared_euclidean"):
+        assert_close_to_max(kdops.affinity(x, kind=kind, backend="cpu"), reference.affinity(x.double(), kind),
+                            RELATION_LOSS_TOL[torch.float32])

@@ -10,7 +10,7 @@ from kdops import reference
 from kdops.divergences import DIVERGENCES
 from kdops.ops._common import DistillOptions
 
-from conftest import (BACKENDS, DTYPES, GRAD_TOL, LOSS_TOL, assert_close, beta_for, huge_logits_grad_tol, require)
+from conftest import BACKENDS, DTYPES, GRAD_TOL, LOSS_TOL, assert_close, beta_for, huge_logits_grad_tol, require
 
 
 def run(backend, student, teacher, labels=None, **options):
@@ -184,7 +184,8 @@ def test_module_wrapper_matches_function():
     student, teacher, labels = make_inputs((4, 3, 20), torch.float32, "cpu")
     crit = kdops.nn.DistillLoss(temperature=3.0, divergence="jsd", beta=0.4, hard_weight=0.5)
     assert "jsd" in repr(crit)
-    expected = kdops.distill_loss(student, teacher, labels, temperature=3.0, divergence="jsd", beta=0.4, hard_weight=0.5)
+    expected = kdops.distill_loss(student, teacher, labels, temperature=3.0, divergence="jsd", beta=0.4,
+                                  hard_weight=0.5)
     assert torch.equal(crit(student, teacher, labels), expected)
 
 
@@ -262,3 +263,234 @@ def test_different_devices_is_an_error():
     t = torch.randn(2, 5, device="meta")
     with pytest.raises(ValueError, match="teacher_logits is on meta"):
         kdops.distill_loss(s, t)
+
+
+# ---- the native CPU kernel (kdops._C through kdops.backends.native.kd) against the float64 reference ----
+
+from kdops.backends.native import _module as _native_module  # noqa: E402
+from kdops.backends.native import kd as _native  # noqa: E402
+
+_native_cpu = pytest.mark.skipif(not _native_module.cpu_status()[0], reason=_native_module.cpu_status()[1])
+
+
+def _native_kd(student, teacher, labels, divergence, temperature, beta, hard_weight, soft_weight, ignore_index,
+               compute_grad, teacher_log_weights=None):
+    options = DistillOptions(divergence, temperature, beta, hard_weight, soft_weight, ignore_index)
+    return _native.kd_forward(student, teacher, labels, options, compute_grad, teacher_log_weights)
+
+
+NATIVE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# (loss rtol, grad tolerance relative to the largest |grad| of the row block)
+NATIVE_TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1e-5, 8e-3),
+    torch.float16: (1e-5, 1e-3),
+}
+
+
+def _native_logits(n, v, dtype, scale=3.0, seed=0, width=None):
+    """[n, v] logits, as a slice of an [n, width] tensor when width is given (row stride width)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, width or v, generator=g, dtype=torch.float64) * scale
+    return x.to(dtype)[:, :v]
+
+
+def _native_reference(student, teacher, labels, div, temperature, beta, hard_weight, soft_weight):
+    s = student.double().requires_grad_()
+    rows, _ = reference.weighted_row_loss(
+        s, teacher.double(), labels, temperature=temperature, divergence=DIVERGENCES[div],
+        beta=beta, hard_weight=hard_weight, soft_weight=soft_weight, ignore_index=-100,
+    )
+    (grad,) = torch.autograd.grad(rows.sum(), s)
+    return rows.detach(), grad
+
+
+def _native_check(student, teacher, labels=None, div=0, temperature=2.0, beta=0.3, hard_weight=0.0,
+           soft_weight=None):
+    soft_weight = (1.0 - hard_weight) * temperature**2 if soft_weight is None else soft_weight
+    args = (student, teacher, labels, div, temperature, beta, hard_weight, soft_weight, -100)
+    loss, grad = _native_kd(*args, True)
+    loss_only, empty = _native_kd(*args, False)
+    n, v = student.shape
+    assert loss.dtype == (torch.float64 if student.dtype == torch.float64 else torch.float32)
+    assert loss.shape == (n,) and grad.shape == (n, v) and grad.dtype == student.dtype
+    assert grad.is_contiguous() and empty.numel() == 0
+    ref_loss, ref_grad = _native_reference(student, teacher, labels, div, temperature, beta, hard_weight,
+                                    soft_weight)
+    rtol, gtol = NATIVE_TOLERANCES[student.dtype]
+    torch.testing.assert_close(loss_only, loss, rtol=rtol, atol=rtol * 1e-2)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=rtol * 1e-2)
+    scale = max(ref_grad.abs().max().item(), 1e-30)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=gtol, atol=gtol * scale)
+    return loss, grad
+
+
+@_native_cpu
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
+def test_native_matches_reference(div, dtype):
+    n, v = 7, 1000 + 7
+    _native_check(_native_logits(n, v, dtype, seed=1), _native_logits(n, v, dtype, seed=2), div=div)
+
+
+@_native_cpu
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
+def test_native_labels_ignore_index_and_hard_weight(div, dtype, monkeypatch):
+    monkeypatch.setenv("KDOPS_POISON_OUTPUTS", "1")  # every output element must be written
+    n, v = 6, 3001
+    labels = torch.tensor([0, -100, v - 1, 17, -100, 5])
+    loss, grad = _native_check(_native_logits(n, v, dtype, seed=3), _native_logits(n, v, dtype, seed=4), labels,
+                        div=div, beta=0.6, hard_weight=0.4)
+    assert torch.all(loss[labels == -100] == 0) and torch.all(grad[labels == -100] == 0)
+
+
+@_native_cpu
+@pytest.mark.parametrize("v", [1, 3, 5000 + 3], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
+def test_native_vocab_sizes(div, v):
+    labels = torch.tensor([0, v - 1, v // 2])
+    _native_check(_native_logits(3, v, torch.float32, seed=5), _native_logits(3, v, torch.float32, seed=6), labels,
+           div=div, temperature=0.7, hard_weight=0.25)
+
+
+@pytest.mark.parametrize("div", [d for d, name in enumerate(DIVERGENCES) if name != "reverse_kl"],
+                         ids=lambda d: DIVERGENCES[d])
+@_native_cpu
+def test_native_masked_teacher_vocabulary(div):
+    """-inf teacher logits (a masked vocabulary): p_t = 0 there."""
+    n, v = 4, 2049
+    teacher = _native_logits(n, v, torch.float32, seed=8).clone()
+    teacher[torch.rand(n, v, generator=torch.Generator().manual_seed(9)) < 0.4] = -math.inf
+    teacher[:, 2000:] = -math.inf  # also whole chunks of -inf
+    _native_check(_native_logits(n, v, torch.float32, seed=7), teacher, div=div, beta=0.5)
+
+
+@_native_cpu
+def test_native_masked_teacher_reverse_kl_is_infinite():
+    student = _native_logits(2, 100, torch.float32, seed=10)
+    teacher = _native_logits(2, 100, torch.float32).clone()
+    teacher[:, :10] = -math.inf
+    loss, _ = _native_kd(student, teacher, None, DIVERGENCES.index("reverse_kl"), 2.0, 0.5,
+                                0.0, 4.0, -100, True)
+    assert torch.all(loss == math.inf)
+
+
+@_native_cpu
+@pytest.mark.parametrize("div", ["reverse_kl", "jsd", "tvd"])
+def test_native_masked_student_logits(div):
+    """-inf student logits: p_s = 0 there, and so is the gradient. (The reference's autograd is
+    NaN there, so its gradient is taken with -1e4 in their place, where p_s is 0 as well.)"""
+    n, v = 3, 777
+    student = _native_logits(n, v, torch.float32, seed=11).clone()
+    student[:, ::5] = -math.inf
+    teacher = _native_logits(n, v, torch.float32, seed=12)
+    code = DIVERGENCES.index(div)
+    args = (None, code, 2.0, 0.5, 0.0, 4.0)
+    loss, grad = _native_kd(student, teacher, *args, -100, True)
+    ref_loss, _ = _native_reference(student, teacher, *args)
+    _, ref_grad = _native_reference(student.nan_to_num(neginf=-1e4), teacher, *args)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    assert torch.all(grad[:, ::5] == 0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
+@_native_cpu
+@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
+def test_native_large_logits(div):
+    n, v = 4, 4099
+    student = _native_logits(n, v, torch.float32, scale=1e4, seed=13)
+    teacher = _native_logits(n, v, torch.float32, scale=1e4, seed=14)
+    _native_check(student, teacher, torch.tensor([1, 2, 3, 4]), div=div, temperature=3.0, hard_weight=0.1)
+
+
+@_native_cpu
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+def test_native_strided_rows(dtype):
+    n, v = 5, 1031
+    student = _native_logits(n, v, dtype, seed=15, width=v + 13)
+    teacher = _native_logits(n, v, dtype, seed=16, width=2 * v + 1)
+    assert student.stride(0) == v + 13 and teacher.stride(0) == 2 * v + 1
+    _native_check(student, teacher, torch.tensor([3, -100, 0, 1030, 9]), div=2, hard_weight=0.3)
+
+
+@_native_cpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+def test_native_half_types_round_like_torch(dtype):
+    """16-bit logits are exact in float, so the gradients must round like torch's float ->
+    dtype conversion: bit-equal but where the last bits of the float sums (added in another
+    order) move a value across a rounding boundary."""
+    student, teacher = _native_logits(6, 3000, dtype, seed=17), _native_logits(6, 3000, dtype, seed=18)
+    args = (None, 0, 2.0, 0.5, 0.0, 4.0, -100, True)
+    loss16, grad16 = _native_kd(student, teacher, *args)
+    loss32, grad32 = _native_kd(student.float(), teacher.float(), *args)
+    torch.testing.assert_close(loss16, loss32, rtol=1e-6, atol=0)
+    assert (grad16.view(torch.int16) == grad32.to(dtype).view(torch.int16)).float().mean() > 0.99
+    torch.testing.assert_close(grad16.float(), grad32, rtol=torch.finfo(dtype).eps,
+                               atol=1e-5 * grad32.abs().max().item())
+
+
+@_native_cpu
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "loss"])
+def test_native_out_of_range_label_gives_a_nan_row(grad):
+    """A counted label outside [0, V) with the hard-label term: that row's loss and gradient are
+    NaN (never an out-of-bounds read), the other rows exact; without the hard term it only masks."""
+    student, teacher = _native_logits(4, 10, torch.float32), _native_logits(4, 10, torch.float32, seed=1)
+    labels = torch.tensor([10, 3, -7, -100])
+    loss, g = _native_kd(student, teacher, labels, 0, 1.0, 0.5, 0.5, 0.5, -100, grad)
+    assert loss[0].isnan() and loss[2].isnan() and loss[1].isfinite() and loss[3] == 0
+    if grad:
+        assert g[0].isnan().all() and g[2].isnan().all() and g[1].isfinite().all() and (g[3] == 0).all()
+    ok = torch.tensor([1])
+    ref_loss, ref_grad = _native_kd(student[ok], teacher[ok], labels[ok], 0, 1.0, 0.5, 0.5, 0.5, -100, True)
+    assert torch.equal(loss[1:2], ref_loss) and (not grad or torch.equal(g[1:2], ref_grad))
+    soft_only, _ = _native_kd(student, teacher, labels, 0, 1.0, 0.5, 0.0, 1.0, -100, False)
+    assert soft_only[:3].isfinite().all() and soft_only[3] == 0
+
+
+def _huge_rows(n, v, stride, dtype, seed):
+    """[n, v] rows r at element offset r * stride of one torch.empty buffer (untouched pages cost
+    nothing), filled with random logits, and their compact copy."""
+    buf = torch.empty((n - 1) * stride + v, dtype=dtype)
+    view = buf.as_strided((n, v), (stride, 1))
+    view.copy_(_native_logits(n, v, dtype, seed=seed))
+    return view, view.clone()
+
+
+@_native_cpu
+@pytest.mark.parametrize("div", [0, 2], ids=["forward_kl", "jsd"])
+def test_native_row_offsets_past_2_31(div):
+    """Row offsets r * stride past 2^31 elements (int64 offsets): the same bits as compact rows."""
+    stride = 2**31 + 7
+    student, compact_s = _huge_rows(2, 33, stride, torch.bfloat16, seed=20)
+    teacher, compact_t = _huge_rows(2, 33, stride, torch.bfloat16, seed=21)
+    labels = torch.tensor([5, 32])
+    args = (labels, div, 2.0, 0.3, 0.4, 2.4, -100, True)
+    loss, grad = _native_kd(student, teacher, *args)
+    ref_loss, ref_grad = _native_kd(compact_s, compact_t, *args)
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad) and loss.isfinite().all()
+
+
+@_native_cpu
+def test_native_teacher_offsets_past_2_31():
+    """K = 3 teachers whose k stride puts teacher 2 at (K - 1) * k_stride > 2^31 elements."""
+    k_stride, n, v = 2**30 + 64, 3, 41
+    buf = torch.empty(2 * k_stride + n * v, dtype=torch.bfloat16)
+    teacher = buf.as_strided((3, n, v), (k_stride, v, 1))
+    teacher.copy_(_native_logits(3 * n, v, torch.bfloat16, seed=22).view(3, n, v))
+    student = _native_logits(n, v, torch.bfloat16, seed=23)
+    log_w = torch.tensor([0.2, 0.3, 0.5]).log()
+    args = (torch.tensor([0, 7, 40]), 2, 2.0, 0.5, 0.25, 3.0, -100, True)
+    loss, grad = _native_kd(student, teacher, *args, log_w)
+    ref_loss, ref_grad = _native_kd(student, teacher.contiguous(), *args, log_w)
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad) and loss.isfinite().all()
+
+
+@_native_cpu
+def test_native_empty_batch():
+    loss, grad = _native_kd(torch.empty(0, 5), torch.empty(0, 5), None, 0, 2.0, 0.5, 0.0,
+                                   4.0, -100, True)
+    assert loss.shape == (0,) and grad.shape == (0, 5)
+
+

@@ -1,185 +1,142 @@
-"""The native CPU module kdops._C through kdops.backends.native.kd.kd_forward, against the float64 reference
-(kdops.reference.weighted_row_loss and its autograd gradient)."""
+"""The native build: kdops._C (and kdops._C_cuda where nvcc built it) import, expose the same
+functions, report their OpenMP threads, check their arguments, and link no libtorch / libc10.
+The kernels themselves are tested with their families (test_kd.py, test_sparse_kd.py,
+test_affinity.py)."""
 from __future__ import annotations
 
-import math
+import importlib.util
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from kdops import reference
 from kdops.backends.native import _module
-from kdops.backends.native import kd as native
-from kdops.divergences import DIVERGENCES
 
 _OK, _WHY_NOT = _module.cpu_status()
 pytestmark = pytest.mark.skipif(not _OK, reason=f"kdops._C is not available: {_WHY_NOT}")
 
-DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-# (loss rtol, grad tolerance relative to the largest |grad| of the row block)
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-5, 1e-6),
-    torch.bfloat16: (1e-5, 8e-3),
-    torch.float16: (1e-5, 1e-3),
-}
+FUNCTIONS = ("kd_forward", "sparse_kd_forward", "affinity_forward", "affinity_backward", "relation_forward",
+             "relation_backward")
 
 
-def _logits(n, v, dtype, scale=3.0, seed=0, width=None):
-    """[n, v] logits, as a slice of an [n, width] tensor when width is given (row stride width)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, width or v, generator=g, dtype=torch.float64) * scale
-    return x.to(dtype)[:, :v]
+def _built(name: str):
+    module, why_not = _module.load(name)
+    if module is None:
+        pytest.skip(why_not)
+    return module
 
 
-def _reference(student, teacher, labels, div, temperature, beta, hard_weight, soft_weight):
-    s = student.double().requires_grad_()
-    rows, _ = reference.weighted_row_loss(
-        s, teacher.double(), labels, temperature=temperature, divergence=DIVERGENCES[div],
-        beta=beta, hard_weight=hard_weight, soft_weight=soft_weight, ignore_index=-100,
+def _path(name: str) -> str:
+    return _built(name).__file__
+
+
+@pytest.mark.parametrize("name", ["_C", "_C_cuda"])
+def test_module_links_no_libtorch(name):
+    """The modules take data pointers: no libtorch / libc10 / libtorch_python in their dynamic
+    section (readelf) nor among the libraries the loader resolves (ldd)."""
+    path = _path(name)
+    readelf = shutil.which("readelf")
+    if readelf:
+        dynamic = subprocess.run([readelf, "-d", path], capture_output=True, text=True, check=True).stdout
+        needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+        assert needed, dynamic
+        assert not [lib for lib in needed if re.match(r"lib(torch|c10)", lib)], needed
+    ldd = shutil.which("ldd")
+    if not (readelf or ldd):
+        pytest.skip("neither readelf nor ldd is available")
+    if ldd:
+        resolved = subprocess.run([ldd, path], capture_output=True, text=True).stdout
+        assert "libtorch" not in resolved and "libc10" not in resolved, resolved
+
+
+@pytest.mark.parametrize("name", ["_C", "_C_cuda"])
+def test_module_imports_without_torch(name):
+    """A fresh interpreter loads the module from its file without importing torch."""
+    path = _path(name)
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location({name!r}, {path!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"assert all(hasattr(m, f) for f in {FUNCTIONS!r})\n"
+        "assert 'torch' not in sys.modules\n"
     )
-    (grad,) = torch.autograd.grad(rows.sum(), s)
-    return rows.detach(), grad
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def _check(student, teacher, labels=None, div=0, temperature=2.0, beta=0.3, hard_weight=0.0,
-           soft_weight=None):
-    soft_weight = (1.0 - hard_weight) * temperature**2 if soft_weight is None else soft_weight
-    args = (student, teacher, labels, div, temperature, beta, hard_weight, soft_weight, -100)
-    loss, grad = native.kd_forward(*args, True)
-    loss_only, empty = native.kd_forward(*args, False)
-    n, v = student.shape
-    assert loss.dtype == (torch.float64 if student.dtype == torch.float64 else torch.float32)
-    assert loss.shape == (n,) and grad.shape == (n, v) and grad.dtype == student.dtype
-    assert grad.is_contiguous() and empty.numel() == 0
-    ref_loss, ref_grad = _reference(student, teacher, labels, div, temperature, beta, hard_weight,
-                                    soft_weight)
-    rtol, gtol = TOLERANCES[student.dtype]
-    torch.testing.assert_close(loss_only, loss, rtol=rtol, atol=rtol * 1e-2)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=rtol * 1e-2)
-    scale = max(ref_grad.abs().max().item(), 1e-30)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=gtol, atol=gtol * scale)
-    return loss, grad
+def _signature(function) -> list[str]:
+    """The argument names of a pybind function, from its docstring's first line."""
+    first = function.__doc__.splitlines()[0]
+    args = first[first.index("(") + 1:first.rindex(")")]
+    return [a.split(":")[0].strip() for a in re.split(r",\s*(?![^\[]*\])", args) if a.strip()]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
-def test_matches_reference(div, dtype):
-    n, v = 7, 1000 + 7
-    _check(_logits(n, v, dtype, seed=1), _logits(n, v, dtype, seed=2), div=div)
+def test_modules_expose_the_same_functions():
+    cpu = _built("_C")
+    for f in FUNCTIONS:
+        assert callable(getattr(cpu, f))
+    assert _signature(cpu.kd_forward)[-3:] == ["n_teachers", "teacher_k_stride", "teacher_log_weights_ptr"]
+    module, _ = _module.load("_C_cuda")
+    if module is None:
+        return
+    for f in FUNCTIONS:
+        cpu_args, cuda_args = _signature(getattr(cpu, f)), _signature(getattr(module, f))
+        if f == "kd_forward":  # the stream precedes the teacher keywords
+            assert cuda_args == cpu_args[:-3] + ["stream"] + cpu_args[-3:]
+        else:
+            assert cuda_args == cpu_args + ["stream"], f
 
 
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
-@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
-def test_labels_ignore_index_and_hard_weight(div, dtype, monkeypatch):
-    monkeypatch.setenv("KDOPS_POISON_OUTPUTS", "1")  # every output element must be written
-    n, v = 6, 3001
-    labels = torch.tensor([0, -100, v - 1, 17, -100, 5])
-    loss, grad = _check(_logits(n, v, dtype, seed=3), _logits(n, v, dtype, seed=4), labels,
-                        div=div, beta=0.6, hard_weight=0.4)
-    assert torch.all(loss[labels == -100] == 0) and torch.all(grad[labels == -100] == 0)
+def test_openmp_threads_follow_omp_num_threads():
+    """num_threads() is OpenMP's (checked without torch, which sets its own thread count)."""
+    assert _built("_C").num_threads() >= 1
+    code = (
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('_C', {_path('_C')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.num_threads())\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=120)
+    expected = "3" if "OpenMP" in _module.cpu_status()[1] else "1"
+    assert out.stdout.strip() == expected
 
 
-@pytest.mark.parametrize("v", [1, 3, 5000 + 3], ids=lambda v: f"V{v}")
-@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
-def test_vocab_sizes(div, v):
-    labels = torch.tensor([0, v - 1, v // 2])
-    _check(_logits(3, v, torch.float32, seed=5), _logits(3, v, torch.float32, seed=6), labels,
-           div=div, temperature=0.7, hard_weight=0.25)
+def test_status_names_the_threads():
+    ok, reason = _module.cpu_status()
+    assert ok and re.search(r"OpenMP with \d+ threads", reason)
 
 
-@pytest.mark.parametrize("div", [d for d, name in enumerate(DIVERGENCES) if name != "reverse_kl"],
-                         ids=lambda d: DIVERGENCES[d])
-def test_masked_teacher_vocabulary(div):
-    """-inf teacher logits (a masked vocabulary): p_t = 0 there."""
-    n, v = 4, 2049
-    teacher = _logits(n, v, torch.float32, seed=8).clone()
-    teacher[torch.rand(n, v, generator=torch.Generator().manual_seed(9)) < 0.4] = -math.inf
-    teacher[:, 2000:] = -math.inf  # also whole chunks of -inf
-    _check(_logits(n, v, torch.float32, seed=7), teacher, div=div, beta=0.5)
-
-
-def test_masked_teacher_reverse_kl_is_infinite():
-    student = _logits(2, 100, torch.float32, seed=10)
-    teacher = _logits(2, 100, torch.float32).clone()
-    teacher[:, :10] = -math.inf
-    loss, _ = native.kd_forward(student, teacher, None, DIVERGENCES.index("reverse_kl"), 2.0, 0.5,
-                                0.0, 4.0, -100, True)
-    assert torch.all(loss == math.inf)
-
-
-@pytest.mark.parametrize("div", ["reverse_kl", "jsd", "tvd"])
-def test_masked_student_logits(div):
-    """-inf student logits: p_s = 0 there, and so is the gradient. (The reference's autograd is
-    NaN there, so its gradient is taken with -1e4 in their place, where p_s is 0 as well.)"""
-    n, v = 3, 777
-    student = _logits(n, v, torch.float32, seed=11).clone()
-    student[:, ::5] = -math.inf
-    teacher = _logits(n, v, torch.float32, seed=12)
-    code = DIVERGENCES.index(div)
-    args = (None, code, 2.0, 0.5, 0.0, 4.0)
-    loss, grad = native.kd_forward(student, teacher, *args, -100, True)
-    ref_loss, _ = _reference(student, teacher, *args)
-    _, ref_grad = _reference(student.nan_to_num(neginf=-1e4), teacher, *args)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
-    assert torch.all(grad[:, ::5] == 0)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
-def test_large_logits(div):
-    n, v = 4, 4099
-    student = _logits(n, v, torch.float32, scale=1e4, seed=13)
-    teacher = _logits(n, v, torch.float32, scale=1e4, seed=14)
-    _check(student, teacher, torch.tensor([1, 2, 3, 4]), div=div, temperature=3.0, hard_weight=0.1)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_strided_rows(dtype):
-    n, v = 5, 1031
-    student = _logits(n, v, dtype, seed=15, width=v + 13)
-    teacher = _logits(n, v, dtype, seed=16, width=2 * v + 1)
-    assert student.stride(0) == v + 13 and teacher.stride(0) == 2 * v + 1
-    _check(student, teacher, torch.tensor([3, -100, 0, 1030, 9]), div=2, hard_weight=0.3)
-
-
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-def test_half_types_round_like_torch(dtype):
-    """16-bit logits are exact in float, so the gradients must round like torch's float ->
-    dtype conversion: bit-equal but where the last bits of the float sums (added in another
-    order) move a value across a rounding boundary."""
-    student, teacher = _logits(6, 3000, dtype, seed=17), _logits(6, 3000, dtype, seed=18)
-    args = (None, 0, 2.0, 0.5, 0.0, 4.0, -100, True)
-    loss16, grad16 = native.kd_forward(student, teacher, *args)
-    loss32, grad32 = native.kd_forward(student.float(), teacher.float(), *args)
-    torch.testing.assert_close(loss16, loss32, rtol=1e-6, atol=0)
-    assert (grad16.view(torch.int16) == grad32.to(dtype).view(torch.int16)).float().mean() > 0.99
-    torch.testing.assert_close(grad16.float(), grad32, rtol=torch.finfo(dtype).eps,
-                               atol=1e-5 * grad32.abs().max().item())
-
-
-def test_out_of_range_label_gives_nan():
-    student, teacher = _logits(2, 10, torch.float32), _logits(2, 10, torch.float32, seed=1)
-    loss, _ = native.kd_forward(student, teacher, torch.tensor([10, 3]), 0, 1.0, 0.5, 0.5, 0.5,
-                                -100, True)
-    assert math.isnan(loss[0].item()) and math.isfinite(loss[1].item())
-
-
-def test_empty_batch():
-    loss, grad = native.kd_forward(torch.empty(0, 5), torch.empty(0, 5), None, 0, 2.0, 0.5, 0.0,
-                                   4.0, -100, True)
-    assert loss.shape == (0,) and grad.shape == (0, 5)
-
-
-def test_bad_codes_raise_value_error():
-    from kdops import _C
-
+def test_bad_codes_raise_value_error_naming_the_function():
+    cpu = _built("_C")
     x = torch.zeros(1, 4)
     loss = torch.empty(1)
-    args = [x.data_ptr(), x.data_ptr(), 0, loss.data_ptr(), 0, 1, 4, 4, 4, 4, 0, 0, 2.0, 0.5, 0.0,
-            1.0, -100]
-    _C.kd_forward(*args)
+    args = [x.data_ptr(), x.data_ptr(), 0, loss.data_ptr(), 0, 1, 4, 4, 4, 4, 0, 0, 2.0, 0.5, 0.0, 1.0, -100]
+    cpu.kd_forward(*args)
     for index, bad in ((10, 7), (11, 6), (11, -1), (12, 0.0)):
-        with pytest.raises(ValueError):
-            _C.kd_forward(*args[:index], bad, *args[index + 1:])
-    assert _C.num_threads() >= 1
+        with pytest.raises(ValueError, match="kdops.kd_forward"):
+            cpu.kd_forward(*args[:index], bad, *args[index + 1:])
+    idx = torch.zeros(1, 1, dtype=torch.int32)
+    sparse = [x.data_ptr(), x.data_ptr(), idx.data_ptr(), 0, loss.data_ptr(), 0, 1, 4, 1, 4, 4, 0, 0, 2.0, 0.5,
+              0.0, 1.0, -100, True]
+    cpu.sparse_kd_forward(*sparse)
+    with pytest.raises(ValueError, match="kdops.sparse_kd_forward"):
+        cpu.sparse_kd_forward(*sparse[:8], 5, *sparse[9:])  # k > vocab
+    out = torch.empty(1, 1)
+    with pytest.raises(ValueError, match="kdops.affinity_forward"):
+        cpu.affinity_forward(x.data_ptr(), out.data_ptr(), 1, 4, 4, 1, 0, 9)  # unknown kind
+
+
+def test_loader_explains_a_missing_module():
+    module, why_not = _module.load("_C_missing_for_test")
+    assert module is None and "not built" in why_not and "pip install" in why_not
+
+
+def test_spec_finds_the_modules_in_the_package():
+    spec = importlib.util.find_spec("kdops._C")
+    assert spec is not None and Path(spec.origin).parent == Path(inspect.getfile(_module)).parents[2]

@@ -1,29 +1,22 @@
 // The interface of the relation-based kernels (affinities, SP, RKD distance, RKD angle) on the
-// CPU and the GPU, used by the bindings. The math is that of kdops/triton/affinity.py (module
+// CPU and the GPU, used by the bindings. The math is that of kdops/backends/triton/affinity.py (module
 // docstring): Gram tiles G = X X^T recomputed instead of stored, pair weights W applied as
 // dx_i = sum_j W_ij x_j + delta_i x_i.
 #pragma once
 
 #include <cstdint>
 
+#include "common/codes.h"
+#include "common/macros.h"
+
 namespace kdops {
-
-// Codes of kdops.ops.affinity (AFFINITY_KINDS index and relation loss codes).
-enum AffinityKind : int { kDot = 0, kCosine = 1, kEuclidean = 2, kSquaredEuclidean = 3 };
-enum RelationLoss : int { kSP = 0, kRKDDistance = 1, kRKDAngle = 2 };
-
-// Clamps of kdops.reference: norms below kNormEps are clamped, squared norms / distances below
-// kNormEps2 count as 0, squared distances are clamped to kDistEps2 before the square root.
-constexpr double kNormEps = 1e-12;
-constexpr double kNormEps2 = 1e-24;
-constexpr double kDistEps2 = 1e-12;
 
 // Features x [B, D] (dtype, rows strided, elements contiguous); "acc" is the accumulation type:
 // double for kFloat64 inputs, float otherwise. Pointers are device pointers for the CUDA kernels.
 struct AffinityParams {
   const void* x;           // [B, D] features, dtype
   int64_t batch, dim, x_stride;
-  int dtype;               // DType of common/kd.h
+  int dtype;               // DType (common/codes.h)
   int kind;                // AffinityKind
   void* out;               // forward: [B, B] affinity, acc, row stride out_stride
   int64_t out_stride;
@@ -52,31 +45,23 @@ void relation_forward_cpu(const RelationParams& p);
 void relation_backward_cpu(const RelationParams& p);
 
 #ifdef KDOPS_WITH_CUDA
-// The same on the GPU, asynchronous on `stream` (a cudaStream_t); scratch memory is allocated
-// stream-ordered (cudaMallocAsync).
-void affinity_forward_cuda(const AffinityParams& p, void* stream);
-void affinity_backward_cuda(const AffinityParams& p, void* stream);
-void relation_forward_cuda(const RelationParams& p, void* stream);
-void relation_backward_cuda(const RelationParams& p, void* stream);
+// The same on the GPU, asynchronous on `stream` (a cudaStream_t as an integer); scratch memory is
+// allocated stream-ordered (cudaMallocAsync).
+void affinity_forward_cuda(const AffinityParams& p, uintptr_t stream);
+void affinity_backward_cuda(const AffinityParams& p, uintptr_t stream);
+void relation_forward_cuda(const RelationParams& p, uintptr_t stream);
+void relation_backward_cuda(const RelationParams& p, uintptr_t stream);
 #endif
 
 // Per-element math shared by both backends (T: float or double).
 template <typename T>
-inline
-#if defined(__CUDACC__)
-    __host__ __device__
-#endif
-    T smooth_l1(T z, T beta) {
+KD_HD T smooth_l1(T z, T beta) {
   const T az = z < 0 ? -z : z;
   return az < beta ? T(0.5) * z * z / beta : az - T(0.5) * beta;
 }
 
 template <typename T>
-inline
-#if defined(__CUDACC__)
-    __host__ __device__
-#endif
-    T smooth_l1_grad(T z, T beta) {
+KD_HD T smooth_l1_grad(T z, T beta) {
   const T az = z < 0 ? -z : z;
   return az < beta ? z / beta : (z > 0 ? T(1) : (z < 0 ? T(-1) : T(0)));
 }

@@ -1,15 +1,15 @@
-// Runtime codes -> compile-time template arguments, for the host-side launchers of the CPU and
-// CUDA kernels: with_dtype(code, f) calls f(Type<T>{}), with_divergence(code, f) calls
-// f(std::integral_constant<int, DIV>{}), with_bool(b, f) calls f(std::true_type / false_type).
+// The only place where runtime codes become compile-time template arguments (typed dispatch, no
+// macros), for the host-side launchers of the CPU and CUDA kernels: with_dtype(code, f) calls
+// f(Type<T>{}), with_divergence(code, f) calls f(std::integral_constant<int, DIV>{}),
+// with_bool(b, f) calls f(std::true_type / false_type). Nest them for several codes.
 #pragma once
 
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
-#include "divergence.h"
-#include "dtype.h"
-#include "kd.h"
+#include "common/codes.h"
+#include "common/dtype.h"
 
 namespace kdops {
 
@@ -27,7 +27,7 @@ void with_dtype(int dtype, F&& f) {
     case kBFloat16: return f(Type<bfloat16_t>{});
     case kFloat64:
       if constexpr (WITH_FLOAT64) return f(Type<double>{});
-      throw std::invalid_argument("kdops: the CUDA kernels take float32, float16 or bfloat16, not float64");
+      throw std::invalid_argument("kdops: the CUDA kernels take float32, float16 or bfloat16 (not float64)");
   }
   throw std::invalid_argument("kdops: unknown dtype code " + std::to_string(dtype));
 }

@@ -7,30 +7,16 @@
 //      per-row constant); accumulate D = sum d and S = sum q.  Skipped for forward KL, whose
 //      S = -1 is known, so that D is accumulated in pass 3.
 //   3. dD/d(s_i) = (q_i - p_s_i * S) / T  (the softmax Jacobian applied to dD/dp_s).
-// Codes match kdops/divergences.py.
+// The divergence codes are those of common/codes.h.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define KD_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define KD_HD inline __attribute__((always_inline))  // so that the CPU loops vectorize
-#else
-#define KD_HD inline
-#endif
+#include "common/codes.h"
+#include "common/macros.h"
 
 namespace kdops {
-
-enum Divergence : int {
-  kForwardKL = 0,
-  kReverseKL = 1,
-  kJSD = 2,
-  kSkewForwardKL = 3,
-  kSkewReverseKL = 4,
-  kTVD = 5,
-};
 
 // Divergences whose S in pass 2 is known in advance (pass 2 is skipped).
 KD_HD constexpr bool needs_sum_pass(int div) { return div != kForwardKL; }

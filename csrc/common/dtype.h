@@ -1,20 +1,19 @@
-// Storage types of the kernels' logits and their conversions to the accumulation type, without
-// c10 or the CUDA half headers: float16 / bfloat16 are 16-bit PODs converted with integer code
-// (branch-free, so that CPU loops vectorize; independent of flush-to-zero on the GPU).
+// Storage types of the kernels' elements and their ONE conversion helper, Elem<T>, without c10:
+// float16 / bfloat16 are 16-bit PODs. On the CPU they convert with branch-free integer code (so
+// that the loops vectorize); in CUDA device code with the hardware's cvt instructions (the same
+// values: both are exact widening and round-to-nearest-even narrowing).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#ifndef KD_HD
 #if defined(__CUDACC__)
-#define KD_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define KD_HD inline __attribute__((always_inline))  // so that the CPU loops vectorize
-#else
-#define KD_HD inline
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #endif
-#endif
+
+#include "common/macros.h"
 
 namespace kdops {
 
@@ -81,51 +80,72 @@ KD_HD uint16_t float_to_bf16(float x) {
   return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x0040u : rounded);
 }
 
-// to_acc / from_acc between a storage type and its accumulation type: double for double,
-// float otherwise.
+// Elem<T> for a storage type T: acc_t (its accumulation type: double for double, float
+// otherwise), bits (the plain type a load or store moves: the 16-bit types travel as uint16_t),
+// and the conversions to_acc / from_acc between T (or its bits) and acc_t.
 template <typename T>
-struct Scalar;
+struct Elem;
 
-template <>
-struct Scalar<float> {
-  using acc_t = float;
-  KD_HD static float to_acc(float x) { return x; }
-  KD_HD static float from_acc(float x) { return x; }
+template <typename F>
+struct PlainElem {  // float, double: bits are the value
+  using acc_t = F;
+  using bits = F;
+  KD_HD static F to_acc(F x) { return x; }
+  KD_HD static F from_acc(F x) { return x; }
+  KD_HD static F bits_to_acc(F b) { return b; }
+  KD_HD static F acc_to_bits(F x) { return x; }
 };
 
 template <>
-struct Scalar<double> {
-  using acc_t = double;
-  KD_HD static double to_acc(double x) { return x; }
-  KD_HD static double from_acc(double x) { return x; }
-};
-
+struct Elem<float> : PlainElem<float> {};
 template <>
-struct Scalar<half_t> {
-  using acc_t = float;
-  KD_HD static float to_acc(half_t x) { return half_to_float(x.bits); }
-  KD_HD static half_t from_acc(float x) { return half_t{float_to_half(x)}; }
-};
-
-template <>
-struct Scalar<bfloat16_t> {
-  using acc_t = float;
-  KD_HD static float to_acc(bfloat16_t x) { return bf16_to_float(x.bits); }
-  KD_HD static bfloat16_t from_acc(float x) { return bfloat16_t{float_to_bf16(x)}; }
-};
+struct Elem<double> : PlainElem<double> {};
 
 template <typename T>
-using acc_type = typename Scalar<T>::acc_t;
+struct HalfElem {  // half_t, bfloat16_t (see the conversions above)
+  using acc_t = float;
+  using bits = uint16_t;
+  KD_HD static float bits_to_acc(uint16_t b) {
+    if constexpr (!std::is_same<T, half_t>::value) return bf16_to_float(b);  // a shift
+#if defined(__CUDA_ARCH__)
+    else return __half2float(__ushort_as_half(b));
+#else
+    else return half_to_float(b);
+#endif
+  }
+  KD_HD static uint16_t acc_to_bits(float x) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (std::is_same<T, half_t>::value) return __half_as_ushort(__float2half_rn(x));
+    else return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+#else
+    if constexpr (std::is_same<T, half_t>::value) return float_to_half(x);
+    else return float_to_bf16(x);
+#endif
+  }
+  KD_HD static float to_acc(T x) { return bits_to_acc(x.bits); }
+  KD_HD static T from_acc(float x) { return T{acc_to_bits(x)}; }
+};
+
+template <>
+struct Elem<half_t> : HalfElem<half_t> {};
+template <>
+struct Elem<bfloat16_t> : HalfElem<bfloat16_t> {};
+
+template <typename T>
+using acc_type = typename Elem<T>::acc_t;
+
+template <typename T>
+using Bits = typename Elem<T>::bits;
 
 template <typename T>
 KD_HD acc_type<T> to_acc(T x) {
-  return Scalar<T>::to_acc(x);
+  return Elem<T>::to_acc(x);
 }
 
 // from_acc<T>(x): x rounded to the storage type T.
 template <typename T>
 KD_HD T from_acc(acc_type<T> x) {
-  return Scalar<T>::from_acc(x);
+  return Elem<T>::from_acc(x);
 }
 
 }  // namespace kdops

@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "dtype.h"
+#include "common/dtype.h"
 
 namespace kdops {
 

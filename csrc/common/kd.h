@@ -1,13 +1,16 @@
-// The interface of the fused temperature-softmax KD kernels (CPU and CUDA), used by the bindings.
+// The parameters of the fused temperature-softmax KD kernels (CPU and CUDA) and their entry
+// points, bound by bindings/kd.h.
 #pragma once
 
 #include <cstdint>
 
+#include "common/codes.h"
+
 namespace kdops {
 
 // Everything a forward call needs; pointers are device pointers for the CUDA kernels.
-// Logit rows are strided (row stride in elements), their elements contiguous.
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// Logit rows are strided (row stride in elements), their elements contiguous. Offsets are int64
+// (r * stride and k * teacher_k_stride pass 2^31 at LLM sizes).
 
 struct KDParams {
   const void* student;    // [n_rows, vocab] logits, dtype
@@ -17,7 +20,7 @@ struct KDParams {
   void* grad;             // [n_rows, vocab] d(row loss)/d(student), dtype; nullptr: not computed
   int64_t n_rows, vocab;
   int64_t student_stride, teacher_stride, grad_stride;
-  int dtype;              // DType
+  int dtype;              // DType (common/codes.h)
   int divergence;         // Divergence
   double temperature;     // > 0
   double beta;
@@ -36,8 +39,8 @@ struct KDParams {
 void kd_forward_cpu(const KDParams& p);
 
 #ifdef KDOPS_WITH_CUDA
-// The same on the GPU, launched asynchronously on `stream` (a cudaStream_t).
-void kd_forward_cuda(const KDParams& p, void* stream);
+// The same on the GPU, launched asynchronously on `stream` (a cudaStream_t as an integer).
+void kd_forward_cuda(const KDParams& p, uintptr_t stream);
 #endif
 
 }  // namespace kdops

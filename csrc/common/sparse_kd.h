@@ -17,7 +17,9 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/codes.h"
 #include "common/divergence.h"
+#include "common/macros.h"
 
 namespace kdops {
 
@@ -30,7 +32,7 @@ struct SparseKDParams {
   void* grad;                   // [n_rows, vocab] d(row loss)/d(student), dtype; nullptr: none
   int64_t n_rows, vocab, k;
   int64_t student_stride, grad_stride;
-  int dtype;                    // DType of common/kd.h
+  int dtype;                    // DType (common/codes.h)
   int divergence;               // Divergence
   double temperature;           // > 0
   double beta;
@@ -44,8 +46,8 @@ struct SparseKDParams {
 void sparse_kd_forward_cpu(const SparseKDParams& p);
 
 #ifdef KDOPS_WITH_CUDA
-// The same on the GPU, launched asynchronously on `stream` (a cudaStream_t).
-void sparse_kd_forward_cuda(const SparseKDParams& p, void* stream);
+// The same on the GPU, launched asynchronously on `stream` (a cudaStream_t as an integer).
+void sparse_kd_forward_cuda(const SparseKDParams& p, uintptr_t stream);
 #endif
 
 // The rest bucket and the teacher's shift, from the top-k sums P_s = sum exp(ls_k) and

@@ -1,4 +1,4 @@
-// The relation-based kernels on the CPU (see common/affinity.h and kdops/triton/affinity.py).
+// The relation-based kernels on the CPU (see common/affinity.h and kdops/backends/triton/affinity.py).
 //
 // Gram tiles G_IJ = X_I X_J^T (kTile x kTile) come from a register-blocked micro-kernel on
 // features packed once into panels of kPanel rows ([panel][k][row], in the accumulation type):
@@ -9,6 +9,12 @@
 // recompute the tiles, turn them into pair weights W and apply dx_I += W_IJ X_J and
 // dx_J += W_IJ^T X_I with the same micro-kernel. RKD-A keeps the exact [B, B] squared
 // distances (O(B^2)) and loops over anchors, never holding [B, B, B].
+//
+// Distances (euclidean / squared-euclidean affinities, RKD-D, RKD-A) use centred features (the
+// batch mean subtracted: distances do not see it, the Gram form n_i + n_j - 2 g cancels less),
+// and a pair whose Gram-form squared distance is below kClosePairRatio * (n_i + n_j) is
+// recomputed from the difference x_i - x_j, forward and backward (its gradient term
+// W_ij (x_i - x_j) applied directly instead of through the tile product).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,15 +31,10 @@
 #endif
 
 #include "common/affinity.h"
+#include "common/codes.h"
 #include "common/dispatch.h"
 #include "common/dtype.h"
-#include "common/kd.h"
-
-#if defined(__GNUC__)
-#define AFF_INLINE inline __attribute__((always_inline))
-#else
-#define AFF_INLINE inline
-#endif
+#include "common/macros.h"
 
 #if defined(__AVX512F__)
 #define KDOPS_VEC_BYTES 64
@@ -61,7 +62,7 @@ struct Vec<double> {
 // c + a * b, fused where the CPU has FMA (this file is compiled with -ffp-contract=off, so that
 // the epilogues' differences such as u - v cancel exactly for identical inputs).
 template <typename V>
-AFF_INLINE V fma_vec(V a, V b, V c) {
+KD_HD V fma_vec(V a, V b, V c) {
 #if KDOPS_VEC_BYTES == 64
   if constexpr (sizeof(a[0]) == 4) return _mm512_fmadd_ps(a, b, c);
   else return _mm512_fmadd_pd(a, b, c);
@@ -102,7 +103,7 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // c[m][n] (+)= sum_k a[k * sa + m] * b[k * sb + n] for m < kMR, n < kNR (c row stride sc): the
 // accumulators stay in registers for the whole k loop.
 template <typename A, bool ACCUMULATE>
-AFF_INLINE void micro_kernel(int64_t K, const A* a, int64_t sa, const A* b, int64_t sb, A* c, int64_t sc) {
+KD_HD void micro_kernel(int64_t K, const A* a, int64_t sa, const A* b, int64_t sb, A* c, int64_t sc) {
   using V = typename Vec<A>::type;
   constexpr int L = kLanes<A>;
   V acc[kMR][2];
@@ -147,9 +148,21 @@ struct Features {
   const A* row_at(int64_t row) const { return rows.data() + row * dim_pad; }
 };
 
+// CENTRE: the batch mean of each column subtracted (for distances).
 template <typename T>
-Features<acc_type<T>> load_features(const T* x, int64_t B, int64_t D, int64_t stride, bool with_rows) {
+Features<acc_type<T>> load_features(const T* x, int64_t B, int64_t D, int64_t stride, bool with_rows,
+                                    bool centre = false) {
   using A = acc_type<T>;
+  std::vector<A> mean(D, A(0));
+  if (centre && B > 0) {
+    for (int64_t i = 0; i < B; ++i) {
+      const T* xi = x + i * stride;
+#pragma omp simd
+      for (int64_t k = 0; k < D; ++k) mean[k] += to_acc(xi[k]);
+    }
+    for (A& m : mean) m /= A(B);
+  }
+  const A* mu = mean.data();
   Features<A> f;
   f.batch = B;
   f.dim = D;
@@ -164,7 +177,7 @@ Features<acc_type<T>> load_features(const T* x, int64_t B, int64_t D, int64_t st
     A* packed = f.panels.data() + (i / kPanel) * D * kPanel + i % kPanel;
     A sq = 0;
     for (int64_t k = 0; k < D; ++k) {
-      const A v = to_acc(xi[k]);
+      const A v = to_acc(xi[k]) - mu[k];
       packed[k * kPanel] = v;
       sq += v * v;
     }
@@ -172,7 +185,7 @@ Features<acc_type<T>> load_features(const T* x, int64_t B, int64_t D, int64_t st
     if (with_rows) {
       A* row = f.rows.data() + i * f.dim_pad;
 #pragma omp simd
-      for (int64_t k = 0; k < D; ++k) row[k] = to_acc(xi[k]);
+      for (int64_t k = 0; k < D; ++k) row[k] = to_acc(xi[k]) - mu[k];
     }
   }
   return f;
@@ -288,7 +301,7 @@ struct GradientAccumulator {
 // Zeroes w / wt, then calls weight(i, j) -> W_ij for the valid pairs of tile (I, J), storing
 // W_ij in w[i][j] and wt[j][i].
 template <typename A, typename F>
-AFF_INLINE void fill_weights(int64_t I, int64_t J, int64_t B, A* w, A* wt, F&& weight) {
+KD_HD void fill_weights(int64_t I, int64_t J, int64_t B, A* w, A* wt, F&& weight) {
   std::fill(w, w + kTile * kTile, A(0));
   std::fill(wt, wt + kTile * kTile, A(0));
   const int64_t i0 = I * kTile, j0 = J * kTile;
@@ -303,15 +316,52 @@ AFF_INLINE void fill_weights(int64_t I, int64_t J, int64_t B, A* w, A* wt, F&& w
 }
 
 template <typename A>
-AFF_INLINE A inv_norm(A sq) {
+KD_HD A inv_norm(A sq) {
   return A(1) / std::max(std::sqrt(sq), A(kNormEps));
 }
 
-// d_ij = sqrt(max(d2, 1e-12)) (0 for i == j) of the Gram-form d2 = max(n_i + n_j - 2 g, 0).
+// Whether the Gram form of a squared distance d2 cancels (see the file comment).
 template <typename A>
-AFF_INLINE A distance(A g, A n_i, A n_j, bool same) {
+KD_HD bool close_pair(A d2, A n_i, A n_j) {
+  return d2 < A(kClosePairRatio) * (n_i + n_j);
+}
+
+// sum_k (a_k - b_k)^2.
+template <typename A>
+A squared_difference(const A* a, const A* b, int64_t D) {
+  A acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < D; ++k) acc += (a[k] - b[k]) * (a[k] - b[k]);
+  return acc;
+}
+
+// The squared distance of rows i, j of f (centred, with rows) from their Gram entry g: the Gram
+// form max(n_i + n_j - 2 g, 0), or the difference form for a close pair.
+template <typename A>
+A squared_distance(const Features<A>& f, int64_t i, int64_t j, A g) {
+  const A n_i = f.sq_norms[i], n_j = f.sq_norms[j];
   const A d2 = std::max(n_i + n_j - 2 * g, A(0));
+  return close_pair(d2, n_i, n_j) ? squared_difference(f.row_at(i), f.row_at(j), f.dim) : d2;
+}
+
+// d_ij = sqrt(max(d2, 1e-12)), 0 for i == j.
+template <typename A>
+KD_HD A distance_of(A d2, bool same) {
   return same ? A(0) : std::sqrt(std::max(d2, A(kDistEps2)));
+}
+
+// dx_i += w (x_i - x_j) and, with BOTH, dx_j += w (x_j - x_i): a close pair's gradient term
+// (dx rows of stride dim_pad, features f with rows).
+template <typename A>
+void add_pair_term(const Features<A>& f, A* dx, int64_t i, int64_t j, A w, bool both) {
+  const A *xi = f.row_at(i), *xj = f.row_at(j);
+  A *di = dx + i * f.dim_pad, *dj = dx + j * f.dim_pad;
+#pragma omp simd
+  for (int64_t k = 0; k < f.dim; ++k) {
+    const A d = w * (xi[k] - xj[k]);
+    di[k] += d;
+    if (both) dj[k] -= d;
+  }
 }
 
 // ---- affinity ----
@@ -320,7 +370,8 @@ template <typename T>
 void affinity_forward(const AffinityParams& p) {
   using A = acc_type<T>;
   const int64_t B = p.batch;
-  const Features<A> f = load_features(static_cast<const T*>(p.x), B, p.dim, p.x_stride, false);
+  const bool dist = p.kind == kEuclidean || p.kind == kSquaredEuclidean;
+  const Features<A> f = load_features(static_cast<const T*>(p.x), B, p.dim, p.x_stride, dist, dist);
   A* out = static_cast<A*>(p.out);
   const int64_t so = p.out_stride;
   const int kind = p.kind;
@@ -339,9 +390,9 @@ void affinity_forward(const AffinityParams& p) {
         } else if (kind == kCosine) {
           a = gij * inv_norm(n[i]) * inv_norm(n[j]);
         } else if (kind == kEuclidean) {
-          a = distance(gij, n[i], n[j], i == j);
+          a = distance_of(squared_distance(f, i, j, gij), i == j);
         } else {
-          a = i == j ? A(0) : std::max(n[i] + n[j] - 2 * gij, A(0));
+          a = i == j ? A(0) : squared_distance(f, i, j, gij);
         }
         out[i * so + j] = a;
         out[j * so + i] = a;
@@ -372,12 +423,21 @@ GradientAccumulator<A> affinity_gradient(const Features<A>& f, int kind, const A
       const A aij = aff[i * sa + j];  // A_ij > sqrt(1e-12) exactly where d2_ij > 1e-12
       return i != j && aij * aij > A(kDistEps2) ? s / aij : A(0);
     });
-    // delta: cosine -sum_j S_ij A_ij / r_i^2 (0 where r_i is clamped); DIST rowsum(W), W -> -W
+    // delta: cosine -sum_j S_ij A_ij / r_i^2 (0 where r_i is clamped); DIST rowsum(W), W -> -W,
+    // except close pairs, whose W_ij (x_i - x_j) is added directly
     const int64_t ni = std::min(kTile, B - i0), nj = std::min(kTile, B - j0);
     for (int64_t a = 0; a < ni && (kind == kCosine || dist); ++a) {
       for (int64_t b = 0; b < nj; ++b) {
         const int64_t i = i0 + a, j = j0 + b;
         A term = w[a * kTile + b];
+        if (dist && term != A(0)) {
+          const A aij = aff[i * sa + j];
+          if (close_pair(kind == kEuclidean ? aij * aij : aij, n[i], n[j])) {
+            add_pair_term(f, acc.dx.data(), i, j, term, I != J);
+            w[a * kTile + b] = wt[b * kTile + a] = A(0);
+            continue;
+          }
+        }
         if (kind == kCosine) {  // S_ij A_ij, -1/r^2 below (S and A are symmetric)
           term = (grad[i * sg0 + j * sg1] + grad[j * sg0 + i * sg1]) * aff[i * sa + j];
         }
@@ -399,7 +459,8 @@ GradientAccumulator<A> affinity_gradient(const Features<A>& f, int kind, const A
 template <typename T>
 void affinity_backward(const AffinityParams& p) {
   using A = acc_type<T>;
-  const Features<A> f = load_features(static_cast<const T*>(p.x), p.batch, p.dim, p.x_stride, true);
+  const bool dist = p.kind == kEuclidean || p.kind == kSquaredEuclidean;
+  const Features<A> f = load_features(static_cast<const T*>(p.x), p.batch, p.dim, p.x_stride, true, dist);
   affinity_gradient(f, p.kind, static_cast<const A*>(p.grad), p.grad_stride0, p.grad_stride1,
                     static_cast<const A*>(p.affinity), p.out_stride)
       .store(static_cast<T*>(p.dx));
@@ -421,7 +482,7 @@ void for_each_gram_pair(const Features<A>& s, const Features<A>& t, Scratch<A>& 
 
 // Calls term(i, j, gs_ij, gt_ij) for the valid pairs of tile (I, J).
 template <typename A, typename F>
-AFF_INLINE void for_each_pair(int64_t I, int64_t J, int64_t B, const A* gs, const A* gt, F&& term) {
+KD_HD void for_each_pair(int64_t I, int64_t J, int64_t B, const A* gs, const A* gt, F&& term) {
   const int64_t i0 = I * kTile, j0 = J * kTile;
   for (int64_t i = i0; i < std::min(i0 + kTile, B); ++i) {
     const A* gs_row = gs + (i - i0) * kTile - j0;
@@ -441,14 +502,13 @@ template <typename T>
 void relation_forward(const RelationParams& p) {
   using A = acc_type<T>;
   const int64_t B = p.batch;
-  const auto s = load_features(static_cast<const T*>(p.student), B, p.student_dim, p.student_stride, false);
-  const auto t = load_features(static_cast<const T*>(p.teacher), B, p.teacher_dim, p.teacher_stride, false);
+  const bool sp = p.loss == kSP;  // RKD-D: centred features with rows (close pairs)
+  const auto s = load_features(static_cast<const T*>(p.student), B, p.student_dim, p.student_stride, !sp, !sp);
+  const auto t = load_features(static_cast<const T*>(p.teacher), B, p.teacher_dim, p.teacher_stride, !sp, !sp);
   A* stats = static_cast<A*>(p.stats);
   Scratch<A> scratch(2);
   std::vector<A> row_s(B, A(0)), row_t(B, A(0)), row_loss(B, A(0)), row_aux(B, A(0));
-  const A* ns = s.sq_norms.data();
-  const A* nt = t.sq_norms.data();
-  if (p.loss == kSP) {
+  if (sp) {
     // pass 1: r_i^2 = sum_j G_ij^2
     for_each_gram_pair(s, t, scratch, [&](int64_t I, int64_t J, const A* gs, const A* gt, int) {
       for_each_pair(I, J, B, gs, gt, [&](int64_t i, int64_t j, A a, A b) {
@@ -488,8 +548,8 @@ void relation_forward(const RelationParams& p) {
   for_each_gram_pair(s, t, scratch, [&](int64_t I, int64_t J, const A* gs, const A* gt, int) {
     const A mult = I == J ? A(1) : A(2);  // the pair (j, i) of the other tile
     for_each_pair(I, J, B, gs, gt, [&](int64_t i, int64_t j, A a, A b) {
-      row_s[i] += mult * distance(a, ns[i], ns[j], i == j);
-      row_t[i] += mult * distance(b, nt[i], nt[j], i == j);
+      row_s[i] += mult * distance_of(squared_distance(s, i, j, a), i == j);
+      row_t[i] += mult * distance_of(squared_distance(t, i, j, b), i == j);
     });
   });
   const A mu_s = sum(row_s) / pairs, mu_t = sum(row_t) / pairs;
@@ -498,8 +558,8 @@ void relation_forward(const RelationParams& p) {
   for_each_gram_pair(s, t, scratch, [&](int64_t I, int64_t J, const A* gs, const A* gt, int) {
     const A mult = I == J ? A(1) : A(2);
     for_each_pair(I, J, B, gs, gt, [&](int64_t i, int64_t j, A a, A b) {
-      const A u = distance(a, ns[i], ns[j], i == j) / mu_s;
-      const A z = u - distance(b, nt[i], nt[j], i == j) / mu_t;
+      const A u = distance_of(squared_distance(s, i, j, a), i == j) / mu_s;
+      const A z = u - distance_of(squared_distance(t, i, j, b), i == j) / mu_t;
       row_loss[i] += mult * smooth_l1(z, beta);
       row_aux[i] += mult * smooth_l1_grad(z, beta) * u;
     });
@@ -514,15 +574,14 @@ template <typename T>
 void relation_backward_gram(const RelationParams& p) {
   using A = acc_type<T>;
   const int64_t B = p.batch;
-  const auto s = load_features(static_cast<const T*>(p.student), B, p.student_dim, p.student_stride, true);
-  const auto t = load_features(static_cast<const T*>(p.teacher), B, p.teacher_dim, p.teacher_stride, false);
+  const bool sp = p.loss == kSP;  // RKD-D: centred features with rows (close pairs)
+  const auto s = load_features(static_cast<const T*>(p.student), B, p.student_dim, p.student_stride, true, !sp);
+  const auto t = load_features(static_cast<const T*>(p.teacher), B, p.teacher_dim, p.teacher_stride, !sp, !sp);
   const A* stats = static_cast<const A*>(p.stats);
   const A grad = *static_cast<const A*>(p.grad);
   const A* ns = s.sq_norms.data();
-  const A* nt = t.sq_norms.data();
   GradientAccumulator<A> acc(s);
   Scratch<A> scratch(4);
-  const bool sp = p.loss == kSP;
   const A scale = grad * A(2) / A(sp ? B * B : B * (B - 1));
   const A beta = A(p.beta);
   for_each_gram_pair(s, t, scratch, [&](int64_t I, int64_t J, const A* gs, const A* gt, int tid) {
@@ -540,21 +599,27 @@ void relation_backward_gram(const RelationParams& p) {
                         (u_ji - h * inv_rt[j] - c[j] * u_ji) * inv_rs[j]);
       });
     } else {
-      // DIST form with w_ij = scale (h'(z_ij) - kappa) / (mu_s d_ij) where d2_ij > 1e-12
+      // DIST form with w_ij = scale (h'(z_ij) - kappa) / (mu_s d_ij) where d2_ij > 1e-12; close
+      // pairs' w_ij (x_i - x_j) added directly
       const A mu_s = stats[0], mu_t = stats[1], kappa = stats[2];
       fill_weights(I, J, B, w, wt, [&](int64_t a, int64_t b) {
         const int64_t i = i0 + a, j = j0 + b;
-        const A g = gs[a * kTile + b];
-        const A d2 = std::max(ns[i] + ns[j] - 2 * g, A(0));
-        const A ds = distance(g, ns[i], ns[j], i == j);
-        const A z = ds / mu_s - distance(gt[a * kTile + b], nt[i], nt[j], i == j) / mu_t;
+        const A d2 = squared_distance(s, i, j, gs[a * kTile + b]);
+        const A ds = distance_of(d2, i == j);
+        const A z = ds / mu_s - distance_of(squared_distance(t, i, j, gt[a * kTile + b]), i == j) / mu_t;
         const bool live = i != j && d2 > A(kDistEps2);
         return live ? scale * (smooth_l1_grad(z, beta) - kappa) / (mu_s * ds) : A(0);
       });
       const int64_t ni = std::min(kTile, B - i0), nj = std::min(kTile, B - j0);
       for (int64_t a = 0; a < ni; ++a) {
         for (int64_t b = 0; b < nj; ++b) {
+          const int64_t i = i0 + a, j = j0 + b;
           const A wij = w[a * kTile + b];
+          if (wij != A(0) && close_pair(std::max(ns[i] + ns[j] - 2 * gs[a * kTile + b], A(0)), ns[i], ns[j])) {
+            add_pair_term(s, acc.dx.data(), i, j, wij, I != J);
+            w[a * kTile + b] = wt[b * kTile + a] = A(0);
+            continue;
+          }
           acc.delta[i0 + a] += wij;
           if (I != J) acc.delta[j0 + b] += wij;
         }
@@ -603,11 +668,11 @@ template <typename T>
 acc_type<T> rkd_angle(const RelationParams& p, const acc_type<T>* grad) {
   using A = acc_type<T>;
   const int64_t B = p.batch;
-  const auto s = load_features(static_cast<const T*>(p.student), B, p.student_dim, p.student_stride, true);
+  const auto s = load_features(static_cast<const T*>(p.student), B, p.student_dim, p.student_stride, true, true);
   std::vector<A> es, is, et, it;
   exact_squared(s, es, is);
   {
-    const auto t = load_features(static_cast<const T*>(p.teacher), B, p.teacher_dim, p.teacher_stride, true);
+    const auto t = load_features(static_cast<const T*>(p.teacher), B, p.teacher_dim, p.teacher_stride, true, true);
     exact_squared(t, et, it);
   }
   const A beta = A(p.beta);
@@ -634,7 +699,7 @@ acc_type<T> rkd_angle(const RelationParams& p, const acc_type<T>* grad) {
     return total / (A(B) * A(B) * A(B));
   }
   // Delta_pq = scale sum_r [g_prq dcos_prq/dc + 2 g_pqr dcos_pqr/da], dcos/dc = -1/(2 sqrt(ab)),
-  // dcos/da = 1/(2 sqrt(ab)) - cos/(2a) (see kdops/triton/affinity.py); the masks are the
+  // dcos/da = 1/(2 sqrt(ab)) - cos/(2a) (see kdops/backends/triton/affinity.py); the masks are the
   // zero inverse square roots.
   const A scale = *grad / (A(B) * A(B) * A(B));
   std::vector<A> delta(B * B, A(0));

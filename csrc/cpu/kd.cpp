@@ -12,60 +12,19 @@
 #include <type_traits>
 #include <vector>
 
-#include "common/divergence.h"
 #include "common/dispatch.h"
+#include "common/divergence.h"
 #include "common/dtype.h"
 #include "common/fast_math.h"
 #include "common/kd.h"
-
-// The loop bodies are lambdas, which must be inlined for the loops to vectorize.
-#if defined(__GNUC__)
-#define KD_ALWAYS_INLINE __attribute__((always_inline))
-#else
-#define KD_ALWAYS_INLINE
-#endif
+#include "common/macros.h"
+#include "common/online_lse.h"
 
 namespace kdops {
 namespace {
 
-// Pass 1 works chunk by chunk: the chunk's max, then its exp-sums while it is in L1.
-constexpr int64_t kChunk = 2048;
-
-// A running logsumexp of scale * x: lse = scale * m + log(z), z = sum exp(scale * (x - m)).
-template <typename acc_t>
-struct OnlineLSE {
-  acc_t m = -INFINITY;
-  acc_t z = 0;
-
-  // Adds x[0:n], whose max is chunk_max.
-  template <typename T>
-  void add(const T* x, int64_t n, acc_t chunk_max, acc_t scale) {
-    const acc_t m_new = std::max(m, chunk_max);
-    if (m_new == -INFINITY) return;  // only -inf so far: z stays 0
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += FastMath::exp((to_acc(x[i]) - m_new) * scale);
-    z = z * FastMath::exp((m - m_new) * scale) + sum;
-    m = m_new;
-  }
-};
-
 KD_HD float log_acc(float x) { return fast_log(x); }
 KD_HD double log_acc(double x) { return std::log(x); }
-
-// The online logsumexp of x[0:V] * scale, chunk by chunk.
-template <typename acc_t, typename T>
-OnlineLSE<acc_t> row_lse(const T* x, int64_t V, acc_t scale) {
-  OnlineLSE<acc_t> lse;
-  for (int64_t b = 0; b < V; b += kChunk) {
-    const int64_t n = std::min(kChunk, V - b);
-    acc_t cm = -INFINITY;
-#pragma omp simd reduction(max : cm)
-    for (int64_t i = b; i < b + n; ++i) cm = std::max(cm, to_acc(x[i]));
-    lse.add(x + b, n, cm, scale);
-  }
-  return lse;
-}
 
 // The mixture's log-probabilities of a row into lt[0:V] (hi[0:V] is scratch): with
 // a_k = (t_k - m_k) / T + log w_k - log z_k, lt = hi + log(sum_k exp(a_k - hi)), hi = max_k a_k
@@ -118,12 +77,17 @@ void kd_row(const KDParams& p, int64_t r, MixtureScratch<acc_type<T>>* scratch) 
     if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(0));
     return;
   }
+  if (HARD && (label < 0 || label >= V)) {  // an out-of-range label: a NaN row (never read)
+    loss = acc_t(NAN);
+    if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(acc_t(NAN)));
+    return;
+  }
 
   // Pass 1: logsumexp of s / T, t / T and (for the hard term) s.
   const acc_t inv_t = acc_t(1) / acc_t(p.temperature);
   OnlineLSE<acc_t> lse_s, lse_t, lse_1;
-  for (int64_t b = 0; b < V; b += kChunk) {
-    const int64_t n = std::min(kChunk, V - b);
+  for (int64_t b = 0; b < V; b += kLSEChunk) {
+    const int64_t n = std::min(kLSEChunk, V - b);
     acc_t cs = -INFINITY, ct = -INFINITY;
 #pragma omp simd reduction(max : cs, ct)
     for (int64_t i = b; i < b + n; ++i) {
@@ -149,7 +113,7 @@ void kd_row(const KDParams& p, int64_t r, MixtureScratch<acc_type<T>>* scratch) 
   const acc_t log_z1 = std::log(lse_1.z);  // lse_1 = ms + log_z1
   const acc_t beta = acc_t(p.beta);
   const MixWeights<acc_t> w(beta);
-  const auto term = [=](int64_t i) KD_ALWAYS_INLINE {
+  const auto term = [=](int64_t i) KD_INLINE {
     const acc_t ls = (to_acc(s[i]) - ms) * inv_t - log_zs;
     const acc_t lt = MULTI ? mixed[i] : (to_acc(t[i]) - mt) * inv_t - log_zt;
     return divergence_term<DIV, acc_t, FastMath>(ls, lt, beta, w);
@@ -169,7 +133,7 @@ void kd_row(const KDParams& p, int64_t r, MixtureScratch<acc_type<T>>* scratch) 
 
   // Pass 3: the gradient soft_weight / T * (q - p_s S) + hard_weight * (softmax(s) - onehot).
   const acc_t soft = acc_t(p.soft_weight), hard = acc_t(p.hard_weight);
-  const auto grad = [=](int64_t i, acc_t q) KD_ALWAYS_INLINE {
+  const auto grad = [=](int64_t i, acc_t q) KD_INLINE {
     const acc_t ps = FastMath::exp((to_acc(s[i]) - ms) * inv_t - log_zs);
     acc_t gi = soft * inv_t * (q - ps * S);
     if constexpr (HARD) gi += hard * FastMath::exp(to_acc(s[i]) - ms - log_z1);
@@ -186,10 +150,9 @@ void kd_row(const KDParams& p, int64_t r, MixtureScratch<acc_type<T>>* scratch) 
 
   loss = soft * D;
   if constexpr (HARD) {
-    // Cross entropy at T = 1; an out-of-range label gives a NaN row.
-    const bool in_range = label >= 0 && label < V;
-    loss += hard * (in_range ? log_z1 - (to_acc(s[label]) - ms) : acc_t(NAN));
-    if (GRAD && in_range) g[label] = from_acc<T>(grad(label, term(label).q) - hard);
+    // Cross entropy at T = 1.
+    loss += hard * (log_z1 - (to_acc(s[label]) - ms));
+    if constexpr (GRAD) g[label] = from_acc<T>(grad(label, term(label).q) - hard);
   }
 }
 

@@ -8,42 +8,16 @@
 #include <string>
 #include <type_traits>
 
-#include "common/divergence.h"
 #include "common/dispatch.h"
+#include "common/divergence.h"
 #include "common/dtype.h"
 #include "common/fast_math.h"
-#include "common/kd.h"
+#include "common/macros.h"
+#include "common/online_lse.h"
 #include "common/sparse_kd.h"
-
-// Lambdas in the vectorized loops must be inlined.
-#if defined(__GNUC__)
-#define KD_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define KD_LAMBDA_INLINE
-#endif
 
 namespace kdops {
 namespace {
-
-constexpr int64_t kChunk = 2048;  // pass 1: a chunk's max, then its exp-sums while in L1
-
-// Running logsumexp of scale * x: scale * m + log(z), z = sum exp(scale * (x - m)).
-template <typename acc_t>
-struct RunningLSE {
-  acc_t m = -INFINITY;
-  acc_t z = 0;
-
-  template <typename T>
-  void add(const T* x, int64_t n, acc_t chunk_max, acc_t scale) {
-    const acc_t m_new = std::max(m, chunk_max);
-    if (m_new == -INFINITY) return;
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; ++i) sum += FastMath::exp((to_acc(x[i]) - m_new) * scale);
-    z = z * FastMath::exp((m - m_new) * scale) + sum;
-    m = m_new;
-  }
-};
 
 template <typename T, int DIV, bool HARD, bool GRAD>
 void sparse_row(const SparseKDParams& p, int64_t r) {
@@ -61,20 +35,23 @@ void sparse_row(const SparseKDParams& p, int64_t r) {
     if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(0));
     return;
   }
+  if (HARD && (label < 0 || label >= V)) {  // an out-of-range label: a NaN row (never read)
+    loss = acc_t(NAN);
+    if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(acc_t(NAN)));
+    return;
+  }
 
   // Pass 1: logsumexp of s / T and (hard term) of s.
   const acc_t inv_t = acc_t(1) / acc_t(p.temperature);
-  RunningLSE<acc_t> lse_s, lse_1;
-  for (int64_t b = 0; b < V; b += kChunk) {
-    const int64_t n = std::min(kChunk, V - b);
-    acc_t cs = -INFINITY;
-#pragma omp simd reduction(max : cs)
-    for (int64_t i = b; i < b + n; ++i) cs = std::max(cs, to_acc(s[i]));
+  OnlineLSE<acc_t> lse_s, lse_1;
+  for (int64_t b = 0; b < V; b += kLSEChunk) {
+    const int64_t n = std::min(kLSEChunk, V - b);
+    const acc_t cs = chunk_max<acc_t>(s + b, n);
     lse_s.add(s + b, n, cs, inv_t);
     if constexpr (HARD) lse_1.add(s + b, n, cs, acc_t(1));
   }
   const acc_t ms = lse_s.m, log_zs = std::log(lse_s.z), log_z1 = std::log(lse_1.z);
-  const auto log_ps = [=](int64_t i) KD_LAMBDA_INLINE { return (to_acc(s[i]) - ms) * inv_t - log_zs; };
+  const auto log_ps = [=](int64_t i) KD_INLINE { return (to_acc(s[i]) - ms) * inv_t - log_zs; };
 
   // Pass 2: top-k masses, then the bucket terms.
   acc_t ps_top = 0, pt_top = 0;
@@ -108,27 +85,26 @@ void sparse_row(const SparseKDParams& p, int64_t r) {
   }
 
   const acc_t soft = acc_t(p.soft_weight), hard = acc_t(p.hard_weight);
-  const bool label_ok = label >= 0 && label < V;
   loss = indices_ok ? soft * D : acc_t(NAN);
-  if constexpr (HARD) loss += hard * (label_ok ? log_z1 - (to_acc(s[label]) - ms) : acc_t(NAN));
+  if constexpr (HARD) loss += hard * (log_z1 - (to_acc(s[label]) - ms));
   if constexpr (!GRAD) return;
 
   // Pass 3: softmax * coefficient over the vocabulary, then the top-k entries (and the label).
   const acc_t rest_coef = soft * inv_t * (ratio - S);
-  const auto p1 = [=](int64_t i) KD_LAMBDA_INLINE {
+  const auto p1 = [=](int64_t i) KD_INLINE {
     return HARD ? hard * FastMath::exp(to_acc(s[i]) - ms - log_z1) : acc_t(0);
   };
 #pragma omp simd
   for (int64_t i = 0; i < V; ++i) g[i] = from_acc<T>(FastMath::exp(log_ps(i)) * rest_coef + p1(i));
   if (!indices_ok) return;
-  acc_t g_label = HARD && label_ok ? FastMath::exp(log_ps(label)) * rest_coef + p1(label) : acc_t(0);
+  acc_t g_label = HARD ? FastMath::exp(log_ps(label)) * rest_coef + p1(label) : acc_t(0);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t i = idx[k];
     const acc_t gi = soft * inv_t * (top_term(k).q - std::exp(log_ps(i)) * S) + p1(i);
     g[i] = from_acc<T>(gi);
     if (i == label) g_label = gi;
   }
-  if (HARD && label_ok) g[label] = from_acc<T>(g_label - hard);
+  if (HARD) g[label] = from_acc<T>(g_label - hard);
 }
 
 template <typename T, int DIV, bool HARD, bool GRAD>

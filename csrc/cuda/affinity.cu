@@ -1,5 +1,5 @@
 // The relation-based kernels on the GPU (see common/affinity.h; the math and the pass structure
-// are those of kdops/triton/affinity.py). Correctness first: 64 x 64 output tiles per block of
+// are those of kdops/backends/triton/affinity.py). Correctness first: 64 x 64 output tiles per block of
 // 256 threads (4 x 4 per thread) from 16-wide k steps staged in shared memory, float
 // accumulation; per-row and global sums by atomics.
 //
@@ -19,8 +19,10 @@
 #include <string>
 
 #include "common/affinity.h"
+#include "common/codes.h"
+#include "common/dispatch.h"
 #include "common/dtype.h"
-#include "common/kd.h"
+#include "cuda/block_reduce.cuh"
 
 namespace kdops {
 namespace {
@@ -123,20 +125,6 @@ __device__ __forceinline__ float distance(float g, float n_i, float n_j, bool sa
   const float d2 = fmaxf(n_i + n_j - 2.f * g, 0.f);
   if (live != nullptr) *live = !same && d2 > float(kDistEps2);
   return same ? 0.f : sqrtf(fmaxf(d2, float(kDistEps2)));
-}
-
-template <typename V>
-__device__ __forceinline__ V block_sum(V v) {
-  __shared__ V partial[kThreads / 32];
-  for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
-  __syncthreads();
-  V total = 0;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
-  }
-  __syncthreads();
-  return total;  // valid in thread 0
 }
 
 // ---- kernels ----
@@ -511,48 +499,43 @@ void relation_backward(const RelationParams& p, cudaStream_t s) {
   }
 }
 
+// Runs f(Type<T>{}) for the dtype code (float32, float16, bfloat16), then checks the launches.
 template <typename F>
-void with_dtype(int dtype, const char* fn, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat16: f(half_t{}); break;
-    case kBFloat16: f(bfloat16_t{}); break;
-    case kFloat64: throw std::invalid_argument(std::string(fn) + ": float64 is not supported on CUDA");
-    default: throw std::invalid_argument(std::string(fn) + ": unknown dtype code " + std::to_string(dtype));
-  }
+void launch_checked(int dtype, const char* fn, F&& f) {
+  with_dtype<false>(dtype, f);
   check_cuda(cudaGetLastError(), fn);
 }
 
 }  // namespace
 
-void affinity_forward_cuda(const AffinityParams& p, void* stream) {
+void affinity_forward_cuda(const AffinityParams& p, uintptr_t stream) {
   if (p.batch == 0) return;
-  with_dtype(p.dtype, "affinity_forward_cuda", [&](auto type) {
-    using T = decltype(type);
+  launch_checked(p.dtype, "affinity_forward_cuda", [&](auto type) {
+    using T = typename decltype(type)::type;
     affinity_into(static_cast<const T*>(p.x), p.batch, p.dim, p.x_stride, p.kind, static_cast<float*>(p.out),
-                  p.out_stride, static_cast<cudaStream_t>(stream));
+                  p.out_stride, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 
-void affinity_backward_cuda(const AffinityParams& p, void* stream) {
+void affinity_backward_cuda(const AffinityParams& p, uintptr_t stream) {
   if (p.batch == 0) return;
-  with_dtype(p.dtype, "affinity_backward_cuda", [&](auto type) {
-    using T = decltype(type);
+  launch_checked(p.dtype, "affinity_backward_cuda", [&](auto type) {
+    using T = typename decltype(type)::type;
     affinity_gradient(static_cast<const float*>(p.grad), p.grad_stride0, p.grad_stride1, static_cast<const T*>(p.x),
                       static_cast<const float*>(p.affinity), p.out_stride, static_cast<T*>(p.dx), p.batch, p.dim,
-                      p.x_stride, p.kind, static_cast<cudaStream_t>(stream));
+                      p.x_stride, p.kind, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 
-void relation_forward_cuda(const RelationParams& p, void* stream) {
-  with_dtype(p.dtype, "relation_forward_cuda", [&](auto type) {
-    relation_forward<decltype(type)>(p, static_cast<cudaStream_t>(stream));
+void relation_forward_cuda(const RelationParams& p, uintptr_t stream) {
+  launch_checked(p.dtype, "relation_forward_cuda", [&](auto type) {
+    relation_forward<typename decltype(type)::type>(p, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 
-void relation_backward_cuda(const RelationParams& p, void* stream) {
-  with_dtype(p.dtype, "relation_backward_cuda", [&](auto type) {
-    relation_backward<decltype(type)>(p, static_cast<cudaStream_t>(stream));
+void relation_backward_cuda(const RelationParams& p, uintptr_t stream) {
+  launch_checked(p.dtype, "relation_backward_cuda", [&](auto type) {
+    relation_backward<typename decltype(type)::type>(p, reinterpret_cast<cudaStream_t>(stream));
   });
 }
 

@@ -11,9 +11,7 @@
 // 1..K-1 for their logsumexp (kept in dynamic shared memory), and an element's teacher
 // log-probability is the mixture's, logsumexp_k(log w_k + (t_k - m_k) / T - log z_k), with
 // teachers 1..K-1 loaded per element (teacher 0 rides in the vectorized sweep). Everything accumulates in float; float16 / bfloat16 use the
-// storage types of common/dtype.h, converted by the hardware's cvt instructions.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// storage types of common/dtype.h (Elem<T>: the hardware's cvt instructions).
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -21,11 +19,12 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
+#include "common/dispatch.h"
 #include "common/divergence.h"
 #include "common/dtype.h"
 #include "common/kd.h"
+#include "cuda/block_reduce.cuh"
 
 namespace kdops {
 namespace {
@@ -34,39 +33,32 @@ constexpr int kMaxThreads = 512;
 constexpr int64_t kMaxTeachers = 4096;  // their row statistics fill 32 KiB of shared memory
 constexpr float kLog2e = 1.4426950408889634f;
 
-// ---- element types: loaded and stored as their bits ----
-
-template <typename T>
-struct Elem;
-
-template <>
-struct Elem<float> {
-  using bits = float;
-  static __device__ __forceinline__ float to_float(float b) { return b; }
-  static __device__ __forceinline__ float from_float(float x) { return x; }
-};
-
-template <>
-struct Elem<half_t> {
-  using bits = unsigned short;
-  static __device__ __forceinline__ float to_float(unsigned short b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ __forceinline__ unsigned short from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
-};
-
-template <>
-struct Elem<bfloat16_t> {
-  using bits = unsigned short;
-  static __device__ __forceinline__ float to_float(unsigned short b) { return bf16_to_float(b); }
-  static __device__ __forceinline__ unsigned short from_float(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-  }
-};
-
-template <typename T>
-using Bits = typename Elem<T>::bits;
-
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
+
+// How a thread sweeps a row: vectors of `bytes` (16 or 4) and `unroll` of them in flight per
+// tensor. Chosen per instantiation so that each fits the 64 registers of
+// __launch_bounds__(kMaxThreads, 2) without spills (tools/cuda_resource_check.py): the hard-label
+// term takes one vector at a time, and the mixture of K teachers, whose per-element loop over
+// teachers 1..K-1 loads them one element at a time anyway, takes 4-byte words of student and
+// teacher 0. One 16-byte vector of student and teacher per thread still keeps 32 KiB per SM in
+// flight at two 512-thread blocks.
+template <bool HARD, bool MULTI>
+struct Sweep {
+  static constexpr int bytes = MULTI ? 4 : 16;
+  static constexpr int unroll = HARD || MULTI ? 1 : 2;
+};
+
+template <int BYTES>
+struct VectorOf;
+template <>
+struct VectorOf<16> {
+  using type = uint4;
+};
+template <>
+struct VectorOf<4> {
+  using type = unsigned int;
+};
 
 // L2 policy of a pass's loads: keep the lines for a later pass, or last use (evict first).
 enum class Cache { kKeep, kLast };
@@ -87,16 +79,15 @@ struct Chunk {
   float x[K], y[K], g[K];
 };
 
-// A row as a scalar head (up to 16-byte alignment), `nvec` 16-byte vectors and a scalar tail.
-// Vectors need all the row's pointers at one offset from 16-byte alignment; otherwise the whole
-// row is head.
+// A row as a scalar head (up to N-element alignment), `nvec` N-element vectors and a scalar
+// tail. Vectors need all the row's pointers at one offset from the vector alignment; otherwise
+// the whole row is head.
 struct Split {
   int head, nvec;
 };
 
-template <typename T>
+template <typename T, int N>
 __device__ __forceinline__ Split split_row(const void* a, const void* b, const void* c, int vocab) {
-  constexpr int N = kVec<T>;
   const auto offset = [](const void* p) { return int(reinterpret_cast<uintptr_t>(p) / sizeof(T) % N); };
   const int off = offset(a);
   if (offset(b) != off || (c != nullptr && offset(c) != off)) return {vocab, 0};
@@ -104,26 +95,28 @@ __device__ __forceinline__ Split split_row(const void* a, const void* b, const v
   return {head, (vocab - head) / N};
 }
 
-// Calls f(chunk) on the chunks of the row that this thread owns (Chunk<1> or Chunk<kVec<T>>);
-// with STORE, then writes chunk.g to g (evict-first: nothing here reads the gradient again).
-template <typename T, Cache C, bool STORE, typename F>
+// Calls f(chunk) on the chunks of the row that this thread owns (Chunk<1> or Chunk<N>, N the
+// elements of a vector of SW::bytes); with STORE, then writes chunk.g to g (evict-first: nothing
+// here reads the gradient again).
+template <typename T, typename SW, Cache C, bool STORE, typename F>
 __device__ __forceinline__ void for_each_chunk(const Bits<T>* __restrict__ s, const Bits<T>* __restrict__ t,
                                                Bits<T>* __restrict__ g, int vocab, F&& f) {
   using E = Elem<T>;
-  constexpr int N = kVec<T>;
-  constexpr int U = 2;  // vectors in flight per tensor and thread
+  using Vector = typename VectorOf<SW::bytes>::type;
+  constexpr int N = SW::bytes / sizeof(T);
+  constexpr int U = SW::unroll;
   const int tid = threadIdx.x, threads = blockDim.x;
-  const Split sp = split_row<T>(s, t, STORE ? g : nullptr, vocab);
+  const Split sp = split_row<T, N>(s, t, STORE ? g : nullptr, vocab);
 
   const auto element = [&](int i) {
     Chunk<1> c;
     c.i0 = i;
-    c.x[0] = E::to_float(load<C>(s + i));
-    c.y[0] = E::to_float(load<C>(t + i));
+    c.x[0] = E::bits_to_acc(load<C>(s + i));
+    c.y[0] = E::bits_to_acc(load<C>(t + i));
     f(c);
-    if constexpr (STORE) __stcs(g + i, E::from_float(c.g[0]));
+    if constexpr (STORE) __stcs(g + i, E::acc_to_bits(c.g[0]));
   };
-  const auto vector = [&](int v, uint4 sv, uint4 tv) {
+  const auto vector = [&](int v, Vector sv, Vector tv) {
     Bits<T> sb[N], tb[N];
     memcpy(sb, &sv, sizeof sv);
     memcpy(tb, &tv, sizeof tv);
@@ -131,26 +124,26 @@ __device__ __forceinline__ void for_each_chunk(const Bits<T>* __restrict__ s, co
     c.i0 = sp.head + v * N;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      c.x[k] = E::to_float(sb[k]);
-      c.y[k] = E::to_float(tb[k]);
+      c.x[k] = E::bits_to_acc(sb[k]);
+      c.y[k] = E::bits_to_acc(tb[k]);
     }
     f(c);
     if constexpr (STORE) {
       Bits<T> gb[N];
 #pragma unroll
-      for (int k = 0; k < N; ++k) gb[k] = E::from_float(c.g[k]);
-      uint4 gv;
+      for (int k = 0; k < N; ++k) gb[k] = E::acc_to_bits(c.g[k]);
+      Vector gv;
       memcpy(&gv, gb, sizeof gv);
-      __stcs(reinterpret_cast<uint4*>(g + c.i0), gv);
+      __stcs(reinterpret_cast<Vector*>(g + c.i0), gv);
     }
   };
 
   for (int i = tid; i < sp.head; i += threads) element(i);
-  const uint4* s4 = reinterpret_cast<const uint4*>(s + sp.head);
-  const uint4* t4 = reinterpret_cast<const uint4*>(t + sp.head);
+  const Vector* s4 = reinterpret_cast<const Vector*>(s + sp.head);
+  const Vector* t4 = reinterpret_cast<const Vector*>(t + sp.head);
   int v = tid;
   for (; v + (U - 1) * threads < sp.nvec; v += U * threads) {
-    uint4 sv[U], tv[U];
+    Vector sv[U], tv[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       sv[u] = load<C>(s4 + v + u * threads);
@@ -167,48 +160,11 @@ template <typename T>
 __device__ __forceinline__ void fill_zero(Bits<T>* g, int vocab) {
   constexpr int N = kVec<T>;
   const int tid = threadIdx.x, threads = blockDim.x;
-  const Split sp = split_row<T>(g, g, nullptr, vocab);
+  const Split sp = split_row<T, N>(g, g, nullptr, vocab);
   for (int i = tid; i < sp.head; i += threads) g[i] = Bits<T>(0);
   uint4* g4 = reinterpret_cast<uint4*>(g + sp.head);
   for (int v = tid; v < sp.nvec; v += threads) g4[v] = make_uint4(0, 0, 0, 0);
   for (int i = sp.head + sp.nvec * N + tid; i < vocab; i += threads) g[i] = Bits<T>(0);
-}
-
-// ---- block reductions of small structs of floats; the result reaches every thread ----
-
-template <typename V>
-__device__ __forceinline__ V shfl_xor(V v, int mask) {
-  constexpr int W = sizeof(V) / sizeof(float);
-  float w[W];
-  memcpy(w, &v, sizeof v);
-#pragma unroll
-  for (int k = 0; k < W; ++k) w[k] = __shfl_xor_sync(0xffffffffu, w[k], mask);
-  memcpy(&v, w, sizeof v);
-  return v;
-}
-
-// V{} is the identity of `combine`. blockDim.x must be a multiple of 32.
-template <typename V, typename Combine>
-__device__ __forceinline__ V block_reduce(V v, Combine combine) {
-  constexpr int W = sizeof(V) / sizeof(float);
-  static_assert(sizeof(V) == W * sizeof(float), "V must be made of floats");
-  __shared__ float partial[32 * W];
-  __shared__ float result[W];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-#pragma unroll
-  for (int m = 16; m > 0; m /= 2) v = combine(v, shfl_xor(v, m));
-  if (lane == 0) memcpy(partial + warp * W, &v, sizeof v);
-  __syncthreads();
-  if (warp == 0) {
-    V u{};
-    if (lane < warps) memcpy(&u, partial + lane * W, sizeof u);
-#pragma unroll
-    for (int m = 16; m > 0; m /= 2) u = combine(u, shfl_xor(u, m));
-    if (lane == 0) memcpy(result, &u, sizeof u);
-  }
-  __syncthreads();  // also orders this reduction's reads of `partial` before the next one's writes
-  memcpy(&v, result, sizeof v);
-  return v;
 }
 
 // ---- online softmax statistics ----
@@ -289,13 +245,14 @@ struct Args {
   const float* log_weights;    // [K] log w_k (MULTI)
 };
 
-// MULTI: [2 * K] floats per block: teacher k's max m_k, and off_k = log w_k - log z_k.
+// MULTI: [2 * K] floats per block: teacher k's max m_k at 2k, and off_k = log w_k - log z_k at 2k + 1.
 extern __shared__ float teacher_stats[];
 
 // HARD: hard_weight > 0 and labels given. MULTI: K > 1 teachers, mixed.
 template <typename T, int DIV, bool HARD, bool MULTI>
 __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T> a) {
   constexpr bool kSumPass = needs_sum_pass(DIV);
+  using SW = Sweep<HARD, MULTI>;
   const int vocab = a.vocab;
   const float inv_t = a.inv_t, beta = a.beta;
   const float c = kLog2e * inv_t;  // exp((x - m) / T) = exp2((x - m) * c)
@@ -315,7 +272,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
     // Pass 1. Log-probabilities are then ls = (s - ms) / T - log zs (likewise lt), and the
     // softmax at T = 1 is exp(s - ms - log z1): offsets from the max keep them accurate.
     RowStats<HARD> st;
-    for_each_chunk<T, Cache::kKeep, false>(s, t, nullptr, vocab, [&](auto& ch) {
+    for_each_chunk<T, SW, Cache::kKeep, false>(s, t, nullptr, vocab, [&](auto& ch) {
       st.s.add(ch.x, c, kLog2e);
       st.t.add(ch.y, c, 0.f);
     });
@@ -331,13 +288,13 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
       // these writes after every thread's reads of the previous row's values.
       if (threadIdx.x == 0) {
         teacher_stats[0] = mt;
-        teacher_stats[K] = a.log_weights[0] - log_zt;
+        teacher_stats[1] = a.log_weights[0] - log_zt;
       }
       for (int k = 1; k < K; ++k) {
         const Bits<T>* tk = t + k * a.teacher_k_stride;
         Stats<false> sk;
         for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-          const float x[1] = {Elem<T>::to_float(__ldg(tk + i))};
+          const float x[1] = {Elem<T>::bits_to_acc(__ldg(tk + i))};
           sk.add(x, c, 0.f);
         }
         sk = block_reduce(sk, [&](Stats<false> u, const Stats<false>& o) {
@@ -345,8 +302,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
           return u;
         });
         if (threadIdx.x == 0) {
-          teacher_stats[k] = sk.m;
-          teacher_stats[K + k] = a.log_weights[k] - logf(sk.z);
+          teacher_stats[2 * k] = sk.m;
+          teacher_stats[2 * k + 1] = a.log_weights[k] - logf(sk.z);
         }
       }
       __syncthreads();
@@ -357,11 +314,14 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
       if constexpr (!MULTI) {
         return fmaf(y - mt, inv_t, -log_zt);
       } else {
-        float hi = fmaf(y - teacher_stats[0], inv_t, teacher_stats[K]);
+        const float2* stats = reinterpret_cast<const float2*>(teacher_stats);  // (m_k, off_k)
+        float hi = fmaf(y - stats[0].x, inv_t, stats[0].y);
         float z = hi == -INFINITY ? 0.f : 1.f;  // sum of exp(a_k - hi)
+        const Bits<T>* tk = t + i;  // teacher k's element i, stepped by the (int64) k stride
         for (int k = 1; k < K; ++k) {
-          const float x = Elem<T>::to_float(__ldg(t + k * a.teacher_k_stride + i));
-          const float ak = fmaf(x - teacher_stats[k], inv_t, teacher_stats[K + k]);
+          tk += a.teacher_k_stride;
+          const float2 sk = stats[k];
+          const float ak = fmaf(Elem<T>::bits_to_acc(__ldg(tk)) - sk.x, inv_t, sk.y);
           if (ak > hi) {
             z = z * expf(hi - ak) + 1.f;
             hi = ak;
@@ -375,11 +335,12 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
     // A label outside [0, vocab) (not checked on the GPU) makes the row's loss and gradient NaN.
     const bool label_ok = HARD && label >= 0 && label < vocab;
     const float log_z1 = !HARD ? 0.f : label_ok ? logf(st.s.z1) : NAN;
+    const int label_i = label_ok ? int(label) : -1;  // a 32-bit compare per element
 
     // Pass 2.
     Sums sums;
     if (kSumPass) {
-      for_each_chunk<T, Cache::kKeep, false>(s, t, nullptr, vocab, [&](auto& ch) {
+      for_each_chunk<T, SW, Cache::kKeep, false>(s, t, nullptr, vocab, [&](auto& ch) {
 #pragma unroll
         for (int k = 0; k < ch.size; ++k) {
           const float ls = fmaf(ch.x[k] - ms, inv_t, -log_zs), lt = teacher_log_prob(ch.y[k], ch.i0 + k);
@@ -409,21 +370,21 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
           const Term<float> tm = divergence_term<DIV, float>(ls, lt, beta, w);
           if (!kSumPass) d += tm.d;
           float gi = gs * (tm.q - expf(ls) * S);
-          if (HARD) gi += a.hard_weight * (expf(x - ms - log_z1) - (ch.i0 + k == label ? 1.f : 0.f));
+          if (HARD) gi += a.hard_weight * (expf(x - ms - log_z1) - (ch.i0 + k == label_i ? 1.f : 0.f));
           ch.g[k] = gi;
         }
       };
       if (g != nullptr) {
-        for_each_chunk<T, Cache::kLast, true>(s, t, g, vocab, pass3);
+        for_each_chunk<T, SW, Cache::kLast, true>(s, t, g, vocab, pass3);
       } else {  // forward KL, loss only (the unused gradient math is compiled out)
-        for_each_chunk<T, Cache::kLast, false>(s, t, nullptr, vocab, pass3);
+        for_each_chunk<T, SW, Cache::kLast, false>(s, t, nullptr, vocab, pass3);
       }
       if (!kSumPass) sums.d = block_reduce(d, [](float u, float o) { return u + o; });
     }
 
     if (threadIdx.x == 0) {
       float loss = a.soft_weight * sums.d;
-      if (HARD) loss += a.hard_weight * (ms - (label_ok ? Elem<T>::to_float(s[label]) : 0.f) + log_z1);
+      if (HARD) loss += a.hard_weight * (ms - (label_ok ? Elem<T>::bits_to_acc(s[label_i]) : 0.f) + log_z1);
       a.loss[r] = loss;
     }
   }
@@ -465,34 +426,12 @@ void launch(const KDParams& p, cudaStream_t stream) {
   const int64_t grid = p.n_rows < INT_MAX ? p.n_rows : INT_MAX;
   const size_t shared = MULTI ? 2 * sizeof(float) * p.n_teachers : 0;
   kd_forward_kernel<T, DIV, HARD, MULTI>
-      <<<static_cast<unsigned>(grid), threads_for(p.vocab, kVec<T>), shared, stream>>>(a);
-}
-
-template <typename T>
-void dispatch(const KDParams& p, cudaStream_t stream) {
-  const bool hard = p.hard_weight > 0 && p.labels != nullptr, multi = p.n_teachers > 1;
-  const auto go = [&](auto div) {
-    constexpr int DIV = decltype(div)::value;
-    if (multi) {
-      hard ? launch<T, DIV, true, true>(p, stream) : launch<T, DIV, false, true>(p, stream);
-    } else {
-      hard ? launch<T, DIV, true, false>(p, stream) : launch<T, DIV, false, false>(p, stream);
-    }
-  };
-  switch (p.divergence) {
-    case kForwardKL: return go(std::integral_constant<int, kForwardKL>{});
-    case kReverseKL: return go(std::integral_constant<int, kReverseKL>{});
-    case kJSD: return go(std::integral_constant<int, kJSD>{});
-    case kSkewForwardKL: return go(std::integral_constant<int, kSkewForwardKL>{});
-    case kSkewReverseKL: return go(std::integral_constant<int, kSkewReverseKL>{});
-    case kTVD: return go(std::integral_constant<int, kTVD>{});
-    default: throw std::invalid_argument("kd_forward_cuda: unknown divergence code " + std::to_string(p.divergence));
-  }
+      <<<static_cast<unsigned>(grid), threads_for(p.vocab, Sweep<HARD, MULTI>::bytes / int(sizeof(T))), shared, stream>>>(a);
 }
 
 }  // namespace
 
-void kd_forward_cuda(const KDParams& p, void* stream) {
+void kd_forward_cuda(const KDParams& p, uintptr_t stream) {
   if (p.vocab > INT_MAX) {
     throw std::invalid_argument("kd_forward_cuda: vocab " + std::to_string(p.vocab) + " exceeds 2^31 - 1");
   }
@@ -501,14 +440,16 @@ void kd_forward_cuda(const KDParams& p, void* stream) {
                                 std::to_string(kMaxTeachers) + "]");
   }
   if (p.n_rows <= 0) return;
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case kFloat32: dispatch<float>(p, s); break;
-    case kFloat16: dispatch<half_t>(p, s); break;
-    case kBFloat16: dispatch<bfloat16_t>(p, s); break;
-    case kFloat64: throw std::invalid_argument("kd_forward_cuda: float64 logits are not supported on CUDA");
-    default: throw std::invalid_argument("kd_forward_cuda: unknown dtype code " + std::to_string(p.dtype));
-  }
+  with_dtype<false>(p.dtype, [&](auto type) {
+    with_divergence(p.divergence, [&](auto div) {
+      with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
+        with_bool(p.n_teachers > 1, [&](auto multi) {
+          launch<typename decltype(type)::type, decltype(div)::value, decltype(hard)::value, decltype(multi)::value>(
+              p, reinterpret_cast<cudaStream_t>(stream));
+        });
+      });
+    });
+  });
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("kd_forward_cuda: kernel launch failed: ") + cudaGetErrorString(err));

@@ -10,51 +10,20 @@
 #include <string>
 #include <type_traits>
 
-#include "common/divergence.h"
 #include "common/dispatch.h"
+#include "common/divergence.h"
 #include "common/dtype.h"
-#include "common/kd.h"
 #include "common/sparse_kd.h"
+#include "cuda/block_reduce.cuh"
 
 namespace kdops {
 namespace {
 
 constexpr int kThreads = 256;
 
-// ---- block reductions of structs of floats (blockDim.x == kThreads); result in every thread ----
-
-template <typename V, typename Combine>
-__device__ V block_reduce(V v, Combine combine) {
-  __shared__ V partial[kThreads / 32];
-  __shared__ V result;
-  constexpr int W = sizeof(V) / sizeof(float);
-  static_assert(sizeof(V) == W * sizeof(float), "V must be made of floats");
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int m = 16; m > 0; m /= 2) {
-    V o;
-    const float* src = reinterpret_cast<const float*>(&v);
-    float* dst = reinterpret_cast<float*>(&o);
-#pragma unroll
-    for (int k = 0; k < W; ++k) dst[k] = __shfl_xor_sync(0xffffffffu, src[k], m);
-    v = combine(v, o);
-  }
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    V u = partial[0];
-    for (int k = 1; k < kThreads / 32; ++k) u = combine(u, partial[k]);
-    result = u;
-  }
-  __syncthreads();
-  v = result;
-  __syncthreads();  // the next reduction may overwrite `result`
-  return v;
-}
-
 // Online logsumexp state of scale * x: m the max of x, z = sum exp(scale * (x - m)).
 struct LSE {
-  float m, z;
+  float m = -INFINITY, z = 0.f;
 };
 
 __device__ __forceinline__ LSE lse_merge(LSE a, LSE b, float scale) {
@@ -64,7 +33,7 @@ __device__ __forceinline__ LSE lse_merge(LSE a, LSE b, float scale) {
 }
 
 struct Pair {
-  float a, b;
+  float a = 0.f, b = 0.f;
 };
 
 template <typename T>
@@ -96,6 +65,12 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(const Args<T> a) {
       if (GRAD)
         for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g[i] = from_acc<T>(0.f);
       if (threadIdx.x == 0) a.loss[r] = 0.f;
+      continue;
+    }
+    if (HARD && (label < 0 || label >= V)) {  // an out-of-range label: a NaN row (never read)
+      if (GRAD)
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g[i] = from_acc<T>(NAN);
+      if (threadIdx.x == 0) a.loss[r] = NAN;
       continue;
     }
 
@@ -139,10 +114,9 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(const Args<T> a) {
       S += e.q;
       ratio = sparse_rest_ratio(rest, e.q);
     }
-    const bool label_ok = label >= 0 && label < V;
     if (threadIdx.x == 0) {
       float loss = indices_ok ? a.soft_weight * D : NAN;
-      if (HARD) loss += a.hard_weight * (label_ok ? log_z1 - (to_acc(s[label]) - ms) : NAN);
+      if (HARD) loss += a.hard_weight * (log_z1 - (to_acc(s[label]) - ms));
       a.loss[r] = loss;
     }
 
@@ -165,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(const Args<T> a) {
 
 }  // namespace
 
-void sparse_kd_forward_cuda(const SparseKDParams& p, void* stream) {
+void sparse_kd_forward_cuda(const SparseKDParams& p, uintptr_t stream) {
   if (p.n_rows == 0) return;
   with_dtype<false>(p.dtype, [&](auto type) {
     using T = typename decltype(type)::type;
@@ -179,7 +153,7 @@ void sparse_kd_forward_cuda(const SparseKDParams& p, void* stream) {
       with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
         with_bool(p.grad != nullptr, [&](auto grad) {
           sparse_kd_kernel<T, decltype(div)::value, decltype(hard)::value, decltype(grad)::value>
-              <<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+              <<<blocks, kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(a);
         });
       });
     });

@@ -1,7 +1,6 @@
-// Python signatures of the relation-based kernels (common/affinity.h), shared by kdops._C and
-// kdops._C_cuda: affinity_forward / affinity_backward / relation_forward / relation_backward,
-// taking data addresses, sizes, strides (in elements) and codes, run without the GIL. The CUDA
-// module passes Extra = uintptr_t (the stream).
+// affinity_forward / affinity_backward / relation_forward / relation_backward: the Python
+// signatures of the relation-based kernels (common/affinity.h), on both modules (the convention:
+// bindings/common.h).
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -9,42 +8,29 @@
 #include <cstdint>
 #include <string>
 
+#include "bindings/common.h"
 #include "common/affinity.h"
-#include "common/kd.h"
+#include "common/codes.h"
 
 namespace kdops {
+namespace bindings {
 
-namespace affinity_bindings {
-
-namespace py = pybind11;
-
-inline void check(bool ok, const char* fn, const std::string& what) {
-  if (!ok) throw py::value_error(std::string("kdops.") + fn + ": " + what);
-}
-
-inline void check_common(const char* fn, int64_t batch, int64_t dim, int dtype) {
+inline void check_features(const char* fn, int64_t batch, int64_t dim, int dtype) {
   check(dtype >= kFloat32 && dtype <= kFloat64, fn, "unknown dtype code " + std::to_string(dtype));
   check(batch >= 0 && dim >= 1, fn, "bad shape");
 }
 
-}  // namespace affinity_bindings
-
-// Registers the four functions on m; launch_*(params, extra...) runs them.
-template <typename... Extra, typename... ExtraArgs>
-void def_affinity_ops(pybind11::module_& m, void (*affinity_fwd)(const AffinityParams&, Extra...),
-                      void (*affinity_bwd)(const AffinityParams&, Extra...),
-                      void (*relation_fwd)(const RelationParams&, Extra...),
-                      void (*relation_bwd)(const RelationParams&, Extra...), ExtraArgs... extra_args) {
-  namespace py = pybind11;
-  using affinity_bindings::check;
-  using affinity_bindings::check_common;
-  const auto cptr = [](uintptr_t a) { return reinterpret_cast<const void*>(a); };
-  const auto mptr = [](uintptr_t a) { return reinterpret_cast<void*>(a); };
+// Registers the four functions on m.
+template <typename... Stream>
+void def_affinity(py::module_& m, void (*affinity_fwd)(const AffinityParams&, Stream...),
+                  void (*affinity_bwd)(const AffinityParams&, Stream...),
+                  void (*relation_fwd)(const RelationParams&, Stream...),
+                  void (*relation_bwd)(const RelationParams&, Stream...)) {
   m.def(
       "affinity_forward",
       [=](uintptr_t x, uintptr_t out, int64_t batch, int64_t dim, int64_t x_stride, int64_t out_stride, int dtype,
-          int kind, Extra... extra) {
-        check_common("affinity_forward", batch, dim, dtype);
+          int kind, Stream... stream) {
+        check_features("affinity_forward", batch, dim, dtype);
         check(kind >= kDot && kind <= kSquaredEuclidean, "affinity_forward", "unknown kind " + std::to_string(kind));
         AffinityParams p{};
         p.x = cptr(x);
@@ -56,17 +42,17 @@ void def_affinity_ops(pybind11::module_& m, void (*affinity_fwd)(const AffinityP
         p.out = mptr(out);
         p.out_stride = out_stride;
         py::gil_scoped_release no_gil;
-        affinity_fwd(p, extra...);
+        affinity_fwd(p, stream...);
       },
       "A [B, B] (float; double for float64) of the rows of x [B, D] into out.", py::arg("x_ptr"),
       py::arg("out_ptr"), py::arg("batch"), py::arg("dim"), py::arg("x_stride"), py::arg("out_stride"),
-      py::arg("dtype"), py::arg("kind"), extra_args...);
+      py::arg("dtype"), py::arg("kind"), stream_arg<Stream>()...);
   m.def(
       "affinity_backward",
       [=](uintptr_t grad, int64_t grad_stride0, int64_t grad_stride1, uintptr_t x, uintptr_t affinity,
           int64_t affinity_stride, uintptr_t dx, int64_t batch, int64_t dim, int64_t x_stride, int dtype, int kind,
-          Extra... extra) {
-        check_common("affinity_backward", batch, dim, dtype);
+          Stream... stream) {
+        check_features("affinity_backward", batch, dim, dtype);
         check(kind >= kDot && kind <= kSquaredEuclidean, "affinity_backward", "unknown kind " + std::to_string(kind));
         AffinityParams p{};
         p.x = cptr(x);
@@ -82,16 +68,16 @@ void def_affinity_ops(pybind11::module_& m, void (*affinity_fwd)(const AffinityP
         p.affinity = cptr(affinity);
         p.dx = mptr(dx);
         py::gil_scoped_release no_gil;
-        affinity_bwd(p, extra...);
+        affinity_bwd(p, stream...);
       },
       "dL/dx [B, D] (x dtype, contiguous) from grad = dL/dA (accumulation dtype, any strides) and A.",
       py::arg("grad_ptr"), py::arg("grad_stride0"), py::arg("grad_stride1"), py::arg("x_ptr"),
       py::arg("affinity_ptr"), py::arg("affinity_stride"), py::arg("dx_ptr"), py::arg("batch"), py::arg("dim"),
-      py::arg("x_stride"), py::arg("dtype"), py::arg("kind"), extra_args...);
+      py::arg("x_stride"), py::arg("dtype"), py::arg("kind"), stream_arg<Stream>()...);
   const auto relation = [=](uintptr_t student, uintptr_t teacher, int64_t batch, int64_t student_dim,
                             int64_t teacher_dim, int64_t student_stride, int64_t teacher_stride, int dtype, int loss,
                             double beta) {
-    check_common("relation", batch, student_dim, dtype);
+    check_features("relation", batch, student_dim, dtype);
     check(teacher_dim >= 1, "relation", "bad teacher shape");
     check(loss >= kSP && loss <= kRKDAngle, "relation", "unknown loss code " + std::to_string(loss));
     check(batch >= (loss == kSP ? 1 : loss == kRKDDistance ? 2 : 3), "relation", "batch too small");
@@ -113,35 +99,36 @@ void def_affinity_ops(pybind11::module_& m, void (*affinity_fwd)(const AffinityP
       "relation_forward",
       [=](uintptr_t student, uintptr_t teacher, uintptr_t loss_out, uintptr_t stats, int64_t batch,
           int64_t student_dim, int64_t teacher_dim, int64_t student_stride, int64_t teacher_stride, int dtype,
-          int loss, double beta, Extra... extra) {
+          int loss, double beta, Stream... stream) {
         RelationParams p = relation(student, teacher, batch, student_dim, teacher_dim, student_stride,
                                     teacher_stride, dtype, loss, beta);
         p.loss_out = mptr(loss_out);
         p.stats = mptr(stats);
         py::gil_scoped_release no_gil;
-        relation_fwd(p, extra...);
+        relation_fwd(p, stream...);
       },
       "The 0-d loss (accumulation dtype) of SP / RKD-D / RKD-A and the stats for the backward.",
       py::arg("student_ptr"), py::arg("teacher_ptr"), py::arg("loss_ptr"), py::arg("stats_ptr"), py::arg("batch"),
       py::arg("student_dim"), py::arg("teacher_dim"), py::arg("student_stride"), py::arg("teacher_stride"),
-      py::arg("dtype"), py::arg("loss"), py::arg("beta"), extra_args...);
+      py::arg("dtype"), py::arg("loss"), py::arg("beta"), stream_arg<Stream>()...);
   m.def(
       "relation_backward",
       [=](uintptr_t grad, uintptr_t student, uintptr_t teacher, uintptr_t stats, uintptr_t dx, int64_t batch,
           int64_t student_dim, int64_t teacher_dim, int64_t student_stride, int64_t teacher_stride, int dtype,
-          int loss, double beta, Extra... extra) {
+          int loss, double beta, Stream... stream) {
         RelationParams p = relation(student, teacher, batch, student_dim, teacher_dim, student_stride,
                                     teacher_stride, dtype, loss, beta);
         p.grad = cptr(grad);
         p.stats = mptr(stats);
         p.dx = mptr(dx);
         py::gil_scoped_release no_gil;
-        relation_bwd(p, extra...);
+        relation_bwd(p, stream...);
       },
       "dL/dstudent [B, Ds] (student dtype, contiguous) from the 0-d grad and the forward's stats.",
       py::arg("grad_ptr"), py::arg("student_ptr"), py::arg("teacher_ptr"), py::arg("stats_ptr"), py::arg("dx_ptr"),
       py::arg("batch"), py::arg("student_dim"), py::arg("teacher_dim"), py::arg("student_stride"),
-      py::arg("teacher_stride"), py::arg("dtype"), py::arg("loss"), py::arg("beta"), extra_args...);
+      py::arg("teacher_stride"), py::arg("dtype"), py::arg("loss"), py::arg("beta"), stream_arg<Stream>()...);
 }
 
+}  // namespace bindings
 }  // namespace kdops

@@ -1,0 +1,61 @@
+// kd_forward: the Python signature of the fused KD kernels (common/kd.h), on both modules (the
+// convention: bindings/common.h).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings/common.h"
+#include "common/codes.h"
+#include "common/kd.h"
+
+namespace kdops {
+namespace bindings {
+
+// kd_forward(student_ptr, ..., ignore_index, [stream,] n_teachers=1, teacher_k_stride=0,
+// teacher_log_weights_ptr=0) -> None.
+template <typename... Stream>
+void def_kd(py::module_& m, void (*kd_forward)(const KDParams&, Stream...)) {
+  static const std::string doc = docstring<Stream...>(
+      "Row losses [n_rows] (float, double for float64) and, if grad_ptr != 0, their gradients\n"
+      "w.r.t. the student logits, written to the buffers at the given addresses. Pointer\n"
+      "arguments are data addresses (0: none); strides are row strides in elements; K > 1\n"
+      "teachers: teacher k's rows start at teacher_ptr + k * teacher_k_stride elements.");
+  m.def(
+      "kd_forward",
+      [kd_forward](uintptr_t student, uintptr_t teacher, uintptr_t labels, uintptr_t loss, uintptr_t grad,
+                   int64_t n_rows, int64_t vocab, int64_t student_stride, int64_t teacher_stride,
+                   int64_t grad_stride, int dtype, int divergence, double temperature, double beta,
+                   double hard_weight, double soft_weight, int64_t ignore_index, Stream... stream,
+                   int64_t n_teachers, int64_t teacher_k_stride, uintptr_t teacher_log_weights) {
+        const char* fn = "kd_forward";
+        check(dtype >= kFloat32 && dtype <= kFloat64, fn, "unknown dtype code " + std::to_string(dtype));
+        check(divergence >= kForwardKL && divergence <= kTVD, fn,
+              "unknown divergence code " + std::to_string(divergence));
+        check(n_rows >= 0 && vocab >= 0, fn, "negative shape");
+        check(temperature > 0, fn, "temperature must be > 0");
+        check(n_rows == 0 || (student && teacher && loss), fn, "null logits or loss pointer");
+        check(!grad || grad_stride >= vocab, fn, "grad rows overlap");
+        check(n_teachers >= 1, fn, "n_teachers must be >= 1");
+        check(n_teachers == 1 || n_rows == 0 || teacher_log_weights, fn, "null teacher_log_weights pointer");
+        KDParams p{cptr(student), cptr(teacher), reinterpret_cast<const int64_t*>(labels), mptr(loss), mptr(grad),
+                   n_rows, vocab, student_stride, teacher_stride, grad_stride,
+                   dtype, divergence, temperature, beta, hard_weight, soft_weight, ignore_index};
+        p.n_teachers = n_teachers;
+        p.teacher_k_stride = teacher_k_stride;
+        p.teacher_log_weights = cptr(teacher_log_weights);
+        py::gil_scoped_release no_gil;
+        kd_forward(p, stream...);
+      },
+      doc.c_str(), py::arg("student_ptr"), py::arg("teacher_ptr"), py::arg("labels_ptr"), py::arg("loss_ptr"),
+      py::arg("grad_ptr"), py::arg("n_rows"), py::arg("vocab"), py::arg("student_stride"),
+      py::arg("teacher_stride"), py::arg("grad_stride"), py::arg("dtype"), py::arg("divergence"),
+      py::arg("temperature"), py::arg("beta"), py::arg("hard_weight"), py::arg("soft_weight"),
+      py::arg("ignore_index"), stream_arg<Stream>()..., py::arg("n_teachers") = 1,
+      py::arg("teacher_k_stride") = 0, py::arg("teacher_log_weights_ptr") = 0);
+}
+
+}  // namespace bindings
+}  // namespace kdops
