@@ -1,6 +1,7 @@
 """kdops.attention_relation_loss against the float64 reference that materialises the relations."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kdops
 from conftest import LOSS_TOL, RELATION_GRAD_TOL, assert_close, assert_close_to_max
@@ -254,3 +255,28 @@ def test_bad_input_names_the_argument(name):
     for backend in ["torch"] + KERNEL_BACKENDS[:1]:
         with pytest.raises(error, match=name.strip()):
             kdops.attention_relation_loss(**args, backend=backend)
+
+
+# --------------------------------------------------------------------------- DeiT hard distillation
+
+
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
+def test_hard_distillation_is_ce_against_the_teacher_argmax(backend):
+    student = torch.randn(6, 11, requires_grad=True)
+    teacher = torch.randn(6, 11)
+    teacher[0, 7] = teacher[0, 2] = teacher[0].max() + 1.0  # a tie: the lowest index, 2, wins
+    labels = torch.tensor([1, 2, -100, 4, 5, 6])
+    got = kdops.distill_loss(student, teacher, labels, divergence="hard", temperature=2.0, hard_weight=0.3,
+                             backend=backend, reduction="none")
+    target = teacher.argmax(-1)
+    assert int(target[0]) == 2
+    soft = F.cross_entropy(student / 2.0, target, reduction="none") * 4.0
+    hard = F.cross_entropy(student, labels.clamp(min=0), reduction="none")
+    expected = torch.where(labels != -100, 0.3 * hard + 0.7 * soft, torch.zeros(()))
+    assert_close(got, expected, LOSS_TOL[torch.float32])
+    g, e = torch.autograd.grad(got.sum(), student)[0], torch.autograd.grad(expected.sum(), student)[0]
+    assert_close(g, e, LOSS_TOL[torch.float32])
+    mixture = torch.stack([teacher, torch.randn(6, 11)])
+    log_mix = torch.logsumexp(torch.log_softmax(mixture / 2.0, -1), 0)
+    two = kdops.distill_loss(student, mixture, divergence="hard", temperature=2.0, backend=backend)
+    assert_close(two, F.cross_entropy(student / 2.0, log_mix.argmax(-1)) * 4.0, LOSS_TOL[torch.float32])

@@ -82,7 +82,9 @@ def distill_loss(
     Row loss ``a * CE(student, label) + (1 - a) * c * D(softmax(teacher/T), softmax(student/T))``
     with ``a = hard_weight`` and ``c = T**2`` when ``scale_by_temperature_squared``; ``D`` is
     ``divergence`` (``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_forward_kl``,
-    ``skew_reverse_kl``, ``tvd``; ``beta`` mixes the last three's distributions). ``labels``
+    ``skew_reverse_kl``, ``tvd``; ``beta`` mixes the last three's distributions), or ``"hard"``
+    (DeiT): ``D = -log p_s[argmax p_t]``, ties to the lowest index, computed with torch ops
+    (:mod:`kdops.reference`) whichever backend is named: not fused yet. ``labels``
     (the leading shape) add the hard-label term and mask rows equal to ``ignore_index``.
     ``reduction``: ``"mean"`` over counted rows (0 when none count), ``"sum"`` or ``"none"``;
     ``normalizer`` (an int or a one-element tensor, with ``"mean"``): the row sum divided by it
@@ -145,7 +147,9 @@ def distill_loss(
     lead = student_logits.shape[:-1]
     labels = validation.check_labels(labels, lead, "student_logits")
     validation.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+    hard_target = divergence == "hard"  # DeiT: CE against the teacher's argmax; torch ops, not fused yet
+    opts = distill_options(temperature=temperature, divergence="forward_kl" if hard_target else divergence,
+                           beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
                            reduction=reduction, has_labels=labels is not None)
     check_normalizer(normalizer, reduction)
@@ -153,7 +157,7 @@ def distill_loss(
         validation.check_labels_in_range(labels, ignore_index, vocab)
     name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype, "kd", n_teachers)
     weights = validation.check_teacher_weights(teacher_weights, n_teachers, student_logits.device) if multi else None
-    if name == "torch":
+    if name == "torch" or hard_target:
         return reference.distill_loss(
             student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence, beta=beta,
             hard_weight=hard_weight, scale_by_temperature_squared=scale_by_temperature_squared,
