@@ -112,7 +112,11 @@ def weighted_row_loss(
     t = _upcast(teacher_logits).to(s.dtype).detach()
     log_ps = torch.log_softmax(s / temperature, dim=-1)
     log_pt = teacher_log_probs(t, temperature, teacher_weights, student_logits.dim())
-    row = soft_weight * soft_divergence(log_ps, log_pt, divergence, beta)
+    if divergence == "hard":  # DeiT: CE against the teacher's argmax (torch.argmax: ties -> the lowest index)
+        target = (t if t.dim() == student_logits.dim() else log_pt).argmax(-1, keepdim=True)
+        row = soft_weight * -log_ps.gather(-1, target).squeeze(-1)
+    else:
+        row = soft_weight * soft_divergence(log_ps, log_pt, divergence, beta)
     if labels is None:
         return row, torch.ones(row.shape, dtype=torch.bool, device=row.device)
     valid = labels != ignore_index
