@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 # torch is pinned: 2.13.0 resolves to the local CPU wheel here (an unpinned torch pulls CUDA builds)
 DEPS := torch==2.13.0 triton==3.9.0 pybind11 ninja pytest numpy
 
-.PHONY: install demo test bench aot-check gpu-check
+.PHONY: install demo test bench lint aot-check gpu-check
 
 install:
 	$(PIP) install -q $(DEPS)
@@ -22,10 +22,17 @@ bench: install
 
 # optional extras whose integrations the suite tests (transformers Trainer, TRL's trainers' losses, plots);
 # trl pinned: kdops.integrations.trl replaces functions of that release (torch stays pinned alongside)
-TEST_EXTRAS := transformers accelerate matplotlib trl==1.16.0
+TEST_EXTRAS := transformers accelerate matplotlib hypothesis trl==1.16.0
+
+# the linter (config in pyproject.toml): .ci/run runs `make lint` before `make test`
+LINT_DEPS := ruff
+
+lint:
+	$(PIP) install -q $(LINT_DEPS)
+	$(PYTHON) -m ruff check .
 
 test: install
-	$(PIP) install -q $(TEST_EXTRAS) torch==2.13.0
+	$(PIP) install -q $(TEST_EXTRAS) $(LINT_DEPS) torch==2.13.0
 	$(PYTHON) -m pytest tests -q -ra
 
 # make aot-check: every Triton specialisation the launchers produce, compiled for sm_80/90/100 with

@@ -31,6 +31,10 @@ DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch
 NORM_EPS = 1e-12
 NORM_EPS2 = NORM_EPS * NORM_EPS
 DIST_EPS2 = 1e-12
+# Pairwise distances are computed on the batch centred on its mean; a pair whose Gram-form squared
+# distance n_i + n_j - 2 x_i.x_j is below CLOSE_PAIR_RATIO * (n_i + n_j) (the form cancels there)
+# is recomputed from the differences sum_k (x_ik - x_jk)^2.
+CLOSE_PAIR_RATIO = 2.0**-10
 
 
 def relation_stats_shape(loss: int, batch: int) -> tuple[int, ...]:

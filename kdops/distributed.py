@@ -67,29 +67,74 @@ def _world_size(group: Optional[dist.ProcessGroup]) -> int:
     return dist.get_world_size(group) if _initialized() else 1
 
 
+def _collective(what: str, group: Optional[dist.ProcessGroup], run) -> None:
+    """Runs the collective ``run()``; a failure (a peer that raised or died: connection closed; a
+    peer that never arrived: the process group's timeout) becomes an error that says so."""
+    try:
+        run()
+    except RuntimeError as error:  # gloo / NCCL errors (DistBackendError is a RuntimeError)
+        raise RuntimeError(
+            f"kdops.distributed: the {what} on rank {dist.get_rank(group)} of {dist.get_world_size(group)} "
+            f"failed ({error}); another rank of the group raised, died or did not reach this step of the "
+            "loss in time (init_process_group(timeout=...) bounds the wait)"
+        ) from error
+
+
 def _all_reduce(x: Tensor, op: str, group: Optional[dist.ProcessGroup]) -> None:
     """In-place all-reduce of ``x`` over ``group`` (``op``: ``"sum"`` or ``"max"``); nothing alone."""
     if _world_size(group) > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+        _collective(f"all-reduce ({op}) of {list(x.shape)}", group, lambda: dist.all_reduce(
+            x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group))
 
 
-def _shard_sizes(vocab_shard: int, n_rows: int, device: torch.device,
-                 group: Optional[dist.ProcessGroup]) -> list[int]:
-    """Every rank's vocabulary shard size, from one all-gather of ``(V_r, N)``; checks that the
-    ranks hold the same number of rows (the check runs on every rank: all of them raise)."""
+# What every rank of a call must agree on, in the order of the all-gathered fingerprint (after the
+# rank's own vocabulary shard size and first column): a disagreement would deadlock a later
+# collective (other rows, labels or reduction: other chunks and backward passes) or silently mix
+# two losses (other options).
+_AGREED = ("the number of rows N (the leading shape)", "divergence", "temperature", "beta", "hard_weight",
+           "soft weight (1 - hard_weight) * T^2 (scale_by_temperature_squared)", "ignore_index", "reduction",
+           "dtype", "labels given", "number of counted rows (labels != ignore_index)", "labels (a checksum)")
+
+
+def _shard_sizes(vocab_shard: int, n_rows: int, device: torch.device, group: Optional[dist.ProcessGroup], *,
+                 opts: DistillOptions, reduction: str, dtype: torch.dtype, labels: Optional[Tensor],
+                 vocab_start: Optional[int] = None) -> list[int]:
+    """Every rank's vocabulary shard size, from one all-gather of a small fingerprint of the call
+    (float64: ``V_r``, ``vocab_start`` (-1: None), then the :data:`_AGREED` values) before any
+    other collective; every rank checks that all of them agree (and that given ``vocab_start``s
+    tile the vocabulary), so that all of them raise the same ValueError naming the option."""
     world = _world_size(group)
     if world == 1:
         return [vocab_shard]
-    mine = torch.tensor([vocab_shard, n_rows], dtype=torch.int64, device=device)
+    fields = [vocab_shard, -1 if vocab_start is None else vocab_start, n_rows, opts.divergence, opts.temperature,
+              opts.beta, opts.hard_weight, opts.soft_weight, opts.ignore_index,
+              validation.REDUCTIONS.index(reduction), validation.FLOAT_DTYPES.index(dtype), labels is not None]
+    mine = torch.tensor(fields + [0, 0], dtype=torch.float64, device=device)
+    if labels is not None:  # counted rows and an exact int64 checksum of the labels
+        weights = torch.arange(labels.numel(), device=labels.device) % 65521 + 1
+        mine[-2:] = torch.stack([(labels != opts.ignore_index).sum(), (labels.long() * weights).sum()]).double()
     everyone = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(everyone, mine, group=group)
-    sizes = torch.stack(everyone).tolist()
-    if len({n for _, n in sizes}) > 1:
-        raise ValueError(
-            f"every rank of the group must hold the same rows; got N = {[n for _, n in sizes]} "
-            "over the ranks (the leading shape of the logits / hidden states)"
-        )
-    return [v for v, _ in sizes]
+    _collective("all-gather of the call's fingerprint", group, lambda: dist.all_gather(everyone, mine, group=group))
+    table = torch.stack(everyone).tolist()
+    for column, name in enumerate(_AGREED, start=2):
+        values = [row[column] for row in table]
+        if len(set(values)) > 1:
+            shown = [validation.REDUCTIONS[int(v)] for v in values] if name == "reduction" else (
+                [str(validation.FLOAT_DTYPES[int(v)]) for v in values] if name == "dtype" else values)
+            raise ValueError(
+                f"the ranks of the group disagree on {name}: {shown} (rank 0, 1, ...); every rank must pass "
+                "the same rows, labels and options (only the vocabulary shards differ)"
+            )
+    sizes = [int(row[0]) for row in table]
+    starts = [int(row[1]) for row in table]
+    if any(start >= 0 for start in starts):
+        expected = [sum(sizes[:r]) for r in range(world)]
+        if starts != expected:
+            raise ValueError(
+                f"vocab_start must be given on every rank and tile the vocabulary in rank order: got {starts} for "
+                f"shards of {sizes} columns (expected {expected})"
+            )
+    return sizes
 
 
 def _vocab_start(sizes: list[int], group: Optional[dist.ProcessGroup]) -> int:
@@ -258,8 +303,11 @@ def vocab_parallel_distill_loss(
     shards, in rank order, concatenate to ``(..., V)``; ``V_r`` may differ between ranks), the
     same ``labels`` (full-vocabulary indices) and the same options; every rank gets the loss of
     the concatenated logits, and the gradient of its shard. ``vocab_start``: this rank's first
-    column; None gathers the shard sizes (one all-gather of two integers), which also checks that
-    the ranks hold the same rows. Communication: three all-reduces of ``[k, N]`` per-row scalars,
+    column (None: from the shard sizes). First, one all-gather of a 14-number fingerprint of the
+    call checks that the ranks agree on the rows, labels and options (and that given
+    ``vocab_start``s tile the vocabulary): a ValueError naming what differs, on every rank, before
+    any collective could deadlock or mix them; a failed collective (a rank that raised or died,
+    or the group's timeout) is a RuntimeError saying so. Then three all-reduces of ``[k, N]`` per-row scalars,
     k = 2, 2 (5 with ``hard_weight > 0``) and 2: 24 bytes per row (36) in float32.
     Without an initialised process group: the loss of the full logits, no communication.
     Temporaries: a few ``[N, V_r]`` float32 tensors. Options as in :func:`kdops.distill_loss`.
@@ -290,8 +338,9 @@ def vocab_parallel_distill_loss(
                            reduction=reduction, has_labels=labels is not None)
     student = student_logits_shard.reshape(lead.numel(), shard)  # V_r may be 0: no -1
     flat_labels = None if labels is None else labels.reshape(-1)
+    sizes = _shard_sizes(shard, student.shape[0], student.device, group, opts=opts, reduction=reduction,
+                         dtype=student.dtype, labels=flat_labels, vocab_start=vocab_start)
     if vocab_start is None:
-        sizes = _shard_sizes(shard, student.shape[0], student.device, group)
         vocab_start = _vocab_start(sizes, group)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     rows = _VocabParallelRows.apply(student, teacher_logits_shard.detach().reshape(student.shape),
@@ -388,7 +437,8 @@ def vocab_parallel_fused_linear_distill_loss(
     all-reduce of ``[N, Hs]``), so it is the full gradient on every rank: do not all-reduce it
     again (as a tensor-parallel "copy to region" would). Gradients to the weight and bias shards
     are this rank's (``requires_grad`` of each input must agree over the ranks). ``reduction="none"``
-    computes the gradients in backward, with communication: every rank must run backward. Options as in :func:`kdops.distill_loss` (temperature 1 by
+    computes the gradients in backward, with communication: every rank must run backward.
+    Options as in :func:`kdops.distill_loss` (temperature 1 by
     default, as :func:`kdops.fused_linear_distill_loss`).
     """
     validation.check_linear("student_hidden", student_hidden, "student_weight_shard", student_weight_shard,
@@ -419,7 +469,8 @@ def vocab_parallel_fused_linear_distill_loss(
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1)
-    sizes = _shard_sizes(student_weight_shard.shape[0], h.shape[0], h.device, group)
+    sizes = _shard_sizes(student_weight_shard.shape[0], h.shape[0], h.device, group, opts=opts, reduction=reduction,
+                         dtype=h.dtype, labels=flat_labels)
     chunk = chunk_rows(h.shape[0], max(*sizes, 1), h.dtype, chunk_size)  # the same on every rank
     grad_on = torch.is_grad_enabled() and reduction != "none"  # "none": the gradients come in backward
     needs = tuple(grad_on and x is not None and x.requires_grad

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdops._codes import CLOSE_PAIR_RATIO
+
 
 def _upcast(x: Tensor) -> Tensor:
     """float16 / bfloat16 -> float32; float32 and float64 stay as they are."""
@@ -291,11 +293,22 @@ def _off_diagonal(n: int, device: torch.device) -> Tensor:
 
 
 def pairwise_squared_distances(x: Tensor) -> Tensor:
-    """``d2_ij = ||x_i - x_j||^2 = n_i + n_j - 2 x_i.x_j`` (``n_i = ||x_i||^2``, Gram form, as
-    the kernels), clamped at 0; ``[B, D]`` rows -> ``[B, B]``. The diagonal is exactly 0."""
-    sq = (x * x).sum(1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp(min=0.0)
-    return torch.where(_off_diagonal(x.shape[0], x.device), d2, torch.zeros_like(d2))
+    """``d2_ij = ||x_i - x_j||^2`` of ``[B, D]`` rows -> ``[B, B]``, exact for near-duplicates.
+
+    With ``c = x - mean(x)`` (distances do not see the shift; centring removes the batch's common
+    offset) and ``n_i = ||c_i||^2``, the Gram form ``max(n_i + n_j - 2 c_i.c_j, 0)``, except for
+    close pairs, ``d2 < CLOSE_PAIR_RATIO * (n_i + n_j)``, where the form cancels: those are
+    recomputed from the differences of the rows themselves, ``sum_k (x_ik - x_jk)^2`` (exact
+    for close values, which the rounding of ``c`` is not), as the kernels. The diagonal is
+    exactly 0. Memory: ``[B, B]`` plus the ``[pairs, D]`` differences of the close pairs."""
+    c = x - x.mean(0, keepdim=True)
+    sq = (c * c).sum(1)
+    norms = sq[:, None] + sq[None, :]
+    d2 = (norms - 2.0 * (c @ c.T)).clamp(min=0.0)
+    off = _off_diagonal(x.shape[0], x.device)
+    i, j = ((d2 < CLOSE_PAIR_RATIO * norms) & off).nonzero(as_tuple=True)
+    d2 = d2.index_put((i, j), (x[i] - x[j]).pow(2).sum(1))
+    return torch.where(off, d2, torch.zeros_like(d2))
 
 
 def affinity(x: Tensor, kind: str = "cosine") -> Tensor:

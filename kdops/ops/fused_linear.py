@@ -59,8 +59,11 @@ def _compute(
     teachers: list[Teacher] = [(th, tw, tb)] if isinstance(th, Tensor) else list(zip(th, tw, tb))
     student_transform, teacher_transform = opts.student_transform, opts.teacher_transform
     plain = student_transform.is_identity and teacher_transform.is_identity and not entropy
-    if plain and all(_dispatch.offers("fused_linear", backend, h.device, x.dtype, len(teachers))
-                     for x in (h, teachers[0][0])):
+    # the blockwise kernels add float32 partial gradients atomically (order-dependent on a GPU):
+    # deterministic mode takes the chunked path (deterministic "kd" kernel per chunk, then matmuls)
+    blockwise = plain and not torch.are_deterministic_algorithms_enabled()
+    if blockwise and all(_dispatch.offers("fused_linear", backend, h.device, x.dtype, len(teachers))
+                         for x in (h, teachers[0][0])):
         return (*_dispatch.kernels("fused_linear", backend).fused_linear_distill(
             h, w, b, th, tw, tb, labels, row_weights, opts, needs), h.new_empty(0))
     kd = _dispatch.kernels("kd", backend)

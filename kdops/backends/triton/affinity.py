@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kdops import _alloc
+from kdops import _alloc, _codes
 from kdops.backends.triton._common import INTERPRETING, launch, block as _block
 
 DOT: tl.constexpr = tl.constexpr(0)
@@ -66,6 +66,8 @@ RKD_ANGLE: tl.constexpr = tl.constexpr(2)
 NORM_EPS: tl.constexpr = tl.constexpr(1e-12)  # norms clamp (kdops.reference.NORM_EPS)
 NORM_EPS2: tl.constexpr = tl.constexpr(1e-24)  # NORM_EPS^2: squared norms / distances below are 0
 DIST_EPS2: tl.constexpr = tl.constexpr(1e-12)  # squared distances clamp (kdops.reference.DIST_EPS2)
+# Gram-form squared distances below this fraction of n_i + n_j are recomputed from differences
+CLOSE_PAIR_RATIO: tl.constexpr = tl.constexpr(_codes.CLOSE_PAIR_RATIO)
 
 # Tiles: 64 x 64 Gram tiles; the interpreter runs whole numpy blocks, so larger K steps are
 # faster there (unless KDOPS_TRITON_GPU_BLOCKS=1). Its bf16 tl.dot is wrong, so operands are
@@ -76,6 +78,14 @@ EXACT_BLOCK, EXACT_BLOCK_K = _block((32, 8), (32, 32))  # [M, N, K] difference b
 ANGLE_BLOCK = _block(32, 128)  # RKD-A tiles (the interpreter pays per tile and anchor)
 # Backward of SP / RKD-D: pair weights are materialised for at most max(B * D, this) elements.
 _CHUNK_ELEMENTS = 1 << 22
+# Warps of every relation kernel: with 8, a 64 x 64 float32 / float64 tile and its dot operands
+# fit in the registers of a thread (with 4 the fp32 / fp64 Gram kernels reached 255 registers and
+# spilled up to 1 KB per thread; tools/aot_check.py).
+NUM_WARPS = 8
+
+
+def _launch(kernel, grid, device, *args, **options) -> None:
+    launch(kernel, grid, device, *args, num_warps=NUM_WARPS, **options)
 
 
 
@@ -111,12 +121,43 @@ def _inv_norm(sq):
 
 
 @triton.jit
-def _distance(g, n_i, n_j, rows_i, rows_j):
-    """(d, m): ``d_ij = sqrt(max(d2_ij, 1e-12))`` (0 on the diagonal) from the Gram tile ``g``
-    and the squared norms; ``m`` where the clamp is inactive and i != j (gradient flows)."""
-    d2 = tl.maximum(n_i[:, None] + n_j[None, :] - 2.0 * g, 0.0)
+def _squared_distance(g, n_i, n_j, raw_ptr, stride, rows_i, rows_j, B, D, COMPUTE: tl.constexpr):
+    """``d2_ij`` from the Gram tile ``g`` and the squared norms of the centred rows: the Gram form
+    ``max(n_i + n_j - 2 g_ij, 0)``, except close pairs (``d2 < CLOSE_PAIR_RATIO (n_i + n_j)``,
+    i != j, where the form cancels), recomputed from the differences ``sum_k (x_ik - x_jk)^2``
+    of the ``raw`` (uncentred: exact differences of close values) rows, one feature at a time
+    (only in tiles that hold such a pair)."""
+    norms = n_i[:, None] + n_j[None, :]
+    d2 = tl.maximum(norms - 2.0 * g, 0.0)
+    close = (d2 < CLOSE_PAIR_RATIO * norms) & (rows_i[:, None] != rows_j[None, :])
+    close = close & (rows_i[:, None] < B) & (rows_j[None, :] < B)
+    if tl.max(tl.max(close.to(tl.int32), axis=1), axis=0) > 0:
+        exact = tl.zeros(d2.shape, COMPUTE)
+        base_i = raw_ptr + rows_i.to(tl.int64) * stride
+        base_j = raw_ptr + rows_j.to(tl.int64) * stride
+        for k in range(0, D):
+            a = tl.load(base_i + k, mask=rows_i < B, other=0.0).to(COMPUTE)
+            b = tl.load(base_j + k, mask=rows_j < B, other=0.0).to(COMPUTE)
+            diff = a[:, None] - b[None, :]
+            exact += diff * diff
+        d2 = tl.where(close, exact, d2)
+    return d2
+
+
+@triton.jit
+def _distance(d2, rows_i, rows_j):
+    """(d, m): ``d_ij = sqrt(max(d2_ij, 1e-12))`` (0 on the diagonal) from the squared distances
+    ``d2``; ``m`` where the clamp is inactive and i != j (gradient flows)."""
     off = rows_i[:, None] != rows_j[None, :]
     return tl.where(off, tl.sqrt(tl.maximum(d2, DIST_EPS2)), 0.0), off & (d2 > DIST_EPS2)
+
+
+@triton.jit
+def _pair_distances(g, raw_ptr, stride, D, norms_ptr, rows_i, rows_j, B, COMPUTE: tl.constexpr):
+    """:func:`_distance` of the tile whose centred rows have the Gram tile ``g`` (``raw``: the rows)."""
+    d2 = _squared_distance(g, _load_vector(norms_ptr, rows_i, B), _load_vector(norms_ptr, rows_j, B), raw_ptr, stride,
+                           rows_i, rows_j, B, D, COMPUTE)
+    return _distance(d2, rows_i, rows_j)
 
 
 @triton.jit
@@ -187,7 +228,7 @@ def _sq_norms_kernel(x_ptr, out_ptr, B, D, stride, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _affinity_kernel(x_ptr, norms_ptr, out_ptr, B, D, stride_x, stride_o, KIND: tl.constexpr,
+def _affinity_kernel(x_ptr, raw_ptr, norms_ptr, out_ptr, B, D, stride_x, stride_raw, stride_o, KIND: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      COMPUTE: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """One tile of the [B, B] affinity (see the module docstring for the kinds)."""
@@ -204,31 +245,35 @@ def _affinity_kernel(x_ptr, norms_ptr, out_ptr, B, D, stride_x, stride_o, KIND: 
             n_j = _load_vector(norms_ptr, rows_j, B)
             if KIND == COSINE:
                 a = g * _inv_norm(n_i)[:, None] * _inv_norm(n_j)[None, :]
-            elif KIND == EUCLIDEAN:
-                a, _ = _distance(g, n_i, n_j, rows_i, rows_j)
             else:
-                off = rows_i[:, None] != rows_j[None, :]
-                a = tl.where(off, tl.maximum(n_i[:, None] + n_j[None, :] - 2.0 * g, 0.0), 0.0)
+                d2 = _squared_distance(g, n_i, n_j, raw_ptr, stride_raw, rows_i, rows_j, B, D, COMPUTE)
+                if KIND == EUCLIDEAN:
+                    a, _ = _distance(d2, rows_i, rows_j)
+                else:
+                    a = tl.where(rows_i[:, None] != rows_j[None, :], d2, 0.0)
     mask = (rows_i[:, None] < B) & (rows_j[None, :] < B)
     tl.store(out_ptr + rows_i.to(tl.int64)[:, None] * stride_o + rows_j[None, :], a, mask=mask)
 
 
 @triton.jit
-def _affinity_weights_kernel(grad_ptr, a_ptr, norms_ptr, w_ptr, delta_ptr, B, stride_g0, stride_g1,
+def _affinity_weights_kernel(grad_ptr, a_ptr, norms_ptr, w_ptr, delta_ptr, close_ptr, B, stride_g0, stride_g1,
                              stride_a, stride_w, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
-    """Pair weights W (and delta for cosine) of the affinity gradient ``dA`` (``grad``)."""
+    """Pair weights W (and delta for cosine) of the affinity gradient ``dA`` (``grad``); for
+    euclidean also the tile flags of :func:`_flag_close_pairs` (``norms`` of the centred rows)."""
     rows_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r64 = rows_i.to(tl.int64)
-    if KIND == COSINE:
+    if KIND == COSINE or KIND == EUCLIDEAN:
         n_i = _load_vector(norms_ptr, rows_i, B)
+    if KIND == COSINE:
         inv_i = _inv_norm(n_i)
         c = tl.zeros((BLOCK_M,), COMPUTE)
     for j0 in range(0, B, BLOCK_N):
         rows_j = j0 + tl.arange(0, BLOCK_N)
+        j64 = rows_j.to(tl.int64)  # int64: j * stride passes 2^31 for B >= 46341 (either layout of grad)
         mask = (rows_i[:, None] < B) & (rows_j[None, :] < B)
-        s = (tl.load(grad_ptr + r64[:, None] * stride_g0 + rows_j[None, :] * stride_g1, mask=mask, other=0.0)
-             + tl.load(grad_ptr + rows_j.to(tl.int64)[None, :] * stride_g0 + r64[:, None] * stride_g1, mask=mask, other=0.0))
+        s = (tl.load(grad_ptr + r64[:, None] * stride_g0 + j64[None, :] * stride_g1, mask=mask, other=0.0)
+             + tl.load(grad_ptr + j64[None, :] * stride_g0 + r64[:, None] * stride_g1, mask=mask, other=0.0))
         s = s.to(COMPUTE)
         if KIND == DOT:
             w = s
@@ -245,6 +290,8 @@ def _affinity_weights_kernel(grad_ptr, a_ptr, norms_ptr, w_ptr, delta_ptr, B, st
                 # A_ij > sqrt(1e-12) exactly where d2_ij > 1e-12
                 keep = off & (a * a > DIST_EPS2)
                 w = tl.where(keep, s / tl.where(keep, a, 1.0), 0.0)
+                _flag_close_pairs(close_ptr, tl.program_id(0), tl.cdiv(B, BLOCK_N), j0 // BLOCK_N, keep & mask, a * a,
+                                  n_i, _load_vector(norms_ptr, rows_j, B))
         tl.store(w_ptr + r64[:, None] * stride_w + rows_j[None, :], w, mask=mask)
     if KIND == COSINE:
         delta = tl.where(n_i > NORM_EPS2, -c * inv_i * inv_i, 0.0)
@@ -252,24 +299,57 @@ def _affinity_weights_kernel(grad_ptr, a_ptr, norms_ptr, w_ptr, delta_ptr, B, st
 
 
 @triton.jit
-def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, out_ptr, row0, R, B, D, stride_w, stride_x, stride_o,
-                          DIST: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COMPUTE: tl.constexpr):
+def _flag_close_pairs(close_ptr, tile_i, n_tiles_j, tile_j, mask, d2, n_i, n_j):
+    """Marks tile (tile_i, tile_j) of the pair weights in ``close`` ([tiles_i, tiles_j] int32)
+    if it holds a close pair (``d2 < CLOSE_PAIR_RATIO (n_i + n_j)`` among ``mask``), whose DIST
+    term the apply kernel then forms from differences."""
+    close = mask & (d2 < CLOSE_PAIR_RATIO * (n_i[:, None] + n_j[None, :]))
+    tl.store(close_ptr + tile_i * n_tiles_j + tile_j, tl.max(tl.max(close.to(tl.int32), axis=1), axis=0))
+
+
+@triton.jit
+def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, raw_ptr, close_ptr, out_ptr, row0, R, B, D, stride_w, stride_x,
+                          stride_raw, stride_o,
+                          DIST: tl.constexpr, HAS_DELTA: tl.constexpr, EXACT_CLOSE: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     """Rows row0 + [0, R) of dX: GRAM ``W X + delta * X`` or DIST ``rowsum(W) * X - W X``
-    (W holds the R rows of the chunk)."""
+    (W holds the R rows of the chunk). With EXACT_CLOSE (DIST of centred X), the W tiles that
+    ``close`` flags (:func:`_flag_close_pairs`) add ``sum_j W_ij (x_i - x_j)`` from the
+    differences of the ``raw`` (uncentred) rows, one j at a time: the large weights of near-duplicate pairs would otherwise
+    multiply the rounding of ``rowsum(W) * x_i - W X``. ``PRECISION`` of the ``W X`` dot: "ieee" for float32 /
+    float64 X; "tf32x3" for 16-bit X, which is exact in tf32, so that only the tf32 split of W
+    rounds (relative error ~2^-22, far below the 16-bit rounding of dX) and the dot runs on
+    tensor cores (an "ieee" float32 dot of a 64 x 64 x 64 tile on CUDA cores spilled 1.5-8 KB)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_D), COMPUTE)
     row_sum = tl.zeros((BLOCK_M,), COMPUTE)
+    x_i = _load_rows(x_ptr, stride_x, row0 + rows, cols, row0 + R, D).to(COMPUTE)
+    if EXACT_CLOSE:
+        raw_i = _load_rows(raw_ptr, stride_raw, row0 + rows, cols, row0 + R, D).to(COMPUTE)
+        exact = tl.zeros((BLOCK_M, BLOCK_D), COMPUTE)
+        n_tiles_j = tl.cdiv(B, BLOCK_N)
     for j0 in range(0, B, BLOCK_N):
         rows_j = j0 + tl.arange(0, BLOCK_N)
-        w = _load_rows(w_ptr, stride_w, rows, rows_j, R, B)
-        x_j = _load_rows(x_ptr, stride_x, rows_j, cols, B, D).to(COMPUTE)
-        acc = tl.dot(w, x_j, acc, input_precision="ieee")
-        if DIST:
-            row_sum += tl.sum(w, axis=1)
-    x_i = _load_rows(x_ptr, stride_x, row0 + rows, cols, row0 + R, D).to(COMPUTE)
-    if DIST:
+        flagged = False
+        if EXACT_CLOSE:
+            flagged = tl.load(close_ptr + tl.program_id(0) * n_tiles_j + j0 // BLOCK_N) != 0
+        if flagged:
+            for jj in range(0, tl.minimum(BLOCK_N, B - j0)):
+                j = tl.full((), j0 + jj, tl.int64)
+                w_j = tl.load(w_ptr + rows.to(tl.int64) * stride_w + j, mask=rows < R, other=0.0)
+                raw_j = tl.load(raw_ptr + j * stride_raw + cols, mask=cols < D, other=0.0)
+                exact += w_j.to(COMPUTE)[:, None] * (raw_i - raw_j.to(COMPUTE)[None, :])
+        else:
+            w = _load_rows(w_ptr, stride_w, rows, rows_j, R, B)
+            x_j = _load_rows(x_ptr, stride_x, rows_j, cols, B, D).to(COMPUTE)
+            acc = tl.dot(w, x_j, acc, input_precision=PRECISION)
+            if DIST:
+                row_sum += tl.sum(w, axis=1)
+    if EXACT_CLOSE:
+        out = row_sum[:, None] * x_i - acc + exact
+    elif DIST:
         out = row_sum[:, None] * x_i - acc
     elif HAS_DELTA:
         out = acc + _load_vector(delta_ptr, row0 + rows, row0 + R)[:, None] * x_i
@@ -281,7 +361,8 @@ def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, out_ptr, row0, R, B, D, strid
 
 
 @triton.jit
-def _row_stat_kernel(x_ptr, norms_ptr, out_ptr, B, D, stride, LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _row_stat_kernel(x_ptr, raw_ptr, norms_ptr, out_ptr, B, D, stride, stride_raw, LOSS: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
                      DOT_UPCAST: tl.constexpr):
     """Pass 1, per row: SP ``sum_j G_ij^2``; RKD-D ``sum_j d_ij``."""
@@ -295,13 +376,16 @@ def _row_stat_kernel(x_ptr, norms_ptr, out_ptr, B, D, stride, LOSS: tl.constexpr
         if LOSS == SP:
             v = g * g
         else:
-            v, _ = _distance(g, n_i, _load_vector(norms_ptr, rows_j, B), rows_i, rows_j)
+            d2 = _squared_distance(g, n_i, _load_vector(norms_ptr, rows_j, B), raw_ptr, stride_raw, rows_i, rows_j, B, D,
+                                   COMPUTE)
+            v, _ = _distance(d2, rows_i, rows_j)
         acc += tl.sum(tl.where((rows_j < B)[None, :], v, 0.0), axis=1)
     tl.store(out_ptr + rows_i, acc, mask=rows_i < B)
 
 
 @triton.jit
-def _relation_terms(gs, gt, rows_i, rows_j, ns_ptr, nt_ptr, stats_ptr, B, beta, LOSS: tl.constexpr):
+def _relation_terms(gs, gt, rows_i, rows_j, rs_ptr, rt_ptr, stride_rs, stride_rt, Ds, Dt, ns_ptr, nt_ptr, stats_ptr,
+                    B, beta, LOSS: tl.constexpr, COMPUTE: tl.constexpr):
     """(loss terms, aux terms) of a tile: SP ``(z^2, z u)``; RKD-D ``(h(z), h'(z) u)``, u the
     student's normalised tile, ``z = u - v``."""
     if LOSS == SP:
@@ -310,16 +394,16 @@ def _relation_terms(gs, gt, rows_i, rows_j, ns_ptr, nt_ptr, stats_ptr, B, beta, 
         z = u - v
         return z * z, z * u
     else:
-        ds, _ = _distance(gs, _load_vector(ns_ptr, rows_i, B), _load_vector(ns_ptr, rows_j, B), rows_i, rows_j)
-        dt, _ = _distance(gt, _load_vector(nt_ptr, rows_i, B), _load_vector(nt_ptr, rows_j, B), rows_i, rows_j)
+        ds, _ = _pair_distances(gs, rs_ptr, stride_rs, Ds, ns_ptr, rows_i, rows_j, B, COMPUTE)
+        dt, _ = _pair_distances(gt, rt_ptr, stride_rt, Dt, nt_ptr, rows_i, rows_j, B, COMPUTE)
         u = ds / tl.load(stats_ptr)  # stats: mu_s, mu_t, kappa
         z = u - dt / tl.load(stats_ptr + 1)
         return _smooth_l1(z, beta), _smooth_l1_grad(z, beta) * u
 
 
 @triton.jit
-def _relation_loss_kernel(xs_ptr, xt_ptr, ns_ptr, nt_ptr, stats_ptr, loss_ptr, aux_ptr, B, Ds, Dt,
-                          stride_s, stride_t, beta, LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _relation_loss_kernel(xs_ptr, xt_ptr, rs_ptr, rt_ptr, ns_ptr, nt_ptr, stats_ptr, loss_ptr, aux_ptr, B, Ds, Dt,
+                          stride_s, stride_t, stride_rs, stride_rt, beta, LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
                           DOT_UPCAST: tl.constexpr):
     """Pass 2, per row: the sums over j of the loss terms and aux terms of :func:`_relation_terms`."""
@@ -330,7 +414,8 @@ def _relation_loss_kernel(xs_ptr, xt_ptr, ns_ptr, nt_ptr, stats_ptr, loss_ptr, a
         rows_j = j0 + tl.arange(0, BLOCK_N)
         gs = _gram_tile(xs_ptr, stride_s, rows_i, rows_j, B, Ds, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, DOT_UPCAST)
         gt = _gram_tile(xt_ptr, stride_t, rows_i, rows_j, B, Dt, BLOCK_M, BLOCK_N, BLOCK_K, COMPUTE, DOT_UPCAST)
-        terms, aux_terms = _relation_terms(gs, gt, rows_i, rows_j, ns_ptr, nt_ptr, stats_ptr, B, beta, LOSS)
+        terms, aux_terms = _relation_terms(gs, gt, rows_i, rows_j, rs_ptr, rt_ptr, stride_rs, stride_rt, Ds, Dt, ns_ptr,
+                                           nt_ptr, stats_ptr, B, beta, LOSS, COMPUTE)
         valid = (rows_j < B)[None, :]
         loss += tl.sum(tl.where(valid, terms, 0.0), axis=1)
         aux += tl.sum(tl.where(valid, aux_terms, 0.0), axis=1)
@@ -339,8 +424,8 @@ def _relation_loss_kernel(xs_ptr, xt_ptr, ns_ptr, nt_ptr, stats_ptr, loss_ptr, a
 
 
 @triton.jit
-def _relation_weights_kernel(xs_ptr, xt_ptr, ns_ptr, nt_ptr, stats_ptr, scale_ptr, w_ptr, row0, R, B, Ds, Dt,
-                             stride_s, stride_t, stride_w, beta, LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _relation_weights_kernel(xs_ptr, xt_ptr, rs_ptr, rt_ptr, ns_ptr, nt_ptr, stats_ptr, scale_ptr, w_ptr, close_ptr,
+                             row0, R, B, Ds, Dt, stride_s, stride_t, stride_rs, stride_rt, stride_w, beta, LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
                              DOT_UPCAST: tl.constexpr):
     """One tile of the pair weights of rows row0 + [0, R), times ``scale`` (the incoming gradient
@@ -363,13 +448,16 @@ def _relation_weights_kernel(xs_ptr, xt_ptr, ns_ptr, nt_ptr, stats_ptr, scale_pt
         u_ji = gs * inv_rs_j
         w = (u_ij - gt * inv_rt_i - c_i * u_ij) * inv_rs_i + (u_ji - gt * inv_rt_j - c_j * u_ji) * inv_rs_j
     else:
-        ds, grad_mask = _distance(gs, _load_vector(ns_ptr, rows_i, B), _load_vector(ns_ptr, rows_j, B), rows_i, rows_j)
-        dt, _ = _distance(gt, _load_vector(nt_ptr, rows_i, B), _load_vector(nt_ptr, rows_j, B), rows_i, rows_j)
+        ds, grad_mask = _pair_distances(gs, rs_ptr, stride_rs, Ds, ns_ptr, rows_i, rows_j, B, COMPUTE)
+        dt, _ = _pair_distances(gt, rt_ptr, stride_rt, Dt, nt_ptr, rows_i, rows_j, B, COMPUTE)
         mu_s = tl.load(stats_ptr)
         z = ds / mu_s - dt / tl.load(stats_ptr + 1)
         # P/2 W_ij = (h'(z_ij) - kappa) / (mu_s d_ij)
         w = tl.where(grad_mask, (_smooth_l1_grad(z, beta) - tl.load(stats_ptr + 2)) / (mu_s * tl.where(grad_mask, ds, 1.0)), 0.0)
     mask = (local[:, None] < R) & (rows_j[None, :] < B)
+    if LOSS == RKD_DISTANCE:
+        _flag_close_pairs(close_ptr, tl.program_id(0), tl.num_programs(1), tl.program_id(1), grad_mask & mask, ds * ds,
+                          _load_vector(ns_ptr, rows_i, B), _load_vector(ns_ptr, rows_j, B))
     w = w * tl.load(scale_ptr)
     tl.store(w_ptr + local.to(tl.int64)[:, None] * stride_w + rows_j[None, :], w, mask=mask)
 
@@ -389,11 +477,14 @@ def _angle_kernel(es_ptr, et_ptr, scale_ptr, out_ptr, B, stride, beta, GRAD: tl.
     sqrt_ct = tl.sqrt(ct)
     acc = tl.zeros((BLOCK_M, BLOCK_N), COMPUTE)
     for r in range(0, B):
-        # E is symmetric: row r holds E_pr and E_qr
-        s_p = _load_vector(es_ptr + r * stride, rows_p, B)[:, None]
-        s_q = _load_vector(es_ptr + r * stride, rows_q, B)[None, :]
-        t_p = _load_vector(et_ptr + r * stride, rows_p, B)[:, None]
-        t_q = _load_vector(et_ptr + r * stride, rows_q, B)[None, :]
+        # E is symmetric: row r holds E_pr and E_qr (int64: r * stride passes 2^31 for B >= 46341)
+        r64 = tl.full((), r, tl.int64)
+        es_r = es_ptr + r64 * stride
+        et_r = et_ptr + r64 * stride
+        s_p = _load_vector(es_r, rows_p, B)[:, None]
+        s_q = _load_vector(es_r, rows_q, B)[None, :]
+        t_p = _load_vector(et_r, rows_p, B)[:, None]
+        t_q = _load_vector(et_r, rows_q, B)[None, :]
         sqrt_s_p, sqrt_s_q, sqrt_t_p, sqrt_t_q = tl.sqrt(s_p), tl.sqrt(s_q), tl.sqrt(t_p), tl.sqrt(t_q)
         # triplet (p, r, q): anchor r, a = E_pr, b = E_qr, c = E_pq
         cos_s, m1, inv1 = _cosine(s_p, sqrt_s_p, s_q, sqrt_s_q, cs)
@@ -428,9 +519,17 @@ def sq_norms(x: Tensor) -> Tensor:
     B, D = x.shape
     out = _alloc.empty(B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
     if B:
-        launch(_sq_norms_kernel, (triton.cdiv(B, BLOCK),), x.device, x, out, B, D, x.stride(0), BLOCK_M=BLOCK,
+        _launch(_sq_norms_kernel, (triton.cdiv(B, BLOCK),), x.device, x, out, B, D, x.stride(0), BLOCK_M=BLOCK,
                BLOCK_K=BLOCK_K, COMPUTE=_tl_compute(x.dtype))
     return out
+
+
+def _centred(x: Tensor) -> Tensor:
+    """``x - mean(x)`` over the batch, in the compute dtype: distances do not see the shift, and
+    the Gram form of centred rows cancels only for pairs close relative to the batch's spread
+    (those :func:`_squared_distance` recomputes from differences)."""
+    c = x.to(_alloc.compute_dtype(x.dtype))
+    return c - c.mean(0, keepdim=True)
 
 
 def affinity_forward(x: Tensor, kind: int) -> Tensor:
@@ -439,21 +538,35 @@ def affinity_forward(x: Tensor, kind: int) -> Tensor:
     out = _alloc.empty(B, B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
     if B == 0:
         return out
+    raw = x
+    if kind in (EUCLIDEAN, SQUARED_EUCLIDEAN):
+        x = _centred(x)
     norms = sq_norms(x) if kind in (COSINE, EUCLIDEAN, SQUARED_EUCLIDEAN) else out
     block, block_k = (EXACT_BLOCK, EXACT_BLOCK_K) if kind == EXACT_SQUARED else (BLOCK, BLOCK_K)
     grid = (triton.cdiv(B, block), triton.cdiv(B, block))
-    launch(_affinity_kernel, grid, x.device, x, norms, out, B, D, x.stride(0), out.stride(0), KIND=kind,
+    _launch(_affinity_kernel, grid, x.device, x, raw, norms, out, B, D, x.stride(0), raw.stride(0), out.stride(0),
+            KIND=kind,
            BLOCK_M=block, BLOCK_N=block, BLOCK_K=block_k, **_options(x))
     return out
 
 
-def _apply_weights(w: Tensor, delta: Tensor | None, x: Tensor, out: Tensor, row0: int, dist: bool) -> None:
-    """Rows row0 + [0, len(w)) of ``out``: GRAM ``w @ x + delta * x`` or DIST ``rowsum(w) * x - w @ x``."""
+def _close_tiles(rows: int, B: int, device: torch.device) -> Tensor:
+    """The ``[tiles of rows, tiles of B]`` flags of :func:`_flag_close_pairs` (every one written)."""
+    return torch.empty(triton.cdiv(rows, BLOCK), triton.cdiv(B, BLOCK), dtype=torch.int32, device=device)
+
+
+def _apply_weights(w: Tensor, delta: Tensor | None, x: Tensor, out: Tensor, row0: int, dist: bool,
+                   close: Tensor | None = None, raw: Tensor | None = None) -> None:
+    """Rows row0 + [0, len(w)) of ``out``: GRAM ``w @ x + delta * x`` or DIST ``rowsum(w) * x - w @ x``
+    (``close``: the tiles of ``w`` whose DIST terms come from differences of ``raw``, the
+    uncentred rows of the centred ``x``)."""
     R, (B, D) = w.shape[0], x.shape
+    raw = x if raw is None else raw
     grid = (triton.cdiv(R, BLOCK), triton.cdiv(D, BLOCK))
-    launch(_apply_weights_kernel, grid, x.device, w, w if delta is None else delta, x, out, row0, R, B, D,
-           w.stride(0), x.stride(0), out.stride(0), DIST=dist, HAS_DELTA=delta is not None, BLOCK_M=BLOCK,
-           BLOCK_N=BLOCK, BLOCK_D=BLOCK, COMPUTE=_tl_compute(x.dtype))
+    _launch(_apply_weights_kernel, grid, x.device, w, w if delta is None else delta, x, raw,
+           w if close is None else close, out, row0, R, B, D, w.stride(0), x.stride(0), raw.stride(0), out.stride(0), DIST=dist, HAS_DELTA=delta is not None,
+           EXACT_CLOSE=close is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK, COMPUTE=_tl_compute(x.dtype),
+           PRECISION="tf32x3" if x.dtype.itemsize == 2 else "ieee")
 
 
 def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor:
@@ -465,21 +578,35 @@ def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor
     cdt = _alloc.compute_dtype(x.dtype)
     w = _alloc.empty(B, B, dtype=cdt, device=x.device)
     delta = _alloc.empty(B, dtype=cdt, device=x.device) if kind == COSINE else None
-    norms = sq_norms(x) if kind == COSINE else w
-    launch(
+    dist = kind in (EUCLIDEAN, SQUARED_EUCLIDEAN)
+    raw = x
+    if dist:
+        x = _centred(x)
+    norms = sq_norms(x) if kind in (COSINE, EUCLIDEAN) else w
+    close = _close_tiles(B, B, x.device) if kind == EUCLIDEAN else None  # squared: W = 2 dA, no large weights
+    _launch(
         _affinity_weights_kernel, (triton.cdiv(B, BLOCK),), x.device,
-        grad, out, norms, w, w if delta is None else delta, B, grad.stride(0), grad.stride(1), out.stride(0),
-        w.stride(0), KIND=kind, BLOCK_M=BLOCK, BLOCK_N=BLOCK, COMPUTE=_tl_compute(x.dtype))
-    _apply_weights(w, delta, x, dx, 0, dist=kind in (EUCLIDEAN, SQUARED_EUCLIDEAN))
+        grad, out, norms, w, w if delta is None else delta, w if close is None else close, B, grad.stride(0),
+        grad.stride(1), out.stride(0), w.stride(0), KIND=kind, BLOCK_M=BLOCK, BLOCK_N=BLOCK,
+        COMPUTE=_tl_compute(x.dtype))
+    _apply_weights(w, delta, x, dx, 0, dist=dist, close=close, raw=raw)
     return dx
 
 
-def _row_stat(x: Tensor, norms: Tensor, loss: int) -> Tensor:
+def _row_stat(x: Tensor, raw: Tensor, norms: Tensor, loss: int) -> Tensor:
     B, D = x.shape
     out = _alloc.empty(B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
-    launch(_row_stat_kernel, (triton.cdiv(B, BLOCK),), x.device, x, norms, out, B, D, x.stride(0), LOSS=loss,
-           BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(x))
+    _launch(_row_stat_kernel, (triton.cdiv(B, BLOCK),), x.device, x, raw, norms, out, B, D, x.stride(0), raw.stride(0),
+            LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(x))
     return out
+
+
+def _centred_pair(student: Tensor, teacher: Tensor, loss: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(student, teacher, raw student, raw teacher): RKD-D works on the centred rows (and the
+    raw ones for the differences of close pairs); SP on the rows themselves."""
+    if loss == RKD_DISTANCE:
+        return _centred(student), _centred(teacher), student, teacher
+    return student, teacher, student, teacher
 
 
 def _norms_for(student: Tensor, teacher: Tensor, loss: int) -> tuple[Tensor, Tensor]:
@@ -495,8 +622,9 @@ def relation_forward(student: Tensor, teacher: Tensor, loss: int, beta: float) -
     if loss == RKD_ANGLE:
         return _angle(student, teacher, beta, None), student.new_empty(0, dtype=_alloc.compute_dtype(student.dtype))
     B = student.shape[0]
+    student, teacher, raw_s, raw_t = _centred_pair(student, teacher, loss)
     ns, nt = _norms_for(student, teacher, loss)
-    row_s, row_t = _row_stat(student, ns, loss), _row_stat(teacher, nt, loss)
+    row_s, row_t = _row_stat(student, raw_s, ns, loss), _row_stat(teacher, raw_t, nt, loss)
     if loss == SP:
         stats = torch.stack([1.0 / row_s.sqrt().clamp(min=1e-12), 1.0 / row_t.sqrt().clamp(min=1e-12), row_s])
         divisor = B * B
@@ -505,10 +633,10 @@ def relation_forward(student: Tensor, teacher: Tensor, loss: int, beta: float) -
         stats = torch.stack([row_s.sum() / divisor, row_t.sum() / divisor, row_s.new_zeros(())])
     rows = _alloc.empty(B, dtype=stats.dtype, device=student.device)
     aux = _alloc.empty(B, dtype=stats.dtype, device=student.device)
-    launch(
+    _launch(
         _relation_loss_kernel, (triton.cdiv(B, BLOCK),), student.device,
-        student, teacher, ns, nt, stats, rows, aux, B, student.shape[1], teacher.shape[1], student.stride(0),
-        teacher.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(student))
+        student, teacher, raw_s, raw_t, ns, nt, stats, rows, aux, B, student.shape[1], teacher.shape[1],
+        student.stride(0), teacher.stride(0), raw_s.stride(0), raw_t.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(student))
     if loss == SP:  # c_i = sum_j z_ij u_ij where r_s,i is not clamped (stats[2] held sum_j G_ij^2)
         stats[2] = torch.where(stats[2] > 1e-24, aux, 0.0)
     else:
@@ -530,18 +658,20 @@ def relation_backward(grad: Tensor, student: Tensor, teacher: Tensor, stats: Ten
         return _angle(student, teacher, beta, grad)
     B, Ds = student.shape
     dx = _alloc.empty(B, Ds, dtype=student.dtype, device=student.device)
+    student, teacher, raw_s, raw_t = _centred_pair(student, teacher, loss)
     ns, nt = _norms_for(student, teacher, loss)
     chunk = _chunk_rows(B, max(Ds, teacher.shape[1]))
     w = _alloc.empty(chunk, B, dtype=stats.dtype, device=student.device)
+    close = _close_tiles(chunk, B, student.device) if loss == RKD_DISTANCE else None
     scale = grad.to(stats.dtype) * (2.0 / (B * B if loss == SP else B * (B - 1)))
     for row0 in range(0, B, chunk):
         R = min(chunk, B - row0)
-        launch(
+        _launch(
             _relation_weights_kernel, (triton.cdiv(R, BLOCK), triton.cdiv(B, BLOCK)), student.device,
-            student, teacher, ns, nt, stats, scale, w, row0, R, B, Ds, teacher.shape[1], student.stride(0),
-            teacher.stride(0), w.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K,
-            **_options(student))
-        _apply_weights(w[:R], None, student, dx, row0, dist=loss == RKD_DISTANCE)
+            student, teacher, raw_s, raw_t, ns, nt, stats, scale, w, w if close is None else close, row0, R, B, Ds,
+            teacher.shape[1], student.stride(0), teacher.stride(0), raw_s.stride(0), raw_t.stride(0), w.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK,
+            BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(student))
+        _apply_weights(w[:R], None, student, dx, row0, dist=loss == RKD_DISTANCE, close=close, raw=raw_s)
     return dx
 
 
@@ -554,7 +684,7 @@ def _angle(student: Tensor, teacher: Tensor, beta: float, grad: Tensor | None) -
         out, scale = _alloc.empty(grid[0] * grid[1], dtype=es.dtype, device=es.device), es
     else:  # Delta = dL/dE^s
         out, scale = _alloc.empty(B, B, dtype=es.dtype, device=es.device), grad.to(es.dtype) / B**3
-    launch(_angle_kernel, grid, es.device, es, et, scale, out, B, es.stride(0), beta, GRAD=grad is not None,
+    _launch(_angle_kernel, grid, es.device, es, et, scale, out, B, es.stride(0), beta, GRAD=grad is not None,
            BLOCK_M=ANGLE_BLOCK, BLOCK_N=ANGLE_BLOCK, COMPUTE=_tl_compute(student.dtype))
     if grad is None:
         return out.sum() / B**3
