@@ -442,3 +442,26 @@ def test_native_distances_ignore_a_common_shift():
     for kind in ("euclidean", "squared_euclidean"):
         assert_close_to_max(kdops.affinity(x, kind=kind, backend="cpu"), reference.affinity(x.double(), kind),
                             RELATION_LOSS_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("what", ["affinity", "rkd_distance", "rkd_angle"])
+def test_native_row_offsets_past_2_31(what):
+    """Feature rows at i * stride > 2^31 elements (an untouched torch.empty buffer): the native
+    kernels give the bits of compact rows, forward and backward."""
+    require("cpu")
+    stride, batch, dim = 2**30 + 3, 3, 5
+    buf = torch.empty((batch - 1) * stride + dim, dtype=torch.bfloat16)
+    x = buf.as_strided((batch, dim), (stride, 1))
+    x.copy_(torch.randn(batch, dim).to(torch.bfloat16))
+    teacher = torch.randn(batch, 4).to(torch.bfloat16)
+    results = []
+    for features in (x, x.clone()):
+        s = features.detach().requires_grad_(True)  # as_strided views keep their strides
+        if what == "affinity":
+            value = kdops.affinity(s, kind="euclidean", backend="cpu").sum()
+        else:
+            value = LOSSES[what][0](s, teacher, backend="cpu")
+        value.backward()
+        results.append((value.detach(), s.grad))
+    (v1, g1), (v2, g2) = results
+    assert torch.equal(v1, v2) and torch.equal(g1, g2) and v1.isfinite()

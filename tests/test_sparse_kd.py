@@ -317,3 +317,44 @@ def test_fused_linear_bad_input():
         kdops.fused_linear_sparse_distill_loss(h, w, v[:2], i[:2])
     with pytest.raises(ValueError, match="chunk_size"):
         kdops.fused_linear_sparse_distill_loss(h, w, v, i, chunk_size=0)
+
+
+# ---- the native CPU kernel (kdops._C): int64 row offsets, out-of-range hard labels ----
+
+
+def _native_sparse(student, labels, hard_weight, k=4, compute_grad=True, seed=0):
+    """kdops.backends.native.sparse_kd.sparse_kd_forward on a top-k of random teacher logits."""
+    from kdops.backends.native import sparse_kd as native
+
+    g = torch.Generator().manual_seed(seed)
+    n, v = student.shape
+    teacher = torch.randn(n, v, generator=g, dtype=torch.float64).float()
+    values, indices = teacher.log_softmax(-1).topk(k, dim=-1)
+    options = DistillOptions(0, 2.0, 0.5, hard_weight, (1 - hard_weight) * 4.0, -100, True)
+    return native.sparse_kd_forward(student, values.contiguous(), indices.int().contiguous(), labels, options,
+                                    compute_grad)
+
+
+def test_native_row_offsets_past_2_31():
+    """Student rows at r * stride > 2^31 elements (an untouched torch.empty buffer): the same bits
+    as compact rows."""
+    require("cpu")
+    stride, n, v = 2**31 + 5, 2, 37
+    buf = torch.empty((n - 1) * stride + v, dtype=torch.bfloat16)
+    student = buf.as_strided((n, v), (stride, 1))
+    student.copy_(torch.randn(n, v).to(torch.bfloat16))
+    labels = torch.tensor([3, 36])
+    loss, grad = _native_sparse(student, labels, 0.3)
+    ref_loss, ref_grad = _native_sparse(student.clone(), labels, 0.3)
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad) and loss.isfinite().all()
+
+
+@pytest.mark.parametrize("compute_grad", [True, False], ids=["grad", "loss"])
+def test_native_out_of_range_label_gives_a_nan_row(compute_grad):
+    """A counted label outside [0, V) with the hard term: NaN loss and gradient row, never read."""
+    require("cpu")
+    student = torch.randn(3, 11)
+    loss, grad = _native_sparse(student, torch.tensor([11, 2, -5]), 0.5, compute_grad=compute_grad)
+    assert loss[0].isnan() and loss[2].isnan() and loss[1].isfinite()
+    if compute_grad:
+        assert grad[0].isnan().all() and grad[2].isnan().all() and grad[1].isfinite().all()
