@@ -8,7 +8,7 @@ import pytest
 
 from kdops.demo import main
 from kdops.demo.classification import STUDENTS
-from kdops.demo.run import TRACKS, parse_args
+from kdops.demo.run import DEFAULT_TRACKS, TRACKS, parse_args
 
 LM_STUDENTS = {
     "language-model": ["from scratch", "distilled"],
@@ -21,7 +21,7 @@ LM_STUDENTS = {
 
 
 def test_demo_quick_all_tracks(tmp_path, capsys):
-    results = main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    results = main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--tracks", "all"])
     out = capsys.readouterr()
     assert "| track | model | params | held-out perplexity (accuracy) | recipe metric |" in out.out
     assert "student, KD + SP" in out.out and "student, GKD (on-policy)" in out.out
@@ -72,6 +72,12 @@ def test_demo_quick_all_tracks(tmp_path, capsys):
         assert (tmp_path / png).exists() == ("wrote " + str(tmp_path / png) in out.out)
 
 
+def test_demo_default_tracks(tmp_path, capsys):
+    saved = main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    assert list(saved["tracks"]) == ["classification", "language-model"] and len(saved["verdicts"]) == 4
+    assert "on-policy" not in capsys.readouterr().out
+
+
 def test_demo_tracks_subset(tmp_path, capsys):
     saved = main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--tracks", "quantized", "--seeds", "3"])
     out = capsys.readouterr().out
@@ -87,7 +93,7 @@ def test_demo_tracks_help_and_bad_names(capsys):
     text = re.sub(r"-\n\s*", "-", capsys.readouterr().out)  # argparse may wrap at a name's hyphen
     for track in TRACKS:
         assert track in text
-    assert parse_args([]).tracks == list(TRACKS)
+    assert parse_args([]).tracks == list(DEFAULT_TRACKS) == ["classification", "language-model"]
     with pytest.raises(SystemExit):
         parse_args(["--tracks", "no-such-track"])
     assert "invalid choice" in capsys.readouterr().err
