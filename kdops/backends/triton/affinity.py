@@ -51,7 +51,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc, _codes
-from kdops.backends.triton._common import INTERPRETING, launch, block as _block
+from kdops.backends.triton._common import INTERPRETING, launch
+from kdops.backends.triton._common import block as _block
 
 DOT: tl.constexpr = tl.constexpr(0)
 COSINE: tl.constexpr = tl.constexpr(1)
@@ -308,6 +309,18 @@ def _flag_close_pairs(close_ptr, tile_i, n_tiles_j, tile_j, mask, d2, n_i, n_j):
 
 
 @triton.jit
+def _weights_dot(acc, row_sum, w_ptr, stride_w, x_ptr, stride_x, rows, rows_j, cols, R, B, D, DIST: tl.constexpr,
+                 COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + W[rows, rows_j] X[rows_j, cols]`` and, with DIST, ``row_sum`` plus the W tile's row sums."""
+    w = _load_rows(w_ptr, stride_w, rows, rows_j, R, B)
+    x_j = _load_rows(x_ptr, stride_x, rows_j, cols, B, D).to(COMPUTE)
+    acc = tl.dot(w, x_j, acc, input_precision=PRECISION)
+    if DIST:
+        row_sum += tl.sum(w, axis=1)
+    return acc, row_sum
+
+
+@triton.jit
 def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, raw_ptr, close_ptr, out_ptr, row0, R, B, D, stride_w, stride_x,
                           stride_raw, stride_o,
                           DIST: tl.constexpr, HAS_DELTA: tl.constexpr, EXACT_CLOSE: tl.constexpr,
@@ -316,7 +329,8 @@ def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, raw_ptr, close_ptr, out_ptr, 
     """Rows row0 + [0, R) of dX: GRAM ``W X + delta * X`` or DIST ``rowsum(W) * X - W X``
     (W holds the R rows of the chunk). With EXACT_CLOSE (DIST of centred X), the W tiles that
     ``close`` flags (:func:`_flag_close_pairs`) add ``sum_j W_ij (x_i - x_j)`` from the
-    differences of the ``raw`` (uncentred) rows, one j at a time: the large weights of near-duplicate pairs would otherwise
+    differences of the ``raw`` (uncentred) rows, one j at a time: the large weights of
+    near-duplicate pairs would otherwise
     multiply the rounding of ``rowsum(W) * x_i - W X``. ``PRECISION`` of the ``W X`` dot: "ieee" for float32 /
     float64 X; "tf32x3" for 16-bit X, which is exact in tf32, so that only the tf32 split of W
     rounds (relative error ~2^-22, far below the 16-bit rounding of dX) and the dot runs on
@@ -332,21 +346,21 @@ def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, raw_ptr, close_ptr, out_ptr, 
         n_tiles_j = tl.cdiv(B, BLOCK_N)
     for j0 in range(0, B, BLOCK_N):
         rows_j = j0 + tl.arange(0, BLOCK_N)
-        flagged = False
+        # (the runtime branch only inside the constexpr one: compiled without EXACT_CLOSE, a
+        # branch on a Python False still compiles its body, where `exact` does not exist)
         if EXACT_CLOSE:
-            flagged = tl.load(close_ptr + tl.program_id(0) * n_tiles_j + j0 // BLOCK_N) != 0
-        if flagged:
-            for jj in range(0, tl.minimum(BLOCK_N, B - j0)):
-                j = tl.full((), j0 + jj, tl.int64)
-                w_j = tl.load(w_ptr + rows.to(tl.int64) * stride_w + j, mask=rows < R, other=0.0)
-                raw_j = tl.load(raw_ptr + j * stride_raw + cols, mask=cols < D, other=0.0)
-                exact += w_j.to(COMPUTE)[:, None] * (raw_i - raw_j.to(COMPUTE)[None, :])
+            if tl.load(close_ptr + tl.program_id(0) * n_tiles_j + j0 // BLOCK_N) != 0:
+                for jj in range(0, tl.minimum(BLOCK_N, B - j0)):
+                    j = tl.full((), j0 + jj, tl.int64)
+                    w_j = tl.load(w_ptr + rows.to(tl.int64) * stride_w + j, mask=rows < R, other=0.0)
+                    raw_j = tl.load(raw_ptr + j * stride_raw + cols, mask=cols < D, other=0.0)
+                    exact += w_j.to(COMPUTE)[:, None] * (raw_i - raw_j.to(COMPUTE)[None, :])
+            else:
+                acc, row_sum = _weights_dot(acc, row_sum, w_ptr, stride_w, x_ptr, stride_x, rows, rows_j, cols, R, B,
+                                            D, DIST, COMPUTE, PRECISION)
         else:
-            w = _load_rows(w_ptr, stride_w, rows, rows_j, R, B)
-            x_j = _load_rows(x_ptr, stride_x, rows_j, cols, B, D).to(COMPUTE)
-            acc = tl.dot(w, x_j, acc, input_precision=PRECISION)
-            if DIST:
-                row_sum += tl.sum(w, axis=1)
+            acc, row_sum = _weights_dot(acc, row_sum, w_ptr, stride_w, x_ptr, stride_x, rows, rows_j, cols, R, B, D,
+                                        DIST, COMPUTE, PRECISION)
     if EXACT_CLOSE:
         out = row_sum[:, None] * x_i - acc + exact
     elif DIST:
@@ -376,7 +390,8 @@ def _row_stat_kernel(x_ptr, raw_ptr, norms_ptr, out_ptr, B, D, stride, stride_ra
         if LOSS == SP:
             v = g * g
         else:
-            d2 = _squared_distance(g, n_i, _load_vector(norms_ptr, rows_j, B), raw_ptr, stride_raw, rows_i, rows_j, B, D,
+            d2 = _squared_distance(g, n_i, _load_vector(norms_ptr, rows_j, B), raw_ptr, stride_raw, rows_i, rows_j,
+                                   B, D,
                                    COMPUTE)
             v, _ = _distance(d2, rows_i, rows_j)
         acc += tl.sum(tl.where((rows_j < B)[None, :], v, 0.0), axis=1)
@@ -425,7 +440,8 @@ def _relation_loss_kernel(xs_ptr, xt_ptr, rs_ptr, rt_ptr, ns_ptr, nt_ptr, stats_
 
 @triton.jit
 def _relation_weights_kernel(xs_ptr, xt_ptr, rs_ptr, rt_ptr, ns_ptr, nt_ptr, stats_ptr, scale_ptr, w_ptr, close_ptr,
-                             row0, R, B, Ds, Dt, stride_s, stride_t, stride_rs, stride_rt, stride_w, beta, LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             row0, R, B, Ds, Dt, stride_s, stride_t, stride_rs, stride_rt, stride_w, beta,
+                             LOSS: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COMPUTE: tl.constexpr,
                              DOT_UPCAST: tl.constexpr):
     """One tile of the pair weights of rows row0 + [0, R), times ``scale`` (the incoming gradient
@@ -453,7 +469,8 @@ def _relation_weights_kernel(xs_ptr, xt_ptr, rs_ptr, rt_ptr, ns_ptr, nt_ptr, sta
         mu_s = tl.load(stats_ptr)
         z = ds / mu_s - dt / tl.load(stats_ptr + 1)
         # P/2 W_ij = (h'(z_ij) - kappa) / (mu_s d_ij)
-        w = tl.where(grad_mask, (_smooth_l1_grad(z, beta) - tl.load(stats_ptr + 2)) / (mu_s * tl.where(grad_mask, ds, 1.0)), 0.0)
+        w = tl.where(grad_mask,
+                     (_smooth_l1_grad(z, beta) - tl.load(stats_ptr + 2)) / (mu_s * tl.where(grad_mask, ds, 1.0)), 0.0)
     mask = (local[:, None] < R) & (rows_j[None, :] < B)
     if LOSS == RKD_DISTANCE:
         _flag_close_pairs(close_ptr, tl.program_id(0), tl.num_programs(1), tl.program_id(1), grad_mask & mask, ds * ds,
@@ -564,7 +581,8 @@ def _apply_weights(w: Tensor, delta: Tensor | None, x: Tensor, out: Tensor, row0
     raw = x if raw is None else raw
     grid = (triton.cdiv(R, BLOCK), triton.cdiv(D, BLOCK))
     _launch(_apply_weights_kernel, grid, x.device, w, w if delta is None else delta, x, raw,
-           w if close is None else close, out, row0, R, B, D, w.stride(0), x.stride(0), raw.stride(0), out.stride(0), DIST=dist, HAS_DELTA=delta is not None,
+           w if close is None else close, out, row0, R, B, D, w.stride(0), x.stride(0), raw.stride(0), out.stride(0),
+           DIST=dist, HAS_DELTA=delta is not None,
            EXACT_CLOSE=close is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK, COMPUTE=_tl_compute(x.dtype),
            PRECISION="tf32x3" if x.dtype.itemsize == 2 else "ieee")
 
@@ -636,7 +654,8 @@ def relation_forward(student: Tensor, teacher: Tensor, loss: int, beta: float) -
     _launch(
         _relation_loss_kernel, (triton.cdiv(B, BLOCK),), student.device,
         student, teacher, raw_s, raw_t, ns, nt, stats, rows, aux, B, student.shape[1], teacher.shape[1],
-        student.stride(0), teacher.stride(0), raw_s.stride(0), raw_t.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(student))
+        student.stride(0), teacher.stride(0), raw_s.stride(0), raw_t.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK,
+        BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(student))
     if loss == SP:  # c_i = sum_j z_ij u_ij where r_s,i is not clamped (stats[2] held sum_j G_ij^2)
         stats[2] = torch.where(stats[2] > 1e-24, aux, 0.0)
     else:
@@ -669,7 +688,8 @@ def relation_backward(grad: Tensor, student: Tensor, teacher: Tensor, stats: Ten
         _launch(
             _relation_weights_kernel, (triton.cdiv(R, BLOCK), triton.cdiv(B, BLOCK)), student.device,
             student, teacher, raw_s, raw_t, ns, nt, stats, scale, w, w if close is None else close, row0, R, B, Ds,
-            teacher.shape[1], student.stride(0), teacher.stride(0), raw_s.stride(0), raw_t.stride(0), w.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK,
+            teacher.shape[1], student.stride(0), teacher.stride(0), raw_s.stride(0), raw_t.stride(0), w.stride(0), beta,
+            LOSS=loss, BLOCK_M=BLOCK,
             BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(student))
         _apply_weights(w[:R], None, student, dx, row0, dist=loss == RKD_DISTANCE, close=close, raw=raw_s)
     return dx
