@@ -51,7 +51,7 @@ def _logit_tile(x_ptr, sx0, sx1, w_ptr, sw0, sw1, b_ptr, rows, row_mask, cols, c
     """The float32 tile ``x[rows] @ w[cols].T (+ b[cols])`` ([BM, BV]); masked lanes read 0."""
     acc = tl.zeros([BM, BV], tl.float32)
     for k in range(0, K, BK):
-        ks = k + tl.arange(0, BK)
+        ks = (k + tl.arange(0, BK)).to(tl.int64)  # int64: k * stride passes 2^31 for column-major x or w
         x = tl.load(x_ptr + rows[:, None] * sx0 + ks[None, :] * sx1,
                     mask=row_mask[:, None] & (ks < K)[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1,
@@ -75,7 +75,7 @@ def _online_sum(z, m_old, m_new, x, scale):
 @triton.jit
 def _store_part(part_ptr, i, seg, n_seg, M, offs, mask, x):
     """Partial result ``i`` of segment ``seg``: ``part[i, seg, offs] = x`` (part: [*, n_seg, M])."""
-    tl.store(part_ptr + (i * n_seg + seg) * M + offs, x, mask=mask)
+    tl.store(part_ptr + (i * n_seg + seg).to(tl.int64) * M + offs, x, mask=mask)
 
 
 @triton.jit
@@ -90,7 +90,7 @@ def _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad
         gd = gd.to(tl.float32)
     if grad_h_ptr is not None:
         for k in range(0, Hs, BK):
-            ks = k + tl.arange(0, BK)
+            ks = (k + tl.arange(0, BK)).to(tl.int64)
             w = tl.load(w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1,
                         mask=col_mask[:, None] & (ks < Hs)[None, :], other=0.0)
             if UPCAST_DOT:
@@ -101,7 +101,7 @@ def _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad
     if grad_w_ptr is not None:
         gd_t = tl.trans(gd)
         for k in range(0, Hs, BK):
-            ks = k + tl.arange(0, BK)
+            ks = (k + tl.arange(0, BK)).to(tl.int64)
             h = tl.load(h_ptr + rows[:, None] * sh0 + ks[None, :] * sh1,
                         mask=row_mask[:, None] & (ks < Hs)[None, :], other=0.0)
             if UPCAST_DOT:
@@ -292,13 +292,15 @@ def fused_linear_distill(
         stats = _alloc.empty(6, count, **f32)  # m_s, log z_s, log z_1, m_t, log z_t, S
 
         def run_pass(pass_: int, part: Optional[Tensor], grad_ptrs: list[Optional[Tensor]]) -> None:
+            # pass 1 reads no divergence, pass 2 no label: one compiled kernel serves them all
+            pass_hard = hard and pass_ != 2
             launch(
                 _fused_linear_kd_kernel, (row_blocks, segs), device,
-                h, w, b, th, tw, tb, row_ids, labels if hard else None,
+                h, w, b, th, tw, tb, row_ids, labels if pass_hard else None,
                 row_weights if pass_ == 3 else None, stats, part, *grad_ptrs,
                 count, vocab, hs, ht, per_seg, *h.stride(), *w.stride(), *th.stride(), *tw.stride(),
                 1.0 / temperature, beta, *mixture_logs(divergence, beta), hard_weight, soft_weight,
-                PASS=pass_, DIV=divergence, HAS_LABELS=row_ids is not None, HAS_HARD=hard,
+                PASS=pass_, DIV=divergence if pass_ > 1 else 0, HAS_LABELS=row_ids is not None, HAS_HARD=pass_hard,
                 PRECISION=_dot_precision(), BM=blocks.bm, BV=blocks.bv,
                 BK=blocks.bk_grad if pass_ == 3 else blocks.bk,
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages,

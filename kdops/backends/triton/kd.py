@@ -37,8 +37,8 @@ _MAX_BLOCK_V = block(4096, 64)
 def _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, other, MULTI: tl.constexpr):
     """The teacher logits at ``cols``: ``[BLOCK_V]``, or with MULTI ``[BLOCK_V, BLOCK_K]`` (teacher
     ``k`` in column k; columns past K and lanes past V read ``other``)."""
-    if MULTI:
-        ptrs = t_row + cols[:, None] + teachers[None, :] * teacher_k_stride
+    if MULTI:  # int64: (K - 1) * N * V passes 2^31 (K = 3, N = 8192, V = 151936)
+        ptrs = t_row + cols[:, None] + teachers.to(tl.int64)[None, :] * teacher_k_stride
         return tl.load(ptrs, mask=mask[:, None] & (teachers < n_teachers)[None, :], other=other)
     else:
         return tl.load(t_row + cols, mask=mask, other=other)
@@ -120,8 +120,9 @@ def _kd_row_kernel(
                 z_1 = exp_sum(z_1, m_s, new_m_s, s, 1.0)
             m_s = new_m_s
             m_t = new_m_t
-        if HAS_HARD:
-            log_z_1 = tl.log(z_1)
+        if HAS_HARD:  # a label outside [0, V) makes the row's loss and gradient NaN (it is never read)
+            label_ok = (label >= 0) & (label < V)
+            log_z_1 = tl.where(label_ok, tl.log(z_1), float("nan"))
         log_z_s = tl.log(z_s)
         if MULTI:  # teachers past K (sums 0) get off_t = 0: masked out in _log_probs
             in_k = teachers < n_teachers
@@ -162,7 +163,7 @@ def _kd_row_kernel(
 
         loss = soft_w * d_sum
         if HAS_HARD:
-            s_label = tl.load(s_row + label).to(ACC)
+            s_label = tl.load(s_row + label, mask=label_ok, other=0.0).to(ACC)
             loss += hard_w * (m_s - s_label + log_z_1)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
@@ -193,8 +194,9 @@ def kd_forward(
     multi = teacher.dim() == 3
     n_teachers = teacher.shape[0] if multi else 1
     block_k = triton.next_power_of_2(n_teachers)
-    # A [BLOCK_V, BLOCK_K] teacher tile holds about as many elements as one row block.
-    block_v = row_block(vocab, _MAX_BLOCK_V // block_k)
+    # A [BLOCK_V, BLOCK_K] teacher tile holds about as many elements as one row block; float64
+    # rows take half the lanes (4096 float64 lanes on 8 warps spilled ~400 B per thread).
+    block_v = row_block(vocab, _MAX_BLOCK_V // block_k // (2 if acc == tl.float64 else 1))
     launch(
         _kd_row_kernel, (n_rows,), student.device,
         student, teacher, labels, loss, grad,

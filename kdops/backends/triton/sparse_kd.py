@@ -78,6 +78,9 @@ def _sparse_kd_row_kernel(
             m_s = new_m
         log_z_s = tl.log(z_s)
         log_z_1 = tl.log(z_1)
+        if HAS_HARD:  # a label outside [0, V) makes the row's loss and gradient NaN (it is never read)
+            label_ok = (label >= 0) & (label < V)
+            log_z_1 = tl.where(label_ok, log_z_1, float("nan"))
 
         # Pass 2: top-k masses (an index outside [0, V) makes the row NaN), then the terms.
         ps_top = tl.zeros([], ACC)
@@ -121,7 +124,7 @@ def _sparse_kd_row_kernel(
 
         loss = soft_w * d_sum
         if HAS_HARD:
-            s_label = tl.load(s_row + label).to(ACC)
+            s_label = tl.load(s_row + label, mask=label_ok, other=0.0).to(ACC)
             loss += hard_w * (m_s - s_label + log_z_1)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
