@@ -469,7 +469,13 @@ def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int) -> list[di
         os.environ["TRITON_CACHE_DIR"] = cache
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            return list(pool.map(compile_spec, *zip(*tasks), chunksize=4)) if tasks else []
+            futures = [pool.submit(compile_spec, i, cc) for i, cc in tasks]
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                r = future.result()
+                print(f"[aot {done}/{len(tasks)}] triton {r['triton']} {r['arch']} {r['kernel']} regs={r.get('regs')} "
+                      f"spill={r.get('spill_stores')}/{r.get('spill_loads')} {'; '.join(r['errors'])[:160]}",
+                      file=sys.stderr, flush=True)
+            return [f.result() for f in futures]
 
 
 # ----------------------------------------------------------------------------- report
