@@ -240,7 +240,8 @@ def fused_linear_distill_loss(
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     flat = [(th.reshape(-1, th.shape[-1]), tw.detach(), None if tb is None else tb.detach()) for th, tw, tb in teachers]
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    chunk = chunk_rows(h.shape[0], vocab, h.dtype, chunk_size, len(flat))
+    # the entropy's two chunk-sized temporaries count as two more teachers' logits in the budget
+    chunk = chunk_rows(h.shape[0], vocab, h.dtype, chunk_size, len(flat) + (2 if return_entropy else 0))
     if len(flat) == 1:  # one teacher (either form): the single-teacher op
         op, teacher_args = fused_linear_distill, (*flat[0], None)
     else:
