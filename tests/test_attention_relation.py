@@ -89,8 +89,8 @@ def test_matches_reference(backend, case):
 
 
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="triton is not available")
-def test_triton_gpu_block_sizes(monkeypatch):
-    """The GPU's 64 x 64 tiles (the interpreter runs 32 x 32 by default): partial and causal tiles."""
+def test_triton_64_tiles(monkeypatch):
+    """64 x 64 tiles (the kernels' are 32 x 32 on GPU and interpreter): partial and causal tiles."""
     from kdops.backends.triton import attention_relation as kernels
 
     monkeypatch.setattr(kernels, "BLOCK_M", 64)
