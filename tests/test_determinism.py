@@ -40,7 +40,8 @@ def _cases(small: bool):
     f_t = torch.randn(b, 7, generator=g)
     m_t = torch.randn(4, 5, 6, 6, generator=g)
     return {
-        "distill_loss": (lambda s, **kw: kdops.distill_loss(s, t, y, hard_weight=0.3, divergence="jsd", **kw), [(n, v)]),
+        "distill_loss": (lambda s, **kw: kdops.distill_loss(s, t, y, hard_weight=0.3, divergence="jsd", **kw),
+                         [(n, v)]),
         "distill_loss multi-teacher": (lambda s, **kw: kdops.distill_loss(s, torch.stack([t, t.flip(0)]), y, **kw),
                                        [(n, v)]),
         "fused_linear_distill_loss": (lambda h, w, **kw: kdops.fused_linear_distill_loss(
@@ -98,7 +99,8 @@ def test_blockwise_kernel_runs_otherwise(monkeypatch):
     require("triton")
     calls = []
     original = triton_fused_linear.fused_linear_distill
-    monkeypatch.setattr(triton_fused_linear, "fused_linear_distill", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(triton_fused_linear, "fused_linear_distill",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     h, w = torch.randn(5, 8, requires_grad=True), torch.randn(20, 8)
     kdops.fused_linear_distill_loss(h, w, torch.randn(5, 4), torch.randn(20, 4), backend="triton").backward()
     assert calls, "the blockwise kernel did not run (float32, one teacher, deterministic mode off)"

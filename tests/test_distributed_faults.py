@@ -30,7 +30,8 @@ def _free_port():
 def _inputs(rank, rows=6, vocab=8, dtype=torch.float32):
     """The same rows and labels on every rank (seeded), this rank's half of the vocabulary."""
     g = torch.Generator().manual_seed(0)
-    student, teacher = torch.randn(rows, vocab, generator=g, dtype=dtype), torch.randn(rows, vocab, generator=g, dtype=dtype)
+    student = torch.randn(rows, vocab, generator=g, dtype=dtype)
+    teacher = torch.randn(rows, vocab, generator=g, dtype=dtype)
     labels = torch.randint(0, vocab, (rows,), generator=g)
     labels[1] = -100
     cols = slice(rank * vocab // 2, (rank + 1) * vocab // 2)

@@ -90,7 +90,8 @@ def test_cache_leaves_no_file_handle_open(tmp_path):
         del reader, batch
     gc.collect()
     leaked = _open_fds() - before
-    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in leaked
+                        if os.path.exists(f"/proc/self/fd/{fd}")}
 
 
 # ------------------------------------------------------------------------------- error messages
@@ -112,7 +113,8 @@ BAD_CALLS = {
     "empty vocabulary": (lambda: kdops.distill_loss(S[:, :0], T[:, :0]), ValueError, ["V >= 1"]),
     "labels shape": (lambda: kdops.distill_loss(S, T, Y[:3]), ValueError, ["labels", "(3,)"]),
     "float labels": (lambda: kdops.distill_loss(S, T, Y.float()), TypeError, ["labels", "float32"]),
-    "label out of range": (lambda: kdops.distill_loss(S, T, Y + 10, hard_weight=0.5), ValueError, ["labels", "[0, 10)"]),
+    "label out of range": (lambda: kdops.distill_loss(S, T, Y + 10, hard_weight=0.5), ValueError,
+                           ["labels", "[0, 10)"]),
     "temperature 0": (lambda: kdops.distill_loss(S, T, temperature=0.0), ValueError, ["temperature", "0.0"]),
     "temperature nan": (lambda: kdops.distill_loss(S, T, temperature=float("nan")), ValueError, ["temperature"]),
     "temperature str": (lambda: kdops.distill_loss(S, T, temperature="2"), TypeError, ["temperature", "str"]),
@@ -165,7 +167,8 @@ BAD_CALLS = {
     "rkd angle B = 2": (lambda: kdops.rkd_angle_loss(F_S[:2], F_T[:2]), ValueError, ["f_s", "3"]),
     "smooth_l1_beta < 0": (lambda: kdops.rkd_angle_loss(F_S, F_T, smooth_l1_beta=-1.0), ValueError,
                            ["smooth_l1_beta", "-1.0"]),
-    "smooth_l1_beta str": (lambda: kdops.rkd_distance_loss(F_S, F_T, smooth_l1_beta="1"), TypeError, ["smooth_l1_beta"]),
+    "smooth_l1_beta str": (lambda: kdops.rkd_distance_loss(F_S, F_T, smooth_l1_beta="1"), TypeError,
+                           ["smooth_l1_beta"]),
     "hint shape": (lambda: kdops.hint_loss(M_S, M_T), ValueError, ["f_t", "(2, 5, 4, 4)"]),
     "hint adapter": (lambda: kdops.hint_loss(M_S, M_T, adapter=3), TypeError, ["adapter", "int"]),
     "at not a map": (lambda: kdops.attention_transfer_loss(F_S, F_T), ValueError, ["f_s", "(5, 4)"]),
