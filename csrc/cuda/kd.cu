@@ -1,7 +1,7 @@
 // The fused temperature-softmax KD kernel on the GPU: kd_forward_cuda (see common/kd.h).
 //
 // One thread block per row (a grid-stride loop over rows) runs the three passes of
-// common/divergence.h, each a block-wide sweep of the row in 16-byte vectors:
+// common/divergence.h, each a block-wide sweep of the row in vectors (see Sweep):
 //   1. online max / sums of s and t, merged across the block: the log-softmax offsets of
 //      s / T, t / T and, with the hard-label term, s.
 //   2. D and S (every divergence but forward KL); block sum.
@@ -10,8 +10,9 @@
 // that HBM sees each logit about once. With K > 1 teachers (MULTI), pass 1 also sweeps teachers
 // 1..K-1 for their logsumexp (kept in dynamic shared memory), and an element's teacher
 // log-probability is the mixture's, logsumexp_k(log w_k + (t_k - m_k) / T - log z_k), with
-// teachers 1..K-1 loaded per element (teacher 0 rides in the vectorized sweep). Everything accumulates in float; float16 / bfloat16 use the
-// storage types of common/dtype.h (Elem<T>: the hardware's cvt instructions).
+// teachers 1..K-1 loaded per element (teacher 0 rides in the sweep). Everything accumulates in
+// float; float16 / bfloat16 use the storage types of common/dtype.h (Elem<T>: the hardware's cvt
+// instructions). Row and teacher offsets are int64; offsets within a row (vocab < 2^31) int.
 #include <cuda_runtime.h>
 
 #include <climits>
