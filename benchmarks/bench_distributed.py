@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_kd import machine_info
 
 import kdops
-from bench_kd import machine_info
 from kdops import distributed as kdist
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -68,7 +68,8 @@ def plan(dry_run: bool, out_dir: Path, date: str) -> list[Step]:
     tests = [f for f in TEST_FILES if (REPO / "tests" / f).exists()]
     if dry_run:
         interp = {"TRITON_INTERPRET": "1"}
-        bench = dict(device="cpu", extra=["--backends", "cpu", "--baselines", "eager", "--repeats", "1", "--warmup", "0"])
+        bench = dict(device="cpu",
+                     extra=["--backends", "cpu", "--baselines", "eager", "--repeats", "1", "--warmup", "0"])
         return [
             Step("build (import check)", [[py, "-c", "import kdops; print(kdops.available_backends())"]], 120),
             Step("cuda tests", [[py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
@@ -109,7 +110,8 @@ def plan(dry_run: bool, out_dir: Path, date: str) -> list[Step]:
                                                        "--dtypes", "bfloat16", "--baselines", "eager", "compile",
                                                        "liger", "--repeats", "5"], 60),
         _bench("sparse-kd", out_dir, date, "cuda", ["--ops", "sparse_kd", "--shapes", "8192x128256x64",
-                                                    "--dtypes", "bfloat16", "--baselines", "eager", "--repeats", "10"], 30),
+                                                    "--dtypes", "bfloat16", "--baselines", "eager",
+                                                    "--repeats", "10"], 30),
         _bench("relation", out_dir, date, "cuda", ["--ops", "sp", "rkd_distance", "--shapes", "16384x2048",
                                                    "--dtypes", "float32", "bfloat16", "--baselines", "eager",
                                                    "--repeats", "5"], 45),

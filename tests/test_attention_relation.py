@@ -4,10 +4,11 @@ import torch
 import torch.nn.functional as F
 
 import kdops
-from conftest import LOSS_TOL, RELATION_GRAD_TOL, assert_close, assert_close_to_max
 from kdops import reference
 from kdops._dispatch import available_backends
 from kdops.ops import attention_relation as ops
+
+from conftest import LOSS_TOL, RELATION_GRAD_TOL, assert_close, assert_close_to_max
 
 KERNEL_BACKENDS = [b for b in ("cpu", "triton") if available_backends()[b].available]
 needs_cpu = pytest.mark.skipif("cpu" not in KERNEL_BACKENDS, reason="kdops._C is not built")

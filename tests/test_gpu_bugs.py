@@ -223,7 +223,8 @@ def test_every_triton_launch_uses_the_tensors_device():
             mod = sys.modules["kdops.backends.triton." + module] if "kdops.backends.triton." + module in sys.modules \\
                 else __import__("kdops.backends.triton." + module, fromlist=["x"])
             original = mod.launch
-            mod.launch = lambda kernel, grid, device, *a, _o=original, **kw: (devices.append(device), _o(kernel, grid, device, *a, **kw))
+            mod.launch = lambda kernel, grid, device, *a, _o=original, **kw: (
+                devices.append(device), _o(kernel, grid, device, *a, **kw))
         m = aot_check.quick_matrix()
         launches = aot_check.capture(m)
         assert len(devices) == len(launches) > 0, (len(devices), len(launches))

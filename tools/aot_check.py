@@ -226,15 +226,16 @@ def fused_linear_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
                             for div in m.divergences:
                                 for mode in m.label_modes:
                                     for precision in precisions:
-                                        def run(h=hidden, v=vocab, b=bias, nd=needs, rw=row_w, o=_options(div, mode == "hard"),
-                                                mo=mode, p=precision):
+                                        def run(h=hidden, v=vocab, b=bias, nd=needs, rw=row_w,
+                                                o=_options(div, mode == "hard"), mo=mode, p=precision):
                                             bias_ = meta(v, dtype=dtype) if b else None
                                             torch.set_float32_matmul_precision(p)
                                             try:
                                                 return _call(fused_linear.fused_linear_distill,
                                                              (meta(n, h, dtype=dtype), meta(v, h, dtype=dtype), bias_,
                                                               meta(n, h, dtype=dtype), meta(v, h, dtype=dtype), bias_,
-                                                              _labels(mo, n), meta(n, dtype=torch.float32) if rw else None),
+                                                              _labels(mo, n),
+                                                              meta(n, dtype=torch.float32) if rw else None),
                                                              o, (list(nd),))
                                             finally:
                                                 torch.set_float32_matmul_precision("highest")
@@ -351,7 +352,8 @@ def specialisations(launches: list[Launch]) -> list[Spec]:
             consts = {p.name: v for p, v in zip(launch.fn.params, _bound_values(launch)) if p.is_constexpr}
             tensors = sorted({sig for name, sig in signature.items() if str(sig).startswith("*")})
             summary = " ".join([f"{k}={_short(v)}" for k, v in consts.items()]
-                               + [f"warps={options.num_warps}", f"stages={options.num_stages}", "ptrs=" + ",".join(tensors)])
+                               + [f"warps={options.num_warps}", f"stages={options.num_stages}",
+                                  "ptrs=" + ",".join(tensors)])
             spec = specs[key] = Spec(launch.fn, launch.kwargs, launch.args, _name(launch.fn), summary)
         if len(spec.cases) < 3:
             spec.cases.append(launch.case)
@@ -522,7 +524,8 @@ def run_here(m: Matrix, jobs: int, families: tuple[str, ...]) -> tuple[list[dict
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the CI subset (see quick_matrix)")
     p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     p.add_argument("--python", action="append", default=[], metavar="PY",

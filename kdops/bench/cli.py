@@ -26,10 +26,9 @@ from typing import Optional
 
 import torch
 
+from kdops._dispatch import BACKENDS
 from kdops.bench import measure, report
 from kdops.bench.workloads import BASELINE, BASELINES, OPS, PRESETS, Op, Options, Workload
-from kdops._dispatch import BACKENDS
-
 
 
 def _default_out_dir() -> Path:

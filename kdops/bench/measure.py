@@ -172,7 +172,7 @@ def machine_info(device: torch.device) -> dict:
             info[package.replace("-", "_")] = version
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor() or platform.machine()
     if device.type == "cuda":

@@ -45,7 +45,8 @@ def op_table(result: dict, op: str) -> str:
         columns.append("peak extra (logits-sized)")
     if cpu_torch:
         columns.append("torch allocator peak MiB")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(columns))) + "|"]
+    rule = "|" + "|".join("---" if i < 3 else "---:" for i in range(len(columns))) + "|"
+    lines = ["| " + " | ".join(columns) + " |", rule]
     for r in result["rows"]:
         if r["op"] != op:
             continue

@@ -29,7 +29,6 @@ from kdops import _dispatch, reference
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
 
-
 FAMILY = "attention_relation"
 # The family's contract: every backend's kdops.backends.<backend>.attention_relation module provides
 #   relation_forward(sa, sb, ta, tb, counted, causal, temperature, divergence, beta)
@@ -53,8 +52,8 @@ def attention_relation_op(student_a: Tensor, student_b: Tensor, teacher_a: Tenso
                           counted: Optional[Tensor], causal: bool, temperature: float, divergence: int,
                           beta: float, backend: str) -> tuple[Tensor, Tensor]:
     """(row losses ``[B, H, L]``, row statistics ``[3, B, H, L]``) of ``[B, H, L, d]`` inputs."""
-    return _dispatch.kernels(FAMILY, backend).relation_forward(student_a, student_b, teacher_a, teacher_b, counted, causal,
-                                                temperature, divergence, beta)
+    return _dispatch.kernels(FAMILY, backend).relation_forward(student_a, student_b, teacher_a, teacher_b, counted,
+                                                               causal, temperature, divergence, beta)
 
 
 @attention_relation_op.register_fake
@@ -152,7 +151,8 @@ def _check_mask(attention_mask: Optional[Tensor], batch: int, length: int) -> Op
     if attention_mask.is_complex():
         raise TypeError(f"attention_mask must be a bool, integer or float tensor; got {attention_mask.dtype}")
     if attention_mask.shape != (batch, length):
-        raise ValueError(f"attention_mask must have shape [B, L] = {(batch, length)}; got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must have shape [B, L] = {(batch, length)}; got {tuple(attention_mask.shape)}")
     return attention_mask
 
 

@@ -35,9 +35,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.divergences import divergence_code
 from kdops.backends.triton._common import UPCAST_DOT, block, launch, mixture_logs
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
+from kdops.divergences import divergence_code
 
 if TYPE_CHECKING:
     from kdops.ops._common import DistillOptions
@@ -240,7 +240,7 @@ def _blocks(dtype: torch.dtype) -> _Blocks:
     if dtype.itemsize == 2:
         gpu = _Blocks(128, 64, 64, 32, 8, 3)
     else:
-        gpu = _Blocks(64, 64, 32, 32, 8, 3)  # float32: twice the bytes per element
+        gpu = _Blocks(64, 64, 16, 32, 8, 3)  # float32: twice the bytes per element
     return block(gpu, _Blocks(16, 16, 16, 16, 1, 1))
 
 

@@ -22,7 +22,14 @@ from torch import Tensor
 
 from kdops import _alloc
 from kdops.backends.triton._common import (
-    acc_dtype, block, exp_sum, launch, mixture_logs, row_block, row_warps, write_ignored_row,
+    acc_dtype,
+    block,
+    exp_sum,
+    launch,
+    mixture_logs,
+    row_block,
+    row_warps,
+    write_ignored_row,
 )
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
 

@@ -21,7 +21,14 @@ from torch import Tensor
 
 from kdops import _alloc
 from kdops.backends.triton._common import (
-    acc_dtype, block, exp_sum, launch, mixture_logs, row_block, row_warps, write_ignored_row,
+    acc_dtype,
+    block,
+    exp_sum,
+    launch,
+    mixture_logs,
+    row_block,
+    row_warps,
+    write_ignored_row,
 )
 from kdops.backends.triton.divergence import divergence_term
 
@@ -170,7 +177,8 @@ def sparse_kd_forward(
     k = topk_indices.shape[1]
     loss_dtype = _alloc.compute_dtype(student.dtype)
     loss = _alloc.empty(n_rows, dtype=loss_dtype, device=student.device)
-    grad = _alloc.empty(n_rows, vocab, dtype=student.dtype, device=student.device) if compute_grad else student.new_empty(0)
+    grad = (_alloc.empty(n_rows, vocab, dtype=student.dtype, device=student.device) if compute_grad
+            else student.new_empty(0))
     if n_rows == 0:
         return loss, grad
     block_v = row_block(vocab, _MAX_BLOCK)
