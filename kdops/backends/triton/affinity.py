@@ -651,11 +651,14 @@ def relation_forward(student: Tensor, teacher: Tensor, loss: int, beta: float) -
         stats = torch.stack([row_s.sum() / divisor, row_t.sum() / divisor, row_s.new_zeros(())])
     rows = _alloc.empty(B, dtype=stats.dtype, device=student.device)
     aux = _alloc.empty(B, dtype=stats.dtype, device=student.device)
+    # float64 rows in 32-row tiles: its RKD-D tiles (both models' distances, close pairs recomputed)
+    # spilled ~300 B per thread at 64 (the row sums do not depend on the tile)
+    rows_block = BLOCK // 2 if student.dtype == torch.float64 else BLOCK
     _launch(
-        _relation_loss_kernel, (triton.cdiv(B, BLOCK),), student.device,
+        _relation_loss_kernel, (triton.cdiv(B, rows_block),), student.device,
         student, teacher, raw_s, raw_t, ns, nt, stats, rows, aux, B, student.shape[1], teacher.shape[1],
-        student.stride(0), teacher.stride(0), raw_s.stride(0), raw_t.stride(0), beta, LOSS=loss, BLOCK_M=BLOCK,
-        BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(student))
+        student.stride(0), teacher.stride(0), raw_s.stride(0), raw_t.stride(0), beta, LOSS=loss, BLOCK_M=rows_block,
+        BLOCK_N=rows_block, BLOCK_K=BLOCK_K, **_options(student))
     if loss == SP:  # c_i = sum_j z_ij u_ij where r_s,i is not clamped (stats[2] held sum_j G_ij^2)
         stats[2] = torch.where(stats[2] > 1e-24, aux, 0.0)
     else:
