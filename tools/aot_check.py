@@ -547,7 +547,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     runs = [info]
     for py in args.python:
-        if Path(py).resolve() == Path(sys.executable).resolve() and not os.environ.get("KDOPS_AOT_SAME_PYTHON"):
+        if os.path.abspath(py) == os.path.abspath(sys.executable):  # (a venv's python links to its base: not resolved)
             continue
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             cmd = [py, __file__, "--rows-only", "--json", tmp.name, "--jobs", str(args.jobs), "--families",
