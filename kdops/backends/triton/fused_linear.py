@@ -234,12 +234,13 @@ class _Blocks(NamedTuple):
 
 def _blocks(dtype: torch.dtype) -> _Blocks:
     """Tile sizes and launch options. On GPUs: chosen by compiling (``tools/aot_check.py``: no
-    spill over its budget on sm_80 / 90 / 100; float32 passes 1-2 take BK = 16: BK = 32 spilled
-    40 B in the JSD pass 2 on sm_90; not timed). The interpreter
+    spill over its budget on sm_80 / 90 / 100; float32 passes 1-2 and 16-bit pass 3 take BK = 16:
+    BK = 32 spilled 40 B in the float32 JSD pass 2 on sm_90, 84 B in the bf16 pass 3 on sm_100;
+    not timed). The interpreter
     runs every block operation in numpy: the smallest blocks ``tl.dot`` takes keep tests fast
     (unless KDOPS_TRITON_GPU_BLOCKS=1, see :mod:`kdops.backends.triton._common`)."""
     if dtype.itemsize == 2:
-        gpu = _Blocks(128, 64, 64, 32, 8, 3)
+        gpu = _Blocks(128, 64, 64, 16, 8, 3)
     else:
         gpu = _Blocks(64, 64, 16, 32, 8, 3)  # float32: twice the bytes per element (and FMA dots)
     return block(gpu, _Blocks(16, 16, 16, 16, 1, 1))
