@@ -677,8 +677,10 @@ acc_type<T> rkd_angle(const RelationParams& p, const acc_type<T>* grad) {
   }
   const A beta = A(p.beta);
   if (grad == nullptr) {
-    A total = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : total)
+    // per-anchor-row totals summed in a fixed order (an OpenMP reduction adds the threads'
+    // partials in an order that varies from call to call)
+    std::vector<A> row_loss(B, A(0));
+#pragma omp parallel for schedule(dynamic, 1)
     for (int64_t q = 0; q < B; ++q) {
       A row_total = 0;
       const A *es_q = es.data() + q * B, *is_q = is.data() + q * B;
@@ -694,9 +696,9 @@ acc_type<T> rkd_angle(const RelationParams& p, const acc_type<T>* grad) {
           row_total += smooth_l1(cos_s - cos_t, beta);
         }
       }
-      total += row_total;
+      row_loss[q] = row_total;
     }
-    return total / (A(B) * A(B) * A(B));
+    return sum(row_loss) / (A(B) * A(B) * A(B));
   }
   // Delta_pq = scale sum_r [g_prq dcos_prq/dc + 2 g_pqr dcos_pqr/da], dcos/dc = -1/(2 sqrt(ab)),
   // dcos/da = 1/(2 sqrt(ab)) - cos/(2a) (see kdops/backends/triton/affinity.py); the masks are the

@@ -579,11 +579,14 @@ def _apply_weights(w: Tensor, delta: Tensor | None, x: Tensor, out: Tensor, row0
     uncentred rows of the centred ``x``)."""
     R, (B, D) = w.shape[0], x.shape
     raw = x if raw is None else raw
-    grid = (triton.cdiv(R, BLOCK), triton.cdiv(D, BLOCK))
+    # float64 with the close-pair tiles holds four 64-wide float64 tiles per program: 32 columns
+    # (a 64-column tile spilled 40 B per thread on sm_100, tools/aot_check.py)
+    block_d = BLOCK // 2 if close is not None and x.dtype == torch.float64 else BLOCK
+    grid = (triton.cdiv(R, BLOCK), triton.cdiv(D, block_d))
     _launch(_apply_weights_kernel, grid, x.device, w, w if delta is None else delta, x, raw,
            w if close is None else close, out, row0, R, B, D, w.stride(0), x.stride(0), raw.stride(0), out.stride(0),
            DIST=dist, HAS_DELTA=delta is not None,
-           EXACT_CLOSE=close is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=BLOCK, COMPUTE=_tl_compute(x.dtype),
+           EXACT_CLOSE=close is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=block_d, COMPUTE=_tl_compute(x.dtype),
            PRECISION="tf32x3" if x.dtype.itemsize == 2 else "ieee")
 
 
