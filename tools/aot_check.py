@@ -246,9 +246,9 @@ def fused_linear_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
 
 
 def affinity_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
-    from kdops.backends.triton import affinity
+    from kdops.backends.triton import BACKEND, affinity
 
-    for dtype in m.dtypes:
+    for dtype in (d for d in m.dtypes if d in BACKEND.families["affinity"].dtypes):  # what this Triton takes
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         for b in m.batches:
             for d in m.features:

@@ -5,12 +5,22 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
 
 import torch
 
 from kdops.backends import FLOAT_DTYPES, Backend, BackendStatus, Family
+
+
+def _version_at_least(major: int, minor: int) -> bool:
+    """Whether the installed Triton is at least ``major.minor`` (read without importing it)."""
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return tuple(int(part) for part in version.split(".")[:2]) >= (major, minor)
 
 
 def _interpreting() -> bool:
@@ -41,7 +51,8 @@ BACKEND = Backend(
         "sparse_kd": Family(),
         # the blockwise kernel: one teacher, 16/32-bit inputs (others take the chunked path over "kd")
         "fused_linear": Family(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_teachers=1),
-        "affinity": Family(),
+        # float64 relation kernels: Triton's tl.dot takes float64 from 3.9 on (3.6 fails to compile them)
+        "affinity": Family(dtypes=FLOAT_DTYPES if _version_at_least(3, 9) else FLOAT_DTYPES[:3]),
         "attention_relation": Family(),
     },
 )
