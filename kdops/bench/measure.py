@@ -11,7 +11,8 @@ Peak memory above what is held before the call (the inputs are held before):
     call touches, torch's tensors and native scratch alike, plus some noise (a few MiB: code paged
     in, Python objects). glibc keeps small freed blocks resident and reuses them, so a peak made
     of reused memory reads low; :func:`return_freed_memory` makes every allocation of 64 KiB or
-    more its own mapping, returned on free, which leaves that noise to blocks below 64 KiB.
+    more its own mapping, returned on free, and each measurement first returns the free pages
+    inside the heap (``malloc_trim``), which leaves that noise to blocks below 64 KiB.
   * CPU, torch allocator: the peak of the running sum of torch's CPU allocations and frees during
     the call, from the profiler's memory events. Exact for tensors, blind to memory that does not
     come from torch's allocator (native kernels' own scratch).
@@ -81,6 +82,16 @@ def resident_set_supported() -> bool:
     return os.access("/proc/self/clear_refs", os.W_OK) and os.path.exists("/proc/self/status")
 
 
+def _release_free_heap_pages() -> None:
+    """glibc's ``malloc_trim(0)``: returns the free pages inside the heap to the system. Without
+    it, a call can be served from freed chunks that an earlier allocation left resident (below the
+    mmap threshold, or before :func:`return_freed_memory` fixed it), and its peak reads low."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak memory of ``fn()`` above what is held before it: the CUDA allocator's peak on CUDA,
     the process's peak resident set on CPU (see the module's docstring)."""
@@ -91,6 +102,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
+    _release_free_heap_pages()
     before = _status_bytes("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
