@@ -34,6 +34,7 @@ from kdops import _dispatch, reference
 from kdops._alloc import compute_dtype
 from kdops._codes import AFFINITY_KINDS, RKD_ANGLE, RKD_DISTANCE, SP, relation_stats_shape
 from kdops.ops import validation
+from kdops.ops._common import OpArgs, define
 
 # The family's contract: every backend's kdops.backends.<backend>.affinity module provides
 #   affinity_forward(x [B, D], kind) -> A [B, B]
@@ -53,76 +54,92 @@ def implementation(backend: Optional[str], device: torch.device, dtype: torch.dt
 # --------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("kdops::affinity", mutates_args=())
-def affinity_op(x: Tensor, kind: int, backend: str) -> Tensor:
+# Schemas by name: setup_context and backward read the inputs by these names (OpArgs).
+_AFFINITY_ARGS = OpArgs("Tensor x, int kind, str backend")
+_AFFINITY_BACKWARD_ARGS = OpArgs("Tensor grad, Tensor x, Tensor out, int kind, str backend")
+_RELATION_ARGS = OpArgs("Tensor student, Tensor teacher, int loss, float beta, str backend")
+_RELATION_BACKWARD_ARGS = OpArgs("Tensor grad, Tensor student, Tensor teacher, Tensor stats, int loss, float beta, "
+                                 "str backend")
+
+
+def _affinity_impl(x: Tensor, kind: int, backend: str) -> Tensor:
     """``[B, B]`` affinity of the rows of ``x [B, D]`` (contiguous rows); ``kind`` indexes AFFINITY_KINDS."""
     return _dispatch.kernels(FAMILY, backend).affinity_forward(x, kind)
 
 
-@affinity_op.register_fake
-def _(x, kind, backend):
+def _affinity_fake(x, kind, backend):
     return x.new_empty((x.shape[0], x.shape[0]), dtype=compute_dtype(x.dtype))
 
 
-@torch.library.custom_op("kdops::affinity_backward", mutates_args=())
-def affinity_backward_op(grad: Tensor, x: Tensor, out: Tensor, kind: int, backend: str) -> Tensor:
+def _affinity_backward_impl(grad: Tensor, x: Tensor, out: Tensor, kind: int, backend: str) -> Tensor:
     """``dL/dx`` from ``grad = dL/dA`` and ``out = A``."""
     return _dispatch.kernels(FAMILY, backend).affinity_backward(grad, x, out, kind)
 
 
-@affinity_backward_op.register_fake
-def _(grad, x, out, kind, backend):
+def _affinity_backward_fake(grad, x, out, kind, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+affinity_op = define("affinity", _AFFINITY_ARGS, "Tensor", _affinity_impl, _affinity_fake)
+affinity_backward_op = define("affinity_backward", _AFFINITY_BACKWARD_ARGS, "Tensor", _affinity_backward_impl,
+                              _affinity_backward_fake)
+
+
 def _affinity_setup(ctx, inputs, output):
-    x, ctx.kind, ctx.backend = inputs
-    ctx.save_for_backward(x, output)
+    named = _AFFINITY_ARGS.bind(inputs)
+    ctx.kind, ctx.backend = named["kind"], named["backend"]
+    ctx.no_grads = _AFFINITY_ARGS.no_grads(inputs)
+    ctx.save_for_backward(named["x"], output)
 
 
 def _affinity_backward(ctx, grad: Tensor):
     x, out = ctx.saved_tensors
-    return affinity_backward_op(grad, x, out, ctx.kind, ctx.backend), None, None
+    return _AFFINITY_ARGS.grads(ctx.no_grads, x=affinity_backward_op(grad, x, out, ctx.kind, ctx.backend))
 
 
 affinity_op.register_autograd(_affinity_backward, setup_context=_affinity_setup)
 
 
-@torch.library.custom_op("kdops::relation_loss", mutates_args=())
-def relation_loss_op(student: Tensor, teacher: Tensor, loss: int, beta: float, backend: str) -> tuple[Tensor, Tensor]:
+def _relation_forward_impl(student: Tensor, teacher: Tensor, loss: int, beta: float,
+                           backend: str) -> tuple[Tensor, Tensor]:
     """(loss, stats for the backward) of SP / RKD-D / RKD-A (``loss`` code) of ``[B, D]`` rows."""
     return _dispatch.kernels(FAMILY, backend).relation_forward(student, teacher, loss, beta)
 
 
-@relation_loss_op.register_fake
-def _(student, teacher, loss, beta, backend):
+def _relation_loss_fake(student, teacher, loss, beta, backend):
     dtype = compute_dtype(student.dtype)
     stats = student.new_empty(relation_stats_shape(loss, student.shape[0]), dtype=dtype)
     return student.new_empty((), dtype=dtype), stats
 
 
-@torch.library.custom_op("kdops::relation_loss_backward", mutates_args=())
-def relation_loss_backward_op(grad: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, loss: int,
-                              beta: float, backend: str) -> Tensor:
+def _relation_backward_impl(grad: Tensor, student: Tensor, teacher: Tensor, stats: Tensor, loss: int, beta: float,
+                            backend: str) -> Tensor:
     """``dL/dstudent`` from the incoming 0-d ``grad`` and the forward's ``stats``."""
     return _dispatch.kernels(FAMILY, backend).relation_backward(grad, student, teacher, stats, loss, beta)
 
 
-@relation_loss_backward_op.register_fake
-def _(grad, student, teacher, stats, loss, beta, backend):
+def _relation_loss_backward_fake(grad, student, teacher, stats, loss, beta, backend):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+relation_loss_op = define("relation_loss", _RELATION_ARGS, "(Tensor, Tensor)", _relation_forward_impl,
+                          _relation_loss_fake)
+relation_loss_backward_op = define("relation_loss_backward", _RELATION_BACKWARD_ARGS, "Tensor",
+                                   _relation_backward_impl, _relation_loss_backward_fake)
+
+
 def _relation_setup(ctx, inputs, output):
-    student, teacher, ctx.loss, ctx.beta, ctx.backend = inputs
-    ctx.save_for_backward(student, teacher, output[1])
+    named = _RELATION_ARGS.bind(inputs)
+    ctx.loss, ctx.beta, ctx.backend = named["loss"], named["beta"], named["backend"]
+    ctx.no_grads = _RELATION_ARGS.no_grads(inputs)
+    ctx.save_for_backward(named["student"], named["teacher"], output[1])
     ctx.mark_non_differentiable(output[1])
 
 
 def _relation_backward(ctx, grad: Tensor, _grad_stats: Optional[Tensor]):
     student, teacher, stats = ctx.saved_tensors
     dstudent = relation_loss_backward_op(grad, student, teacher, stats, ctx.loss, ctx.beta, ctx.backend)
-    return dstudent, None, None, None, None
+    return _RELATION_ARGS.grads(ctx.no_grads, student=dstudent)
 
 
 relation_loss_op.register_autograd(_relation_backward, setup_context=_relation_setup)
