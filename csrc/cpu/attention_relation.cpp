@@ -45,15 +45,16 @@ struct Heads {
   int64_t n_rows() const { return p.batch * p.heads * p.length; }
   const acc_t* stat(int k) const { return static_cast<const acc_t*>(p.stats) + k * n_rows(); }
 
+  // The scaled scores of query i with key j: the student's into s, the teacher's into t.
+  void score(int64_t b, int64_t h, int64_t i, int64_t j, acc_t& s, acc_t& t) const {
+    s = dot(row(p.student_a, p.sa_stride, b, h, i), row(p.student_b, p.sb_stride, b, h, j), p.student_dim) * scale_s;
+    t = dot(row(p.teacher_a, p.ta_stride, b, h, i), row(p.teacher_b, p.tb_stride, b, h, j), p.teacher_dim) * scale_t;
+  }
+
   // Scores of query i with keys [0, n) (n = i + 1 if causal, else L) into s, t; -inf outside.
   int64_t score_row(int64_t b, int64_t h, int64_t i, acc_t* s, acc_t* t) const {
     const int64_t n = p.causal ? i + 1 : p.length;
-    const T* qa = row(p.student_a, p.sa_stride, b, h, i);
-    const T* ta = row(p.teacher_a, p.ta_stride, b, h, i);
-    for (int64_t j = 0; j < n; ++j) {
-      s[j] = dot(qa, row(p.student_b, p.sb_stride, b, h, j), p.student_dim) * scale_s;
-      t[j] = dot(ta, row(p.teacher_b, p.tb_stride, b, h, j), p.teacher_dim) * scale_t;
-    }
+    for (int64_t j = 0; j < n; ++j) score(b, h, i, j, s[j], t[j]);
     if (p.counted && counted(b, i)) {
       const uint8_t* keys = p.counted + b * p.length;
 #pragma omp simd
@@ -63,6 +64,25 @@ struct Heads {
       }
     }
     return n;
+  }
+
+  // A thread's buffers of L values per model (scores s, t and pair weights w) and d accumulators.
+  struct Buffers {
+    std::vector<acc_t> s, t, w, acc;
+    explicit Buffers(const AttentionRelationParams& p) : s(p.length), t(p.length), w(p.length), acc(p.student_dim) {}
+  };
+
+  // body(b, h, l, buffers) for every (sample, head, row), OpenMP over the three.
+  template <typename Body>
+  void for_each_row(const Body& body) const {
+#pragma omp parallel
+    {
+      Buffers buffers(p);
+#pragma omp for collapse(3) schedule(dynamic, 8)
+      for (int64_t b = 0; b < p.batch; ++b)
+        for (int64_t h = 0; h < p.heads; ++h)
+          for (int64_t l = 0; l < p.length; ++l) body(b, h, l, buffers);
+    }
   }
 
   static acc_t lse(const acc_t* x, int64_t n) {
@@ -80,33 +100,26 @@ struct Heads {
   void forward() const {
     acc_t* rows = static_cast<acc_t*>(p.rows);
     acc_t* stats = static_cast<acc_t*>(p.stats);
-#pragma omp parallel
-    {
-      std::vector<acc_t> s(p.length), t(p.length);
-#pragma omp for collapse(3) schedule(dynamic, 8)
-      for (int64_t b = 0; b < p.batch; ++b)
-        for (int64_t h = 0; h < p.heads; ++h)
-          for (int64_t i = 0; i < p.length; ++i) {
-            const int64_t n = score_row(b, h, i, s.data(), t.data());
-            const acc_t lse_s = lse(s.data(), n), lse_t = lse(t.data(), n);
-            const acc_t bt = beta;
-            const MixWeights<acc_t> w = mix;
-            const acc_t* ps = s.data();
-            const acc_t* pt = t.data();
-            acc_t d_sum = 0, q_sum = 0;
+    for_each_row([&](int64_t b, int64_t h, int64_t i, Buffers& buf) {
+      const int64_t n = score_row(b, h, i, buf.s.data(), buf.t.data());
+      const acc_t lse_s = lse(buf.s.data(), n), lse_t = lse(buf.t.data(), n);
+      const acc_t bt = beta;
+      const MixWeights<acc_t> w = mix;
+      const acc_t* ps = buf.s.data();
+      const acc_t* pt = buf.t.data();
+      acc_t d_sum = 0, q_sum = 0;
 #pragma omp simd reduction(+ : d_sum, q_sum)
-            for (int64_t j = 0; j < n; ++j) {
-              const Term<acc_t> term = divergence_term<DIV, acc_t, FastMath>(ps[j] - lse_s, pt[j] - lse_t, bt, w);
-              d_sum += term.d;
-              q_sum += term.q;
-            }
-            const int64_t at = index(b, h, i);
-            rows[at] = counted(b, i) ? d_sum : acc_t(0);
-            stats[at] = lse_s;
-            stats[n_rows() + at] = lse_t;
-            stats[2 * n_rows() + at] = q_sum;
-          }
-    }
+      for (int64_t j = 0; j < n; ++j) {
+        const Term<acc_t> term = divergence_term<DIV, acc_t, FastMath>(ps[j] - lse_s, pt[j] - lse_t, bt, w);
+        d_sum += term.d;
+        q_sum += term.q;
+      }
+      const int64_t at = index(b, h, i);
+      rows[at] = counted(b, i) ? d_sum : acc_t(0);
+      stats[at] = lse_s;
+      stats[n_rows() + at] = lse_t;
+      stats[2 * n_rows() + at] = q_sum;
+    });
   }
 
   // W_ij / (c_s) = g_i (q_ij - p_ij S_i) for the scores s, t of n pairs with row statistics at
@@ -144,49 +157,30 @@ struct Heads {
   template <int DIV>
   void backward_a() const {
     T* da = static_cast<T*>(p.da);
-#pragma omp parallel
-    {
-      std::vector<acc_t> s(p.length), t(p.length), w(p.length), acc(p.student_dim);
-#pragma omp for collapse(3) schedule(dynamic, 8)
-      for (int64_t b = 0; b < p.batch; ++b)
-        for (int64_t h = 0; h < p.heads; ++h)
-          for (int64_t i = 0; i < p.length; ++i) {
-            const int64_t at = index(b, h, i);
-            int64_t n = 0;
-            if (counted(b, i)) {  // else W = 0
-              n = score_row(b, h, i, s.data(), t.data());
-              weights<DIV>(s.data(), t.data(), n, at, 0, w.data());
-            }
-            apply(w.data(), n, p.student_b, p.sb_stride, b, h, 0, acc.data(), da + at * p.student_dim);
-          }
-    }
+    for_each_row([&](int64_t b, int64_t h, int64_t i, Buffers& buf) {
+      const int64_t at = index(b, h, i);
+      int64_t n = 0;
+      if (counted(b, i)) {  // else W = 0
+        n = score_row(b, h, i, buf.s.data(), buf.t.data());
+        weights<DIV>(buf.s.data(), buf.t.data(), n, at, 0, buf.w.data());
+      }
+      apply(buf.w.data(), n, p.student_b, p.sb_stride, b, h, 0, buf.acc.data(), da + at * p.student_dim);
+    });
   }
 
   template <int DIV>
   void backward_b() const {
     T* db = static_cast<T*>(p.db);
-#pragma omp parallel
-    {
-      std::vector<acc_t> s(p.length), t(p.length), w(p.length), acc(p.student_dim);
-#pragma omp for collapse(3) schedule(dynamic, 8)
-      for (int64_t b = 0; b < p.batch; ++b)
-        for (int64_t h = 0; h < p.heads; ++h)
-          for (int64_t j = 0; j < p.length; ++j) {
-            const int64_t first = p.causal ? j : 0, n = counted(b, j) ? p.length - first : 0;
-            const T* kb = row(p.student_b, p.sb_stride, b, h, j);
-            const T* kt = row(p.teacher_b, p.tb_stride, b, h, j);
-            for (int64_t k = 0; k < n; ++k) {  // the column j of the scores, queries first + k
-              s[k] = dot(row(p.student_a, p.sa_stride, b, h, first + k), kb, p.student_dim) * scale_s;
-              t[k] = dot(row(p.teacher_a, p.ta_stride, b, h, first + k), kt, p.teacher_dim) * scale_t;
-            }
-            weights<DIV>(s.data(), t.data(), n, index(b, h, first), 1, w.data());
-            if (p.counted) {  // queries that do not count have W = 0
-              const uint8_t* queries = p.counted + b * p.length + first;
-              for (int64_t k = 0; k < n; ++k) w[k] = queries[k] ? w[k] : acc_t(0);
-            }
-            apply(w.data(), n, p.student_a, p.sa_stride, b, h, first, acc.data(), db + index(b, h, j) * p.student_dim);
-          }
-    }
+    for_each_row([&](int64_t b, int64_t h, int64_t j, Buffers& buf) {
+      const int64_t first = p.causal ? j : 0, n = counted(b, j) ? p.length - first : 0;
+      for (int64_t k = 0; k < n; ++k) score(b, h, first + k, j, buf.s[k], buf.t[k]);  // column j, queries first + k
+      weights<DIV>(buf.s.data(), buf.t.data(), n, index(b, h, first), 1, buf.w.data());
+      if (p.counted) {  // queries that do not count have W = 0
+        const uint8_t* queries = p.counted + b * p.length + first;
+        for (int64_t k = 0; k < n; ++k) buf.w[k] = queries[k] ? buf.w[k] : acc_t(0);
+      }
+      apply(buf.w.data(), n, p.student_a, p.sa_stride, b, h, first, buf.acc.data(), db + index(b, h, j) * p.student_dim);
+    });
   }
 };
 
