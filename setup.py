@@ -118,7 +118,9 @@ setup(
     packages=find_packages(include=["kdops", "kdops.*"]),
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton"], "test": ["pytest"], "bench": ["matplotlib"],
-                    "hf": ["transformers", "accelerate"]},
+                    "hf": ["transformers", "accelerate"],
+                    # kdops.integrations.trl replaces functions of this TRL release (as the Makefile pins it)
+                    "trl": ["trl==1.16.0", "transformers", "accelerate"]},
     entry_points={"console_scripts": ["kdops-bench=kdops.bench.cli:main", "kdops-cache=kdops.cache.__main__:main"]},
     ext_modules=[CMakeExtension("kdops._C"), CMakeExtension("kdops._C_cuda")],
     cmdclass={"build_ext": CMakeBuild},

@@ -40,7 +40,7 @@ when every rank counts as many rows; in general use ``reduction="sum"`` divided 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,15 @@ from torch import Tensor
 from kdops._alloc import compute_dtype
 from kdops._codes import DIVERGENCES
 from kdops.ops import validation
-from kdops.ops._chunked import check_chunk_size, chunk_logits, chunk_rows, lm_head_rows
-from kdops.ops._common import DistillOptions, distill_options, function_grads, reduce_rows, scale_forward_grads
+from kdops.ops._chunked import LogitTransform, check_chunk_size, chunk_logits, chunk_rows, lm_head_rows
+from kdops.ops._common import (
+    DistillOptions,
+    check_normalizer,
+    distill_options,
+    function_grads,
+    reduce_rows,
+    scale_forward_grads,
+)
 from kdops.ops.saved_grad import scale_saved_grad
 
 __all__ = ["global_row_count", "vocab_parallel_distill_loss", "vocab_parallel_fused_linear_distill_loss"]
@@ -93,12 +100,14 @@ def _all_reduce(x: Tensor, op: str, group: Optional[dist.ProcessGroup]) -> None:
 # two losses (other options).
 _AGREED = ("the number of rows N (the leading shape)", "divergence", "temperature", "beta", "hard_weight",
            "soft weight (1 - hard_weight) * T^2 (scale_by_temperature_squared)", "ignore_index", "reduction",
-           "dtype", "labels given", "number of counted rows (labels != ignore_index)", "labels (a checksum)")
+           "dtype", "labels given", "student_logit_scale", "student_softcap (0: None)", "teacher_logit_scale",
+           "teacher_softcap (0: None)", "return_entropy", "number of counted rows (labels != ignore_index)",
+           "labels (a checksum)")
 
 
 def _shard_sizes(vocab_shard: int, n_rows: int, device: torch.device, group: Optional[dist.ProcessGroup], *,
                  opts: DistillOptions, reduction: str, dtype: torch.dtype, labels: Optional[Tensor],
-                 vocab_start: Optional[int] = None) -> list[int]:
+                 vocab_start: Optional[int] = None, entropy: bool = False) -> list[int]:
     """Every rank's vocabulary shard size, from one all-gather of a small fingerprint of the call
     (float64: ``V_r``, ``vocab_start`` (-1: None), then the :data:`_AGREED` values) before any
     other collective; every rank checks that all of them agree (and that given ``vocab_start``s
@@ -108,7 +117,9 @@ def _shard_sizes(vocab_shard: int, n_rows: int, device: torch.device, group: Opt
         return [vocab_shard]
     fields = [vocab_shard, -1 if vocab_start is None else vocab_start, n_rows, opts.divergence, opts.temperature,
               opts.beta, opts.hard_weight, opts.soft_weight, opts.ignore_index,
-              validation.REDUCTIONS.index(reduction), validation.FLOAT_DTYPES.index(dtype), labels is not None]
+              validation.REDUCTIONS.index(reduction), validation.FLOAT_DTYPES.index(dtype), labels is not None,
+              opts.student_logit_scale, opts.student_softcap or 0.0, opts.teacher_logit_scale,
+              opts.teacher_softcap or 0.0, entropy]
     mine = torch.tensor(fields + [0, 0], dtype=torch.float64, device=device)
     if labels is not None:  # counted rows and an exact int64 checksum of the labels
         weights = torch.arange(labels.numel(), device=labels.device) % 65521 + 1
@@ -184,11 +195,13 @@ def _divergence_terms(log_ps: Tensor, log_pt: Tensor, ps: Tensor, pt: Tensor, di
         return beta * times(pt, log_pt - log_m) + (1.0 - beta) * q, (1.0 - beta) * q
     if divergence == "skew_forward_kl":
         log_m = torch.logaddexp(log_pt + log_b, log_ps + log_1mb)
-        q = torch.where((pt > 0) & (ps > 0), (log_ps + log_pt - log_m).exp_().mul_(beta - 1.0), 0.0)
+        # -(1 - b) p_s p_t / M in log space (exact where p_s, p_t underflow; -p_t at b = 0)
+        q = torch.where(log_ps > -math.inf, (log_pt + (log_ps - log_m)).exp_().mul_(beta - 1.0), 0.0)
         return times(pt, log_pt - log_m), q
     if divergence == "skew_reverse_kl":
         log_m = torch.logaddexp(log_ps + log_b, log_pt + log_1mb)
-        return times(ps, log_ps - log_m), times(ps, log_ps - log_m - beta * (log_ps - log_m).exp())
+        share = beta * (log_ps - log_m).exp() if beta > 0 else 0.0  # b p_s / M (0 * inf at b = 0, p_t = 0)
+        return times(ps, log_ps - log_m), times(ps, log_ps - log_m - share)
     if divergence == "tvd":
         diff = ps - pt
         return 0.5 * diff.abs(), 0.5 * ps * diff.sign()
@@ -197,13 +210,14 @@ def _divergence_terms(log_ps: Tensor, log_pt: Tensor, ps: Tensor, pt: Tensor, di
 
 def _shard_rows(
     student: Tensor, teacher: Tensor, labels: Optional[Tensor], vocab_start: int, opts: DistillOptions,
-    group: Optional[dist.ProcessGroup], compute_grad: bool,
-) -> tuple[Tensor, Optional[Tensor]]:
+    group: Optional[dist.ProcessGroup], compute_grad: bool, entropy: bool = False,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Row losses ``[N]`` of the full-vocabulary rows whose columns ``[vocab_start, vocab_start + V_r)``
-    are the ``[N, V_r]`` shards ``student`` and ``teacher``, and (if ``compute_grad``) the
-    ``[N, V_r]`` gradient of each row loss to its shard; both in the compute dtype. Three
-    all-reduces of per-row scalars (see the module docstring); rows whose label is
-    ``ignore_index`` are 0 with a zero gradient."""
+    are the ``[N, V_r]`` shards ``student`` and ``teacher`` (logits after the models' transforms),
+    (if ``compute_grad``) the ``[N, V_r]`` gradient of each row loss to its shard, and (if
+    ``entropy``) the student's row entropies ``H(p_s) = -sum_j p_s,j log p_s,j``, summed in the
+    third all-reduce; all in the compute dtype. Three all-reduces of per-row scalars (see the
+    module docstring); rows whose label is ``ignore_index`` are 0 with a zero gradient."""
     dtype = compute_dtype(student.dtype)
     s, t = student.to(dtype), teacher.to(dtype)
     temperature, shard = opts.temperature, s.shape[1]
@@ -234,8 +248,14 @@ def _shard_rows(
     pt.div_(sums[1].unsqueeze(1))
 
     d, q = _divergence_terms(log_ps, log_pt, ps, pt, DIVERGENCES[opts.divergence], opts.beta)
-    partial = torch.stack([d.sum(-1), q.sum(-1)])  # the same size on every rank, with or without grad
+    partial = [d.sum(-1), q.sum(-1)]  # the same size on every rank, with or without grad
+    if entropy:
+        partial.append(-(ps * torch.where(ps > 0, log_ps, 0.0)).sum(-1))
+    partial = torch.stack(partial)
     _all_reduce(partial, "sum", group)
+    row_entropy = None
+    if entropy:
+        row_entropy = partial[2] if valid is None else torch.where(valid, partial[2], 0.0)
 
     row = opts.soft_weight * partial[0]
     if hard:
@@ -251,7 +271,7 @@ def _shard_rows(
     if valid is not None:
         row = torch.where(valid, row, 0.0)
     if not compute_grad:
-        return row, None
+        return row, None, row_entropy
 
     grad = q.sub_(ps.mul_(partial[1].unsqueeze(1))).mul_(opts.soft_weight / temperature)
     if hard:
@@ -260,20 +280,31 @@ def _shard_rows(
             grad.scatter_add_(1, column, (owned.to(dtype) * -opts.hard_weight).unsqueeze(1))
     if valid is not None:
         grad.masked_fill_(~valid.unsqueeze(1), 0.0)
-    return row, grad
+    return row, grad, row_entropy
 
 
 # ------------------------------------------------------------------------------- logits shards
 
 
+def _transformed(logits: Tensor, transform: LogitTransform) -> Tensor:
+    """``transform(logits)`` in the compute dtype; a copy, never ``logits`` changed in place."""
+    dtype = compute_dtype(logits.dtype)
+    return logits.to(dtype) if transform.is_identity else transform.apply_(logits.to(dtype, copy=True))
+
+
 class _VocabParallelRows(torch.autograd.Function):
-    """Row losses of logit shards; the gradient is computed in forward, backward scales it."""
+    """Row losses of logit shards (the models' logit transforms applied to copies first, their
+    derivative chained into the gradient); the gradient is computed in forward, backward scales it."""
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], vocab_start: int,
                 opts: DistillOptions, group: Optional[dist.ProcessGroup], compute_grad: bool) -> Tensor:
-        rows, grad = _shard_rows(student, teacher, labels, vocab_start, opts, group, compute_grad)
-        ctx.save_for_backward(grad.to(student.dtype) if compute_grad else None)
+        s = _transformed(student, opts.student_transform)
+        t = _transformed(teacher, opts.teacher_transform)
+        rows, grad, _ = _shard_rows(s, t, labels, vocab_start, opts, group, compute_grad)
+        if compute_grad:
+            grad = opts.student_transform.chain_(grad, s).to(student.dtype)
+        ctx.save_for_backward(grad)
         return rows
 
     @staticmethod
@@ -296,6 +327,11 @@ def vocab_parallel_distill_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     vocab_start: Optional[int] = None,
+    normalizer: Union[None, int, Tensor] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
 ) -> Tensor:
     """:func:`kdops.distill_loss` of logits whose vocabulary is split over the ranks of ``group``.
 
@@ -303,14 +339,18 @@ def vocab_parallel_distill_loss(
     shards, in rank order, concatenate to ``(..., V)``; ``V_r`` may differ between ranks), the
     same ``labels`` (full-vocabulary indices) and the same options; every rank gets the loss of
     the concatenated logits, and the gradient of its shard. ``vocab_start``: this rank's first
-    column (None: from the shard sizes). First, one all-gather of a 14-number fingerprint of the
+    column (None: from the shard sizes). Logit transforms (``student_logit_scale``,
+    ``student_softcap``, ``teacher_*``), ``normalizer`` and the other options as in
+    :func:`kdops.distill_loss`: ``z' = scale * z``, or ``z' = c * tanh(scale * z / c)`` with a
+    softcap ``c``, elementwise, so each rank transforms its own shard (exact chain rule in the
+    gradient). First, one all-gather of a 19-number fingerprint of the
     call checks that the ranks agree on the rows, labels and options (and that given
     ``vocab_start``s tile the vocabulary): a ValueError naming what differs, on every rank, before
     any collective could deadlock or mix them; a failed collective (a rank that raised or died,
     or the group's timeout) is a RuntimeError saying so. Then three all-reduces of ``[k, N]`` per-row scalars,
     k = 2, 2 (5 with ``hard_weight > 0``) and 2: 24 bytes per row (36) in float32.
     Without an initialised process group: the loss of the full logits, no communication.
-    Temporaries: a few ``[N, V_r]`` float32 tensors. Options as in :func:`kdops.distill_loss`.
+    Temporaries: a few ``[N, V_r]`` float32 tensors.
     """
     validation.check_float_tensor("student_logits_shard", student_logits_shard)
     validation.check_float_tensor("teacher_logits_shard", teacher_logits_shard)
@@ -335,7 +375,10 @@ def vocab_parallel_distill_loss(
                                  teacher_logits_shard=teacher_logits_shard, labels=labels)
     opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None)
+                           reduction=reduction, has_labels=labels is not None,
+                           student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                           teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
+    check_normalizer(normalizer, reduction)
     student = student_logits_shard.reshape(lead.numel(), shard)  # V_r may be 0: no -1
     flat_labels = None if labels is None else labels.reshape(-1)
     sizes = _shard_sizes(shard, student.shape[0], student.device, group, opts=opts, reduction=reduction,
@@ -345,7 +388,7 @@ def vocab_parallel_distill_loss(
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     rows = _VocabParallelRows.apply(student, teacher_logits_shard.detach().reshape(student.shape),
                                     flat_labels, vocab_start, opts, group, compute_grad)
-    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
+    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)
 
 
 # ------------------------------------------------------------------------------- lm_head shards
@@ -354,54 +397,66 @@ def vocab_parallel_distill_loss(
 def _lm_head_rows(
     h: Tensor, w: Tensor, b: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
     labels: Optional[Tensor], row_weights: Optional[Tensor], vocab_start: int, chunk: int,
-    opts: DistillOptions, group: Optional[dist.ProcessGroup], needs: tuple[bool, bool, bool],
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Row losses ``[N]`` and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if
-    None) to ``h`` (summed over the group), ``w``, ``b`` where ``needs`` says so (else None):
-    the chunked driver of :mod:`kdops.ops._chunked`, each chunk's ``[chunk, V_r]`` shard logits
-    through the row protocol of :func:`_shard_rows` (every rank visits the same chunks)."""
+    opts: DistillOptions, group: Optional[dist.ProcessGroup], needs: tuple[bool, bool, bool], entropy: bool,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Row losses ``[N]``, the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if
+    None) to ``h`` (summed over the group), ``w``, ``b`` where ``needs`` says so (else None) and
+    the student's row entropies if ``entropy`` (0 for ignored rows; else None): the chunked
+    driver of :mod:`kdops.ops._chunked` with the student's logit transform, each chunk's
+    ``[chunk, V_r]`` shard logits (the teacher's transformed here) through the row protocol of
+    :func:`_shard_rows` (every rank visits the same chunks)."""
+    entropies = torch.zeros(h.shape[0], dtype=compute_dtype(h.dtype), device=h.device) if entropy else None
 
     def row_loss(idx, logits: Tensor, want_grad: bool):
-        teacher = chunk_logits(th[idx], tw, tb).to(logits.dtype)
-        return _shard_rows(logits, teacher, None if labels is None else labels[idx], vocab_start, opts, group,
-                           want_grad)
+        teacher = opts.teacher_transform.apply_(chunk_logits(th[idx], tw, tb)).to(logits.dtype)
+        row, grad, row_entropy = _shard_rows(logits, teacher, None if labels is None else labels[idx], vocab_start,
+                                             opts, group, want_grad, entropy)
+        if entropies is not None:
+            entropies[idx] = row_entropy
+        return row, grad
 
-    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs)
+    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs,
+                                    opts.student_transform)
     if gh is not None:
         _all_reduce(gh, "sum", group)
-    return rows, gh, gw, gb
+    return rows, gh, gw, gb, entropies
 
 
 class _VocabParallelFusedLinear(torch.autograd.Function):
-    """Row losses of a vocabulary-sharded lm_head. With ``needs`` set (reduction "sum" / "mean":
-    the rows are only summed) the gradients are computed in forward and backward scales them;
-    without (reduction "none") backward runs a second chunked pass (with communication) with the
-    row weights (the wiring of :func:`kdops.ops._common.register_lm_head_autograd`)."""
+    """Row losses (and the student's row entropies, no gradient; empty unless ``entropy``) of a
+    vocabulary-sharded lm_head. With ``needs`` set (reduction "sum" / "mean": the rows are only
+    summed) the gradients are computed in forward and backward scales them; without (reduction
+    "none") backward runs a second chunked pass (with communication) with the row weights (the
+    wiring of :func:`kdops.ops._common.register_lm_head_autograd`)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
                 labels: Optional[Tensor], vocab_start: int, chunk: int, opts: DistillOptions,
-                group: Optional[dist.ProcessGroup], needs: tuple[bool, bool, bool]) -> Tensor:
+                group: Optional[dist.ProcessGroup], needs: tuple[bool, bool, bool],
+                entropy: bool) -> tuple[Tensor, Tensor]:
         ctx.setup = (vocab_start, chunk, opts, group)
         ctx.in_forward = any(needs)
-        rows, *grads = _lm_head_rows(h, w, b, th, tw, tb, labels, None, vocab_start, chunk, opts, group, needs)
+        rows, *grads, entropies = _lm_head_rows(h, w, b, th, tw, tb, labels, None, vocab_start, chunk, opts, group,
+                                                needs, entropy)
         if ctx.in_forward:
             ctx.needs = needs
             ctx.save_for_backward(*(None if g is None else g.to(x.dtype) for g, x in zip(grads, (h, w, w))))
         else:
             ctx.save_for_backward(h, w, b, th, tw, tb, labels)
-        return rows
+        entropies = rows.new_empty(0) if entropies is None else entropies
+        ctx.mark_non_differentiable(entropies)
+        return rows, entropies
 
     @staticmethod
-    def backward(ctx, grad_rows: Tensor):
+    def backward(ctx, grad_rows: Tensor, _grad_entropies: Optional[Tensor]):
         vocab_start, chunk, opts, group = ctx.setup
         if ctx.in_forward:
             grads = scale_forward_grads(ctx.saved_tensors, ctx.needs, grad_rows)
         else:
             h, w, b, th, tw, tb, labels = ctx.saved_tensors
             needs = tuple(ctx.needs_input_grad[:3])
-            _, *grads = _lm_head_rows(h, w, b, th, tw, tb, labels, grad_rows.contiguous(), vocab_start, chunk,
-                                      opts, group, needs)
+            _, *grads, _ = _lm_head_rows(h, w, b, th, tw, tb, labels, grad_rows.contiguous(), vocab_start, chunk,
+                                         opts, group, needs, False)
             grads = [None if g is None else g.to(x.dtype) for g, x in zip(grads, (h, w, w))]
         return function_grads(ctx, *grads)
 
@@ -424,7 +479,13 @@ def vocab_parallel_fused_linear_distill_loss(
     scale_by_temperature_squared: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
-) -> Tensor:
+    normalizer: Union[None, int, Tensor] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0,
+    teacher_softcap: Optional[float] = None,
+    return_entropy: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """:func:`kdops.fused_linear_distill_loss` with the lm_head split over the vocabulary.
 
     Each rank passes the same hidden states ``(..., Hs)`` / ``(..., Ht)`` and labels, and its
@@ -438,8 +499,12 @@ def vocab_parallel_fused_linear_distill_loss(
     again (as a tensor-parallel "copy to region" would). Gradients to the weight and bias shards
     are this rank's (``requires_grad`` of each input must agree over the ranks). ``reduction="none"``
     computes the gradients in backward, with communication: every rank must run backward.
-    Options as in :func:`kdops.distill_loss` (temperature 1 by
-    default, as :func:`kdops.fused_linear_distill_loss`).
+    Logit transforms (``student_logit_scale``, ``student_softcap``, ``teacher_*``: ``z' = scale * z``
+    or ``c * tanh(scale * z / c)``, on each chunk's shard logits, exact chain rule),
+    ``normalizer``, ``return_entropy`` (``(loss, entropy)``: the student's ``H(softmax(z' / T))``
+    per row or summed over the counted rows, no gradient; one more per-row scalar in the third
+    all-reduce) and the other options as in :func:`kdops.fused_linear_distill_loss` (temperature
+    1 by default).
     """
     validation.check_linear("student_hidden", student_hidden, "student_weight_shard", student_weight_shard,
                             "student_bias_shard", student_bias_shard)
@@ -465,19 +530,28 @@ def vocab_parallel_fused_linear_distill_loss(
     )
     opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None)
+                           reduction=reduction, has_labels=labels is not None,
+                           student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                           teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
+    check_normalizer(normalizer, reduction)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool; got {type(return_entropy).__name__}")
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     flat_labels = None if labels is None else labels.reshape(-1)
     sizes = _shard_sizes(student_weight_shard.shape[0], h.shape[0], h.device, group, opts=opts, reduction=reduction,
-                         dtype=h.dtype, labels=flat_labels)
-    chunk = chunk_rows(h.shape[0], max(*sizes, 1), h.dtype, chunk_size)  # the same on every rank
+                         dtype=h.dtype, labels=flat_labels, entropy=return_entropy)
+    # the same on every rank; the entropy's temporaries count as two more teachers' logits
+    chunk = chunk_rows(h.shape[0], max(*sizes, 1), h.dtype, chunk_size, 3 if return_entropy else 1)
     grad_on = torch.is_grad_enabled() and reduction != "none"  # "none": the gradients come in backward
     needs = tuple(grad_on and x is not None and x.requires_grad
                   for x in (student_hidden, student_weight_shard, student_bias_shard))
-    rows = _VocabParallelFusedLinear.apply(
+    rows, entropies = _VocabParallelFusedLinear.apply(
         h, student_weight_shard, student_bias_shard, th, teacher_weight_shard.detach(),
         None if teacher_bias_shard is None else teacher_bias_shard.detach(), flat_labels,
-        _vocab_start(sizes, group), chunk, opts, group, needs,
+        _vocab_start(sizes, group), chunk, opts, group, needs, return_entropy,
     )
-    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead)
+    loss = reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)
+    if not return_entropy:
+        return loss
+    return loss, entropies.reshape(lead) if reduction == "none" else entropies.sum()

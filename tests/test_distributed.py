@@ -7,21 +7,19 @@ each child runs every case against a single-process reference computed from the 
 import json
 import math
 import os
-import socket
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kdops
 from kdops import distributed as kdist
 from kdops import reference
 from kdops.divergences import DIVERGENCES
 
-from conftest import GRAD_TOL, LOSS_TOL, assert_close, beta_for
+from conftest import GRAD_TOL, LOSS_TOL, assert_close, beta_for, spawn_ranks
 
 JOIN_TIMEOUT_S = 150  # the whole group; a collective that hangs fails after the gloo timeout below
 COLLECTIVE_TIMEOUT_S = 60
@@ -57,6 +55,15 @@ def draw_logits(seed, lead, vocab, dtype, neg_inf=False, ignored=(1,), all_ignor
     return student, teacher, labels
 
 
+TRANSFORMS = ("student_logit_scale", "student_softcap", "teacher_logit_scale", "teacher_softcap")
+
+
+def transformed(student, teacher, options):
+    """The full logits after the logit transforms named in ``options`` (the reference's)."""
+    return (reference.transform_logits(student, options.get("student_logit_scale", 1.0), options.get("student_softcap")),
+            reference.transform_logits(teacher, options.get("teacher_logit_scale", 1.0), options.get("teacher_softcap")))
+
+
 def check_logits(rank, sizes, seed, lead=(6,), dtype=torch.float64, neg_inf=False, all_ignored=False,
                  pass_start=False, group=None, **options):
     """vocab_parallel_distill_loss on this rank's shard (``rank`` in ``group``) against the
@@ -67,12 +74,14 @@ def check_logits(rank, sizes, seed, lead=(6,), dtype=torch.float64, neg_inf=Fals
     loss = kdist.vocab_parallel_distill_loss(shard, teacher[..., cols].contiguous(), labels,
                                              vocab_start=cols.start if pass_start else None, group=group,
                                              **options)
-    if neg_inf and options.get("divergence") == "reverse_kl":  # +inf, as the reference (test_kd)
+    if neg_inf and options.get("divergence") == "reverse_kl" and options.get("teacher_softcap") is None:
+        # +inf, as the reference (test_kd); a softcap makes -inf logits -c: finite
         assert bool((loss == math.inf).all()), f"reverse_kl with -inf teacher logits: {loss}"
         return loss
     backward(loss)
     full = student.double().requires_grad_(True)
-    ref = reference.distill_loss(full, teacher.double(), labels, **options)
+    ref = reference.distill_loss(*transformed(full, teacher.double(), options), labels,
+                                 **{k: v for k, v in options.items() if k not in TRANSFORMS})
     backward(ref)
     what = f"sizes={sizes} dtype={dtype} neg_inf={neg_inf} options={options}"
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), what
@@ -117,6 +126,30 @@ def case_dtypes(rank, world):
                      divergence=DIVERGENCES[i], hard_weight=0.3)
 
 
+def case_logit_transforms(rank, world):
+    """Logit scales and softcaps (Gemma 2/3, Cohere, Granite), alone and together, every divergence,
+    float64 / float32 / bfloat16 shards, -inf teacher logits (softcapped to -c, as the reference):
+    the float64 reference on the transformed full logits."""
+    transforms = (dict(student_logit_scale=0.6, teacher_logit_scale=1.7),
+                  dict(student_softcap=2.5, teacher_softcap=4.0),
+                  dict(student_logit_scale=1.4, student_softcap=3.0, teacher_logit_scale=0.8, teacher_softcap=2.0))
+    for i, divergence in enumerate(DIVERGENCES):
+        check_logits(rank, shard_sizes(37, world, uneven=bool(i % 2)), seed=700 + i, divergence=divergence,
+                     beta=beta_for(divergence), hard_weight=(0.0, 0.3)[i % 2], temperature=(1.5, 0.8)[i % 2],
+                     reduction=("mean", "sum", "none")[i % 3], **transforms[i % 3])
+    for i, dtype in enumerate((torch.float32, torch.bfloat16)):
+        check_logits(rank, shard_sizes(45, world, uneven=bool(i)), seed=720 + i, dtype=dtype, hard_weight=0.2,
+                     divergence="jsd", **transforms[2])
+    check_logits(rank, shard_sizes(23, world, uneven=True), seed=730, neg_inf=True, divergence="reverse_kl",
+                 hard_weight=0.1, **transforms[1])
+    student, teacher, labels = draw_logits(740, (5,), 4 * world + 1, torch.float64)
+    cols = columns(shard_sizes(4 * world + 1, world, uneven=False), rank)
+    loss = kdist.vocab_parallel_distill_loss(student[:, cols], teacher[:, cols], labels, normalizer=7,
+                                             **transforms[2])
+    want = reference.distill_loss(*transformed(student, teacher, transforms[2]), labels, normalizer=7)
+    assert_close(loss, want, LOSS_TOL[torch.float64])
+
+
 def case_ignored_rows(rank, world):
     """All rows ignored: loss 0 (every reduction) and zero gradients."""
     for reduction in ("mean", "sum", "none"):
@@ -141,11 +174,20 @@ def case_bad_input(rank, world):
         assert "labels must lie in" in str(e), e
     else:
         raise AssertionError("no error for a label outside the vocabulary")
+    try:  # a transform that differs between the ranks: every rank names it
+        kdist.vocab_parallel_distill_loss(s[:4], s[:4], student_softcap=None if rank else 3.0)
+    except ValueError as e:
+        assert "student_softcap" in str(e), e
+    else:
+        raise AssertionError("no error for a softcap given on one rank only")
 
 
 def case_fused_linear(rank, world):
     """vocab_parallel_fused_linear_distill_loss: value and gradients to the hidden states, the
-    weight shard and the bias shard against the reference with the full lm_head weights."""
+    weight shard and the bias shard against the reference with the full lm_head weights; logit
+    transforms, the student's entropy and a normalizer on every other divergence."""
+    transforms = (dict(student_softcap=1.5, teacher_logit_scale=0.7),
+                  dict(student_logit_scale=1.3, student_softcap=2.0, teacher_softcap=2.5))
     for i, divergence in enumerate(DIVERGENCES):
         sizes = shard_sizes(31, world, uneven=bool(i % 2))
         g = torch.Generator().manual_seed(400 + i)
@@ -160,18 +202,30 @@ def case_fused_linear(rank, world):
         labels[[1, 4]] = -100
         options = dict(divergence=divergence, beta=beta_for(divergence), hard_weight=(0.0, 0.3)[i % 2],
                        temperature=1.5, reduction=("mean", "sum", "none")[i % 3])
+        if i % 2:
+            options.update(transforms[i // 2 % 2], return_entropy=True)
+            if options["reduction"] == "mean":
+                options["normalizer"] = 5
         cols = columns(sizes, rank)
         mine = [x.clone().requires_grad_(True) for x in (h, w[cols], b[cols])]
         loss = kdist.vocab_parallel_fused_linear_distill_loss(
             mine[0], mine[1], th, tw[cols], labels, student_bias_shard=mine[2], teacher_bias_shard=tb[cols],
             chunk_size=4, **options)
+        entropy = want_entropy = None
+        if i % 2:
+            (loss, entropy) = loss
         backward(loss)
         full = [x.clone().requires_grad_(True) for x in (h, w, b)]
         ref = reference.fused_linear_distill_loss(full[0], full[1], th, tw, labels, student_bias=full[2],
                                                   teacher_bias=tb, **options)
+        if i % 2:
+            (ref, want_entropy) = ref
         backward(ref)
         try:
             assert_close(loss, ref, LOSS_TOL[torch.float64])
+            if entropy is not None:
+                assert not entropy.requires_grad
+                assert_close(entropy, want_entropy, LOSS_TOL[torch.float64])
             for got, want in zip((x.grad for x in mine), (full[0].grad, full[1].grad[cols], full[2].grad[cols])):
                 assert_close(got, want, GRAD_TOL[torch.float64])
         except AssertionError as e:
@@ -279,6 +333,7 @@ CASES = {
     "divergences": case_divergences,
     "masked_teacher_and_shapes": case_masked_teacher_and_shapes,
     "dtypes": case_dtypes,
+    "logit_transforms": case_logit_transforms,
     "ignored_rows": case_ignored_rows,
     "bad_input": case_bad_input,
     "fused_linear": case_fused_linear,
@@ -310,37 +365,13 @@ def _worker(rank, world, port, out_dir):
         json.dump(results, f)
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def spawned(request, tmp_path_factory):
     """Runs every case on ``world`` gloo ranks once; {case: [per-rank results]}."""
     world = request.param
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this torch build")
-    out_dir = tmp_path_factory.mktemp(f"world{world}")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out_dir))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=JOIN_TIMEOUT_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} of {world} did not finish within {JOIN_TIMEOUT_S} s"
-    per_rank = []
-    for r, p in enumerate(procs):
-        path = out_dir / f"rank{r}.json"
-        assert path.exists(), f"rank {r} of {world} wrote no results (exit code {p.exitcode})"
-        per_rank.append(json.loads(path.read_text()))
+    seen = spawn_ranks(_worker, world, tmp_path_factory.mktemp(f"world{world}"), join_timeout_s=JOIN_TIMEOUT_S,
+                       must_report=range(world))
+    per_rank = [seen[r] for r in range(world)]
     assert "setup" not in per_rank[0], per_rank[0]["setup"]
     return {name: [results.get(name, "FAIL: not run") for results in per_rank] for name in CASES}
 
@@ -397,7 +428,8 @@ def test_fused_linear_without_process_group():
 def test_gradcheck_float64(divergence):
     student, teacher, labels = draw_logits(4, (3,), 7, torch.float64)
     student.requires_grad_(True)
-    options = dict(divergence=divergence, beta=0.3, hard_weight=0.3, temperature=1.5, reduction="sum")
+    options = dict(divergence=divergence, beta=0.3, hard_weight=0.3, temperature=1.5, reduction="sum",
+                   student_logit_scale=0.8, student_softcap=2.5, teacher_softcap=3.0)
     assert torch.autograd.gradcheck(
         lambda s: kdist.vocab_parallel_distill_loss(s, teacher, labels, **options), (student,))
     h = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
@@ -406,7 +438,7 @@ def test_gradcheck_float64(divergence):
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(lambda h, w: kdist.vocab_parallel_fused_linear_distill_loss(
             h, w, th, tw, labels, divergence=divergence, beta=0.3, hard_weight=0.3, reduction=reduction,
-            chunk_size=2), (h, w))
+            chunk_size=2, student_logit_scale=1.3, student_softcap=2.0, teacher_logit_scale=0.6), (h, w))
 
 
 def test_global_row_count_without_process_group():
@@ -434,6 +466,19 @@ def test_global_row_count_without_process_group():
                                                             torch.randn(6, 3)), ValueError, "teacher_weight_shard"),
     (lambda: kdist.vocab_parallel_fused_linear_distill_loss(torch.randn(2, 3), torch.randn(5, 3), torch.randn(2, 3),
                                                             torch.randn(5, 3), chunk_size=0), ValueError, "chunk_size"),
+    (lambda: kdist.vocab_parallel_distill_loss(torch.randn(2, 3), torch.randn(2, 3), student_softcap=0.0),
+     ValueError, "student_softcap"),
+    (lambda: kdist.vocab_parallel_distill_loss(torch.randn(2, 3), torch.randn(2, 3), teacher_logit_scale="2"),
+     TypeError, "teacher_logit_scale"),
+    (lambda: kdist.vocab_parallel_fused_linear_distill_loss(torch.randn(2, 3), torch.randn(5, 3), torch.randn(2, 3),
+                                                            torch.randn(5, 3), teacher_softcap=-1.0),
+     ValueError, "teacher_softcap"),
+    (lambda: kdist.vocab_parallel_fused_linear_distill_loss(torch.randn(2, 3), torch.randn(5, 3), torch.randn(2, 3),
+                                                            torch.randn(5, 3), reduction="sum", normalizer=4),
+     ValueError, "normalizer"),
+    (lambda: kdist.vocab_parallel_fused_linear_distill_loss(torch.randn(2, 3), torch.randn(5, 3), torch.randn(2, 3),
+                                                            torch.randn(5, 3), return_entropy=1),
+     TypeError, "return_entropy"),
 ], ids=lambda c: c[2])
 def test_bad_input_names_the_argument(case):
     fn, error, match = case
