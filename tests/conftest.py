@@ -1,6 +1,10 @@
-"""Shared test settings: Triton interpretation on machines without a GPU, poisoned outputs, and
-the tolerances of every comparison against the float64 reference (in one place)."""
+"""Shared test settings: Triton interpretation on machines without a GPU, poisoned outputs, the
+tolerances of every comparison against the float64 reference (in one place), and the spawning of
+multi-process groups with hang detection."""
+import json
 import os
+import socket
+from pathlib import Path
 
 import torch
 
@@ -9,6 +13,8 @@ if not torch.cuda.is_available():
 os.environ["KDOPS_POISON_OUTPUTS"] = "1"  # outputs start as NaN: unwritten elements fail the tests
 
 import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 
 import kdops  # noqa: E402
 
@@ -92,12 +98,7 @@ def _fresh_seed(request):
 # so small elements carry the absolute error of the large ones. The loss / affinity is float32
 # whatever the input dtype; gradients are rounded to the input dtype (the Triton interpreter
 # truncates to bfloat16: up to one ulp, 2**-7).
-RELATION_LOSS_TOL = {
-    torch.float64: (1e-9, 1e-12),
-    torch.float32: (2e-5, 1e-6),
-    torch.bfloat16: (2e-5, 1e-6),
-    torch.float16: (2e-5, 1e-6),
-}
+RELATION_LOSS_TOL = {**LOSS_TOL, torch.float64: (1e-9, 1e-12)}
 RELATION_GRAD_TOL = {
     torch.float64: (1e-9, 1e-12),
     torch.float32: (5e-5, 5e-6),
@@ -114,3 +115,34 @@ def assert_close_to_max(actual: torch.Tensor, expected: torch.Tensor, tol: tuple
     scale = max(float(expected.detach().abs().max()) if expected.numel() else 0.0, floor)
     torch.testing.assert_close(actual.detach().double(), expected.detach().double(), rtol=rtol,
                                atol=atol * scale, equal_nan=True)
+
+
+def spawn_ranks(target, world: int, out_dir: Path, *args, join_timeout_s: float,
+                must_report: tuple = ()) -> dict:
+    """Runs ``target(rank, world, port, str(out_dir), *args)`` in ``world`` spawned processes (a free
+    loopback ``port`` for their process group); each rank writes what it saw to
+    ``out_dir/rank{rank}.json``. Fails the test if a rank is still alive after ``join_timeout_s``
+    (all are killed first) or a rank of ``must_report`` wrote nothing; skips it without
+    torch.distributed. Returns {rank: its JSON} for the ranks that wrote one."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this torch build")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, world, port, str(out_dir), *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=join_timeout_s)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} of {world} did not finish within {join_timeout_s} s"
+    seen = {r: json.loads((out_dir / f"rank{r}.json").read_text())
+            for r in range(world) if (out_dir / f"rank{r}.json").exists()}
+    silent = [f"{r} (exit code {procs[r].exitcode})" for r in must_report if r not in seen]
+    assert not silent, f"ranks {', '.join(silent)} of {world} wrote no results"
+    return seen

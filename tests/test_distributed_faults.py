@@ -4,7 +4,6 @@ raises mid-step makes the others fail with a clear error within a bounded time (
 of 2 on loopback; each child writes what it saw to a JSON file the parent reads)."""
 import json
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -12,19 +11,14 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from kdops import distributed as kdist
+
+from conftest import spawn_ranks
 
 WORLD = 2
 STALL_TIMEOUT_S = 4  # the group's timeout in the stall case: the bound on the survivor's wait
 JOIN_TIMEOUT_S = 60
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(rank, rows=6, vocab=8, dtype=torch.float32):
@@ -72,12 +66,12 @@ MISMATCHES = {
 }
 
 
-def _mismatch_worker(rank, port, out_dir):
+def _mismatch_worker(rank, world, port, out_dir):
     seen = {}
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
         for name, (call, _) in MISMATCHES.items():
             try:
                 call(rank)()
@@ -94,14 +88,14 @@ def _mismatch_worker(rank, port, out_dir):
         json.dump(seen, f)
 
 
-def _fault_worker(rank, port, out_dir, fault):
+def _fault_worker(rank, world, port, out_dir, fault):
     """Rank 1 fails in the middle of a step (after the fingerprint, at the first all-reduce):
     ``die`` exits the process; ``stall`` raises, and the process lives on (caught, sleeping)."""
     seen = {}
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=STALL_TIMEOUT_S))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=STALL_TIMEOUT_S))
         if rank == 1:
             def failing_all_reduce(*_args, **_kwargs):
                 if fault == "die":
@@ -128,31 +122,12 @@ def _fault_worker(rank, port, out_dir, fault):
     os._exit(0)  # no destroy_process_group: the peer is gone
 
 
-def _spawn(target, out_dir, *args):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this torch build")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=target, args=(r, port, str(out_dir), *args)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=JOIN_TIMEOUT_S)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} hung for {JOIN_TIMEOUT_S} s"
-    return {r: json.loads((out_dir / f"rank{r}.json").read_text())
-            for r in range(WORLD) if (out_dir / f"rank{r}.json").exists()}
-
-
 @pytest.fixture(scope="module")
 def mismatches(tmp_path_factory):
-    seen = _spawn(_mismatch_worker, tmp_path_factory.mktemp("mismatch"))
+    seen = spawn_ranks(_mismatch_worker, WORLD, tmp_path_factory.mktemp("mismatch"), join_timeout_s=JOIN_TIMEOUT_S,
+                       must_report=range(WORLD))
     for rank in range(WORLD):
-        assert rank in seen and "setup" not in seen[rank], seen.get(rank)
+        assert "setup" not in seen[rank], seen[rank]
     return seen
 
 
@@ -172,7 +147,7 @@ def test_group_works_after_refused_calls(mismatches):
 def test_failing_rank_stops_the_others_in_bounded_time(tmp_path, fault):
     """The survivor gets a RuntimeError that names the failed collective and the likely cause
     within the group's timeout (a dead peer: at once, its connection closes)."""
-    seen = _spawn(_fault_worker, tmp_path, fault)
+    seen = spawn_ranks(_fault_worker, WORLD, tmp_path, fault, join_timeout_s=JOIN_TIMEOUT_S, must_report=(0,))
     survivor = seen[0]
     assert "setup" not in survivor, survivor["setup"]
     assert survivor["error"] is not None and survivor["error"].startswith("RuntimeError"), survivor
