@@ -13,20 +13,25 @@ the same inputs for every method:
                    DistillationTrainer runs): kdops.fused_linear_distill_loss
   kdops-gkd        the patched GKDTrainer: the same logits, kdops' ``generalized_jsd_loss``
 
-Each (vocabulary, method) runs in a fresh process (``--worker``): time is the median of
+Each (dtype, vocabulary, method) runs in a fresh process (``--worker``): time is the median of
 ``--repeats`` steps after ``--warmup``; memory is the step's peak above what is held before it
 (the models and inputs): on CUDA the allocator's peak, on CPU the peak resident set and the peak
-of torch's own allocations (profiler memory events; see kdops.bench.measure). Writes
-``benchmarks/results/trl-<device>-<date>.json`` and ``.md``.
+of torch's own allocations (profiler memory events; see kdops.bench.measure). The machine's load
+average (``os.getloadavg``) before and after the run goes into the JSON: on a shared machine the
+times are only as good as it. Writes ``benchmarks/results/trl-<device>-<date>.json`` and ``.md``
+(``--out STEM`` elsewhere).
 
     python benchmarks/bench_trl.py                                  # CPU: 4 x 256 tokens, V = 128256, 151936
     python benchmarks/bench_trl.py --batch 8 --seq 512 --dtype bfloat16   # the GPU preset
+    python benchmarks/bench_trl.py --batch 4 --seq 512 --vocab 32000 --hidden 1024 \
+        --dtype float32 bfloat16 --methods trl-chunked kdops     # realistic token counts on CPU
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -107,7 +112,7 @@ def worker(args: argparse.Namespace) -> dict:
     loss = float(step())
     synchronize(device)
     seconds = median_seconds(step, device, repeats=args.repeats, warmup=args.warmup)
-    row = {"method": args.method, "vocab": vocab, "loss": loss, "ms": seconds * 1e3,
+    row = {"method": args.method, "dtype": args.dtype, "vocab": vocab, "loss": loss, "ms": seconds * 1e3,
            "peak_mib": peak_extra_bytes(step, device) / MiB}
     if device.type == "cpu":
         row["peak_memory"] = "resident set" if resident_set_supported() else None
@@ -120,14 +125,16 @@ def worker(args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     cpu = "torch_peak_mib" in rows[0]
-    cols = ["V", "method", "loss", "ms / step", "time / trl-chunked", "peak MiB", "peak / trl-chunked"]
-    cols += ["torch peak MiB"] if cpu else []
+    cols = ["dtype", "V", "method", "loss", "ms / step", "time / trl-chunked", "peak MiB", "peak / trl-chunked"]
+    cols += ["torch peak MiB", "torch peak / trl-chunked"] if cpu else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        base = next(b for b in rows if b["vocab"] == r["vocab"] and b["method"] == "trl-chunked")
-        line = (f"| {r['vocab']} | {r['method']} | {r['loss']:.6f} | {r['ms']:.0f} | {r['ms'] / base['ms']:.2f} | "
-                f"{r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f} |")
-        lines.append(line + (f" {r['torch_peak_mib']:.0f} |" if cpu else ""))
+        base = next((b for b in rows if b["vocab"] == r["vocab"] and b["dtype"] == r["dtype"]
+                     and b["method"] == "trl-chunked"), r)
+        ratio = lambda key: r[key] / max(base[key], 1e-9)
+        line = (f"| {r['dtype']} | {r['vocab']} | {r['method']} | {r['loss']:.6f} | {r['ms']:.0f} | "
+                f"{ratio('ms'):.2f} | {r['peak_mib']:.0f} | {ratio('peak_mib'):.2f} |")
+        lines.append(line + (f" {r['torch_peak_mib']:.0f} | {ratio('torch_peak_mib'):.2f} |" if cpu else ""))
     return "\n".join(lines)
 
 
@@ -137,7 +144,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     parser.add_argument("--beta", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -149,6 +156,7 @@ def main() -> None:
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        args.dtype = args.dtype[0]
         print(json.dumps(worker(args)))
         return
 
@@ -156,36 +164,47 @@ def main() -> None:
 
     command = "python benchmarks/bench_trl.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows = []
-    for vocab in args.vocab:
-        for method in args.methods:
-            cmd = [sys.executable, __file__, "--worker", "--method", method, "--vocab", str(vocab)]
-            for name in ("hidden", "batch", "seq", "dtype", "beta", "temperature", "repeats", "warmup", "device"):
-                cmd += [f"--{name}", str(getattr(args, name))]
-            t0 = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"V={vocab} {method} failed:\n{done.stderr}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"V={vocab} {method}: {rows[-1]['ms']:.0f} ms/step, peak {rows[-1]['peak_mib']:.0f} MiB, "
-                  f"loss {rows[-1]['loss']:.6f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    for vocab in args.vocab:
-        losses = [r["loss"] for r in rows if r["vocab"] == vocab]
-        spread = (max(losses) - min(losses)) / max(abs(statistics.mean(losses)), 1e-30)
-        print(f"V={vocab}: relative spread of the losses {spread:.1e}", file=sys.stderr)
+    load_before = os.getloadavg()
+    for dtype in args.dtype:
+        for vocab in args.vocab:
+            for method in args.methods:
+                cmd = [sys.executable, __file__, "--worker", "--method", method, "--vocab", str(vocab),
+                       "--dtype", dtype]
+                for name in ("hidden", "batch", "seq", "beta", "temperature", "repeats", "warmup", "device"):
+                    cmd += [f"--{name}", str(getattr(args, name))]
+                t0 = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{dtype} V={vocab} {method} failed:\n{done.stderr}")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"{dtype} V={vocab} {method}: {rows[-1]['ms']:.0f} ms/step, peak {rows[-1]['peak_mib']:.0f} "
+                      f"MiB, loss {rows[-1]['loss']:.6f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    load_after = os.getloadavg()
+    spreads = {}
+    for dtype in args.dtype:
+        for vocab in args.vocab:
+            losses = [r["loss"] for r in rows if r["vocab"] == vocab and r["dtype"] == dtype]
+            spreads[f"{dtype} V={vocab}"] = (max(losses) - min(losses)) / max(abs(statistics.mean(losses)), 1e-30)
+            print(f"{dtype} V={vocab}: relative spread of the losses {spreads[f'{dtype} V={vocab}']:.1e}",
+                  file=sys.stderr)
     info = machine_info(torch.device(args.device))
     for package in ("transformers", "trl"):
         info[package] = __import__(package).__version__
+    info["KDOPS_BACKEND"] = os.environ.get("KDOPS_BACKEND")  # None: kdops' default for the device
     result = {"command": command, "machine": info, "date": datetime.date.today().isoformat(),
               "settings": {k: getattr(args, k) for k in ("hidden", "batch", "seq", "dtype", "beta", "temperature",
                                                           "repeats", "warmup")},
-              "rows": rows}
+              "load_average_1_5_15_min": {"before": load_before, "after": load_after},
+              "relative_loss_spread": spreads, "rows": rows}
     stem = args.out or RESULTS / f"trl-{torch.device(args.device).type}-{result['date']}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     text = (f"# TRL losses, stock vs kdops\n\n`{command}`, {describe_machine(info)}, {result['date']}; "
             f"width {args.hidden}, {args.batch} x {args.seq} tokens ({args.seq // 8} padding per sequence), "
-            f"{args.dtype}, beta {args.beta}, T {args.temperature}; median of {args.repeats} steps. One step: both "
-            f"forwards, the loss, the student's backward.\n\n{table(rows)}\n")
+            f"{' / '.join(args.dtype)}, beta {args.beta}, T {args.temperature}; median of {args.repeats} steps. "
+            f"One step: both forwards, the loss, the student's backward. Load average (1, 5, 15 min) before "
+            f"{', '.join(f'{x:.2f}' for x in load_before)}, after {', '.join(f'{x:.2f}' for x in load_after)}."
+            f"\n\n{table(rows)}\n")
     stem.with_suffix(".md").write_text(text)
     print(text)
 

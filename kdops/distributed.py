@@ -165,6 +165,30 @@ def global_row_count(labels: Tensor, *, ignore_index: int = -100,
     return count.clamp(min=1)
 
 
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}  # an integer view per element size
+
+
+def _replicated(tensors: list[Optional[Tensor]], group: Optional[dist.ProcessGroup]) -> bool:
+    """Whether every rank of ``group`` holds the same ``tensors`` bit for bit (None: a tensor
+    that is absent everywhere), from one all-gather of an exact int64 checksum per tensor (its
+    shape, and the sum of its elements' bits times ``1 + i % 65521``, wrapping; an ``[n]`` int64
+    temporary per tensor of ``n`` elements). True without communication alone."""
+    if _world_size(group) == 1:
+        return True
+    device = next(x.device for x in tensors if x is not None)
+    sums = []
+    for x in tensors:
+        if x is None:
+            sums += [-1, 0]
+            continue
+        bits = x.detach().contiguous().reshape(-1).view(_BITS[x.element_size()]).long()
+        sums += [x.numel(), (bits * (torch.arange(bits.numel(), device=x.device) % 65521 + 1)).sum().to(device)]
+    mine = torch.stack([torch.as_tensor(v, dtype=torch.int64, device=device) for v in sums])
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    _collective("all-gather of the rows' checksums", group, lambda: dist.all_gather(everyone, mine, group=group))
+    return all(torch.equal(other, mine) for other in everyone)
+
+
 # ------------------------------------------------------------------------------- the row protocol
 
 

@@ -515,10 +515,73 @@ def test_transformers_trainer_from_teacher_cache(tmp_path):
 # ------------------------------------------- FSDP2 / tensor parallel: DTensor lm_head weights
 
 
+def _route_spy():
+    """Counts the calls of the gathered and the vocabulary-parallel loss in kdops.integrations._common."""
+    from kdops.integrations import _common
+
+    calls = []
+    for name in ("fused_linear_distill_loss", "vocab_parallel_fused_linear_distill_loss"):
+        def spy(*args, _name=name, _original=getattr(_common, name), **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+        setattr(_common, name, spy)
+    return calls
+
+
+def _tensor_parallel_case(rank: int, world: int, mesh, calls: list) -> None:
+    """TP: a ColwiseParallel lm_head (weight and bias DTensors Shard(0), uneven: V = 37 over the
+    ranks) and the same rows on every rank: routed vocabulary-parallel; loss, entropy and the
+    gradients to the hidden states, weight and bias equal one process's gathered path on the
+    full tensors. Teacher lm_head plain (sliced to the rank's rows) or ColwiseParallel too."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from kdops.integrations.trl import chunked_divergence_loss
+
+    g = torch.Generator().manual_seed(1)
+    B, K, Hs, Ht, V = 2, 6, 8, 12, 37
+    h_s, h_t = torch.randn(B, K, Hs, generator=g), torch.randn(B, K, Ht, generator=g)
+    mask = (torch.rand(B, K, generator=g) > 0.3).long()
+    student, teacher = nn.Linear(Hs, V), nn.Linear(Ht, V)
+    with torch.no_grad():
+        for module in (student, teacher):
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 2)
+    full = {name: p.detach().clone().requires_grad_(True) for name, p in student.named_parameters()}
+    options = dict(beta=0.3, temperature=1.4, num_items_in_batch=11, student_final_logit_softcapping=3.0,
+                   student_logit_scale=0.8, teacher_final_logit_softcapping=2.5)
+    hidden_ref = h_s.clone().requires_grad_(True)
+    ref = chunked_divergence_loss(hidden_ref, h_t, full["weight"], teacher.weight.detach(), mask,
+                                  student_lm_head_bias=full["bias"], teacher_lm_head_bias=teacher.bias.detach(),
+                                  **options)
+    ref[0].backward()
+    parallelize_module(student, mesh, ColwiseParallel())
+    for teacher_parallel in (False, True):
+        if teacher_parallel:
+            parallelize_module(teacher, mesh, ColwiseParallel())
+        student.zero_grad(set_to_none=True)
+        hidden = h_s.clone().requires_grad_(True)
+        del calls[:]
+        loss, entropy, count = chunked_divergence_loss(hidden, h_t, student.weight, teacher.weight, mask,
+                                                       student_lm_head_bias=student.bias,
+                                                       teacher_lm_head_bias=teacher.bias, **options)
+        loss.backward()
+        what = f"teacher ColwiseParallel={teacher_parallel}"
+        assert calls == ["vocab_parallel_fused_linear_distill_loss"], (what, calls)
+        assert isinstance(student.weight.grad, DTensor), what
+        torch.testing.assert_close(loss, ref[0], msg=what)
+        torch.testing.assert_close(entropy, ref[1], msg=what)
+        assert int(count) == int(ref[2]), what
+        torch.testing.assert_close(hidden.grad, hidden_ref.grad, msg=what)
+        for name, p in student.named_parameters():
+            torch.testing.assert_close(p.grad.full_tensor(), full[name].grad, msg=f"{what}: {name}")
+
+
 def _dtensor_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One gloo rank: lm_head weights as DTensors sharded over the vocabulary (FSDP2's and
-    ColwiseParallel's Shard(0)) through kdops.integrations.trl.chunked_divergence_loss; the
-    gradients against one process's on the full tensors. Writes None or the failure."""
+    """One gloo rank: lm_head weights as DTensors sharded over the vocabulary through
+    kdops.integrations.trl.chunked_divergence_loss. Each rank its own rows (FSDP2's Shard(0)):
+    gathered, the gradients against one process's on the full tensors; the same rows (tensor
+    parallel): vocabulary-parallel (:func:`_tensor_parallel_case`). Writes None or the failure."""
     import traceback
     from datetime import timedelta
 
@@ -531,6 +594,7 @@ def _dtensor_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         from kdops.integrations.trl import chunked_divergence_loss
 
+        calls = _route_spy()
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -556,6 +620,8 @@ def _dtensor_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         assert int(count) == int(masks[rank].sum())
         torch.testing.assert_close(hidden.grad, hidden_ref.grad[rank] * world)
         torch.testing.assert_close(w_s_shards.grad.full_tensor(), w_full.grad)
+        assert calls[0] == "fused_linear_distill_loss", calls  # each rank's own rows: gathered
+        _tensor_parallel_case(rank, world, mesh, calls)
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the parent
         error = f"rank {rank}: {traceback.format_exc()}"
@@ -563,27 +629,107 @@ def _dtensor_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         json.dump(error, f)
 
 
-def test_dtensor_lm_head_weights_two_gloo_ranks(tmp_path):
+def _spawn_two_ranks(worker, tmp_path, *args) -> None:
+    """Runs ``worker(rank, 2, port, out_dir, *args)`` on two spawned processes; each writes None or
+    its failure to rank<r>.json, which this asserts are None."""
     import socket
 
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    pytest.importorskip("trl")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this torch build")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_dtensor_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, 2, port, str(tmp_path), *args)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=150)
+        p.join(timeout=240)
     for p in procs:
         if p.is_alive():
             p.kill()
             p.join()
-    errors = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    paths = [tmp_path / f"rank{r}.json" for r in range(2)]
+    errors = [json.loads(path.read_text()) if path.exists() else f"rank {r} wrote nothing (exit code "
+              f"{procs[r].exitcode})" for r, path in enumerate(paths)]
     assert errors == [None, None], "\n".join(e for e in errors if e)
+
+
+def test_dtensor_lm_head_weights_two_gloo_ranks(tmp_path):
+    pytest.importorskip("trl")
+    _spawn_two_ranks(_dtensor_worker, tmp_path)
+
+
+def _fsdp2_trainer_worker(rank: int, world: int, port: int, out_dir: str, seed: int) -> None:
+    """One gloo rank: a tiny Llama student under FSDP2 ``fully_shard`` (each decoder layer and the
+    root), trained 3 SGD steps on this rank's half of each global batch of 4 padded sequences
+    through ``kdops.integrations.transformers.DistillationTrainer.compute_loss`` (the loss runs
+    as the FSDP module's forward: its hooks gather the lm_head), ``num_items_in_batch`` the
+    global token count and the loss times the world size (as the Trainer with
+    ``average_tokens_across_devices``: FSDP averages the gradients). The same steps in one
+    process on the whole batches: the same losses and parameters. Writes None or the failure."""
+    import copy
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    error = None
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        torch.set_num_threads(1)
+        teacher, student = _tiny_causal_lms("Llama", seed=seed)
+        single = copy.deepcopy(student)
+        # the Trainer (and accelerate's state) is set up before the process group: one process's
+        trainer = _trainer(Path(out_dir) / f"trainer{rank}", single, teacher=teacher, temperature=2.0,
+                           hard_weight=0.2)
+        data = _PaddedTokens(12, 12, student.config.vocab_size, seed=seed)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in student.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(student, mesh=mesh)
+        sharded_opt = torch.optim.SGD(student.parameters(), lr=0.05)
+        single_opt = torch.optim.SGD(single.parameters(), lr=0.05)
+        per_rank = 4 // world
+        for step in range(3):
+            batch = {k: getattr(data, k)[4 * step:4 * step + 4] for k in ("input_ids", "attention_mask", "labels")}
+            count = (batch["labels"][:, 1:] != -100).sum()
+            mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+            loss = trainer.compute_loss(student, mine, num_items_in_batch=count)
+            sharded_opt.zero_grad()
+            (loss * world).backward()
+            sharded_opt.step()
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            single_loss = trainer.compute_loss(single, batch, num_items_in_batch=count)
+            single_opt.zero_grad()
+            single_loss.backward()
+            single_opt.step()
+            torch.testing.assert_close(total, single_loss.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=f"step {step}: the global loss")
+        moved = 0
+        for (name, p), q, p0 in zip(student.named_parameters(), single.parameters(),
+                                    _tiny_causal_lms("Llama", seed=seed)[1].parameters()):
+            full = p.full_tensor().detach()
+            moved += not torch.equal(full, p0)
+            torch.testing.assert_close(full, q.detach(), rtol=1e-4, atol=1e-5, msg=name)
+        assert moved > 0, "no parameter moved"
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - reported to the parent
+        error = f"rank {rank}: {traceback.format_exc()}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(error, f)
+
+
+def test_fsdp2_transformers_trainer_two_gloo_ranks(tmp_path):
+    """kdops.integrations.transformers under FSDP2 fully_shard (CPU, gloo, 2 ranks) = one process."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    _spawn_two_ranks(_fsdp2_trainer_worker, tmp_path, int(torch.randint(1 << 30, ())))

@@ -25,8 +25,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, Trainer
 
 from kdops.cache import TeacherCache
-from kdops.integrations._common import autocast_dtype, full_lm_head
-from kdops.ops.fused_linear import fused_linear_distill_loss
+from kdops.integrations._common import autocast_dtype, full_lm_head, fused_lm_head_loss
 from kdops.ops.sparse_kd import fused_linear_sparse_distill_loss
 
 IGNORE_INDEX = -100
@@ -94,27 +93,23 @@ class DistillationMixin:
         features = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
         hidden = student.base_model(**features, use_cache=False).last_hidden_state[:, :-1]
         labels = self._shifted_labels(inputs)
-        dtype = autocast_dtype(hidden)
         head = student.get_output_embeddings()
-        weight, bias = full_lm_head(head.weight, head.bias, dtype)
         scale, softcap = logit_transform(student)
-        options = dict(self.distill_options, student_bias=bias, normalizer=num_items_in_batch,
-                       student_logit_scale=scale, student_softcap=softcap)
+        options = dict(self.distill_options, normalizer=num_items_in_batch, student_logit_scale=scale,
+                       student_softcap=softcap)
         if self.teacher_cache is not None:
+            dtype = autocast_dtype(hidden)
+            weight, bias = full_lm_head(head.weight, head.bias, dtype)
             logprobs, indices = self._cached_targets(inputs, hidden.shape[1] + 1)
             with torch.autocast(hidden.device.type, enabled=False):
                 return fused_linear_sparse_distill_loss(hidden.to(dtype), weight, logprobs, indices, labels,
-                                                        rest_mass=self.rest_mass, **options)
+                                                        student_bias=bias, rest_mass=self.rest_mass, **options)
         with torch.no_grad():
             teacher_hidden = self.teacher.base_model(**features, use_cache=False).last_hidden_state[:, :-1]
-            t_dtype = autocast_dtype(teacher_hidden)
-            t_head = self.teacher.get_output_embeddings()
-            t_weight, t_bias = full_lm_head(t_head.weight, t_head.bias, t_dtype)
+        t_head = self.teacher.get_output_embeddings()
         t_scale, t_softcap = logit_transform(self.teacher)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return fused_linear_distill_loss(
-                hidden.to(dtype), weight, teacher_hidden.to(t_dtype), t_weight, labels, teacher_bias=t_bias,
-                teacher_logit_scale=t_scale, teacher_softcap=t_softcap, **options)
+        return fused_lm_head_loss(hidden, head.weight, head.bias, teacher_hidden, t_head.weight, t_head.bias, labels,
+                                  teacher_logit_scale=t_scale, teacher_softcap=t_softcap, **options)
 
     @staticmethod
     def _shifted_labels(inputs: dict[str, Tensor]) -> Tensor:

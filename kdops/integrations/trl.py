@@ -27,8 +27,7 @@ import torch
 from torch import Tensor
 
 from kdops import reference
-from kdops.integrations._common import autocast_dtype, full_lm_head
-from kdops.ops.fused_linear import fused_linear_distill_loss
+from kdops.integrations._common import fused_lm_head_loss
 from kdops.ops.kd import distill_loss
 
 IGNORE_INDEX = -100  # TRL's (and Transformers') label of positions that do not count
@@ -64,8 +63,9 @@ def chunked_divergence_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TRL's ``_chunked_divergence_loss`` by :func:`kdops.fused_linear_distill_loss`.
 
-    Hidden states ``(B, K, H)`` (each model its own ``H``), ``lm_head`` weights ``(V, H)`` (DTensors
-    are gathered once), ``completion_mask (B, K)`` (non-zero: the position counts). Logits
+    Hidden states ``(B, K, H)`` (each model its own ``H``), ``lm_head`` weights ``(V, H)`` (DTensors:
+    vocabulary-parallel under tensor parallelism, else gathered once; see
+    :mod:`kdops.integrations._common`), ``completion_mask (B, K)`` (non-zero: the position counts). Logits
     ``z' = c tanh(scale z / c)`` (``c`` the final-logit softcapping, else ``z' = scale z``). Returns
     ``(loss, entropy_sum, n_valid)``: the divergence summed over valid positions divided by
     ``num_items_in_batch`` (else by ``n_valid``, at least 1), the sum of the student's entropies
@@ -73,21 +73,16 @@ def chunked_divergence_loss(
     matmuls run in autocast's dtype, the loss in float32.
     """
     divergence, kd_beta = trl_divergence(beta)
-    s_dtype, t_dtype = autocast_dtype(student_hidden_states), autocast_dtype(teacher_hidden_states)
-    w_s, b_s = full_lm_head(student_lm_head_weight, student_lm_head_bias, s_dtype)
-    w_t, b_t = full_lm_head(teacher_lm_head_weight.detach(),
-                            None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach(), t_dtype)
     counted = completion_mask != 0
     labels = torch.where(counted, 0, IGNORE_INDEX).to(device=student_hidden_states.device, dtype=torch.long)
-    with torch.autocast(student_hidden_states.device.type, enabled=False):
-        loss, entropy_sum = fused_linear_distill_loss(
-            student_hidden_states.to(s_dtype), w_s, teacher_hidden_states.detach().to(t_dtype), w_t, labels,
-            student_bias=b_s, teacher_bias=b_t, temperature=temperature, divergence=divergence, beta=kd_beta,
-            scale_by_temperature_squared=False, ignore_index=IGNORE_INDEX, normalizer=num_items_in_batch,
-            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-            student_softcap=student_final_logit_softcapping, teacher_softcap=teacher_final_logit_softcapping,
-            return_entropy=True,
-        )
+    loss, entropy_sum = fused_lm_head_loss(
+        student_hidden_states, student_lm_head_weight, student_lm_head_bias, teacher_hidden_states,
+        teacher_lm_head_weight, teacher_lm_head_bias, labels, temperature=temperature, divergence=divergence,
+        beta=kd_beta, scale_by_temperature_squared=False, ignore_index=IGNORE_INDEX, normalizer=num_items_in_batch,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        student_softcap=student_final_logit_softcapping, teacher_softcap=teacher_final_logit_softcapping,
+        return_entropy=True,
+    )
     return loss, entropy_sum, counted.sum()
 
 
