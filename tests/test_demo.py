@@ -1,13 +1,17 @@
 """``python -m kdops.demo --quick`` in-process: every track, the table, results.json and the plots;
 ``--tracks`` choosing a subset."""
+import dataclasses
 import json
 import math
 import re
 
 import pytest
+import torch
 
-from kdops.demo import main
+import kdops
+from kdops.demo import attention_relation, main
 from kdops.demo.classification import STUDENTS
+from kdops.demo.language_model import QUICK_LM, LMSetup, TinyLM
 from kdops.demo.run import DEFAULT_TRACKS, TRACKS, parse_args
 
 LM_STUDENTS = {
@@ -17,6 +21,7 @@ LM_STUDENTS = {
     "quantized": ["KD, float", "KD, then PTQ int8", "QAT int8 + KD"],
     "preference": ["CE on data", "KD from the reference teacher", "KD from the tuned teacher"],
     "sampled-cache": ["dense KD", "top-8 cache", "sampled cache, k=10"],
+    "attention-relation": ["distilled", "KD + attention relations"],
 }
 
 
@@ -31,10 +36,10 @@ def test_demo_quick_all_tracks(tmp_path, capsys):
     assert saved == json.loads(json.dumps(results))
     assert saved["quick"] is True and saved["machine"]["device"] == "cpu"
     assert list(saved["tracks"]) == list(TRACKS)
-    # 3 classification lines, then per LM track: 1, 2, 2, 2, 3, 3
-    assert len(saved["verdicts"]) == 3 + 1 + 2 + 2 + 2 + 3 + 3
+    # 3 classification lines, then per LM track: 1, 2, 2, 2, 3, 3, 3
+    assert len(saved["verdicts"]) == 3 + 1 + 2 + 2 + 2 + 3 + 3 + 3
     assert all(("beat" in v) or ("level with" in v) or ("number tokens are" in v) or ("adding SP" in v)
-               or ("gap to dense KD" in v)
+               or ("gap to dense KD" in v) or ("training relation loss" in v)
                for v in saved["verdicts"])
 
     cls = saved["tracks"]["classification"]
@@ -60,6 +65,7 @@ def test_demo_quick_all_tracks(tmp_path, capsys):
     tracks = saved["tracks"]
     assert tracks["on-policy"]["students"]["supervised KD (data)"]["perplexity"] == lm["distilled"]["perplexity"]
     assert tracks["sequence-level"]["students"]["CE on data"]["perplexity"] == lm["from scratch"]["perplexity"]
+    assert tracks["attention-relation"]["students"]["distilled"]["perplexity"] == lm["distilled"]["perplexity"]
     cache = saved["tracks"]["sampled-cache"]
     assert cache["caches"]["top-8 cache"]["k"] == 8 and "coverage_mean" in cache["caches"]["top-8 cache"]
     sampled = cache["caches"]["sampled cache, k=10"]
@@ -97,3 +103,55 @@ def test_demo_tracks_help_and_bad_names(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--tracks", "no-such-track"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_attention_inputs_are_the_models_last_layer():
+    """The track's q, k, v are the last layer's in_proj of its normalised input, and its hidden
+    states those of the model's own forward (one and two layers, train and eval mode)."""
+    for layers in (1, 2):
+        model = TinyLM(50, 64, layers, 16)
+        ids = torch.randint(50, (3, 16))
+        for training in (True, False):
+            model.train(training)
+            with torch.no_grad():
+                hidden, (q, k, v) = attention_relation.attention_inputs(model, ids)
+                torch.testing.assert_close(hidden, model(ids), rtol=0, atol=0)
+            last = model.layers.layers[-1]
+            x = model.embed(ids) + model.position[:16]
+            for layer in model.layers.layers[:-1]:  # the layers before the last, by hand
+                x = layer(x, src_mask=torch.nn.Transformer.generate_square_subsequent_mask(16), is_causal=True)
+            w_q, w_k, w_v = last.self_attn.in_proj_weight.chunk(3)
+            b_q, b_k, b_v = last.self_attn.in_proj_bias.chunk(3)
+            normed = last.norm1(x)
+            for got, w, b in ((q, w_q, b_q), (k, w_k, b_k), (v, w_v, b_v)):
+                torch.testing.assert_close(got, normed @ w.T + b)
+
+
+def test_attention_relation_track_pulls_the_relations_toward_the_teacher(capsys):
+    """Trained on the relation term, the student's held-out relation loss to the teacher falls
+    below the untrained student's and below the KD-only student's, and the printed training
+    relation loss goes down."""
+    cfg = dataclasses.replace(QUICK_LM, student_steps=30, eval_every=30, attention_weight=20.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo runs (tiny matrices; a shared machine loses to more)
+    try:
+        setup = LMSetup(cfg, 0, torch.device("cpu"), "torch")
+        r = attention_relation.run(setup, [0])
+    finally:
+        torch.set_num_threads(threads)
+    students = r["students"]
+    trained = students[attention_relation.STUDENT]["relation"]["mean"]  # 0.72 of the untrained's when written
+    assert trained < 0.85 * r["reference"]["untrained student"]["relation"]
+    assert trained < students["distilled"]["relation"]["mean"]
+    trace = r["training_relation_loss"]["0"]
+    assert trace["last"] < trace["first"]
+    line = re.search(r"training relation loss ([0-9.]+) at step 1 -> ([0-9.]+) at step 30", capsys.readouterr().out)
+    assert line and float(line[2]) < float(line[1])
+    # the metric is kdops.attention_relation_loss on the last layers' q, k, v
+    ids = setup.held_out[: 64 * cfg.context].view(-1, cfg.context)[:64]
+    with torch.no_grad():
+        (_, rel_s), (_, rel_t) = (attention_relation.attention_inputs(m, ids) for m in (setup.new_student(0),
+                                                                                      setup.teacher))
+    expected = sum(kdops.reference.attention_relation_loss(s, s, t, t, relation_heads=cfg.attention_relation_heads,
+                                                           causal=True) for s, t in zip(rel_s, rel_t)) / 3
+    assert r["reference"]["untrained student"]["relation"] == pytest.approx(expected.item(), rel=1e-5)

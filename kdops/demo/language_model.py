@@ -63,6 +63,9 @@ class LMConfig:
     preference_steps: int = 100
     # sampled-cache: the top-k cache's k (the sampled cache gets the same bytes per token)
     cache_topk: int = 8
+    # attention-relation: MiniLMv2 relations of the last layers in this many heads, their weight
+    attention_relation_heads: int = 4
+    attention_weight: float = 1.0
 
 
 QUICK_LM = LMConfig(

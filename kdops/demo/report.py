@@ -6,7 +6,8 @@ import json
 import textwrap
 from pathlib import Path
 
-LM_TRACKS = ("language-model", "on-policy", "sequence-level", "quantized", "preference", "sampled-cache")
+LM_TRACKS = ("language-model", "on-policy", "sequence-level", "quantized", "preference", "sampled-cache",
+             "attention-relation")
 
 
 def _stat(entry: dict, scale: float = 1.0, digits: int = 1) -> str:
@@ -60,6 +61,12 @@ def _lm_verdicts(name: str, r: dict) -> list[str]:
                          for cache, gap in r["gap_to_dense"].items())
         return [compare(name, other, s[other]["perplexity"], "dense KD", s["dense KD"]["perplexity"], ppl)
                 for other in s if other != "dense KD"] + [f"{name}: held-out perplexity gap to dense KD: {gaps}"]
+    if name == "attention-relation":
+        a, b, trace = "KD + attention relations", "distilled", r["training_relation_loss"]
+        steps = ", ".join(f"{t['first']:.3f} -> {t['last']:.3f}" for t in trace.values())
+        return [compare(name, a, s[a]["perplexity"], b, s[b]["perplexity"], ppl),
+                compare(name, a, s[a]["relation"], b, s[b]["relation"], r["metric"]["name"], digits=3),
+                f"{name}: training relation loss from the first step to the last, per seed: {steps}"]
     raise ValueError(f"no verdicts for track {name!r}")
 
 

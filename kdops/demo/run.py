@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 import kdops
-from kdops.demo import classification, language_model, recipe_tracks, report
+from kdops.demo import attention_relation, classification, language_model, recipe_tracks, report
 from kdops.demo.common import pick_device
 
 LM_TRACKS = {
@@ -23,6 +23,7 @@ LM_TRACKS = {
     "quantized": recipe_tracks.quantized,
     "preference": recipe_tracks.preference,
     "sampled-cache": recipe_tracks.sampled_cache,
+    "attention-relation": attention_relation.run,
 }
 TRACKS = ("classification", *LM_TRACKS)
 # the default finishes in minutes on 2 cores; each recipe track adds about as much as the
