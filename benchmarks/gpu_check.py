@@ -14,7 +14,9 @@ under 8 minutes, each step under its own timeout (and all under ``--budget`` sec
 4. runs the GPU benchmark presets through ``python -m kdops.bench`` (KD 8192 x {32000, 128256,
    151936} bf16 / fp32 vs torch eager and torch.compile with the measured copy bandwidth; fused
    linear 8192 x 4096 x 128256 bf16 vs materialised logits, torch.compile and Liger-Kernel where
-   installed; sparse KD; SP / RKD-D at 16384 x 2048);
+   installed; sparse KD; SP / RKD-D at 16384 x 2048), and the attention relation (``--bench-attention``
+   here: B 8 x 12 heads x L 2048, d 64, teacher 128, forward + backward, the triton and cuda
+   backends vs the torch reference that materialises the relations, CUDA-event medians, peaks);
 5. writes versions, device, commands, every step's status and output tail and the benchmark
    tables as JSON (``benchmarks/results/gpu-check-<date>.json``), and a short table last on stdout.
 
@@ -41,8 +43,13 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the payload and benchmark steps import this checkout's kdops, installed or not
+    sys.path.insert(0, str(REPO))
+# The files whose cuda / triton cases take CUDA tensors on a GPU machine (conftest.device_for).
+# tests/test_attention_relation.py is not one (its inputs are CPU tensors, which the triton backend
+# refuses off the interpreter): the attention relation's device cases are in test_gpu_bugs.py.
 TEST_FILES = ("test_kd.py", "test_sparse_kd.py", "test_multi_teacher.py", "test_fused_linear.py",
-              "test_affinity.py", "test_feature.py", "test_gpu_bugs.py", "test_attention_relation.py")
+              "test_affinity.py", "test_feature.py", "test_gpu_bugs.py")
 
 
 @dataclass
@@ -84,6 +91,7 @@ def plan(dry_run: bool, out_dir: Path, date: str) -> list[Step]:
                                                                 "--dtypes", "float32", *bench["extra"]], 300),
             _bench("relation", out_dir, date, bench["device"], ["--ops", "sp", "rkd_distance", "--shapes", "16x8",
                                                                "--dtypes", "float32", *bench["extra"]], 300),
+            _attention_bench(out_dir, date, "cpu", ["1", "2", "64", "16", "8"], ["float32"], 1, 300),
         ]
     cc = _capability()
     build_env = {"CUDAARCHS": cc, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 16), "KDOPS_REQUIRE_CUDA": "1"}
@@ -92,31 +100,86 @@ def plan(dry_run: bool, out_dir: Path, date: str) -> list[Step]:
         Step("build", [[py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "-e", "."]], 150,
              env=build_env),
         Step("cuda tests", [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda or triton", f"tests/{f}"]
-                            for f in tests], 120),
+                            for f in tests], 110),
     ]
     if sanitizer:
         steps.append(Step("compute-sanitizer", [
             [sanitizer, "--tool", "memcheck", "--error-exitcode", "1", py, __file__, "--payload", "--device", "cuda"],
             [sanitizer, "--tool", "racecheck", "--error-exitcode", "1", py, __file__, "--payload", "--device", "cuda",
-             "--only", "sparse"]], 60))
+             "--only", "sparse"]], 50))
     else:
         steps.append(Step("compute-sanitizer (not found: payload only)",
-                          [[py, __file__, "--payload", "--device", "cuda"]], 60))
+                          [[py, __file__, "--payload", "--device", "cuda"]], 50))
     steps += [
         _bench("kd", out_dir, date, "cuda", ["--ops", "kd", "--shapes", "8192x32000", "8192x128256", "8192x151936",
                                              "--dtypes", "bfloat16", "float32", "--baselines", "eager", "compile",
-                                             "--repeats", "10"], 75),
+                                             "--repeats", "10"], 60),
         _bench("fused-linear", out_dir, date, "cuda", ["--ops", "fused_linear", "--shapes", "8192x4096x128256",
                                                        "--dtypes", "bfloat16", "--baselines", "eager", "compile",
-                                                       "liger", "--repeats", "5"], 60),
+                                                       "liger", "--repeats", "5"], 45),
         _bench("sparse-kd", out_dir, date, "cuda", ["--ops", "sparse_kd", "--shapes", "8192x128256x64",
                                                     "--dtypes", "bfloat16", "--baselines", "eager",
                                                     "--repeats", "10"], 30),
         _bench("relation", out_dir, date, "cuda", ["--ops", "sp", "rkd_distance", "--shapes", "16384x2048",
                                                    "--dtypes", "float32", "bfloat16", "--baselines", "eager",
-                                                   "--repeats", "5"], 45),
+                                                   "--repeats", "5"], 30),
+        _attention_bench(out_dir, date, "cuda", ["8", "12", "2048", "64", "128"], ["bfloat16", "float32"], 10, 30),
     ]
-    return steps
+    return steps  # timeouts: 150 + 110 + 50 + 60 + 45 + 30 + 30 + 30 = 505 s at most, cut to --budget (460 s)
+
+
+def _attention_bench(out_dir: Path, date: str, device: str, shape: list[str], dtypes: list[str], repeats: int,
+                     timeout: float) -> Step:
+    out = out_dir / f"gpu-attention-relation-{date}.json"
+    cmd = [sys.executable, __file__, "--bench-attention", *shape, "--device", device, "--dtypes", *dtypes,
+           "--repeats", str(repeats), "--bench-out", str(out)]
+    return Step("bench attention-relation", [cmd], timeout, bench_json=out)
+
+
+def bench_attention(batch: int, heads: int, length: int, dim: int, teacher_dim: int, device: str,
+                    dtypes: list[str], repeats: int, out: Path) -> None:
+    """Median time (CUDA events on a GPU) and allocator peak (GPU) of one forward + backward of
+    kdops.attention_relation_loss per backend that takes ``device`` tensors, and of the reference
+    (materialised ``[B, H, L, L]`` relations, eager); rows as JSON to ``out``."""
+    import torch
+
+    import kdops
+    from kdops.bench import measure
+
+    dev = torch.device(device)
+    backends = [b for b, s in kdops.available_backends().items()
+                if s.available and b != "torch" and (b == "cpu") == (dev.type == "cpu")]
+    rows = []
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        sa, sb = (torch.randn(batch, heads, length, dim, device=dev, dtype=getattr(torch, dtype),
+                              requires_grad=True) for _ in range(2))
+        ta, tb = (torch.randn(batch, heads, length, teacher_dim, device=dev, dtype=getattr(torch, dtype))
+                  for _ in range(2))
+        for method in [*backends, "torch"]:
+            def step(method=method):
+                loss = kdops.attention_relation_loss(sa, sb, ta, tb, causal=True, backend=method)
+                torch.autograd.grad(loss, (sa, sb))
+
+            try:
+                step()  # warm-up (compiles the Triton kernels)
+                seconds = measure.median_seconds(step, dev, repeats=repeats, warmup=0)
+                peak = measure.peak_extra_bytes(step, dev) if dev.type == "cuda" else None
+                rows.append(dict(dtype=dtype, method=method, seconds=seconds,
+                                 peak_mib=None if peak is None else peak / 2**20))
+            except Exception as e:  # reported in the rows (an out-of-memory reference, a missing backend)
+                rows.append(dict(dtype=dtype, method=method, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            print(rows[-1], flush=True)
+    shape = dict(batch=batch, heads=heads, length=length, dim=dim, teacher_dim=teacher_dim, causal=True)
+    out.write_text(json.dumps(dict(machine=measure.machine_info(dev), shape=shape, repeats=repeats, rows=rows),
+                              indent=1) + "\n")
+    table = [f"attention relation {batch}x{heads}x{length}, d {dim}, teacher {teacher_dim}, causal, fwd+bwd ({device})",
+             f"{'dtype':10s} {'method':8s} {'ms':>10s} {'peak MiB':>10s}"]
+    for r in rows:
+        ms = f"{r['seconds'] * 1e3:10.3f}" if "seconds" in r else f"{'error':>10s}"
+        peak = f"{r['peak_mib']:10.1f}" if r.get("peak_mib") is not None else f"{'-':>10s}"
+        table.append(f"{r['dtype']:10s} {r['method']:8s} {ms} {peak}")
+    out.with_suffix(".md").write_text("\n".join(table) + "\n")
 
 
 def _cuda_tool(name: str) -> Optional[str]:
@@ -192,7 +255,7 @@ def versions() -> dict:
 def payload(device: str, only: Optional[str]) -> None:
     """A short pass over the GPU kernels for the sanitizer: each family on each backend that takes
     ``device`` tensors, forward and backward, with ignored rows, a multi-teacher mixture, a
-    sparse scatter, a relation loss; compared with the torch reference."""
+    sparse scatter, a relation loss, an attention relation; compared with the torch reference."""
     import torch
 
     import kdops
@@ -214,6 +277,9 @@ def payload(device: str, only: Optional[str]) -> None:
             "sparse": lambda x: kdops.sparse_distill_loss(x, top.values, top.indices, labels, hard_weight=0.5,
                                                           rest_mass="bucket", backend=backend),
             "relation": lambda x: kdops.rkd_distance_loss(x[:, :64], t[0, :, :32], backend=backend),
+            "attention": lambda x: kdops.attention_relation_loss(
+                x[:, :16].reshape(1, 1, n, 16), x[:, 16:32].reshape(1, 1, n, 16), t[0, :, :8].reshape(1, 1, n, 8),
+                t[1, :, :8].reshape(1, 1, n, 8), causal=True, backend=backend),
         }
         for name, call in calls.items():
             if only and name != only:
@@ -240,9 +306,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--payload", action="store_true", help=argparse.SUPPRESS)  # the sanitizer's program
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--bench-attention", nargs=5, type=int, default=None, help=argparse.SUPPRESS,
+                   metavar=("B", "H", "L", "D", "DT"))  # the attention-relation benchmark step
+    p.add_argument("--dtypes", nargs="+", default=["float32"], help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=10, help=argparse.SUPPRESS)
+    p.add_argument("--bench-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.payload:
         payload(args.device, args.only)
+        return 0
+    if args.bench_attention:
+        bench_attention(*args.bench_attention, args.device, args.dtypes, args.repeats, args.bench_out)
         return 0
     if not args.dry_run:
         import torch

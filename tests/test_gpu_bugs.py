@@ -13,6 +13,8 @@
 * duplicate top-k indices: refused with a ValueError naming ``topk_indices``.
 * GPU block sizes: ``KDOPS_TRITON_GPU_BLOCKS=1`` keeps the interpreter from shrinking blocks;
   the kernels then run with the GPU's blocks, loop tails and masks.
+* the attention relation on the test device (CUDA tensors for the triton and cuda backends on a
+  GPU machine: the case ``make gpu-check`` runs for that family; the interpreter here).
 """
 import importlib.util
 import os
@@ -25,6 +27,9 @@ import pytest
 import torch
 
 import kdops
+from kdops import reference
+
+from conftest import LOSS_TOL, RELATION_GRAD_TOL, assert_close, assert_close_to_max, interpreted, require
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -211,7 +216,7 @@ def test_launch_helper_makes_the_tensors_device_current(monkeypatch):
 
 
 def test_every_triton_launch_uses_the_tensors_device():
-    """Each launcher (kd, sparse kd, fused linear, affinity, relation losses) launches through
+    """Each launcher (kd, sparse kd, fused linear, affinity, relation losses, attention relation) launches through
     ``_common.launch`` with its tensors' device (meta tensors here: nothing runs)."""
     code = """
         import sys, torch
@@ -219,7 +224,7 @@ def test_every_triton_launch_uses_the_tensors_device():
         import aot_check
         from kdops.backends.triton import _common
         devices = []
-        for module in ("kd", "sparse_kd", "fused_linear", "affinity"):
+        for module in ("kd", "sparse_kd", "fused_linear", "affinity", "attention_relation"):
             mod = sys.modules["kdops.backends.triton." + module] if "kdops.backends.triton." + module in sys.modules \\
                 else __import__("kdops.backends.triton." + module, fromlist=["x"])
             original = mod.launch
@@ -326,3 +331,41 @@ def test_interpreter_runs_the_gpu_blocks_when_asked():
             torch.testing.assert_close(g.double(), gw, rtol=1e-3, atol=1e-3 * float(gw.abs().max()))
         print("OK")
     """, env={"KDOPS_TRITON_GPU_BLOCKS": "1"})
+
+
+# --------------------------------------------------------------------------- attention relation on the device
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_relation_on_the_test_device(backend, dtype):
+    """Loss and both gradients of the attention relation vs the float64 reference, on the device
+    a GPU machine gives ``backend`` (CUDA tensors), over several 32 x 32 tiles each way with a
+    partial last tile, padding, a fully masked sample, causal and not, every divergence on a GPU
+    (two under the interpreter); teacher head size 128 on a GPU (the largest teacher tile)."""
+    device = require(backend)
+    small = interpreted(backend)
+    batch, heads, length, dim, teacher_dim = (2, 2, 70, 16, 24) if small else (3, 3, 200, 64, 128)
+    divergences = ("forward_kl", "jsd") if small else ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
+                                                        "skew_reverse_kl", "tvd")
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 3:] = 0
+    mask[-1] = 0
+    inputs = [torch.randn(batch, heads, length, d, dtype=torch.float64) for d in (dim, dim, teacher_dim, teacher_dim)]
+    for divergence in divergences:
+        for causal in (False, True):
+            options = dict(causal=causal, attention_mask=mask, divergence=divergence, beta=0.3, reduction="none")
+            sa, sb, ta, tb = (x.to(device=device, dtype=dtype) for x in inputs)
+            sa.requires_grad_()
+            sb.requires_grad_()
+            got = kdops.attention_relation_loss(sa, sb, ta, tb, backend=backend,
+                                                **{**options, "attention_mask": mask.to(device)})
+            weights = torch.rand(got.shape, dtype=torch.float64)
+            g_sa, g_sb = torch.autograd.grad((got * weights.to(device, got.dtype)).sum(), (sa, sb))
+            ref = [x.detach().cpu().double().requires_grad_(i < 2) for i, x in enumerate((sa, sb, ta, tb))]
+            want = reference.attention_relation_loss(*ref, **options)
+            e_sa, e_sb = torch.autograd.grad((want * weights).sum(), ref[:2])
+            assert_close(got.cpu(), want, LOSS_TOL[dtype])
+            for g, e in ((g_sa, e_sa), (g_sb, e_sb)):
+                assert g.dtype == dtype and g.device.type == device
+                assert_close_to_max(g.cpu(), e, RELATION_GRAD_TOL[dtype])

@@ -15,12 +15,20 @@ without a GPU (issue 12, section 1).
 3. Fail on: a compile error; shared memory over the target's per-block limit; a grid over CUDA's
    limits; registers that let no CTA fit on an SM; spill stores or loads over ``SPILL_BUDGET``.
 
-``--python PY`` runs the same check again under another interpreter (another Triton: the Makefile
-passes a Triton 3.6 virtual environment) and merges its rows. Output: a table per kernel / arch /
-Triton version (then every failure) on stdout, all rows as JSON (``--json``).
+Rows are cached between runs (``--cache``, default ``~/.cache/kdops/aot-rows``) under Triton's
+own cache key of the compile (kernel and dependency sources, signature, constexprs, attributes,
+options, target, ptxas and Triton versions): a re-run compiles only what changed, and the checks
+run again on every row. ``--no-cache`` compiles everything. ``--shard I/N`` takes every N-th
+specialisation (to split the matrix over machines, or to time a sample of it).
+
+``--python PY`` runs the same check under another interpreter (another Triton: the Makefile
+passes a Triton 3.6 virtual environment) in parallel with this one, and merges its rows. Output:
+a table per kernel / arch / Triton version (then every failure) on stdout, all rows as JSON
+(``--json``).
 
     python3 tools/aot_check.py                   # full matrix (make aot-check runs it for both Tritons)
     python3 tools/aot_check.py --quick           # the CI subset
+    python3 tools/aot_check.py --shard 0/20 --no-cache   # a 1/20 sample, compiled from scratch
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import datetime
+import hashlib
 import inspect
 import io
 import json
@@ -52,9 +61,11 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton._C.libtriton import get_cache_invalidating_env_vars  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
+from triton.runtime.cache import get_cache_key  # noqa: E402
 
 ARCHS = (80, 90, 100)
 
@@ -102,6 +113,12 @@ class Matrix:
     float32_precisions: tuple = ("highest", "high")  # torch.set_float32_matmul_precision: ieee, tf32 dots
     batches: tuple = (256, 4096, 65536)
     features: tuple = (128, 2048)
+    attention_heads: tuple = ((1, 12), (2, 16))  # (B, H): B * H = 12, 32
+    attention_lengths: tuple = (512, 2048, 8192)
+    attention_head_sizes: tuple = (32, 64, 128)  # student relation head size
+    attention_teacher_sizes: tuple = (64, 128)
+    attention_causal: tuple = (False, True)
+    attention_masked: tuple = (False, True)
     archs: tuple = ARCHS
 
 
@@ -114,7 +131,9 @@ def quick_matrix() -> Matrix:
                   teachers=(1, 3), label_modes=("hard",), grads=(True,), sparse_k=(64,), rest_buckets=(True,),
                   linear_hidden=(4096,), linear_vocabs=(128256,), linear_needs=((True, True, True),),
                   linear_bias=(True,), linear_row_weights=(False,), float32_precisions=("highest",),
-                  batches=(4096,), features=(2048,), archs=(90, 100))
+                  batches=(4096,), features=(2048,), attention_heads=((2, 16),), attention_lengths=(2048,),
+                  attention_head_sizes=(64, 128), attention_teacher_sizes=(128,), attention_causal=(True,),
+                  attention_masked=(True,), archs=(90, 100))
 
 
 # ----------------------------------------------------------------------------- capture
@@ -248,7 +267,7 @@ def fused_linear_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
 def affinity_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
     from kdops.backends.triton import BACKEND, affinity
 
-    for dtype in (d for d in m.dtypes if d in BACKEND.families["affinity"].dtypes):  # what this Triton takes
+    for dtype in (d for d in m.dtypes if d in (BACKEND.families["affinity"].dtypes or BACKEND.dtypes)):  # this Triton's
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         for b in m.batches:
             for d in m.features:
@@ -268,7 +287,32 @@ def affinity_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
                     yield f"relation {dtype} B={b} D={d} loss={loss} forward+backward", run
 
 
-FAMILIES = {"kd": kd_cases, "sparse_kd": sparse_cases, "fused_linear": fused_linear_cases, "affinity": affinity_cases}
+def attention_relation_cases(m: Matrix) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from kdops.backends.triton import BACKEND, attention_relation
+
+    for dtype in (d for d in m.dtypes if d in (BACKEND.families["attention_relation"].dtypes or BACKEND.dtypes)):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for (b, h), length in ((bh, n) for bh in m.attention_heads for n in m.attention_lengths):
+            for ds in m.attention_head_sizes:
+                for dt in m.attention_teacher_sizes:
+                    for div in m.divergences:
+                        for causal in m.attention_causal:
+                            for masked in m.attention_masked:
+                                def run(b=b, h=h, n=length, ds=ds, dt=dt, div=div, causal=causal, masked=masked):
+                                    sa, sb = meta(b, h, n, ds, dtype=dtype), meta(b, h, n, ds, dtype=dtype)
+                                    ta, tb = meta(b, h, n, dt, dtype=dtype), meta(b, h, n, dt, dtype=dtype)
+                                    counted = meta(b, n, dtype=torch.uint8) if masked else None
+                                    options = (causal, 2.0, div, 0.5)
+                                    _, stats = attention_relation.relation_forward(sa, sb, ta, tb, counted, *options)
+                                    attention_relation.relation_backward(meta(b, h, n, dtype=acc), sa, sb, ta, tb,
+                                                                         counted, stats, *options)
+
+                                yield (f"attention_relation {dtype} B={b} H={h} L={length} d={ds} d_teacher={dt} "
+                                       f"div={div} causal={causal} mask={masked} forward+backward", run)
+
+
+FAMILIES = {"kd": kd_cases, "sparse_kd": sparse_cases, "fused_linear": fused_linear_cases, "affinity": affinity_cases,
+            "attention_relation": attention_relation_cases}
 
 
 def capture(m: Matrix, families: tuple[str, ...] = tuple(FAMILIES)) -> list[Launch]:
@@ -430,42 +474,78 @@ def check(row: dict, cc: int, grid: list[int], budget: int) -> list[str]:
 
 
 _SPECS: list[Spec] = []  # set before the worker processes fork
+_ROW_CACHE: Optional[Path] = None  # where compiled rows are kept between runs (None: no cache)
+# Bump when a cached row's fields or their reading change (invalidates every cached row).
+ROW_FORMAT = 1
+RESOURCE_FIELDS = ("regs", "stack", "spill_stores", "spill_loads", "cuobjdump_regs", "cuobjdump_stack",
+                   "static_shared", "local", "num_warps", "num_stages", "shared", "ctas_per_sm")
+
+
+def row_key(src: ASTSource, target: Any, options: Any) -> str:
+    """The key of a compiled row: Triton's own cache key of the compile (Triton's source, the
+    kernel's source and that of every jit function and constexpr global it uses, signature,
+    constexprs, attributes, options, target, the backend's ptxas version, cache-invalidating
+    environment variables), plus ``ROW_FORMAT``. A cached row is valid where Triton's cache is."""
+    backend = make_backend(target)
+    parsed = backend.parse_options(dict(options.__dict__, **src.parse_options()))
+    key = get_cache_key(src, backend, parsed, get_cache_invalidating_env_vars())
+    return hashlib.sha256(f"kdops-aot-row-{ROW_FORMAT}-{key}".encode()).hexdigest()
+
+
+def _compile_resources(src: ASTSource, target: Any, options: Any, cc: int) -> dict:
+    """Compile ``src`` for ``target``; the resources ptxas, cuobjdump and the metadata report."""
+    from triton import knobs
+
+    log = io.StringIO()
+    with _setting(knobs.nvidia, "dump_ptxas_log", True), contextlib.redirect_stdout(log):
+        kernel = triton.compile(src, target=target, options=options.__dict__)
+    row = parse_ptxas_log(log.getvalue())
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+    row.update(parse_resource_usage(dump))
+    row.update(num_warps=options.num_warps, num_stages=options.num_stages, shared=int(kernel.metadata.shared))
+    row["ctas_per_sm"] = ctas_per_sm(cc, row["regs"], options.num_warps, row["shared"] + row["static_shared"])
+    return row
 
 
 def compile_spec(index: int, cc: int) -> dict:
-    """Compile ``_SPECS[index]`` for sm_``cc`` and read its resources (in a worker process)."""
-    from triton import knobs
-
+    """Compile ``_SPECS[index]`` for sm_``cc`` and read its resources (in a worker process), or
+    read them from the row cache; the checks run on every row, cached or not."""
     spec = _SPECS[index]
     row = dict(kernel=spec.name, spec=spec.summary, arch=f"sm_{cc}", triton=triton.__version__,
                grid=spec.max_grid, cases=spec.cases)
     start = time.perf_counter()
     try:
         target, signature, constexprs, attrs, options = bind(spec.fn, spec.args, spec.kwargs, cc)
-        log = io.StringIO()
-        with _setting(knobs.nvidia, "dump_ptxas_log", True), contextlib.redirect_stdout(log):
-            kernel = triton.compile(ASTSource(spec.fn, signature, constexprs, attrs), target=target,
-                                    options=options.__dict__)
-        row.update(parse_ptxas_log(log.getvalue()))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(kernel.asm["cubin"])
-            cubin.flush()
-            dump = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
-                                  capture_output=True, text=True, check=True).stdout
-        row.update(parse_resource_usage(dump))
-        row.update(num_warps=options.num_warps, num_stages=options.num_stages, shared=int(kernel.metadata.shared))
-        row["ctas_per_sm"] = ctas_per_sm(cc, row["regs"], options.num_warps, row["shared"] + row["static_shared"])
+        src = ASTSource(spec.fn, signature, constexprs, attrs)
+        cached = _ROW_CACHE / f"{row_key(src, target, options)}.json" if _ROW_CACHE else None
+        if cached is not None and cached.exists():
+            row.update(json.loads(cached.read_text()), cached=True)
+        else:
+            resources = _compile_resources(src, target, options, cc)
+            resources["first_compile_s"] = round(time.perf_counter() - start, 2)
+            row.update(resources, cached=False)
+            if cached is not None:  # written whole, then renamed: a reader never sees half a row
+                tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(resources))
+                tmp.replace(cached)
         row["errors"] = check(row, cc, spec.max_grid, SPILL_BUDGET)
-    except Exception as e:  # a compile error is a failure of the check, reported with the rest
+    except Exception as e:  # a compile error is a failure of the check, reported with the rest (never cached)
         row["errors"] = [f"compile error: {type(e).__name__}: {str(e)[-800:]}"]
     row["compile_s"] = round(time.perf_counter() - start, 2)
     return row
 
 
-def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int) -> list[dict]:
-    """Every spec for every arch, ``jobs`` processes (forked: they inherit the specs), fresh cache."""
-    global _SPECS
-    _SPECS = specs
+def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int, row_cache: Optional[Path] = None) -> list[dict]:
+    """Every spec for every arch, ``jobs`` processes (forked: they inherit the specs), fresh Triton
+    cache (so that ptxas runs); rows found in ``row_cache`` are read, not compiled."""
+    global _SPECS, _ROW_CACHE
+    _SPECS, _ROW_CACHE = specs, row_cache
+    if row_cache is not None:
+        row_cache.mkdir(parents=True, exist_ok=True)
     tasks = [(i, cc) for cc in archs for i in range(len(specs))]
     with tempfile.TemporaryDirectory(prefix="kdops-aot-cache-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
@@ -475,8 +555,8 @@ def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int) -> list[di
             for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 r = future.result()
                 print(f"[aot {done}/{len(tasks)}] triton {r['triton']} {r['arch']} {r['kernel']} regs={r.get('regs')} "
-                      f"spill={r.get('spill_stores')}/{r.get('spill_loads')} {'; '.join(r['errors'])[:160]}",
-                      file=sys.stderr, flush=True)
+                      f"spill={r.get('spill_stores')}/{r.get('spill_loads')}{' (cached)' if r.get('cached') else ''} "
+                      f"{'; '.join(r['errors'])[:160]}", file=sys.stderr, flush=True)
             return [f.result() for f in futures]
 
 
@@ -492,7 +572,7 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     for (kernel, arch, version), rs in sorted(groups.items()):
         ok = [r for r in rs if "regs" in r]
         out.append(dict(kernel=kernel, arch=arch, triton=version, specs=len(rs),
-                        failed=sum(bool(r["errors"]) for r in rs),
+                        failed=sum(bool(r["errors"]) for r in rs), cached=sum(bool(r.get("cached")) for r in rs),
                         max_regs=max((r["regs"] for r in ok), default=None),
                         max_spill=max((max(r["spill_stores"], r["spill_loads"]) for r in ok), default=None),
                         max_shared=max((r["shared"] + r["static_shared"] for r in ok), default=None),
@@ -502,8 +582,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    cols = ("kernel", "arch", "triton", "specs", "failed", "max_regs", "max_spill", "max_shared", "min_ctas_per_sm",
-            "compile_s")
+    cols = ("kernel", "arch", "triton", "specs", "failed", "cached", "max_regs", "max_spill", "max_shared",
+            "min_ctas_per_sm", "compile_s")
     cells = [[str(r[c]) for c in cols] for r in summary]
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
@@ -511,26 +591,44 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_here(m: Matrix, jobs: int, families: tuple[str, ...]) -> tuple[list[dict], dict]:
+def run_here(m: Matrix, jobs: int, families: tuple[str, ...], shard: tuple[int, int] = (0, 1),
+             row_cache: Optional[Path] = None) -> tuple[list[dict], dict]:
+    """Capture, dedupe and compile (shard ``i`` of ``n``: every n-th specialisation from the i-th)."""
     start = time.perf_counter()
     launches = capture(m, families)
-    specs = specialisations(launches)
+    every = specialisations(launches)
+    specs = every[shard[0]::shard[1]]
     captured = time.perf_counter() - start
-    rows = compile_all(specs, m.archs, jobs)
+    rows = compile_all(specs, m.archs, jobs, row_cache)
     info = dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
-                launches=len(launches), specialisations=len(specs), capture_s=round(captured, 1),
+                launches=len(launches), specialisations=len(every), shard=f"{shard[0]}/{shard[1]}",
+                compiled_specialisations=len(specs), compiles=sum(not r.get("cached") for r in rows),
+                cached_rows=sum(bool(r.get("cached")) for r in rows), capture_s=round(captured, 1),
                 compile_wall_s=round(time.perf_counter() - start - captured, 1))
     return rows, info
+
+
+def _shard(text: str) -> tuple[int, int]:
+    i, n = (int(x) for x in text.split("/"))
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N; got {text}")
+    return i, n
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the CI subset (see quick_matrix)")
-    p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 2,
+                   help="compile processes per Triton (default: the CPU count; the --python runs go alongside)")
     p.add_argument("--python", action="append", default=[], metavar="PY",
-                   help="also run the check under interpreter PY (another Triton), merged into one report")
+                   help="also run the check under interpreter PY (another Triton), in parallel, merged into one report")
     p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES))
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="compile every N-th specialisation from the I-th (split the matrix over machines)")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "kdops" / "aot-rows",
+                   help="compiled rows kept between runs, keyed by Triton's own cache key (default %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="compile everything, read and write no cached row")
     p.add_argument("--json", type=Path, default=None,
                    help="where the rows go (default benchmarks/results/aot[-quick]-<date>.json)")
     p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # a --python child: rows to --json
@@ -540,39 +638,51 @@ def main(argv: Optional[list[str]] = None) -> int:
     unknown = set(families) - set(FAMILIES)
     if unknown:
         p.error(f"--families: unknown {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
+    row_cache = None if args.no_cache else args.cache
 
-    rows, info = run_here(m, args.jobs, families)
+    children = []  # the other Tritons' runs, started first so that they overlap this one
+    for py in args.python:
+        if os.path.abspath(py) == os.path.abspath(sys.executable):  # (a venv's python links to its base: not resolved)
+            continue
+        tmp = tempfile.NamedTemporaryFile(suffix=".json")
+        cmd = [py, __file__, "--rows-only", "--json", tmp.name, "--jobs", str(args.jobs), "--families",
+               ",".join(families), "--shard", f"{args.shard[0]}/{args.shard[1]}",
+               *(["--no-cache"] if row_cache is None else ["--cache", str(row_cache)]),
+               *(["--quick"] if args.quick else [])]
+        children.append((tmp, cmd, subprocess.Popen(cmd)))
+    start = time.perf_counter()
+    rows, info = run_here(m, args.jobs, families, args.shard, row_cache)
     if args.rows_only:
         args.json.write_text(json.dumps(dict(rows=rows, runs=[info])))
         return 0
     runs = [info]
-    for py in args.python:
-        if os.path.abspath(py) == os.path.abspath(sys.executable):  # (a venv's python links to its base: not resolved)
-            continue
-        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            cmd = [py, __file__, "--rows-only", "--json", tmp.name, "--jobs", str(args.jobs), "--families",
-                   ",".join(families)] + (["--quick"] if args.quick else [])
-            subprocess.run(cmd, check=True)
-            child = json.loads(Path(tmp.name).read_text())
+    for tmp, cmd, proc in children:
+        if proc.wait() != 0:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        child = json.loads(Path(tmp.name).read_text())
+        tmp.close()
         rows += child["rows"]
         runs += child["runs"]
+    wall = time.perf_counter() - start
 
     summary = summary_rows(rows)
     failures = [r for r in rows if r["errors"]]
     date = datetime.date.today().isoformat()
-    out = args.json or REPO / "benchmarks" / "results" / f"aot{'-quick' if args.quick else ''}-{date}.json"
+    scope = ("-quick" if args.quick else "") + (f"-shard{args.shard[0]}of{args.shard[1]}" if args.shard[1] > 1 else "")
+    out = args.json or REPO / "benchmarks" / "results" / f"aot{scope}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), date=date,
                   machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, no GPU needed",
-                  spill_budget_bytes=SPILL_BUDGET, archs=[f"sm_{a}" for a in m.archs], runs=runs,
-                  summary=summary, failures=len(failures), rows=rows)
+                  spill_budget_bytes=SPILL_BUDGET, archs=[f"sm_{a}" for a in m.archs], wall_s=round(wall, 1),
+                  runs=runs, summary=summary, failures=len(failures), rows=rows)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(summary))
     for r in failures:
         print(f"FAIL {r['kernel']} {r['arch']} triton {r['triton']}: {'; '.join(r['errors'])}\n     {r['spec']}\n"
               f"     e.g. {r['cases'][0]}")
-    print(f"{sum(i['specialisations'] for i in runs)} specialisations x {len(m.archs)} archs over "
-          f"{', '.join('triton ' + i['triton'] for i in runs)}: {len(failures)} failing; rows in {out}")
+    print(f"{sum(i['compiled_specialisations'] for i in runs)} specialisations x {len(m.archs)} archs over "
+          f"{', '.join('triton ' + i['triton'] for i in runs)} ({sum(i['compiles'] for i in runs)} compiled, "
+          f"{sum(i['cached_rows'] for i in runs)} cached) in {wall:.0f} s: {len(failures)} failing; rows in {out}")
     return 1 if failures else 0
 
 

@@ -53,6 +53,7 @@ BACKEND = Backend(
         "fused_linear": Family(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_teachers=1),
         # float64 relation kernels: Triton's tl.dot takes float64 from 3.9 on (3.6 fails to compile them)
         "affinity": Family(dtypes=FLOAT_DTYPES if _version_at_least(3, 9) else FLOAT_DTYPES[:3]),
-        "attention_relation": Family(),
+        # float64 likewise from Triton 3.9 on (under 3.6 its float64 tiles spill 0.3-0.5 KB per thread)
+        "attention_relation": Family(dtypes=FLOAT_DTYPES if _version_at_least(3, 9) else FLOAT_DTYPES[:3]),
     },
 )

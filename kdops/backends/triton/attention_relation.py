@@ -29,6 +29,12 @@ from kdops.backends.triton.divergence import divergence_term
 # Query / key tile sizes. 64 x 64 spills on sm_90 (two fp32 score tiles and the divergence terms
 # live at once: tools/aot_check.py reported 0.3-30 KB of spills per thread), 32 x 32 is checked.
 BLOCK_M = BLOCK_N = 32
+# A program holds about five row tiles at once (its own a or b tile of both models, the loop's
+# tile of both models, the accumulator): per tile row, (BLOCK_DS + BLOCK_DT) input elements
+# twice and BLOCK_DS accumulators. Past WARP_WORDS 32-bit words per row the program takes 8
+# warps instead of 4 (on 4 warps, float32 at head sizes 128 / 128 and float64 from 64 / 64
+# spilled 50-900 B per thread on sm_90 / sm_100 in tools/aot_check.py; bf16 at 128 / 128 did not).
+WARP_WORDS = 256
 
 
 @triton.jit
@@ -52,16 +58,41 @@ def _counted(mask_row, rows, L, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _per_query(v, KEYS: tl.constexpr):
+    """A per-query vector broadcast over a tile: queries on rows, or on columns with ``KEYS``."""
+    if KEYS:
+        out = v[None, :]
+    else:
+        out = v[:, None]
+    return out
+
+
+@triton.jit
+def _per_key(v, KEYS: tl.constexpr):
+    """A per-key vector broadcast over a tile: keys on columns, or on rows with ``KEYS``."""
+    if KEYS:
+        out = v[:, None]
+    else:
+        out = v[None, :]
+    return out
+
+
+@triton.jit
 def _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t, CAUSAL: tl.constexpr,
-           ACC: tl.constexpr):
+           ACC: tl.constexpr, KEYS: tl.constexpr):
     """(s, t, allowed) of a tile: the scaled scores of both models, -inf at the keys outside a
-    query's softmax. A query that does not count gets every key up to the causal bound (a
-    finite row that its callers zero)."""
-    s = tl.dot(qs, tl.trans(ks), input_precision="ieee", out_dtype=ACC) * scale_s
-    t = tl.dot(qt, tl.trans(kt), input_precision="ieee", out_dtype=ACC) * scale_t
-    allowed = (counted_k[None, :] | ~counted_q[:, None]) & (cols < L)[None, :]
+    query's softmax; ``[queries, keys]``, or ``[keys, queries]`` (the transposed tile, computed as
+    such: no register transpose) with ``KEYS``. A query that does not count gets every key up to
+    the causal bound (a finite row that its callers zero)."""
+    if KEYS:
+        s = tl.dot(ks, tl.trans(qs), input_precision="ieee", out_dtype=ACC) * scale_s
+        t = tl.dot(kt, tl.trans(qt), input_precision="ieee", out_dtype=ACC) * scale_t
+    else:
+        s = tl.dot(qs, tl.trans(ks), input_precision="ieee", out_dtype=ACC) * scale_s
+        t = tl.dot(qt, tl.trans(kt), input_precision="ieee", out_dtype=ACC) * scale_t
+    allowed = (_per_key(counted_k, KEYS) | ~_per_query(counted_q, KEYS)) & _per_key(cols < L, KEYS)
     if CAUSAL:
-        allowed = allowed & (cols[None, :] <= rows[:, None])
+        allowed = allowed & (_per_key(cols, KEYS) <= _per_query(rows, KEYS))
     return tl.where(allowed, s, float("-inf")), tl.where(allowed, t, float("-inf")), allowed
 
 
@@ -76,13 +107,14 @@ def _online(m, z, x):
 
 @triton.jit
 def _weights(qs, qt, ks, kt, rows, cols, counted_q, counted_k, lse_s, lse_t, q_sum, g, L, scale_s, scale_t,
-             beta, log_b, log_1mb, DIV: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr):
-    """``W_ij = g_i (q_ij - p_ij S_i) c_s`` of a tile (0 outside the softmax and on rows that do not count)."""
-    s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t, CAUSAL, ACC)
-    ls = s - lse_s[:, None]
-    _, q = divergence_term(ls, t - lse_t[:, None], beta, log_b, log_1mb, DIV)
-    w = (q - tl.exp(ls) * q_sum[:, None]) * (g * scale_s)[:, None]
-    return tl.where(allowed & counted_q[:, None], w, 0.0)
+             beta, log_b, log_1mb, DIV: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr, KEYS: tl.constexpr):
+    """``W_ij = g_i (q_ij - p_ij S_i) c_s`` of a tile (0 outside the softmax and on rows that do
+    not count); ``W^T`` with ``KEYS``."""
+    s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t, CAUSAL, ACC, KEYS)
+    ls = s - _per_query(lse_s, KEYS)
+    _, q = divergence_term(ls, t - _per_query(lse_t, KEYS), beta, log_b, log_1mb, DIV)
+    w = (q - tl.exp(ls) * _per_query(q_sum, KEYS)) * _per_query(g * scale_s, KEYS)
+    return tl.where(allowed & _per_query(counted_q, KEYS), w, 0.0)
 
 
 @triton.jit
@@ -113,7 +145,7 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
         ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
         kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
         s, t, _ = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), L, c_s, c_t,
-                         CAUSAL, ACC)
+                         CAUSAL, ACC, False)
         m_s, z_s = _online(m_s, z_s, s)
         m_t, z_t = _online(m_t, z_t, t)
     lse_s = m_s + tl.log(z_s)
@@ -125,7 +157,7 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
         ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
         kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
         s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), L,
-                               c_s, c_t, CAUSAL, ACC)
+                               c_s, c_t, CAUSAL, ACC, False)
         d, q = divergence_term(s - lse_s[:, None], t - lse_t[:, None], bt, log_b, log_1mb, DIV)
         d_sum += tl.sum(tl.where(allowed, d, 0.0), axis=1)
         q_sum += tl.sum(tl.where(allowed, q, 0.0), axis=1)
@@ -180,9 +212,9 @@ def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_p
             qs = _load_rows(sa_base, rows, sa_sl, L, Ds, BLOCK_DS, ACC)
             qt = _load_rows(ta_base, rows, ta_sl, L, Dt, BLOCK_DT, ACC)
             lse_s, lse_t, q_sum, g = _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats)
-            w = _weights(qs, qt, ks, kt, rows, cols, _counted(mask_row, rows, L, HAS_MASK), counted_k, lse_s, lse_t,
-                         q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC)
-            acc = tl.dot(tl.trans(w), qs.to(ACC), acc, input_precision="ieee")
+            w_t = _weights(qs, qt, ks, kt, rows, cols, _counted(mask_row, rows, L, HAS_MASK), counted_k, lse_s,
+                           lse_t, q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC, True)
+            acc = tl.dot(w_t, qs.to(ACC), acc, input_precision="ieee")
         out_rows = cols
     else:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -197,7 +229,7 @@ def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_p
             ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
             kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
             w = _weights(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), lse_s, lse_t,
-                         q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC)
+                         q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC, False)
             acc = tl.dot(w, ks.to(ACC), acc, input_precision="ieee")
         out_rows = rows
     cols_d = tl.arange(0, BLOCK_DS)
@@ -210,14 +242,17 @@ def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_p
 
 def _arguments(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, temperature: float, divergence: int,
                beta: float) -> tuple[list, dict]:
-    """The shape, stride and scalar arguments shared by the kernels, and their constexprs."""
+    """The shape, stride and scalar arguments shared by the kernels, and their constexprs and warps."""
     B, H, L, Ds = sa.shape
     Dt = ta.shape[-1]
     strides = [s for x in (sa, sb, ta, tb) for s in x.stride()[:3]]
     scalars = [1.0 / (math.sqrt(Ds) * temperature), 1.0 / (math.sqrt(Dt) * temperature), beta,
                *mixture_logs(divergence, beta)]
-    constexprs = dict(DIV=divergence, ACC=acc_dtype(sa.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                      BLOCK_DS=max(16, triton.next_power_of_2(Ds)), BLOCK_DT=max(16, triton.next_power_of_2(Dt)))
+    block_ds, block_dt = max(16, triton.next_power_of_2(Ds)), max(16, triton.next_power_of_2(Dt))
+    acc = acc_dtype(sa.dtype)
+    words = ((block_ds + block_dt) * sa.element_size() + block_ds * acc.primitive_bitwidth // 8) // 4
+    constexprs = dict(DIV=divergence, ACC=acc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DS=block_ds,
+                      BLOCK_DT=block_dt, num_warps=8 if words > WARP_WORDS else 4)
     return [H, L, Ds, Dt, *strides, *scalars], constexprs
 
 
