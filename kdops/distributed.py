@@ -10,9 +10,12 @@ all-reduces (never the logits)::
     1. MAX  m_s = max_j s_j,  m_t = max_j t_j                                          2 per row
     2. SUM  Z_s = sum_j exp((s_j - m_s) / T),  Z_t likewise; with hard_weight > 0 also  2 (+3) per row
             Z_1 = sum_j exp(s_j - m_s),  s_label,  the number of ranks holding the label
-    3. SUM  D = sum_j d_j(log p_s, log p_t),  A = sum_j a_j (a_j = dD/dlog p_s,j)      2 per row
+    3. SUM  D = sum_j d_j(log p_s, log p_t),  A = sum_j a_j (a_j = dD/dlog p_s,j)      2 (+1) per row
+            (+ the student's entropy -sum_j p_s,j log p_s,j with return_entropy)
 
-with ``log p_s,j = (s_j - m_s) / T - log Z_s`` (``p_t`` likewise). Every divergence of
+with ``log p_s,j = (s_j - m_s) / T - log Z_s`` (``p_t`` likewise), ``s`` and ``t`` the logits
+after the models' transforms (``c * tanh(scale * z / c)``: elementwise, so each rank applies them
+to its shard and chains their derivative into its gradient). Every divergence of
 :mod:`kdops.divergences` (jsd and the skew divergences included: their mixture is elementwise)
 is a sum of elementwise terms ``d_j`` of ``log p_s`` and ``log p_t``, so each rank sums its own,
 and the gradient is local once ``A`` is known::
