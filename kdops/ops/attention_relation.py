@@ -28,6 +28,7 @@ from torch import Tensor
 from kdops import _dispatch, reference
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
+from kdops.ops._common import OpArgs, define
 
 FAMILY = "attention_relation"
 # The family's contract: every backend's kdops.backends.<backend>.attention_relation module provides
@@ -47,50 +48,58 @@ def implementation(backend: Optional[str], device: torch.device, dtype: torch.dt
 # --------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("kdops::attention_relation", mutates_args=())
-def attention_relation_op(student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor,
-                          counted: Optional[Tensor], causal: bool, temperature: float, divergence: int,
-                          beta: float, backend: str) -> tuple[Tensor, Tensor]:
+_INPUTS = "Tensor student_a, Tensor student_b, Tensor teacher_a, Tensor teacher_b, Tensor? counted"
+_SCHEMA_OPTIONS = "bool causal, float temperature, int divergence, float beta, str backend"
+_OPTIONS = OpArgs(_SCHEMA_OPTIONS).names  # what backward passes on to the backward op, by name
+_ARGS = OpArgs(f"{_INPUTS}, {_SCHEMA_OPTIONS}")
+_BACKWARD_ARGS = OpArgs(f"Tensor grad_rows, {_INPUTS}, Tensor stats, {_SCHEMA_OPTIONS}")
+
+
+def _forward(student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor, counted: Optional[Tensor],
+             causal: bool, temperature: float, divergence: int, beta: float, backend: str) -> tuple[Tensor, Tensor]:
     """(row losses ``[B, H, L]``, row statistics ``[3, B, H, L]``) of ``[B, H, L, d]`` inputs."""
     return _dispatch.kernels(FAMILY, backend).relation_forward(student_a, student_b, teacher_a, teacher_b, counted,
                                                                causal, temperature, divergence, beta)
 
 
-@attention_relation_op.register_fake
-def _(student_a, student_b, teacher_a, teacher_b, counted, causal, temperature, divergence, beta, backend):
+def _forward_fake(student_a, student_b, teacher_a, teacher_b, counted, causal, temperature, divergence, beta, backend):
     B, H, L, _ = student_a.shape
     dtype = compute_dtype(student_a.dtype)
     return student_a.new_empty((B, H, L), dtype=dtype), student_a.new_empty((3, B, H, L), dtype=dtype)
 
 
-@torch.library.custom_op("kdops::attention_relation_backward", mutates_args=())
-def attention_relation_backward_op(grad_rows: Tensor, student_a: Tensor, student_b: Tensor, teacher_a: Tensor,
-                                   teacher_b: Tensor, counted: Optional[Tensor], stats: Tensor, causal: bool,
-                                   temperature: float, divergence: int, beta: float,
-                                   backend: str) -> tuple[Tensor, Tensor]:
+def _backward_grads(grad_rows: Tensor, student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor,
+                    counted: Optional[Tensor], stats: Tensor, causal: bool, temperature: float, divergence: int,
+                    beta: float, backend: str) -> tuple[Tensor, Tensor]:
     """(dL/d student_a, dL/d student_b) from the rows' gradient ``[B, H, L]`` and the forward's stats."""
     return _dispatch.kernels(FAMILY, backend).relation_backward(grad_rows.contiguous(), student_a, student_b, teacher_a,
                                                  teacher_b, counted, stats, causal, temperature, divergence, beta)
 
 
-@attention_relation_backward_op.register_fake
-def _(grad_rows, student_a, student_b, teacher_a, teacher_b, counted, stats, causal, temperature, divergence,
-      beta, backend):
+def _backward_grads_fake(grad_rows, student_a, student_b, *_rest):
     return (torch.empty_like(student_a, memory_format=torch.contiguous_format),
             torch.empty_like(student_b, memory_format=torch.contiguous_format))
 
 
+attention_relation_op = define("attention_relation", _ARGS, "(Tensor, Tensor)", _forward, _forward_fake)
+attention_relation_backward_op = define("attention_relation_backward", _BACKWARD_ARGS, "(Tensor, Tensor)",
+                                        _backward_grads, _backward_grads_fake)
+
+
 def _setup(ctx, inputs, output):
-    sa, sb, ta, tb, counted, ctx.causal, ctx.temperature, ctx.divergence, ctx.beta, ctx.backend = inputs
-    ctx.save_for_backward(sa, sb, ta, tb, counted, output[1])
+    named = _ARGS.bind(inputs)
+    ctx.options = {name: named[name] for name in _OPTIONS}
+    ctx.no_grads = _ARGS.no_grads(inputs)
+    ctx.save_for_backward(named["student_a"], named["student_b"], named["teacher_a"], named["teacher_b"],
+                          named["counted"], output[1])
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_rows: Tensor, _grad_stats: Optional[Tensor]):
-    sa, sb, ta, tb, counted, stats = ctx.saved_tensors
-    da, db = attention_relation_backward_op(grad_rows, sa, sb, ta, tb, counted, stats, ctx.causal,
-                                            ctx.temperature, ctx.divergence, ctx.beta, ctx.backend)
-    return da, db, None, None, None, None, None, None, None, None
+    student_a, student_b, teacher_a, teacher_b, counted, stats = ctx.saved_tensors
+    da, db = attention_relation_backward_op(grad_rows, student_a, student_b, teacher_a, teacher_b, counted, stats,
+                                            **ctx.options)
+    return _ARGS.grads(ctx.no_grads, student_a=da, student_b=db)
 
 
 attention_relation_op.register_autograd(_backward, setup_context=_setup)
