@@ -38,7 +38,10 @@ test: install
 # make aot-check: every Triton specialisation the launchers produce, compiled for sm_80/90/100 with
 # the pinned Triton and with Triton 3.6 (the GPU machines' version; a virtual environment made here
 # on first use, torch pinned to the local CPU wheel), then the CUDA C++ kernels with nvcc -Xptxas -v.
-# AOT_FLAGS=--quick: the CI subset. No GPU needed; non-zero exit status on any failure.
+# AOT_FLAGS=--quick: the CI subset; AOT_FLAGS="--shard I/N": every N-th specialisation from the I-th (the
+# full matrix takes hours on 2 cores: split it over machines); compiled rows are cached in ~/.cache/kdops/aot-rows
+# under Triton's own cache key (a re-run compiles what changed; --no-cache: everything).
+# No GPU needed; non-zero exit status on any failure.
 TRITON36_VENV ?= $(HOME)/.cache/kdops/venv-triton36
 AOT_FLAGS ?=
 AOT_DATE := $(shell date +%F)

@@ -39,11 +39,18 @@ def test_capture_bind_dedupe_and_compile_one():
                                                ("affinity",)))
         a._SPECS = [s for s in affinity if s.name == "_sq_norms_kernel"]
         import os, tempfile
+        from pathlib import Path
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()  # a cached kernel runs no ptxas (as compile_all)
+        a._ROW_CACHE = Path(tempfile.mkdtemp())
         row = a.compile_spec(0, 90)
+        again = a.compile_spec(0, 90)  # read from the row cache, checked again
+        a.SPILL_BUDGET = -1  # every row now over budget: the check runs on the cached row too
+        over = a.compile_spec(0, 90)
+        other_arch = a.compile_spec(0, 100)  # another key: compiled
         print(json.dumps(dict(launches=len(launches), specs=[s.summary for s in specs], cases=specs[0].cases,
                               grid=specs[0].max_grid, signature={k: str(v) for k, v in signature.items()},
-                              num_warps=options.num_warps, row=row)))
+                              num_warps=options.num_warps, row=row, again=again, over=over,
+                              other_arch=other_arch, cached_files=len(list(a._ROW_CACHE.iterdir())))))
     """)
     assert out["launches"] == 4  # 2 vocabularies x 2 teacher counts
     assert len(out["specs"]) == 2  # the vocabulary changes no specialisation here
@@ -56,6 +63,42 @@ def test_capture_bind_dedupe_and_compile_one():
     assert row["errors"] == [] and row["arch"] == "sm_90" and row["kernel"] == "_sq_norms_kernel"
     assert 0 < row["regs"] <= 255 and row["spill_stores"] == 0 and row["ctas_per_sm"] >= 1
     assert row["cuobjdump_regs"] == row["regs"]
+    assert row["cached"] is False and out["again"]["cached"] is True and out["other_arch"]["cached"] is False
+    for name in ("regs", "spill_stores", "shared", "ctas_per_sm"):
+        assert out["again"][name] == row[name]
+    assert out["again"]["errors"] == [] and "budget -1 B" in " ".join(out["over"]["errors"])
+    assert out["other_arch"]["arch"] == "sm_100" and out["cached_files"] == 2
+
+
+def test_attention_relation_capture_and_shards():
+    """The attention relation's launches: forward, query-block and key-block gradient kernels per
+    case, 8 warps where a tile row passes 256 words (float32 at 128 / 128), 4 for bf16 there; the
+    sequence length changes no specialisation; shards partition the specialisations."""
+    out = _run("""
+        import json, sys, torch
+        sys.path.insert(0, "tools")
+        import aot_check as a
+        m = a.Matrix(dtypes=(torch.bfloat16, torch.float32), divergences=(2,), attention_heads=((1, 12), (2, 16)),
+                     attention_lengths=(512, 8192), attention_head_sizes=(32, 128), attention_teacher_sizes=(128,),
+                     attention_causal=(True,), attention_masked=(False, True))
+        launches = a.capture(m, ("attention_relation",))
+        specs = a.specialisations(launches)
+        shards = [a.specialisations(launches)[i::3] for i in range(3)]
+        print(json.dumps(dict(launches=len(launches), specs=[[s.name, s.summary, s.max_grid] for s in specs],
+                              shards=sorted(s.summary for shard in shards for s in shard))))
+    """)
+    assert out["launches"] == 2 * 2 * 2 * 2 * 2 * 3  # dtypes x (B, H) x L x head sizes x masks x 3 kernels
+    specs = out["specs"]
+    # the sequence lengths fold (runtime ints, all multiples of 16); H = 12 and 16 do not (Triton
+    # specialises an int argument divisible by 16): dtypes x (B, H) x head sizes x masks x kernels
+    assert len(specs) == 2 * 2 * 2 * 2 * 3
+    assert sorted(s[1] for s in specs) == out["shards"]
+    names = [s[0] for s in specs]
+    assert names.count("_forward_kernel") == 16 and names.count("_backward_kernel") == 32
+    for name, summary, grid in specs:
+        wide = "BLOCK_DS=128" in summary and "ptrs=*fp32" in summary
+        assert ("warps=8" if wide else "warps=4") in summary, summary
+        assert grid[0] == 8192 // 32 and grid[1] in (12, 32)  # blocks of the longest sequence x B * H
 
 
 def test_parsers_and_checks():
