@@ -3,17 +3,23 @@ version (kdops.reference: ``[B, H, L, L]`` relations of both models), eager and 
 
     python benchmarks/bench_attention_relation.py                       # B=8, 12 heads, d=64, L 512 2048
     python benchmarks/bench_attention_relation.py --lengths 512 --repeats 3 --methods kdops torch
+    python benchmarks/bench_attention_relation.py --batch 1 --heads 4 --lengths 2048 8192 --memory-cap-gib 8
 
 Each (method, L) runs in a fresh subprocess so that the peak resident set of one does not hide
 another's: time is the median of ``--repeats`` calls after one warm-up, peak memory the rise of
-the process's peak resident set over the inputs during one call (kdops.bench.measure). Writes a
-table and benchmarks/results/attention-relation-<device>-<date>.json.
+the process's peak resident set over the inputs during one call (kdops.bench.measure). Each
+subprocess's address space is capped at ``--memory-cap-gib`` (a method that needs more reports
+that it does not fit instead of pushing a shared machine into swap or the OOM killer). Writes a
+table and benchmarks/results/attention-relation-cpu-B<batch>-H<heads>-L<lengths>-<date>.json.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
+import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +62,7 @@ def run_one(method: str, batch: int, heads: int, length: int, dim: int, repeats:
     peak = peak_extra_bytes(step, device)
     seconds = median_seconds(step, device, repeats=repeats, warmup=0)
     return dict(method=method, batch=batch, heads=heads, length=length, dim=dim, seconds=seconds,
-                peak_mib=peak / 2**20)
+                peak_mib=peak / 2**20, load_average_1min=os.getloadavg()[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,10 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per (method, L) subprocess")
+    parser.add_argument("--memory-cap-gib", type=float, default=16.0,
+                        help="address-space limit of each (method, L) subprocess")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        row = run_one(args.one[0], args.batch, args.heads, int(args.one[1]), args.dim, args.repeats)
+        cap = int(args.memory_cap_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        method, length = args.one[0], int(args.one[1])
+        try:
+            row = run_one(method, args.batch, args.heads, length, args.dim, args.repeats)
+        except (MemoryError, RuntimeError) as error:  # torch's CPU allocator raises a RuntimeError
+            if not isinstance(error, MemoryError) and "allocate" not in str(error):
+                raise
+            tried = re.search(r"allocate (\d+) bytes", str(error))
+            failed = f"an allocation of {int(tried[1]) / 2**30:.2f} GiB failed" if tried else str(error)[:200]
+            row = dict(method=method, length=length,
+                       error=f"does not fit in the {args.memory_cap_gib:g} GiB cap ({failed})")
         print(json.dumps(row))
         return 0
 
@@ -83,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     for length in args.lengths:
         for method in args.methods:
             command = [sys.executable, __file__, "--one", method, str(length), "--batch", str(args.batch),
-                       "--heads", str(args.heads), "--dim", str(args.dim), "--repeats", str(args.repeats)]
+                       "--heads", str(args.heads), "--dim", str(args.dim), "--repeats", str(args.repeats),
+                       "--memory-cap-gib", str(args.memory_cap_gib)]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
                 row = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else
@@ -109,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                      if base else " | ")
             print(f"| {length} | {r['method']} | {r['seconds']:.3f} | {r['peak_mib']:.1f} | {ratio} |")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"attention-relation-cpu-{info['date'][:10]}.json"
+    shape = f"B{args.batch}-H{args.heads}-L{'-'.join(map(str, args.lengths))}"
+    out = RESULTS / f"attention-relation-cpu-{shape}-{info['date'][:10]}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
