@@ -31,8 +31,10 @@ def hard_label_cross_entropy(logits: Tensor, labels: Tensor, valid: Tensor) -> T
 
 
 def _times(p: Tensor, x: Tensor) -> Tensor:
-    """p * x with the convention 0 * anything = 0 (p is a probability)."""
-    return torch.where(p > 0, p * x, torch.zeros_like(x))
+    """p * x with the convention 0 * anything = 0 (p is a probability). x is masked before the
+    product, not the product after it: where p = 0 and x = -inf (a -inf student logit) the
+    product's gradient 0 * x would be NaN."""
+    return p * torch.where(p > 0, x, torch.zeros_like(x))
 
 
 def soft_divergence(
@@ -53,11 +55,15 @@ def divergence_terms(log_ps: Tensor, log_pt: Tensor, divergence: str, beta: floa
     elif divergence == "tvd":
         terms = 0.5 * (pt - ps).abs()
     else:
-        # log of the mixture, computed in log space: log(w_a * exp(a) + w_b * exp(b)).
+        # log of the mixture, computed in log space: log(w_a * exp(a) + w_b * exp(b)). Where both
+        # weighted parts are 0 (M = 0: -inf logits in both inputs), log M = -inf is filled in after
+        # logaddexp of finite stand-ins: its gradient exp(a - out) would be exp(-inf + inf) = NaN.
         def log_mix(w_a: float, a: Tensor, b: Tensor) -> Tensor:
             la = math.log(w_a) if w_a > 0 else -math.inf
             lb = math.log(1.0 - w_a)
-            return torch.logaddexp(a + la, b + lb)
+            x, y = a + la, b + lb
+            empty = torch.isneginf(x) & torch.isneginf(y)
+            return torch.logaddexp(x.masked_fill(empty, 0.0), y.masked_fill(empty, 0.0)).masked_fill(empty, -math.inf)
 
         if divergence == "jsd":
             log_m = log_mix(beta, log_pt, log_ps)
@@ -389,7 +395,7 @@ def attention_map(f: Tensor, p: float = 2.0) -> Tensor:
     """AT map of ``(B, C, *spatial)`` features: ``F.normalize(mean_c |f_c|^p)`` flattened per
     sample to ``[B, HW]`` (the mean over channels, as the original; the L2 normalisation makes
     it equal to the sum)."""
-    a = _upcast(f).abs().pow(p).mean(1).reshape(f.shape[0], -1)
+    a = _upcast(f).abs().pow(p).mean(1).reshape(f.shape[0], math.prod(f.shape[2:]))  # B = 0: [0, HW]
     return F.normalize(a, dim=1, eps=NORM_EPS)
 
 

@@ -141,7 +141,7 @@ def draw_options(data, labels) -> dict:
     beta = 0.5
     if divergence in BETA_RANGES:
         low, _, inclusive = BETA_RANGES[divergence]
-        beta = data.draw(st.sampled_from(([low] if inclusive else []) + [0.1, 0.5, 0.9]), label="beta")
+        beta = data.draw(st.sampled_from(([low] if inclusive else []) + [1e-6, 0.1, 0.5, 0.9]), label="beta")
     hard_weight = data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="hard_weight") if labels is not None else 0.0
     return dict(
         temperature=data.draw(st.sampled_from([0.5, 1.0, 2.0, 7.3]), label="temperature"),
@@ -169,11 +169,6 @@ def run_both(fn, ref_fn, leaves: list, make_args, gen: torch.Generator):
     if expected.requires_grad:
         (expected * weights).sum().backward()
     return loss, [x.grad for x in mine], expected.detach(), [x.grad for x in ref]
-
-
-def skew_kl_bug(backend: str, options: dict) -> bool:
-    """test_skew_kl_beta_0_underflow: the kernels' gradient is wrong where p_s or p_t underflows."""
-    return backend != "torch" and options["divergence"].startswith("skew") and options["beta"] == 0
 
 
 def check_grads(grads, ref_grads, tol, dtypes):
@@ -286,7 +281,7 @@ def test_distill_loss(backend, data):
     student = values(gen, shape, scale, dtype)
     loss, grads, expected, ref_grads = run_both(mine, ref, [store(student, s_layout)], args, gen)
     check_loss(loss, expected, dtype, soft_weight(options))
-    if not infinite and not skew_kl_bug(backend, options):
+    if not infinite:
         finite = teacher[torch.isfinite(teacher)].double()
         log_ratio = (float(student.double().abs().max()) + float(finite.abs().max())) / options["temperature"] \
             if student.numel() else 0.0
@@ -343,8 +338,6 @@ def test_fused_linear_distill_loss(backend, data):
     logits = [torch.nn.functional.linear(*(x.double() for x in xs)) for xs in zip(t_hidden, t_weight)] \
         if n_teachers else [torch.nn.functional.linear(t_hidden.double(), t_weight.double())]
     logits.append(torch.nn.functional.linear(*(x.double() for x in args(leaves)[:2])))
-    if skew_kl_bug(backend, options):
-        grads = ref_grads = [None] * len(grads)
     check_fused(loss, expected, grads, ref_grads, dtype,
                 max(float(z.abs().max()) if z.numel() else 0.0 for z in logits) + 4.0, options["temperature"])
 
@@ -412,7 +405,7 @@ def test_sparse_distill_loss(backend, data):
     assume_rest_masses(options, logprobs, indices, student)
     loss, grads, expected, ref_grads = run_both(mine, ref, [store(student, s_layout)], args, gen)
     check_loss(loss, expected, dtype, soft_weight(options))
-    if not torch.isfinite(expected).all() or skew_kl_bug(backend, options):
+    if not torch.isfinite(expected).all():
         return  # reverse KL against a teacher rest mass of 0 (rounded top-k): +inf, as the reference
     log_ratio = float(student.double().abs().max()) / options["temperature"] * 2 if student.numel() else 0.0
     check_grads(grads, ref_grads, grad_tol(dtype, options["divergence"], log_ratio), [dtype])
@@ -459,8 +452,6 @@ def test_fused_linear_sparse_distill_loss(backend, data):
 
     loss, grads, expected, ref_grads = run_both(mine, ref, leaves, args, gen)
     logits = torch.nn.functional.linear(*(x.double() for x in args(leaves)[:2]))
-    if skew_kl_bug(backend, options):
-        grads = ref_grads = [None] * len(grads)
     check_fused(loss, expected, grads, ref_grads, dtype, (float(logits.abs().max()) if logits.numel() else 0.0) + 4.0,
                 options["temperature"])
 
@@ -471,7 +462,7 @@ def test_fused_linear_sparse_distill_loss(backend, data):
 def exact_close_pairs(backend: str, name: str) -> bool:
     """Whether ``backend`` computes ``name``'s distances of near-duplicates to the normal
     tolerance (test_near_duplicate_distances xfails the others, naming why)."""
-    return backend == "torch" or (backend in ("triton", "cpu") and name != "rkd_angle")
+    return backend in ("torch", "triton", "cpu")
 
 
 def draw_features(data, gen, backend, min_batch, dtype, label, near_duplicates=True):
@@ -624,14 +615,20 @@ def test_hint_and_attention_transfer(data):
     close_to_max(hint_grads[0], hint_ref_grads[0], RELATION_GRAD_TOL[dtype], dtype)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: attention_transfer_loss of an empty batch (B = 0) raises torch's "
-                   "'cannot reshape tensor of 0 elements into shape [0, -1]' from kdops/reference.py attention_map "
-                   "(reshape(B, -1)); expected a loss (nan / 0, as hint_loss) or a ValueError naming f_s")
-def test_attention_transfer_empty_batch():
-    f_s = torch.randn(0, 3, 4, 4, requires_grad=True)
-    loss = kdops.attention_transfer_loss(f_s, torch.randn(0, 2, 4, 4))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)], ids=["B = 0", "HW = 0"])
+def test_attention_transfer_empty(shape, dtype):
+    """An empty batch or spatial map: as hint_loss, the mean of nothing (NaN, float32 or float64)
+    and a zero gradient of f_s's shape and dtype (the AT map's reshape(B, -1) raised at B = 0)."""
+    f_s = torch.randn(shape, dtype=torch.float64).to(dtype).requires_grad_(True)
+    f_t = torch.randn((shape[0], 2, *shape[2:]), dtype=torch.float64).to(dtype)
+    loss = kdops.attention_transfer_loss(f_s, f_t)
+    hint = kdops.hint_loss(f_s, f_s.detach() + 1)
+    assert loss.shape == hint.shape == () and loss.dtype == hint.dtype
+    assert math.isnan(float(loss)) and math.isnan(float(hint))
+    assert math.isnan(float(reference.attention_transfer_loss(f_s.double(), f_t.double())))
     loss.backward()
-    assert f_s.grad.shape == f_s.shape
+    assert f_s.grad.shape == f_s.shape and f_s.grad.dtype == dtype
 
 
 # ------------------------------------------------------------------------------- near-duplicates
@@ -668,17 +665,6 @@ REFERENCE_DISTANCE_LOSSES = {
 }
 
 
-ANGLE_BUG = {
-    "triton": pytest.mark.xfail(strict=True, reason=(
-        "bug (kdops/backends/triton/affinity.py _angle_kernel): the law of cosines (a + b - c) / (2 sqrt(a b)) "
-        "cancels for a pair close to the anchor (a << b ~ c): gradient 1.7e-3 (clustered) / 1.7e-2 (duplicated) "
-        "off, relative to its largest element")),
-    "cpu": pytest.mark.xfail(strict=True, reason=(
-        "bug (csrc/common/affinity.h, RKD angle): near-duplicate samples (a pair close to the anchor) give an "
-        "angle gradient 1.6e-4 (clustered) / 4.0e-4 (duplicated) off, relative to its largest element")),
-}
-
-
 def near_duplicate_params():
     for case in NEAR_DUPLICATE_CASES:
         for name in DISTANCE_LOSSES:
@@ -686,8 +672,6 @@ def near_duplicate_params():
                 marks = []
                 if name == "rkd_angle" and case == "1-D, B = 257":
                     continue  # 1-D angles are all 0 or 180 degrees: the gradient is 0 (test_affinity)
-                if name == "rkd_angle" and backend in ANGLE_BUG:
-                    marks.append(ANGLE_BUG[backend])
                 yield pytest.param(backend, name, case, marks=marks, id=f"{case}-{name}-{backend}")
 
 
@@ -725,22 +709,121 @@ def test_reference_distances_are_exact_for_close_pairs():
     assert abs(float(d[0, 1]) - float(exact)) <= 1e-3 * float(exact)
 
 
-SKEW_CASES = {  # divergence -> the reference's gradient at student [0, 1000], teacher [1000, 0], T = 1
-    "skew_forward_kl": [[-1.0, 1.0]],  # = forward KL: p_s - p_t; the kernels give [0, 0]
-    "skew_reverse_kl": [[0.0, 0.0]],  # = reverse KL: p_s (log p_s - log p_t - KL) = 0; the kernels give NaN
+# ------------------------------------------------------------------------------- skew KL at beta = 0
+# At beta = 0 the skew divergences are forward / reverse KL (M = p_s, resp. p_t). The kernels
+# compute q = -(1 - b) p_s p_t / M and b p_s / M in log space: where p_s (and M) underflow to 0 the
+# gradient stays exact (a mask on p_t > 0 & p_s > 0 dropped it; 0 * exp(inf) made it NaN).
+
+SKEW_BACKENDS = BACKENDS + ["distributed"]  # vocab_parallel_distill_loss without a group: its own terms
+SKEW_KL = {"skew_forward_kl": "forward_kl", "skew_reverse_kl": "reverse_kl"}
+SKEW_BETAS = [0.0, 1e-6, 0.5, 1.0 - 1e-6]
+SKEW_CASES = {  # divergence -> the exact gradient at student [0, 1000], teacher [1000, 0], T = 1
+    "skew_forward_kl": [[-1.0, 1.0]],  # = forward KL: p_s - p_t (the kernels gave [0, 0])
+    "skew_reverse_kl": [[0.0, 0.0]],  # = reverse KL: p_s (log p_s - log p_t - KL) = 0 (the kernels gave NaN)
 }
 
 
-@pytest.mark.parametrize("divergence", list(SKEW_CASES))
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-@pytest.mark.xfail(strict=True, reason=(
-    "bug (kdops/backends/triton/divergence.py, csrc/common/divergence.h; found by test_distill_loss): "
-    "the skew divergences at beta = 0 (forward / reverse KL) mishandle a probability that underflows to 0: "
-    "student [0, 1000], teacher [1000, 0], T = 1, float64: skew_forward_kl's gradient [0, 0] instead of "
-    "[-1, 1] (the (p_t > 0) & (p_s > 0) mask drops it), skew_reverse_kl's NaN instead of [0, 0]"))
-def test_skew_kl_beta_0_underflow(backend, divergence):
+def skew_loss(backend: str, s: torch.Tensor, t: torch.Tensor, **options) -> torch.Tensor:
+    if backend == "distributed":
+        return kdops.distributed.vocab_parallel_distill_loss(s, t, **options)
     require(backend)
+    return kdops.distill_loss(s, t, backend=backend, **options)
+
+
+@pytest.mark.parametrize("divergence", list(SKEW_CASES))
+@pytest.mark.parametrize("backend", SKEW_BACKENDS)
+def test_skew_kl_beta_0_underflow(backend, divergence):
+    """The minimal example test_distill_loss found, float64: p_s[0] = p_t[1] = exp(-1000) = 0."""
     s = torch.tensor([[0.0, 1000.0]], dtype=torch.float64, requires_grad=True)
     t = torch.tensor([[1000.0, 0.0]], dtype=torch.float64)
-    kdops.distill_loss(s, t, temperature=1.0, divergence=divergence, beta=0.0, backend=backend).backward()
+    loss = skew_loss(backend, s, t, temperature=1.0, divergence=divergence, beta=0.0)
+    loss.backward()
+    torch.testing.assert_close(loss, torch.tensor(1000.0, dtype=torch.float64))  # KL = 1000 both ways
     torch.testing.assert_close(s.grad, torch.tensor(SKEW_CASES[divergence], dtype=torch.float64))
+
+
+def skew_inputs(gen: torch.Generator, dtype: torch.dtype, masked: tuple) -> tuple:
+    """[6, 37] student / teacher logits: rows 0-1 of scale 1, rows 2-4 of scale 1e3 (at T <= 2
+    most probabilities underflow to 0, in float64 too), row 5 the minimal example padded with 0;
+    -inf logits (30 %, column 0 and row 5 kept) in ``masked`` ("student", "teacher")."""
+    n, v = 6, 37
+    scale = torch.tensor([1.0, 1.0, 1e3, 1e3, 1e3, 0.0], dtype=torch.float64)[:, None]
+    logits = []
+    for who in ("student", "teacher"):
+        x = torch.randn((n, v), generator=gen, dtype=torch.float64) * scale
+        x[5, 1 if who == "student" else 0] = 1000.0
+        if who in masked:
+            mask = torch.rand((n, v), generator=gen) < 0.3
+            mask[:, 0] = mask[5] = False
+            x = x.masked_fill(mask, -math.inf)
+        logits.append(x.to(dtype))
+    return tuple(logits)
+
+
+def kl_weighting_side(divergence: str) -> str:
+    """The distribution weighting the KL's log-ratio: -inf logits there keep the loss finite."""
+    return "teacher" if divergence == "skew_forward_kl" else "student"
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of the compute dtype (float32 for 16-bit inputs)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divergence", list(SKEW_KL))
+@pytest.mark.parametrize("backend", SKEW_BACKENDS)
+def test_skew_kl_at_beta_0_is_kl(backend, divergence, dtype):
+    """At beta = 0 a skew divergence is forward / reverse KL on the same backend, loss and gradient,
+    to the rounding of a different summation (derived below), with underflowing probabilities and
+    -inf logits, in every dtype."""
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    s, t = skew_inputs(gen, dtype, (kl_weighting_side(divergence),))
+    temperature = 1.0
+    results = []
+    for div in (divergence, SKEW_KL[divergence]):
+        leaf = s.clone().requires_grad_(True)
+        loss = skew_loss(backend, leaf, t, temperature=temperature, divergence=div, beta=0.0, reduction="sum")
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    (skew, skew_grad), (kl, kl_grad) = results
+    assert torch.isfinite(kl) and torch.isfinite(kl_grad).all() and skew_grad.dtype == dtype
+    # The terms d_i are the same numbers (log M = log p_s, resp. log p_t, exactly at b = 0); the row
+    # sums may add them in another order: |error| <= 2 V u sum_i |d_i| per row (u: unit roundoff).
+    # The gradient (q_i - p_s_i S) / T has S = -1 for forward KL and S = -sum p_t (off by <= 2 V u)
+    # for the skew form: up to 2 V u / T apart, times the soft weight T^2, then one rounding each to
+    # the gradient dtype (up to an ulp apart: 2 eps relative).
+    u, v, c = unit_roundoff(dtype), s.shape[-1], temperature**2
+    s64, t64 = s.double(), t.double()
+    terms = reference.divergence_terms(torch.log_softmax(s64 / temperature, -1), torch.log_softmax(t64 / temperature, -1),
+                                       SKEW_KL[divergence], 0.0)
+    assert torch.isfinite(terms).all()
+    torch.testing.assert_close(skew.double(), kl.double(), rtol=0, atol=2 * v * u * c * float(terms.abs().sum()) + 1e-300)
+    torch.testing.assert_close(skew_grad.double(), kl_grad.double(), rtol=2 * torch.finfo(dtype).eps,
+                               atol=2 * v * u * c / temperature)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", SKEW_BETAS)
+@pytest.mark.parametrize("divergence", list(SKEW_KL))
+@pytest.mark.parametrize("backend", SKEW_BACKENDS)
+def test_skew_kl_against_reference(backend, divergence, beta, dtype):
+    """Skew KL for beta in [0, 1) against the float64 reference, values and gradients, with
+    underflowing probabilities and -inf logits: at beta > 0 in both inputs (M > 0 wherever
+    p_s or p_t is: everything finite), at beta = 0 on the KL's weighting side only."""
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    masked = ("student", "teacher") if beta > 0 else (kl_weighting_side(divergence),)
+    s, t = skew_inputs(gen, dtype, masked)
+    options = dict(temperature=2.0, divergence=divergence, beta=beta, reduction="none")
+    leaf, leaf64 = s.clone().requires_grad_(True), s.double().clone().requires_grad_(True)
+    loss = skew_loss(backend, leaf, t, **options)
+    expected = reference.distill_loss(leaf64, t.double(), **options)
+    weights = torch.rand(expected.shape, generator=gen, dtype=torch.float64) + 0.5
+    (loss * weights.to(loss.dtype)).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.isfinite(expected).all() and torch.isfinite(leaf64.grad).all()
+    assert torch.isfinite(loss).all() and torch.isfinite(leaf.grad).all()
+    check_loss(loss.detach(), expected.detach(), dtype, options["temperature"] ** 2)
+    finite = torch.cat([x[torch.isfinite(x)].double() for x in (s, t)])
+    log_ratio = 2 * float(finite.abs().max()) / options["temperature"]
+    check_grads([leaf.grad], [leaf64.grad], grad_tol(dtype, divergence, log_ratio), [dtype])

@@ -85,12 +85,14 @@ KD_HD Term<acc_t> divergence_term(acc_t ls, acc_t lt, acc_t beta, const MixWeigh
   } else if (DIV == kSkewForwardKL) {  // M = b p_t + (1 - b) p_s
     const acc_t lm = log_add_exp<Math>(w.log_b + lt, w.log_1mb + ls);
     r.d = times(pt, lt - lm);
-    const acc_t q = ps > acc_t(0) ? -(acc_t(1) - beta) * Math::exp(ls + lt - lm) : acc_t(0);
-    r.q = pt > acc_t(0) ? q : acc_t(0);  // two selects: gcc 12 cannot vectorize one on a &&
+    // q = -(1 - b) p_s p_t / M in log space, exact where p_s, p_t and M underflow (masked on
+    // ls > -inf, not p_s > 0); at b = 0, ls - lm = 0 exactly: forward KL's q = -p_t
+    r.q = ls > acc_t(-INFINITY) ? -(acc_t(1) - beta) * Math::exp(lt + (ls - lm)) : acc_t(0);
   } else if (DIV == kSkewReverseKL) {  // M = b p_s + (1 - b) p_t
     const acc_t lm = log_add_exp<Math>(w.log_b + ls, w.log_1mb + lt);
     r.d = times(ps, ls - lm);
-    r.q = times(ps, ls - lm - beta * Math::exp(ls - lm));
+    // b p_s / M: in [0, 1] for b > 0; 0 at b = 0, also where M = p_t = 0 (0 * inf is NaN)
+    r.q = times(ps, ls - lm - times(beta, Math::exp(ls - lm)));
   } else {  // kTVD
     const acc_t diff = ps - pt;
     r.d = acc_t(0.5) * (diff < acc_t(0) ? -diff : diff);

@@ -61,11 +61,14 @@ def divergence_term(ls, lt, beta, log_b, log_1mb, DIV: tl.constexpr):
     elif DIV == SKEW_FORWARD_KL:  # KL(p_t || M), M = b p_t + (1 - b) p_s
         lm = log_add_exp(log_b + lt, log_1mb + ls)
         d = times(pt, lt - lm)
-        q = tl.where((pt > 0.0) & (ps > 0.0), -(1.0 - beta) * tl.exp(ls + lt - lm), 0.0)
+        # q = -(1 - b) p_s p_t / M in log space, exact where p_s, p_t and M underflow (masked on
+        # ls > -inf, not p_s > 0); at b = 0, ls - lm = 0 exactly: forward KL's q = -p_t
+        q = tl.where(ls > float("-inf"), -(1.0 - beta) * tl.exp(lt + (ls - lm)), 0.0)
     elif DIV == SKEW_REVERSE_KL:  # KL(p_s || M), M = b p_s + (1 - b) p_t
         lm = log_add_exp(log_b + ls, log_1mb + lt)
         d = times(ps, ls - lm)
-        q = times(ps, ls - lm - beta * tl.exp(ls - lm))
+        # b p_s / M: in [0, 1] for b > 0; 0 at b = 0, also where M = p_t = 0 (0 * inf is NaN)
+        q = times(ps, ls - lm - times(beta, tl.exp(ls - lm)))
     else:  # TVD: 0.5 sum |p_s - p_t|
         diff = ps - pt
         d = 0.5 * tl.abs(diff)
