@@ -281,3 +281,30 @@ def test_hard_distillation_is_ce_against_the_teacher_argmax(backend):
     log_mix = torch.logsumexp(torch.log_softmax(mixture / 2.0, -1), 0)
     two = kdops.distill_loss(student, mixture, divergence="hard", temperature=2.0, backend=backend)
     assert_close(two, F.cross_entropy(student / 2.0, log_mix.argmax(-1)) * 4.0, LOSS_TOL[torch.float32])
+
+
+def test_benchmark_reports_a_method_over_the_memory_cap(tmp_path):
+    """benchmarks/bench_attention_relation.py: a run that fits gives time and peak memory; one whose
+    L x L relations pass the address-space cap reports that it does not fit (each in its own process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention_relation.py"
+    root = str(script.parent.parent)  # kdops importable from the checkout, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+
+    def one(method, length):
+        done = subprocess.run([sys.executable, str(script), "--one", method, str(length), "--batch", "1", "--heads",
+                               "1", "--dim", "4", "--repeats", "1", "--memory-cap-gib", "4"],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    fits = one("kdops", 64)
+    assert fits["seconds"] > 0 and fits["peak_mib"] >= 0 and "error" not in fits
+    over = one("torch", 32768)  # one [1, 1, L, L] float32 relation matrix is 4 GiB
+    assert over["error"].startswith("does not fit in the 4 GiB cap"), over
