@@ -15,7 +15,7 @@ from torch import nn
 
 import kdops
 
-from conftest import assert_close_to_max
+from conftest import assert_close_to_max, spawn_ranks
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -630,31 +630,10 @@ def _dtensor_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def _spawn_two_ranks(worker, tmp_path, *args) -> None:
-    """Runs ``worker(rank, 2, port, out_dir, *args)`` on two spawned processes; each writes None or
-    its failure to rank<r>.json, which this asserts are None."""
-    import socket
-
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this torch build")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(r, 2, port, str(tmp_path), *args)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    paths = [tmp_path / f"rank{r}.json" for r in range(2)]
-    errors = [json.loads(path.read_text()) if path.exists() else f"rank {r} wrote nothing (exit code "
-              f"{procs[r].exitcode})" for r, path in enumerate(paths)]
+    """Runs ``worker(rank, 2, port, out_dir, *args)`` on two spawned processes (conftest.spawn_ranks);
+    each writes None or its failure to rank<r>.json, which this asserts are None."""
+    seen = spawn_ranks(worker, 2, tmp_path, *args, join_timeout_s=240, must_report=range(2))
+    errors = [seen[r] for r in range(2)]
     assert errors == [None, None], "\n".join(e for e in errors if e)
 
 
@@ -733,3 +712,24 @@ def test_fsdp2_transformers_trainer_two_gloo_ranks(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     _spawn_two_ranks(_fsdp2_trainer_worker, tmp_path, int(torch.randint(1 << 30, ())))
+
+
+def test_bench_trl_smoke(tmp_path):
+    """benchmarks/bench_trl.py end to end at a tiny size (two worker processes): a JSON row per method, the same
+    loss in TRL's chunked path and kdops', the load average recorded."""
+    import subprocess
+
+    pytest.importorskip("trl")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_trl.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent.parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, str(script), "--vocab", "300", "--hidden", "32", "--batch", "1", "--seq", "16",
+                    "--repeats", "1", "--warmup", "0", "--dtype", "bfloat16", "--methods", "trl-chunked",
+                    "kdops", "--device", "cpu", "--out", str(tmp_path / "trl")], check=True, env=env,
+                   capture_output=True, text=True)
+    result = json.loads((tmp_path / "trl.json").read_text())
+    assert [(r["dtype"], r["method"]) for r in result["rows"]] == [("bfloat16", "trl-chunked"), ("bfloat16", "kdops")]
+    assert len(result["load_average_1_5_15_min"]["before"]) == 3
+    for spread in result["relative_loss_spread"].values():
+        assert spread < 1e-3
+    assert "| bfloat16 | 300 | kdops |" in (tmp_path / "trl.md").read_text()
