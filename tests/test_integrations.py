@@ -532,8 +532,9 @@ def _tensor_parallel_case(rank: int, world: int, mesh, calls: list) -> None:
     """TP: a ColwiseParallel lm_head (weight and bias DTensors Shard(0), uneven: V = 37 over the
     ranks) and the same rows on every rank: routed vocabulary-parallel; loss, entropy and the
     gradients to the hidden states, weight and bias equal one process's gathered path on the
-    full tensors. Teacher lm_head plain (sliced to the rank's rows) or ColwiseParallel too."""
-    from torch.distributed.tensor import DTensor
+    full tensors. Teacher lm_head plain (sliced to the rank's rows) or ColwiseParallel too; the
+    student's hidden states plain or a DTensor sharded over the sequence (sequence parallelism)."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     from kdops.integrations.trl import chunked_divergence_loss
@@ -556,23 +557,26 @@ def _tensor_parallel_case(rank: int, world: int, mesh, calls: list) -> None:
                                   **options)
     ref[0].backward()
     parallelize_module(student, mesh, ColwiseParallel())
-    for teacher_parallel in (False, True):
-        if teacher_parallel:
+    for teacher_parallel, sequence_parallel in ((False, False), (True, False), (True, True)):
+        if teacher_parallel and not sequence_parallel:
             parallelize_module(teacher, mesh, ColwiseParallel())
         student.zero_grad(set_to_none=True)
         hidden = h_s.clone().requires_grad_(True)
+        if sequence_parallel:
+            hidden = distribute_tensor(h_s.clone(), mesh, [Shard(1)]).requires_grad_(True)
         del calls[:]
         loss, entropy, count = chunked_divergence_loss(hidden, h_t, student.weight, teacher.weight, mask,
                                                        student_lm_head_bias=student.bias,
                                                        teacher_lm_head_bias=teacher.bias, **options)
         loss.backward()
-        what = f"teacher ColwiseParallel={teacher_parallel}"
+        what = f"teacher ColwiseParallel={teacher_parallel} hidden Shard(1)={sequence_parallel}"
         assert calls == ["vocab_parallel_fused_linear_distill_loss"], (what, calls)
         assert isinstance(student.weight.grad, DTensor), what
         torch.testing.assert_close(loss, ref[0], msg=what)
         torch.testing.assert_close(entropy, ref[1], msg=what)
         assert int(count) == int(ref[2]), what
-        torch.testing.assert_close(hidden.grad, hidden_ref.grad, msg=what)
+        grad = hidden.grad.full_tensor() if sequence_parallel else hidden.grad
+        torch.testing.assert_close(grad, hidden_ref.grad, msg=what)
         for name, p in student.named_parameters():
             torch.testing.assert_close(p.grad.full_tensor(), full[name].grad, msg=f"{what}: {name}")
 

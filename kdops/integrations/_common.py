@@ -13,7 +13,9 @@ A student ``lm_head`` weight that is a DTensor sharded over the vocabulary (``Sh
 
 The rows are compared by one all-gather of exact checksums (:func:`kdops.distributed._replicated`);
 where they are equal both paths give the same loss and gradients, so the choice is only one of
-cost. Other DTensors (other placements, 2-D meshes) are gathered.
+cost. Other DTensors (other placements, 2-D meshes) are gathered. Hidden states that are
+DTensors (sequence parallelism's ``Shard(1)``) are gathered to the full rows first; their
+gradient, the same full gradient on every rank, goes back to the shards.
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ def fused_lm_head_loss(
     over ranks holding the same rows runs vocabulary-parallel (see the module docstring: the
     torch-op path of :mod:`kdops.distributed`, which takes no ``backend``); other DTensors are
     gathered once. ``options``: those of :func:`kdops.fused_linear_distill_loss`."""
+    hidden, teacher_hidden = (x.full_tensor() if isinstance(x, DTensor) else x for x in (hidden, teacher_hidden))
     s_dtype, t_dtype = autocast_dtype(hidden), autocast_dtype(teacher_hidden)
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
