@@ -66,4 +66,34 @@ KD_HD T smooth_l1_grad(T z, T beta) {
   return az < beta ? z / beta : (z > 0 ? T(1) : (z < 0 ? T(-1) : T(0)));
 }
 
+// ---- RKD-A (the law of cosines and where it cancels; see kdops/backends/triton/affinity.py) ----
+
+// The cosine of the angle at anchor w between x_u - x_w and x_v - x_w by the law of cosines
+// (a + b - c) / (2 sqrt(a) sqrt(b)) from the squared distances a = E_uw, b = E_vw, c = E_uv and
+// inv_ab = 1 / sqrt(a b) (0 where a or b <= 1e-24: the cosine is then 0).
+template <typename T>
+KD_HD T law_of_cosines(T a, T b, T c, T inv_ab) {
+  return (a + b - c) * T(0.5) * inv_ab;
+}
+
+// Whether the law of cosines cancels for the squared lengths a, b (inv_ab = 1 / sqrt(a b), 0 when
+// masked): b - c cancels where a and b differ by more than a factor 1 / kClosePairRatio (within
+// it, the error is ~ eps (a + b) / sqrt(a b) < 33 eps).
+template <typename T>
+KD_HD bool skewed(T a, T b, T inv_ab) {
+  return inv_ab != T(0) && (a < T(kClosePairRatio) * b || b < T(kClosePairRatio) * a);
+}
+
+// The term of triplets (p, r, q) (anchor r: inv1 = 1 / sqrt(E_pr E_qr), cosines cos1) and
+// (p, q, r) (anchor q: inv2 = 1 / sqrt(E_pq E_rq), cosines cos2, inv_pq = 1 / sqrt(E_pq)) in
+// Delta_pq: g_prq dcos_prq/dc + 2 g_pqr dcos_pqr/da, dcos/dc = -1/(2 sqrt(ab)),
+// dcos/da = 1/(2 sqrt(ab)) - cos/(2a) (see kdops/backends/triton/affinity.py).
+template <typename T>
+KD_HD T angle_delta_term(T inv1, T cos1_s, T cos1_t, T inv2, T inv_pq, T cos2_s, T cos2_t, T beta) {
+  const T g1 = inv1 != T(0) ? smooth_l1_grad(cos1_s - cos1_t, beta) : T(0);
+  const T g2 = inv2 != T(0) ? smooth_l1_grad(cos2_s - cos2_t, beta) : T(0);
+  const T dcos2_da = T(0.5) * inv2 - T(0.5) * cos2_s * inv_pq * inv_pq;
+  return T(-0.5) * g1 * inv1 + T(2) * g2 * dcos2_da;
+}
+
 }  // namespace kdops

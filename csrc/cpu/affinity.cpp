@@ -8,7 +8,9 @@
 // block, so threads accumulate per-row sums and gradient rows without atomics. Backward passes
 // recompute the tiles, turn them into pair weights W and apply dx_I += W_IJ X_J and
 // dx_J += W_IJ^T X_I with the same micro-kernel. RKD-A keeps the exact [B, B] squared
-// distances (O(B^2)) and loops over anchors, never holding [B, B, B].
+// distances (O(B^2)) and loops over anchors, never holding [B, B, B]; its cosines come from the
+// law of cosines except for triplets with a pair close to the anchor, where that cancels and the
+// dot of the difference vectors is formed instead.
 //
 // Distances (euclidean / squared-euclidean affinities, RKD-D, RKD-A) use centred features (the
 // batch mean subtracted: distances do not see it, the Gram form n_i + n_j - 2 g cancels less),
@@ -661,77 +663,110 @@ void exact_squared(const Features<A>& f, std::vector<A>& e, std::vector<A>& inv_
   }
 }
 
+// The cosine at anchor w between x_u - x_w and x_v - x_w: the law of cosines, or where it cancels
+// (skewed) the normalised dot of the differences of the rows of f.
+template <typename A>
+A cosine(const Features<A>& f, const A* e, const A* inv, int64_t u, int64_t v, int64_t w) {
+  const int64_t B = f.batch;
+  const A a = e[u * B + w], b = e[v * B + w], inv_ab = inv[u * B + w] * inv[v * B + w];
+  if (!skewed(a, b, inv_ab)) return law_of_cosines(a, b, e[u * B + v], inv_ab);
+  const A *xu = f.row_at(u), *xv = f.row_at(v), *xw = f.row_at(w);
+  A dot = 0;
+  for (int64_t k = 0; k < f.dim; ++k) dot += (xu[k] - xw[k]) * (xv[k] - xw[k]);
+  return dot * inv_ab;
+}
+
 // Forward: returns the loss. Backward (grad != nullptr): dx into p.dx.
-// Triplet (p, r, q) has anchor r, a = E_pr, b = E_qr, c = E_pq and
-// cos = (a + b - c) / (2 sqrt(a) sqrt(b)) (0 where a or b <= 1e-24).
+// Triplet (p, r, q) has anchor r, a = E_pr, b = E_qr, c = E_pq. The inner loops take the law of
+// cosines (vectorised) and flag the triplets where it cancels (skewed, for either model), which
+// a second loop then adds with the cosines of the differences.
 template <typename T>
 acc_type<T> rkd_angle(const RelationParams& p, const acc_type<T>* grad) {
   using A = acc_type<T>;
   const int64_t B = p.batch;
   const auto s = load_features(static_cast<const T*>(p.student), B, p.student_dim, p.student_stride, true, true);
+  const auto t = load_features(static_cast<const T*>(p.teacher), B, p.teacher_dim, p.teacher_stride, true, true);
   std::vector<A> es, is, et, it;
   exact_squared(s, es, is);
-  {
-    const auto t = load_features(static_cast<const T*>(p.teacher), B, p.teacher_dim, p.teacher_stride, true, true);
-    exact_squared(t, et, it);
-  }
+  exact_squared(t, et, it);
   const A beta = A(p.beta);
   if (grad == nullptr) {
     // per-anchor-row totals summed in a fixed order (an OpenMP reduction adds the threads'
     // partials in an order that varies from call to call)
     std::vector<A> row_loss(B, A(0));
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t q = 0; q < B; ++q) {
-      A row_total = 0;
-      const A *es_q = es.data() + q * B, *is_q = is.data() + q * B;
-      const A *et_q = et.data() + q * B, *it_q = it.data() + q * B;
-      for (int64_t r = 0; r < B; ++r) {
-        const A *es_r = es.data() + r * B, *is_r = is.data() + r * B;
-        const A *et_r = et.data() + r * B, *it_r = it.data() + r * B;
-        const A as = es_q[r], ias = is_q[r], at = et_q[r], iat = it_q[r];
+#pragma omp parallel
+    {
+      std::vector<unsigned char> flagged(B);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t q = 0; q < B; ++q) {
+        A row_total = 0;
+        const A *es_q = es.data() + q * B, *is_q = is.data() + q * B;
+        const A *et_q = et.data() + q * B, *it_q = it.data() + q * B;
+        for (int64_t r = 0; r < B; ++r) {
+          const A *es_r = es.data() + r * B, *is_r = is.data() + r * B;
+          const A *et_r = et.data() + r * B, *it_r = it.data() + r * B;
+          const A bs = es_q[r], ibs = is_q[r], bt = et_q[r], ibt = it_q[r];
+          unsigned char* fl = flagged.data();
 #pragma omp simd reduction(+ : row_total)
-        for (int64_t pp = 0; pp < B; ++pp) {  // triplet (pp, r, q)
-          const A cos_s = (es_r[pp] + as - es_q[pp]) * A(0.5) * (is_r[pp] * ias);
-          const A cos_t = (et_r[pp] + at - et_q[pp]) * A(0.5) * (it_r[pp] * iat);
-          row_total += smooth_l1(cos_s - cos_t, beta);
+          for (int64_t pp = 0; pp < B; ++pp) {  // triplet (pp, r, q)
+            const A inv_s = is_r[pp] * ibs, inv_t = it_r[pp] * ibt;
+            const bool skew = skewed(es_r[pp], bs, inv_s) || skewed(et_r[pp], bt, inv_t);
+            const A cos_s = law_of_cosines(es_r[pp], bs, es_q[pp], inv_s);
+            const A cos_t = law_of_cosines(et_r[pp], bt, et_q[pp], inv_t);
+            row_total += skew ? A(0) : smooth_l1(cos_s - cos_t, beta);
+            fl[pp] = skew;
+          }
+          for (int64_t pp = 0; pp < B; ++pp) {
+            if (fl[pp]) row_total += smooth_l1(cosine(s, es.data(), is.data(), pp, q, r) -
+                                               cosine(t, et.data(), it.data(), pp, q, r), beta);
+          }
         }
+        row_loss[q] = row_total;
       }
-      row_loss[q] = row_total;
     }
     return sum(row_loss) / (A(B) * A(B) * A(B));
   }
-  // Delta_pq = scale sum_r [g_prq dcos_prq/dc + 2 g_pqr dcos_pqr/da], dcos/dc = -1/(2 sqrt(ab)),
-  // dcos/da = 1/(2 sqrt(ab)) - cos/(2a) (see kdops/backends/triton/affinity.py); the masks are the
-  // zero inverse square roots.
+  // Delta_pq = scale sum_r angle_delta_term(...); the masks are the zero inverse square roots.
   const A scale = *grad / (A(B) * A(B) * A(B));
   std::vector<A> delta(B * B, A(0));
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t pp = 0; pp < B; ++pp) {
-    A* out = delta.data() + pp * B;
-    const A *es_p = es.data() + pp * B, *is_p = is.data() + pp * B;
-    const A *et_p = et.data() + pp * B, *it_p = it.data() + pp * B;
-    for (int64_t r = 0; r < B; ++r) {
-      const A *es_r = es.data() + r * B, *is_r = is.data() + r * B;
-      const A *et_r = et.data() + r * B, *it_r = it.data() + r * B;
-      const A as = es_p[r], ias = is_p[r], at = et_p[r], iat = it_p[r];
+#pragma omp parallel
+  {
+    std::vector<unsigned char> flagged(B);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t pp = 0; pp < B; ++pp) {
+      A* out = delta.data() + pp * B;
+      const A *es_p = es.data() + pp * B, *is_p = is.data() + pp * B;
+      const A *et_p = et.data() + pp * B, *it_p = it.data() + pp * B;
+      for (int64_t r = 0; r < B; ++r) {
+        const A *es_r = es.data() + r * B, *is_r = is.data() + r * B;
+        const A *et_r = et.data() + r * B, *it_r = it.data() + r * B;
+        const A as = es_p[r], ias = is_p[r], at = et_p[r], iat = it_p[r];
+        unsigned char* fl = flagged.data();
 #pragma omp simd
-      for (int64_t q = 0; q < B; ++q) {
-        // triplet (p, r, q): a = E_pr, b = E_qr, c = E_pq
-        const A inv1 = ias * is_r[q];
-        const A cos1_s = (as + es_r[q] - es_p[q]) * A(0.5) * inv1;
-        const A cos1_t = (at + et_r[q] - et_p[q]) * A(0.5) * (iat * it_r[q]);
-        const A g1 = inv1 != A(0) ? smooth_l1_grad(cos1_s - cos1_t, beta) : A(0);
-        // triplet (p, q, r): anchor q, a = E_pq, b = E_rq, c = E_pr
-        const A inv2 = is_p[q] * is_r[q];
-        const A cos2_s = (es_p[q] + es_r[q] - as) * A(0.5) * inv2;
-        const A cos2_t = (et_p[q] + et_r[q] - at) * A(0.5) * (it_p[q] * it_r[q]);
-        const A g2 = inv2 != A(0) ? smooth_l1_grad(cos2_s - cos2_t, beta) : A(0);
-        const A dcos2_da = A(0.5) * inv2 - A(0.5) * cos2_s * is_p[q] * is_p[q];
-        out[q] += A(-0.5) * g1 * inv1 + A(2) * g2 * dcos2_da;
+        for (int64_t q = 0; q < B; ++q) {
+          // triplet (p, r, q): a = E_pr, b = E_qr, c = E_pq; triplet (p, q, r): a = E_pq, b = E_rq, c = E_pr
+          const A inv1_s = ias * is_r[q], inv1_t = iat * it_r[q];
+          const A inv2_s = is_p[q] * is_r[q], inv2_t = it_p[q] * it_r[q];
+          const bool skew = skewed(as, es_r[q], inv1_s) || skewed(at, et_r[q], inv1_t) ||
+                            skewed(es_p[q], es_r[q], inv2_s) || skewed(et_p[q], et_r[q], inv2_t);
+          const A term = angle_delta_term(inv1_s, law_of_cosines(as, es_r[q], es_p[q], inv1_s),
+                                          law_of_cosines(at, et_r[q], et_p[q], inv1_t), inv2_s, is_p[q],
+                                          law_of_cosines(es_p[q], es_r[q], as, inv2_s),
+                                          law_of_cosines(et_p[q], et_r[q], at, inv2_t), beta);
+          out[q] += skew ? A(0) : term;
+          fl[q] = skew;
+        }
+        for (int64_t q = 0; q < B; ++q) {
+          if (!fl[q]) continue;
+          out[q] += angle_delta_term(ias * is_r[q], cosine(s, es.data(), is.data(), pp, q, r),
+                                     cosine(t, et.data(), it.data(), pp, q, r), is_p[q] * is_r[q], is_p[q],
+                                     cosine(s, es.data(), is.data(), pp, r, q),
+                                     cosine(t, et.data(), it.data(), pp, r, q), beta);
+        }
       }
-    }
 #pragma omp simd
-    for (int64_t q = 0; q < B; ++q) out[q] *= scale;
+      for (int64_t q = 0; q < B; ++q) out[q] *= scale;
+    }
   }
   affinity_gradient(s, kSquaredEuclidean, delta.data(), B, 1, es.data(), B).store(static_cast<T*>(p.dx));
   return A(0);

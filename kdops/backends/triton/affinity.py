@@ -18,8 +18,10 @@ Forward passes never store a ``[B, B]`` matrix for SP and RKD-D:
 * RKD-A: the exact squared distances ``E`` (``[B, B]``, from differences, so that duplicate
   samples give exactly 0) of each model, then per tile (p, q) a loop over anchors r of
   ``cos_prq = (a + b - c) / (2 sqrt(a) sqrt(b))`` with ``a = E_pr``, ``b = E_qr``, ``c = E_pq``
-  (law of cosines; ``cos = 0`` where ``a`` or ``b <= 1e-24``): ``L = sum h(cos^s - cos^t) / B^3``.
-  Memory ``O(B^2)``, no ``[B, B, B]`` buffer.
+  (law of cosines; ``cos = 0`` where ``a`` or ``b <= 1e-24``), except where ``a`` and ``b``
+  differ by more than ``1 / CLOSE_PAIR_RATIO`` (a pair close to the anchor: ``b - c`` cancels),
+  where ``cos = (x_p - x_r) . (x_q - x_r) / sqrt(a b)`` from the differences of the rows:
+  ``L = sum h(cos^s - cos^t) / B^3``. Memory ``O(B^2)``, no ``[B, B, B]`` buffer.
 
 Every gradient ends in one "apply" step with pair weights ``W`` (rows of a chunk x B):
 
@@ -38,7 +40,8 @@ Every gradient ends in one "apply" step with pair weights ``W`` (rows of a chunk
   w.r.t. the squared distances is ``Delta_pq = sum_r [g_prq dcos_prq/dc + 2 g_pqr dcos_pqr/da]``
   (``cos_pqr``: anchor q, ``a = E_pq``, ``b = E_rq``, ``c = E_pr``; ``dcos/db`` terms equal the
   ``dcos/da`` ones by the i <-> k symmetry, hence the 2), then ``dx`` is the squared_euclidean
-  affinity gradient with ``dA = Delta``.
+  affinity gradient with ``dA = Delta`` (DIST form on the centred rows), whose close pairs (the
+  weights ``~ 1 / a`` of a pair close to the anchor) take ``W_ij (x_i - x_j)`` from differences.
 
 The same codes as :mod:`kdops.ops.affinity`: affinity kinds DOT, COSINE, EUCLIDEAN,
 SQUARED_EUCLIDEAN (EXACT_SQUARED is internal); losses SP, RKD_DISTANCE, RKD_ANGLE.
@@ -162,12 +165,25 @@ def _pair_distances(g, raw_ptr, stride, D, norms_ptr, rows_i, rows_j, B, COMPUTE
 
 
 @triton.jit
-def _cosine(a, sqrt_a, b, sqrt_b, c):
-    """(cos, mask, 1 / (sqrt(a) sqrt(b))) of the angle between two differences with squared
-    lengths ``a``, ``b`` whose ends are ``sqrt(c)`` apart; 0 where a difference is 0."""
+def _cosine(a, sqrt_a, b, sqrt_b, c, x_ptr, off_u, off_v, off_w, valid, D, COMPUTE: tl.constexpr):
+    """(cos, mask, 1 / (sqrt(a) sqrt(b))) of the angle at ``x_w`` between ``e_u = x_u - x_w`` and
+    ``e_v = x_v - x_w``, with squared lengths ``a``, ``b`` and ``c = ||x_u - x_v||^2``; 0 where a
+    difference is 0. The law of cosines ``(a + b - c) / (2 sqrt(a b))`` where ``a`` and ``b`` are
+    within a factor ``1 / CLOSE_PAIR_RATIO`` (its error is then ~ eps (a + b) / sqrt(a b) < 33 eps);
+    else (``b - c`` cancels) the normalised dot ``e_u . e_v`` of the differences of the rows of
+    ``x`` (row offsets ``off_u``, ``off_v``, ``off_w`` of real rows, [M, 1], [1, N] or [1, 1];
+    ``valid`` the tile's real triplets), one feature at a time, only in tiles that hold such a triplet."""
     mask = (a > NORM_EPS2) & (b > NORM_EPS2)
     inv = tl.where(mask, 1.0 / tl.where(mask, sqrt_a * sqrt_b, 1.0), 0.0)
-    return (a + b - c) * 0.5 * inv, mask, inv
+    cos = (a + b - c) * 0.5 * inv
+    skewed = mask & valid & ((a < CLOSE_PAIR_RATIO * b) | (b < CLOSE_PAIR_RATIO * a))
+    if tl.max(tl.max(skewed.to(tl.int32), axis=1), axis=0) > 0:
+        dot = tl.zeros(cos.shape, COMPUTE)
+        for k in range(0, D):
+            x_w = tl.load(x_ptr + off_w + k).to(COMPUTE)
+            dot += (tl.load(x_ptr + off_u + k).to(COMPUTE) - x_w) * (tl.load(x_ptr + off_v + k).to(COMPUTE) - x_w)
+        cos = tl.where(skewed, dot * inv, cos)
+    return cos, mask, inv
 
 
 # --------------------------------------------------------------------------- tiles
@@ -261,10 +277,11 @@ def _affinity_weights_kernel(grad_ptr, a_ptr, norms_ptr, w_ptr, delta_ptr, close
                              stride_a, stride_w, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
     """Pair weights W (and delta for cosine) of the affinity gradient ``dA`` (``grad``); for
-    euclidean also the tile flags of :func:`_flag_close_pairs` (``norms`` of the centred rows)."""
+    euclidean and EXACT_SQUARED (squared distances whose gradient has large weights on close
+    pairs: RKD-A's) also the tile flags of :func:`_flag_close_pairs` (``norms`` of the centred rows)."""
     rows_i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r64 = rows_i.to(tl.int64)
-    if KIND == COSINE or KIND == EUCLIDEAN:
+    if KIND == COSINE or KIND == EUCLIDEAN or KIND == EXACT_SQUARED:
         n_i = _load_vector(norms_ptr, rows_i, B)
     if KIND == COSINE:
         inv_i = _inv_norm(n_i)
@@ -286,6 +303,11 @@ def _affinity_weights_kernel(grad_ptr, a_ptr, norms_ptr, w_ptr, delta_ptr, close
             off = rows_i[:, None] != rows_j[None, :]
             if KIND == SQUARED_EUCLIDEAN:
                 w = tl.where(off, 2.0 * s, 0.0)
+            elif KIND == EXACT_SQUARED:  # squared_euclidean whose close pairs take the exact DIST terms
+                w = tl.where(off, 2.0 * s, 0.0)
+                a = tl.load(a_ptr + r64[:, None] * stride_a + rows_j[None, :], mask=mask, other=0.0)
+                _flag_close_pairs(close_ptr, tl.program_id(0), tl.cdiv(B, BLOCK_N), j0 // BLOCK_N,
+                                  off & mask & (w != 0.0), a, n_i, _load_vector(norms_ptr, rows_j, B))
             else:
                 a = tl.load(a_ptr + r64[:, None] * stride_a + rows_j[None, :], mask=mask, other=1.0)
                 # A_ij > sqrt(1e-12) exactly where d2_ij > 1e-12
@@ -480,9 +502,10 @@ def _relation_weights_kernel(xs_ptr, xt_ptr, rs_ptr, rt_ptr, ns_ptr, nt_ptr, sta
 
 
 @triton.jit
-def _angle_kernel(es_ptr, et_ptr, scale_ptr, out_ptr, B, stride, beta, GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
-    """RKD-A over the tile (p, q) and every anchor r, from the exact squared distances E^s, E^t.
+def _angle_kernel(es_ptr, et_ptr, xs_ptr, xt_ptr, scale_ptr, out_ptr, B, Ds, Dt, stride, stride_xs, stride_xt, beta,
+                  GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr):
+    """RKD-A over the tile (p, q) and every anchor r, from the exact squared distances E^s, E^t
+    (and the rows ``xs``, ``xt`` for the angles :func:`_cosine` forms from differences).
     Forward: the tile's sum of h(cos^s - cos^t). GRAD: the tile of Delta times ``scale``
     (the incoming gradient / B^3)."""
     rows_p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -492,25 +515,30 @@ def _angle_kernel(es_ptr, et_ptr, scale_ptr, out_ptr, B, stride, beta, GRAD: tl.
     ct = _load_rows(et_ptr, stride, rows_p, rows_q, B, B).to(COMPUTE)
     sqrt_cs = tl.sqrt(cs)
     sqrt_ct = tl.sqrt(ct)
+    # row offsets of p and q in the features (rows past B read row 0; int64: row x stride passes 2^31)
+    p64 = tl.where(rows_p < B, rows_p, 0).to(tl.int64)[:, None]
+    q64 = tl.where(rows_q < B, rows_q, 0).to(tl.int64)[None, :]
+    ps, qs, pt, qt = p64 * stride_xs, q64 * stride_xs, p64 * stride_xt, q64 * stride_xt
     acc = tl.zeros((BLOCK_M, BLOCK_N), COMPUTE)
     for r in range(0, B):
         # E is symmetric: row r holds E_pr and E_qr (int64: r * stride passes 2^31 for B >= 46341)
         r64 = tl.full((), r, tl.int64)
         es_r = es_ptr + r64 * stride
         et_r = et_ptr + r64 * stride
+        rs, rt = tl.full((1, 1), r, tl.int64) * stride_xs, tl.full((1, 1), r, tl.int64) * stride_xt
         s_p = _load_vector(es_r, rows_p, B)[:, None]
         s_q = _load_vector(es_r, rows_q, B)[None, :]
         t_p = _load_vector(et_r, rows_p, B)[:, None]
         t_q = _load_vector(et_r, rows_q, B)[None, :]
         sqrt_s_p, sqrt_s_q, sqrt_t_p, sqrt_t_q = tl.sqrt(s_p), tl.sqrt(s_q), tl.sqrt(t_p), tl.sqrt(t_q)
         # triplet (p, r, q): anchor r, a = E_pr, b = E_qr, c = E_pq
-        cos_s, m1, inv1 = _cosine(s_p, sqrt_s_p, s_q, sqrt_s_q, cs)
-        cos_t, _, _ = _cosine(t_p, sqrt_t_p, t_q, sqrt_t_q, ct)
+        cos_s, m1, inv1 = _cosine(s_p, sqrt_s_p, s_q, sqrt_s_q, cs, xs_ptr, ps, qs, rs, mask, Ds, COMPUTE)
+        cos_t, _, _ = _cosine(t_p, sqrt_t_p, t_q, sqrt_t_q, ct, xt_ptr, pt, qt, rt, mask, Dt, COMPUTE)
         if GRAD:
             g1 = tl.where(m1, _smooth_l1_grad(cos_s - cos_t, beta), 0.0)
             # triplet (p, q, r): anchor q, a = E_pq, b = E_rq, c = E_pr
-            cos2_s, m2, inv2 = _cosine(cs, sqrt_cs, s_q, sqrt_s_q, s_p)
-            cos2_t, _, _ = _cosine(ct, sqrt_ct, t_q, sqrt_t_q, t_p)
+            cos2_s, m2, inv2 = _cosine(cs, sqrt_cs, s_q, sqrt_s_q, s_p, xs_ptr, ps, rs, qs, mask, Ds, COMPUTE)
+            cos2_t, _, _ = _cosine(ct, sqrt_ct, t_q, sqrt_t_q, t_p, xt_ptr, pt, rt, qt, mask, Dt, COMPUTE)
             g2 = tl.where(m2, _smooth_l1_grad(cos2_s - cos2_t, beta), 0.0)
             dcos2_da = 0.5 * inv2 - 0.5 * cos2_s / tl.where(m2, cs, 1.0)
             acc += -0.5 * g1 * inv1 + 2.0 * g2 * dcos2_da
@@ -591,7 +619,8 @@ def _apply_weights(w: Tensor, delta: Tensor | None, x: Tensor, out: Tensor, row0
 
 
 def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor:
-    """``dL/dx [B, D]`` (x dtype) from ``grad = dL/dA [B, B]`` (any strides) and ``out = A``."""
+    """``dL/dx [B, D]`` (x dtype) from ``grad = dL/dA [B, B]`` (any strides) and ``out = A``
+    (EXACT_SQUARED: the squared_euclidean gradient with the close pairs' terms from differences)."""
     B, D = x.shape
     dx = _alloc.empty(B, D, dtype=x.dtype, device=x.device)
     if B == 0:
@@ -599,12 +628,13 @@ def affinity_backward(grad: Tensor, x: Tensor, out: Tensor, kind: int) -> Tensor
     cdt = _alloc.compute_dtype(x.dtype)
     w = _alloc.empty(B, B, dtype=cdt, device=x.device)
     delta = _alloc.empty(B, dtype=cdt, device=x.device) if kind == COSINE else None
-    dist = kind in (EUCLIDEAN, SQUARED_EUCLIDEAN)
+    dist = kind in (EUCLIDEAN, SQUARED_EUCLIDEAN, EXACT_SQUARED)
     raw = x
     if dist:
         x = _centred(x)
-    norms = sq_norms(x) if kind in (COSINE, EUCLIDEAN) else w
-    close = _close_tiles(B, B, x.device) if kind == EUCLIDEAN else None  # squared: W = 2 dA, no large weights
+    exact_close = kind in (EUCLIDEAN, EXACT_SQUARED)  # squared_euclidean: W = 2 dA, no large weights
+    norms = sq_norms(x) if kind == COSINE or exact_close else w
+    close = _close_tiles(B, B, x.device) if exact_close else None
     _launch(
         _affinity_weights_kernel, (triton.cdiv(B, BLOCK),), x.device,
         grad, out, norms, w, w if delta is None else delta, w if close is None else close, B, grad.stride(0),
@@ -711,9 +741,10 @@ def _angle(student: Tensor, teacher: Tensor, beta: float, grad: Tensor | None) -
         out, scale = _alloc.empty(grid[0] * grid[1], dtype=es.dtype, device=es.device), es
     else:  # Delta = dL/dE^s
         out, scale = _alloc.empty(B, B, dtype=es.dtype, device=es.device), grad.to(es.dtype) / B**3
-    _launch(_angle_kernel, grid, es.device, es, et, scale, out, B, es.stride(0), beta, GRAD=grad is not None,
-           BLOCK_M=ANGLE_BLOCK, BLOCK_N=ANGLE_BLOCK, COMPUTE=_tl_compute(student.dtype))
+    _launch(_angle_kernel, grid, es.device, es, et, student, teacher, scale, out, B, student.shape[1],
+            teacher.shape[1], es.stride(0), student.stride(0), teacher.stride(0), beta, GRAD=grad is not None,
+            BLOCK_M=ANGLE_BLOCK, BLOCK_N=ANGLE_BLOCK, COMPUTE=_tl_compute(student.dtype))
     if grad is None:
         return out.sum() / B**3
     del et
-    return affinity_backward(out, student, es, SQUARED_EUCLIDEAN)
+    return affinity_backward(out, student, es, EXACT_SQUARED)
