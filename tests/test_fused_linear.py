@@ -221,3 +221,112 @@ def test_bad_input_names_the_argument(case):
     args, kwargs, error, text = _bad_calls()[case]
     with pytest.raises(error, match=text):
         kdops.fused_linear_distill_loss(*args, **kwargs)
+
+
+# The logit transforms in the blockwise Triton kernel (the dispatch no longer reroutes them to
+# the chunked path): against the float64 reference and against the chunked path.
+BLOCKWISE_TRANSFORMS = {
+    "student-softcap": dict(student_softcap=1.5),
+    "teacher-scale-softcap": dict(teacher_logit_scale=0.5, teacher_softcap=1.2),
+    "both-scales": dict(student_logit_scale=0.4, teacher_logit_scale=1.7),
+    "all": dict(student_logit_scale=1.3, student_softcap=1.2, teacher_softcap=1.0),
+}
+
+
+def _no_chunked_path(monkeypatch):
+    from kdops.ops import fused_linear
+
+    def chunked(*args, **kwargs):
+        raise AssertionError("the chunked path ran")
+
+    monkeypatch.setattr(fused_linear, "lm_head_rows", chunked)
+
+
+@pytest.mark.parametrize("case", list(BLOCKWISE_CASES))
+@pytest.mark.parametrize("transform", list(BLOCKWISE_TRANSFORMS))
+def test_blockwise_logit_transforms(monkeypatch, case, transform):
+    """Logits reach |z| ~ 3 (past the softcaps): each dtype's bias / reduction / hard term, a
+    third of the rows ignored; the chunked path must not run."""
+    device = require("triton")
+    dtype, bias, reduction, hard_weight = BLOCKWISE_CASES[case]
+    tensors = make(29, 20, 18, 45, dtype, device, bias=bias)
+    tensors = tuple(x if x is None or x.dtype == torch.long else x * 2 for x in tensors)
+    with monkeypatch.context() as m:
+        _no_chunked_path(m)
+        compare("triton", tensors, temperature=1.3, divergence="jsd", beta=0.3, hard_weight=hard_weight,
+                reduction=reduction, **BLOCKWISE_TRANSFORMS[transform])
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_blockwise_transforms_equal_the_chunked_path(divergence):
+    """The blockwise kernel's loss and gradients against the chunked path's (deterministic mode
+    takes it) with every transform at once, float32."""
+    device = require("triton")
+    h, w, b, th, tw, tb, labels = make(23, 16, 12, 37, torch.float32, device)
+    options = dict(student_bias=b, teacher_bias=tb, temperature=1.7, divergence=divergence, beta=beta_for(divergence),
+                   hard_weight=0.2, backend="triton", **BLOCKWISE_TRANSFORMS["all"])
+    results = []
+    for deterministic in (False, True):
+        hs, ws = (x.detach().clone().requires_grad_(True) for x in (h * 2, w))
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            loss = kdops.fused_linear_distill_loss(hs, ws, th * 2, tw, labels, **options)
+            loss.backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        results.append((loss.detach(), hs.grad, ws.grad))
+    for blockwise, chunked in zip(*results):
+        assert_close(blockwise, chunked, LOSS_TOL[torch.float32], scale=float(chunked.abs().max()))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_out_of_range_label_gives_nan_rows(backend, reduction):
+    """An out-of-range hard label: eager raises a ValueError naming labels; under torch.compile
+    (no eager check) the loss of its row and that row of grad_hidden are NaN (so is grad_weight,
+    a sum over rows), on the blockwise kernel and the chunked path alike, the other rows finite."""
+    device = require(backend)
+    h, w, b, th, tw, tb, _ = make(6, 8, 8, 29, torch.float32, device)
+    labels = torch.tensor([29 + 3, 1, -100, -5, 2, 7], device=device)
+    bad = torch.tensor([True, False, False, True, False, False])
+
+    def step(h, w):
+        return kdops.fused_linear_distill_loss(h, w, th, tw, labels, hard_weight=0.5, reduction=reduction,
+                                               backend=backend)
+
+    hs, ws = (x.clone().requires_grad_(True) for x in (h, w))
+    with pytest.raises(ValueError, match="labels"):
+        step(hs, ws)
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(hs, ws)
+    loss.sum().backward()
+    if reduction == "none":
+        assert loss[bad].isnan().all() and loss[~bad].isfinite().all(), loss
+    else:
+        assert loss.isnan()
+    assert hs.grad[bad].isnan().all() and hs.grad[~bad].isfinite().all(), hs.grad
+    assert ws.grad.isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("normalizer", [None, 50])
+def test_bf16_weight_gradients_are_rounded_once(backend, normalizer):
+    """A mean's 1 / count (or 1 / normalizer) is folded into the float32 gradients before their
+    one rounding to bf16: grad_weight / grad_bias (float32 until then) are within one rounding of
+    the float64 values (plus float32 noise), and backward does not scale them again. grad_hidden
+    is not: its G @ W takes G rounded to W's dtype, as autograd through bf16 logits does. (Not
+    the Triton interpreter: its float32 -> bf16 conversion truncates.)"""
+    device = require(backend)
+    h, w, b, th, tw, tb, labels = make(39, 24, 16, 1001, torch.bfloat16, device)
+    params = [x.clone().requires_grad_(True) for x in (w, b)]
+    kdops.fused_linear_distill_loss(h, params[0], th, tw, labels, student_bias=params[1], teacher_bias=tb,
+                                    hard_weight=0.3, temperature=2.0, normalizer=normalizer, chunk_size=16,
+                                    backend=backend).backward()
+    ref = [x.detach().double().cpu().requires_grad_(True) for x in (w, b)]
+    reference.fused_linear_distill_loss(h.double().cpu(), ref[0], th.double().cpu(), tw.double().cpu(), labels.cpu(),
+                                        student_bias=ref[1], teacher_bias=tb.double().cpu(), hard_weight=0.3,
+                                        temperature=2.0, normalizer=normalizer).backward()
+    for p, r in zip(params, ref):
+        one_rounding = (r.grad.to(torch.bfloat16).double() - r.grad).abs().max()
+        error = (p.grad.cpu().double() - r.grad).abs().max()
+        assert error <= one_rounding * 1.01 + 1e-6 * r.grad.abs().max(), (error, one_rounding)

@@ -12,6 +12,9 @@
 // P_s, P_t, then the terms (d_k, q_k) and the rest's (d_r, q_r): D = sum d, S = sum q;
 // 3. the gradient dD/ds_i = (1/T) * (q_k - p_i S) at i = idx_k and (1/T) * p_i (q_r / r_s - S)
 // elsewhere: a softmax-times-coefficient sweep over the vocabulary, then a scatter of the top-k.
+// The student's logits s are its model's transformed logits (common/logit_transform.h) of the
+// raw logits read, and the gradient is to the raw logits (times ds/dz), divided by the 0-dim
+// grad_divisor (a mean's count or normalizer) before its one rounding to the student's dtype.
 #pragma once
 
 #include <cmath>
@@ -19,6 +22,7 @@
 
 #include "common/codes.h"
 #include "common/divergence.h"
+#include "common/logit_transform.h"
 #include "common/macros.h"
 
 namespace kdops {
@@ -40,6 +44,10 @@ struct SparseKDParams {
   double soft_weight;
   int64_t ignore_index;
   bool bucket;                  // rest_mass="bucket" (else "ignore")
+  // The student's final-logit transform (common/logit_transform.h; softcap 0: none).
+  double student_scale = 1, student_softcap = 0;
+  // 0-dim divisor of the gradient (double for kFloat64, else float); nullptr: not divided.
+  const void* grad_divisor = nullptr;
 };
 
 // Row losses (and gradients when p.grad != nullptr) on the CPU, rows in parallel (OpenMP).

@@ -2,7 +2,8 @@
 // common/sparse_kd.h). One thread block per row (grid-stride over rows): the block sweeps the
 // vocabulary for the online logsumexp, its threads share the top-k entries for the bucket terms,
 // then the block writes softmax * coefficient over the vocabulary and, after a barrier, the
-// top-k entries. Everything accumulates in float.
+// top-k entries (times the student transform's slope, divided by the gradient divisor).
+// Everything accumulates in float.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -19,6 +20,11 @@
 namespace kdops {
 namespace {
 
+// Threads per block. __launch_bounds__(kThreads, 1): without the minimum of resident blocks,
+// ptxas (CUDA 13, sm_100) held these kernels to 40-48 registers and spilled 4-20 B per thread in
+// 4 of 72 instances (22 with the logit transform), though far below its limit; with it they
+// take 58-80 registers on sm_100 (29-40 on sm_80 / 90), spill-free on all three
+// (tools/cuda_resource_check.py), still 3 blocks of 256 threads per SM.
 constexpr int kThreads = 256;
 
 // Online logsumexp state of scale * x: m the max of x, z = sum exp(scale * (x - m)).
@@ -48,19 +54,24 @@ struct Args {
   float inv_t, beta, hard_weight, soft_weight;
   int64_t ignore_index;
   bool bucket;
+  LogitTransform<float> transform;  // the student's
+  const float* grad_divisor;        // 0-dim, or nullptr
 };
 
 template <typename T, int DIV, bool HARD, bool GRAD>
-__global__ void __launch_bounds__(kThreads) sparse_kd_kernel(const Args<T> a) {
+__global__ void __launch_bounds__(kThreads, 1) sparse_kd_kernel(const Args<T> a) {
   const int64_t V = a.vocab, K = a.k;
   const float inv_t = a.inv_t, beta = a.beta;
   const MixWeights<float> w(beta);
+  const LogitTransform<float> tf = a.transform;
+  const float inv_div = GRAD && a.grad_divisor ? 1.f / *a.grad_divisor : 1.f;
   for (int64_t r = blockIdx.x; r < a.n_rows; r += gridDim.x) {
     const T* s = a.student + r * a.student_stride;
     const float* lt = a.lt + r * K;
     const int32_t* idx = a.idx + r * K;
     T* g = GRAD ? a.grad + r * a.grad_stride : nullptr;
     const int64_t label = a.labels ? a.labels[r] : -1;
+    const auto z = [&](int64_t i) { return tf.apply(to_acc(s[i])); };  // transformed logit i
     if (a.labels && label == a.ignore_index) {
       if (GRAD)
         for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g[i] = from_acc<T>(0.f);
@@ -77,14 +88,14 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(const Args<T> a) {
     // Pass 1: logsumexp of s / T and of s.
     LSE ls = {-INFINITY, 0.f}, l1 = {-INFINITY, 0.f};
     for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const float x = to_acc(s[i]);
+      const float x = z(i);
       ls = lse_merge(ls, {x, 1.f}, inv_t);
       if (HARD) l1 = lse_merge(l1, {x, 1.f}, 1.f);
     }
     ls = block_reduce(ls, [&](LSE u, LSE o) { return lse_merge(u, o, inv_t); });
     if (HARD) l1 = block_reduce(l1, [](LSE u, LSE o) { return lse_merge(u, o, 1.f); });
     const float ms = ls.m, log_zs = logf(ls.z), log_z1 = logf(l1.z);
-    const auto log_ps = [&](int64_t i) { return (to_acc(s[i]) - ms) * inv_t - log_zs; };
+    const auto log_ps = [&](int64_t i) { return (z(i) - ms) * inv_t - log_zs; };
 
     // Pass 2: top-k masses (a NaN mass marks an index out of range), then the bucket terms.
     Pair mass = {0.f, 0.f};
@@ -116,22 +127,27 @@ __global__ void __launch_bounds__(kThreads) sparse_kd_kernel(const Args<T> a) {
     }
     if (threadIdx.x == 0) {
       float loss = indices_ok ? a.soft_weight * D : NAN;
-      if (HARD) loss += a.hard_weight * (log_z1 - (to_acc(s[label]) - ms));
+      if (HARD) loss += a.hard_weight * (log_z1 - (z(label) - ms));
       a.loss[r] = loss;
     }
 
     // Pass 3: softmax * coefficient everywhere, then (after a barrier) the top-k entries.
     if (GRAD) {
       const float rest_coef = a.soft_weight * inv_t * (ratio - S);
-      const auto hard_term = [&](int64_t i) {
-        return HARD ? a.hard_weight * (__expf(to_acc(s[i]) - ms - log_z1) - (i == label ? 1.f : 0.f)) : 0.f;
+      const auto hard_term = [&](float zi, int64_t i) {
+        return HARD ? a.hard_weight * (__expf(zi - ms - log_z1) - (i == label ? 1.f : 0.f)) : 0.f;
       };
-      for (int64_t i = threadIdx.x; i < V; i += blockDim.x)
-        g[i] = from_acc<T>(__expf(log_ps(i)) * rest_coef + hard_term(i));
+      const auto out = [&](float zi, float gi) { return from_acc<T>(gi * tf.slope(zi) * inv_div); };
+      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+        const float zi = z(i);
+        g[i] = out(zi, __expf((zi - ms) * inv_t - log_zs) * rest_coef + hard_term(zi, i));
+      }
       __syncthreads();
       for (int64_t k = threadIdx.x; k < K && indices_ok; k += blockDim.x) {
         const int64_t i = idx[k];
-        g[i] = from_acc<T>(a.soft_weight * inv_t * (top_term(k).q - expf(log_ps(i)) * S) + hard_term(i));
+        const float zi = z(i);
+        g[i] = out(zi, a.soft_weight * inv_t * (top_term(k).q - expf((zi - ms) * inv_t - log_zs) * S) +
+                           hard_term(zi, i));
       }
     }
   }
@@ -147,7 +163,9 @@ void sparse_kd_forward_cuda(const SparseKDParams& p, uintptr_t stream) {
               p.topk_indices, p.labels, static_cast<float*>(p.loss), static_cast<T*>(p.grad),
               p.n_rows, p.vocab, p.k, p.student_stride, p.grad_stride,
               float(1.0 / p.temperature), float(p.beta), float(p.hard_weight),
-              float(p.soft_weight), p.ignore_index, p.bucket};
+              float(p.soft_weight), p.ignore_index, p.bucket,
+              LogitTransform<float>{float(p.student_scale), float(p.student_softcap)},
+              static_cast<const float*>(p.grad_divisor)};
     const int blocks = int(p.n_rows < 65535 * 8 ? p.n_rows : 65535 * 8);
     with_divergence(p.divergence, [&](auto div) {
       with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {

@@ -15,9 +15,10 @@ materialised logits does). The callers cast the gradients to the input dtypes on
 :mod:`kdops.ops.fused_linear` (dense teachers), :mod:`kdops.ops.sparse_kd` (top-k teachers) and
 :mod:`kdops.distributed` (vocabulary shards).
 
-A model's final-logit transform (:class:`LogitTransform`: logit scale, softcapping) is applied
-to each chunk's float32 logits in place before ``row_loss``, and its derivative multiplies ``G``
-in place after it (chain rule; no temporaries beyond the chunk's).
+A model's final-logit transform (:class:`LogitTransform`: logit scale, softcapping), for a
+``row_loss`` whose kernel does not apply it itself (the kd and sparse kernels do), is applied to
+each chunk's float32 logits in place before ``row_loss``, and its derivative multiplies ``G`` in
+place after it (chain rule; no temporaries beyond the chunk's).
 """
 from __future__ import annotations
 
@@ -53,17 +54,16 @@ class LogitTransform(NamedTuple):
 
     @staticmethod
     def checked(model: str, scale: float, softcap: Optional[float]) -> "LogitTransform":
-        """The transform of ``{model}_logit_scale`` (a finite number) and ``{model}_softcap``
-        (None or a finite number > 0); errors name the argument."""
+        """The transform of ``{model}_logit_scale`` (a finite number > 0: a -inf logit stays
+        -inf) and ``{model}_softcap`` (None or a finite number > 0); errors name the argument."""
         for name, value in ((f"{model}_logit_scale", scale), (f"{model}_softcap", softcap)):
             if value is None and name.endswith("softcap"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number" + (" or None" if name.endswith("softcap") else "")
                                 + f"; got {type(value).__name__}")
-            if not math.isfinite(value) or (name.endswith("softcap") and value <= 0):
-                raise ValueError(f"{name} must be a finite number" + (" > 0" if name.endswith("softcap") else "")
-                                 + f"; got {value}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0; got {value}")
         return LogitTransform(float(scale), None if softcap is None else float(softcap))
 
     @property
@@ -88,10 +88,32 @@ class LogitTransform(NamedTuple):
         return g
 
 
-def row_entropy(z: Tensor, temperature: float) -> Tensor:
-    """``H(softmax(z / T))`` per row of finite logits ``z``: ``logsumexp(y) - sum softmax(y) y``,
-    ``y = z / T`` (two chunk-sized temporaries)."""
-    y = z / temperature
+def forward_row_weights(labels: Optional[Tensor], ignore_index: int, reduction: str,
+                        normalizer: Union[None, int, Tensor], h: Tensor, needs: Sequence[bool]) -> Optional[Tensor]:
+    """The row weights ``[N]`` that fold a mean's ``1 / count`` (or ``1 / normalizer``) into the
+    gradients an lm_head op computes in forward (``needs`` set), in float32 before their one
+    rounding to the input dtype; the op then returns the weighted rows, whose sum is the loss
+    (backward: a scale by 1). None otherwise (``"sum"``; ``"none"``, whose gradients come in
+    backward). Formed on the device: no sync."""
+    from kdops.ops._common import reduction_divisor
+
+    if not any(needs):
+        return None
+    divisor = reduction_divisor(labels, ignore_index, reduction, normalizer, h.shape[0], compute_dtype(h.dtype),
+                                h.device)
+    return None if divisor is None else divisor.reciprocal().expand(h.shape[0]).contiguous()
+
+
+def weighted_rows(rows: Tensor, row_weights: Optional[Tensor], needs: Sequence[bool]) -> Tensor:
+    """An lm_head op's row output: ``rows * row_weights`` when its gradients are computed in
+    forward with row weights (the summands of the reduced loss), else ``rows``."""
+    return rows * row_weights.to(rows.dtype) if row_weights is not None and any(needs) else rows
+
+
+def row_entropy(z: Tensor, temperature: float, transform: LogitTransform = LogitTransform()) -> Tensor:
+    """``H(softmax(z' / T))`` per row of finite logits ``z`` (``z' = transform(z)``):
+    ``logsumexp(y) - sum softmax(y) y``, ``y = z' / T`` (two chunk-sized temporaries)."""
+    y = transform.apply_(z.clone()).div_(temperature)
     return torch.logsumexp(y, dim=-1).sub_(torch.softmax(y, dim=-1).mul_(y).sum(-1))
 
 

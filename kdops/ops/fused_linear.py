@@ -7,7 +7,9 @@ losses and ``dL/dlogits``, and the gradients are accumulated at once::
 
     grad_h[chunk] = G @ W_s        grad_W_s += G.T @ h_s[chunk]        grad_b_s += G.sum(0)
 
-so backward is a scale by ``grad_output``. Extra memory: one chunk of logits (the chunk size is
+so backward is a scale by ``grad_output`` (nothing when it is 1: a mean's ``1 / count``, or
+``1 / normalizer``, is folded into the float32 gradients as row weights before their one
+rounding to the input dtype). Extra memory: one chunk of logits (the chunk size is
 chosen from a memory budget, or given), plus the gradients themselves. Ignored rows are skipped.
 The ``"torch"`` backend is the reference, which does form the logits.
 With ``reduction="none"`` the per-row weights are only known in backward, so the gradients are
@@ -27,7 +29,15 @@ from torch import Tensor
 from kdops import _dispatch, reference
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
-from kdops.ops._chunked import check_chunk_size, chunk_logits, chunk_rows, lm_head_rows, row_entropy
+from kdops.ops._chunked import (
+    check_chunk_size,
+    chunk_logits,
+    chunk_rows,
+    forward_row_weights,
+    lm_head_rows,
+    row_entropy,
+    weighted_rows,
+)
 from kdops.ops._common import (
     DistillOptions,
     OpArgs,
@@ -47,38 +57,38 @@ def _compute(
     labels: Optional[Tensor], row_weights: Optional[Tensor], needs: list[bool], chunk: int, entropy: bool,
     backend: str, *options,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Row losses ``[N]`` and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if
-    None) to ``h``, ``w``, ``b`` where ``needs`` says so (their dtypes; else empty tensors), and
+    """Row losses ``[N]`` (times ``row_weights`` when given and ``needs`` is set: the summands of
+    a reduced loss) and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if None) to
+    ``h``, ``w``, ``b`` where ``needs`` says so (their dtypes, rounded once; else empty tensors), and
     if ``entropy`` the student's row entropies ``H(softmax(z' / T))`` (0 for ignored rows; else
     empty). ``th``, ``tw``, ``tb``: one teacher's tensors, or lists of K teachers' (mixed with
     ``teacher_log_weights``). The backend's blockwise ``"fused_linear"`` kernel where it has one
-    for the call (Triton: one teacher, 16/32-bit inputs, no logit transform, no entropy), else
-    the chunked driver over its ``"kd"`` kernels (K teachers' chunk logits ``[K, n, V]`` mixed
-    there), which applies the logit transforms of ``options`` to the chunk logits."""
+    for the call (Triton: one teacher, 16/32-bit inputs, no entropy), else the chunked driver
+    over its ``"kd"`` kernels (K teachers' chunk logits ``[K, n, V]`` mixed there). Either
+    kernel applies the logit transforms of ``options`` to the logits it reads (the chain rule in
+    its float32 gradient); the entropy transforms a copy of the chunk's student logits."""
     opts = DistillOptions(*options)
     teachers: list[Teacher] = [(th, tw, tb)] if isinstance(th, Tensor) else list(zip(th, tw, tb))
-    student_transform, teacher_transform = opts.student_transform, opts.teacher_transform
-    plain = student_transform.is_identity and teacher_transform.is_identity and not entropy
     # the blockwise kernels add float32 partial gradients atomically (order-dependent on a GPU):
     # deterministic mode takes the chunked path (deterministic "kd" kernel per chunk, then matmuls)
-    blockwise = plain and not torch.are_deterministic_algorithms_enabled()
+    blockwise = not entropy and not torch.are_deterministic_algorithms_enabled()
     if blockwise and all(_dispatch.offers("fused_linear", backend, h.device, x.dtype, len(teachers))
                          for x in (h, teachers[0][0])):
-        return (*_dispatch.kernels("fused_linear", backend).fused_linear_distill(
-            h, w, b, th, tw, tb, labels, row_weights, opts, needs), h.new_empty(0))
+        rows, *grads = _dispatch.kernels("fused_linear", backend).fused_linear_distill(
+            h, w, b, th, tw, tb, labels, row_weights, opts, needs)
+        return (weighted_rows(rows, row_weights, needs), *grads, h.new_empty(0))
     kd = _dispatch.kernels("kd", backend)
     row_entropies = torch.zeros(h.shape[0], dtype=compute_dtype(h.dtype), device=h.device) if entropy else None
 
     def row_loss(idx, logits: Tensor, want_grad: bool):
-        t = [teacher_transform.apply_(chunk_logits(x[idx], t_w, t_b)).to(logits.dtype) for x, t_w, t_b in teachers]
+        t = [chunk_logits(x[idx], t_w, t_b).to(logits.dtype) for x, t_w, t_b in teachers]
         t = t[0] if len(t) == 1 else torch.stack(t)
         if row_entropies is not None:
-            row_entropies[idx] = row_entropy(logits, opts.temperature)
+            row_entropies[idx] = row_entropy(logits, opts.temperature, opts.student_transform)
         return kd.kd_forward(logits, t, None if labels is None else labels[idx], opts, want_grad, teacher_log_weights)
 
-    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs,
-                                    student_transform)
-    return (rows, h.new_empty(0) if gh is None else gh.to(h.dtype), w.new_empty(0) if gw is None else gw.to(w.dtype),
+    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs)
+    return (weighted_rows(rows, row_weights, needs), h.new_empty(0) if gh is None else gh.to(h.dtype), w.new_empty(0) if gw is None else gw.to(w.dtype),
             w.new_empty(0) if gb is None else gb.to(w.dtype),
             h.new_empty(0) if row_entropies is None else row_entropies)
 
@@ -171,10 +181,11 @@ def fused_linear_distill_loss(
     softcap ``c``, ``z' = c * tanh(scale * z / c)`` (``student_logit_scale``,
     ``student_softcap``; ``teacher_*`` for every teacher): Cohere's ``logit_scale``, Granite's
     ``1 / logits_scaling``, Gemma 2/3's ``final_logit_softcapping``. Applied to each chunk's
-    float32 logits, the exact chain rule in the gradient. ``return_entropy``: returns
-    ``(loss, entropy)``, ``entropy`` the student's ``H(softmax(z' / T))`` from the same pass
-    (float32, no gradient): per row (0 where ignored) for ``reduction="none"``, else summed over
-    the counted rows. Transforms and the entropy take the chunked path on every backend.
+    float32 logits (in the blockwise Triton kernel's logit tiles), the exact chain rule in the
+    gradient. ``return_entropy``: returns ``(loss, entropy)``, ``entropy`` the student's
+    ``H(softmax(z' / T))`` from the same pass (float32, no gradient): per row (0 where ignored)
+    for ``reduction="none"``, else summed over the counted rows; it takes the chunked path on
+    every backend.
 
     ``student_hidden (..., Hs)``, ``student_weight (V, Hs)``, ``teacher_hidden (..., Ht)``,
     ``teacher_weight (V, Ht)``: ``Ht`` may differ from ``Hs``. Both logits are formed in float32
@@ -249,9 +260,11 @@ def fused_linear_distill_loss(
         teacher_args = (*map(list, zip(*flat)), weights.log().to(compute_dtype(h.dtype)))
     grad_on = torch.is_grad_enabled() and reduction != "none"  # "none": the gradients come in backward
     needs = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
-    rows, *_, entropies = op(h, student_weight, student_bias, *teacher_args, flat_labels, None, needs, chunk,
+    row_weights = forward_row_weights(flat_labels, ignore_index, reduction, normalizer, h, needs)
+    rows, *_, entropies = op(h, student_weight, student_bias, *teacher_args, flat_labels, row_weights, needs, chunk,
                              return_entropy, name, *opts)
-    loss = reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)
+    loss = rows.sum() if row_weights is not None else reduce_rows(rows, flat_labels, ignore_index, reduction, lead,
+                                                                  normalizer)
     if not return_entropy:
         return loss
     entropies = entropies.detach()

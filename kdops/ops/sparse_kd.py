@@ -22,10 +22,15 @@ probabilities and compares its rest mass with the student's. With K = V both are
 :func:`kdops.distill_loss` on the teacher's full log-probabilities.
 
 Row loss ``a * CE(s, label) + (1 - a) * c * D(teacher buckets, student buckets)`` with
-``a = hard_weight`` and ``c = T**2`` (``scale_by_temperature_squared``). Kernels compute the loss
-and the gradient in one call (the student's log-sum-exp online, then
-``grad = softmax(s / T) * coef`` over the vocabulary and the top-k entries scattered), so backward
-is a scale of the saved gradient. The kernels take the student's rest mass as
+``a = hard_weight`` and ``c = T**2`` (``scale_by_temperature_squared``). ``s`` is the student's
+logits after its model's transform (``student_logit_scale``, ``student_softcap``: ``z' = scale *
+z`` or ``c * tanh(scale * z / c)``, applied by the kernels to the logits they read, the chain rule
+in their float32 gradient). The teacher side takes no transform: its top-k are log-probabilities
+already (a teacher's transform belongs where they were computed, e.g. the cache builder). Kernels
+compute the loss and the gradient in one call (the student's log-sum-exp online, then
+``grad = softmax(s / T) * coef`` over the vocabulary and the top-k entries scattered), with a
+mean's ``1 / count`` (or ``1 / normalizer``) folded in before the gradient's one rounding, so
+backward is at most a scale of the saved gradient. The kernels take the student's rest mass as
 ``1 - sum_k exp(ls[idx_k])`` (they never mark the top-k in the vocabulary): in float32 its
 absolute error is about 1e-7 to 1e-6, so a rest mass below about 1e-4 is approximate (the torch
 reference sums the rest exactly).
@@ -40,7 +45,7 @@ from torch import Tensor
 from kdops import _dispatch, reference
 from kdops._alloc import compute_dtype
 from kdops.ops import validation
-from kdops.ops._chunked import check_chunk_size, chunk_rows, lm_head_rows
+from kdops.ops._chunked import check_chunk_size, chunk_rows, forward_row_weights, lm_head_rows, weighted_rows
 from kdops.ops._common import (
     DistillOptions,
     OpArgs,
@@ -48,6 +53,7 @@ from kdops.ops._common import (
     define,
     distill_options,
     reduce_rows,
+    reduction_divisor,
     register_lm_head_autograd,
     register_saved_grad_autograd,
 )
@@ -58,23 +64,31 @@ _INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 
 # The family's contract: every backend's kdops.backends.<backend>.sparse_kd module provides
 #   sparse_kd_forward(student [N, V], topk_logprobs [N, K], topk_indices [N, K] int32, labels [N] or None,
-#                     options: DistillOptions, compute_grad: bool) -> (row losses [N], row gradients [N, V])
+#                     options: DistillOptions, compute_grad: bool, grad_divisor () or None)
+#     -> (row losses [N], row gradients [N, V] divided by grad_divisor)
+# with the options' student logit transform applied to the logits read (gradients to the raw logits).
 def _sparse_distill_rows(student: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, labels: Optional[Tensor],
-                         compute_grad: bool, backend: str, *options) -> tuple[Tensor, Tensor]:
+                         grad_divisor: Optional[Tensor], reduced: bool, compute_grad: bool, backend: str,
+                         *options) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` of ``[N, V]`` student logits against ``[N, K]`` teacher top-k
-    (float32 / float64 log-probabilities, int32 indices) and, if ``compute_grad``, their gradients
-    with respect to ``student`` (``[N, V]``, student dtype; else an empty tensor)."""
-    return _dispatch.kernels("sparse_kd", backend).sparse_kd_forward(
-        student, topk_logprobs, topk_indices, labels, DistillOptions(*options), compute_grad)
+    (float32 / float64 log-probabilities, int32 indices; ``reduced``: their sum divided by the
+    0-dim ``grad_divisor`` if given) and, if ``compute_grad``, their gradients with respect to
+    ``student`` (``[N, V]``, student dtype, divided by ``grad_divisor``; else an empty tensor)."""
+    rows, grad = _dispatch.kernels("sparse_kd", backend).sparse_kd_forward(
+        student, topk_logprobs, topk_indices, labels, DistillOptions(*options), compute_grad, grad_divisor)
+    if reduced:
+        rows = rows.sum() if grad_divisor is None else rows.sum() / grad_divisor
+    return rows, grad
 
 
-def _sparse_distill_rows_fake(student, topk_logprobs, topk_indices, labels, compute_grad, backend, *options):
-    loss = student.new_empty(student.shape[:1], dtype=compute_dtype(student.dtype))
+def _sparse_distill_rows_fake(student, topk_logprobs, topk_indices, labels, grad_divisor, reduced, compute_grad,
+                              backend, *options):
+    loss = student.new_empty(() if reduced else student.shape[:1], dtype=compute_dtype(student.dtype))
     return loss, student.new_empty(student.shape if compute_grad else (0,))
 
 
-_ROWS_ARGS = OpArgs("Tensor student, Tensor topk_logprobs, Tensor topk_indices, Tensor? labels, bool compute_grad, "
-                    "str backend, {options}")
+_ROWS_ARGS = OpArgs("Tensor student, Tensor topk_logprobs, Tensor topk_indices, Tensor? labels, "
+                    "Tensor? grad_divisor, bool reduced, bool compute_grad, str backend, {options}")
 sparse_distill_rows = define("sparse_distill_rows", _ROWS_ARGS, "(Tensor, Tensor)", _sparse_distill_rows,
                              _sparse_distill_rows_fake)
 register_saved_grad_autograd(sparse_distill_rows, _ROWS_ARGS, wrt="student")
@@ -150,6 +164,8 @@ def sparse_distill_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: Union[None, int, Tensor] = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Knowledge distillation of ``student_logits (..., V)`` from a sparse teacher: its top-k
@@ -163,7 +179,13 @@ def sparse_distill_loss(
     ``reverse_kl``: infinite); ``"bucket"``: the teacher's rest mass ``1 - sum exp(lt)`` against
     the student's. ``a = hard_weight``, ``c = T**2`` if ``scale_by_temperature_squared``.
     ``divergence``, ``beta``, ``labels``, ``ignore_index``, ``reduction``, ``normalizer``,
-    ``backend`` as in :func:`kdops.distill_loss`. The gradient flows to ``student_logits`` only.
+    ``backend`` as in :func:`kdops.distill_loss`. ``student_logit_scale`` (a finite number > 0),
+    ``student_softcap`` (None or a finite number > 0): the student model's logit transform
+    ``z' = scale * z`` or ``c * tanh(scale * z / c)``, applied to ``student_logits`` before the
+    temperature (also for the hard-label term), in the kernels; a -inf logit stays -inf under a
+    scale and becomes ``-c`` under a softcap. No teacher transform: ``topk_logprobs`` are
+    log-probabilities already. The gradient flows to ``student_logits`` only (the student's dtype,
+    rounded once).
     """
     validation.check_float_tensor("student_logits", student_logits)
     if student_logits.dim() == 0:
@@ -179,14 +201,16 @@ def sparse_distill_loss(
                                  topk_indices=topk_indices, labels=labels)
     opts = _sparse_options(rest_mass, divergence, beta, temperature=temperature, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None)
+                           reduction=reduction, has_labels=labels is not None,
+                           student_logit_scale=student_logit_scale, student_softcap=student_softcap)
     check_normalizer(normalizer, reduction)
     if labels is not None and hard_weight > 0:
         validation.check_labels_in_range(labels, ignore_index, vocab)
     name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype, "sparse_kd")
     if name == "torch":
         return reference.sparse_distill_loss(
-            student_logits, topk_logprobs, topk_indices, labels, temperature=temperature,
+            reference.transform_logits(student_logits, opts.student_logit_scale, opts.student_softcap),
+            topk_logprobs, topk_indices, labels, temperature=temperature,
             divergence=divergence, beta=beta, rest_mass=rest_mass, hard_weight=hard_weight,
             scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
             reduction=reduction, normalizer=normalizer,
@@ -197,8 +221,11 @@ def sparse_distill_loss(
     values, indices = _kernel_topk(topk_logprobs, topk_indices, k, student.dtype)
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    rows, _ = sparse_distill_rows(student, values, indices, flat_labels, compute_grad, name, *opts)
-    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)
+    divisor = reduction_divisor(flat_labels, ignore_index, reduction, normalizer, student.shape[0],
+                                compute_dtype(student.dtype), student.device)
+    loss, _ = sparse_distill_rows(student, values, indices, flat_labels, divisor, reduction != "none", compute_grad,
+                                  name, *opts)
+    return loss.reshape(lead) if reduction == "none" else loss
 
 
 # ---- fused linear: chunks of rows, the [N, V] student logits never formed ----
@@ -208,9 +235,10 @@ def _fused_compute(
     h: Tensor, w: Tensor, b: Optional[Tensor], topk_logprobs: Tensor, topk_indices: Tensor,
     labels: Optional[Tensor], row_weights: Optional[Tensor], needs: list[bool], chunk: int, backend: str, *options,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row losses ``[N]`` and the gradients of ``sum_r row_weights[r] * row[r]`` to ``h``, ``w``,
-    ``b`` (as ``needs`` says; empty otherwise): the chunked driver over the backend's
-    ``"sparse_kd"`` kernels."""
+    """Row losses ``[N]`` (times ``row_weights`` when given and ``needs`` is set) and the
+    gradients of ``sum_r row_weights[r] * row[r]`` to ``h``, ``w``, ``b`` (as ``needs`` says,
+    rounded once; empty otherwise): the chunked driver over the backend's
+    ``"sparse_kd"`` kernels, which apply the student's logit transform to the chunk logits."""
     opts = DistillOptions(*options)
     kernels = _dispatch.kernels("sparse_kd", backend)
 
@@ -218,9 +246,8 @@ def _fused_compute(
         return kernels.sparse_kd_forward(logits, topk_logprobs[idx], topk_indices[idx],
                                          None if labels is None else labels[idx], opts, want_grad)
 
-    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs,
-                                    opts.student_transform)
-    return (rows, h.new_empty(0) if gh is None else gh.to(h.dtype), w.new_empty(0) if gw is None else gw.to(w.dtype),
+    rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs)
+    return (weighted_rows(rows, row_weights, needs), h.new_empty(0) if gh is None else gh.to(h.dtype), w.new_empty(0) if gw is None else gw.to(w.dtype),
             w.new_empty(0) if gb is None else gb.to(w.dtype))
 
 
@@ -302,6 +329,9 @@ def fused_linear_sparse_distill_loss(
     chunk = chunk_rows(h.shape[0], vocab, h.dtype, chunk_size, n_teachers=0)
     grad_on = torch.is_grad_enabled() and reduction != "none"  # "none": the gradients come in backward
     needs = [grad_on and x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias)]
-    rows = fused_linear_sparse_distill(h, student_weight, student_bias, values, indices, flat_labels, None, needs,
-                                       chunk, name, *opts)[0]
+    row_weights = forward_row_weights(flat_labels, ignore_index, reduction, normalizer, h, needs)
+    rows = fused_linear_sparse_distill(h, student_weight, student_bias, values, indices, flat_labels, row_weights,
+                                       needs, chunk, name, *opts)[0]
+    if row_weights is not None:
+        return rows.sum()
     return reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)

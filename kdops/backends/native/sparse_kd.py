@@ -21,14 +21,17 @@ def sparse_kd_forward(
     labels: Optional[Tensor],
     options: DistillOptions,
     compute_grad: bool,
+    grad_divisor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sparse (top-k teacher) KD: row losses ``[N]`` and, if ``compute_grad``, their gradients
-    w.r.t. ``student`` (``[N, V]`` contiguous, student dtype; else an empty tensor); see
-    ``csrc/common/sparse_kd.h``.
+    """Sparse (top-k teacher) KD: row losses ``[N]`` of the student's transformed logits (the
+    options' student logit transform) and, if ``compute_grad``, their gradients w.r.t. the raw
+    ``student`` (``[N, V]`` contiguous, student dtype, divided by the 0-dim ``grad_divisor`` when
+    given; else an empty tensor); see ``csrc/common/sparse_kd.h``.
 
     The caller guarantees: ``student`` ``[N, V]`` with contiguous rows; ``topk_logprobs``
     contiguous ``[N, K]`` float32 (float64 for a float64 student) and ``topk_indices``
-    contiguous int32 ``[N, K]`` on its device; ``labels`` None or contiguous int64 ``[N]``.
+    contiguous int32 ``[N, K]`` on its device; ``labels`` None or contiguous int64 ``[N]``;
+    ``grad_divisor`` None or a 0-dim tensor of the loss dtype on that device.
     """
     n_rows, vocab = student.shape
     device = student.device
@@ -44,5 +47,7 @@ def sparse_kd_forward(
         student.stride(0), vocab, DTYPE_CODES[student.dtype], options.divergence, options.temperature,
         options.beta, options.hard_weight, options.soft_weight, options.ignore_index, options.rest_bucket,
     )
-    call("sparse_kd_forward", device, *args)
+    call("sparse_kd_forward", device, *args, student_scale=options.student_logit_scale,
+         student_softcap=options.student_softcap or 0.0,
+         grad_divisor_ptr=grad_divisor.data_ptr() if compute_grad and grad_divisor is not None else 0)
     return loss, grad

@@ -3,9 +3,11 @@
 A program takes ``BM`` counted rows and one segment of the vocabulary; for each vocabulary block
 of ``BV`` columns it forms the logit tiles with ``tl.dot`` over ``BK``-blocks of the hidden sizes::
 
-    s = h_s[rows] @ W_s[cols].T + b_s[cols]        t = h_t[rows] @ W_t[cols].T + b_t[cols]
+    s = f_s(h_s[rows] @ W_s[cols].T + b_s[cols])        t = f_t(h_t[rows] @ W_t[cols].T + b_t[cols])
 
-(float32 accumulation, whatever the input dtype) and uses them at once. The three passes of
+(float32 accumulation, whatever the input dtype; ``f_s``, ``f_t`` the models' logit transforms
+of :mod:`kdops.backends.triton.logit_transform`, the identity unless a scale or softcap is
+given) and uses them at once. The three passes of
 ``csrc/common/divergence.h`` are three launches of one kernel (``PASS``), each recomputing the
 tiles; only ``O(N)`` per-row values are kept between them:
 
@@ -14,7 +16,8 @@ tiles; only ``O(N)`` per-row values are kept between them:
 2. ``D = sum d`` and ``S = sum q`` of ``divergence_term(ls, lt)`` (skipped for forward KL with
    gradients: ``S = -1`` and ``D`` is summed in pass 3);
 3. the gradient tile ``G = w_r * (soft_weight / T * (q - p_s * S) + hard_weight * (softmax(s) -
-   onehot(label)))`` (``w_r`` the row weight), and with it ``grad_h[rows] += G @ W_s[cols]``,
+   onehot(label))) * df_s/dz`` (``w_r`` the row weight; the transform's slope: the exact chain
+   rule in float32), and with it ``grad_h[rows] += G @ W_s[cols]``,
    ``grad_W[cols] += G.T @ h_s[rows]``, ``grad_b[cols] += G.sum(0)``.
 
 Parallelism: the grid is (row blocks, vocabulary segments); a pass's per-segment partial
@@ -37,6 +40,7 @@ from torch import Tensor
 from kdops import _alloc
 from kdops.backends.triton._common import UPCAST_DOT, block, launch, mixture_logs
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
+from kdops.backends.triton.logit_transform import TRANSFORM_SOFTCAP, transform, transform_args, transform_slope
 from kdops.divergences import divergence_code
 
 if TYPE_CHECKING:
@@ -120,13 +124,17 @@ def _fused_linear_kd_kernel(
     M, V, Hs, Ht, blocks_per_seg,
     sh0, sh1, sw0, sw1, sth0, sth1, stw0, stw1,
     inv_temperature, beta, log_beta, log_1m_beta, hard_weight, soft_weight,
+    s_scale, s_softcap, t_scale, t_softcap,
     PASS: tl.constexpr, DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr,
+    S_TRANSFORM: tl.constexpr, T_TRANSFORM: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
 ):
     """Pass ``PASS`` (1, 2 or 3; see the module docstring) for rows ``[BM * pid0, + BM)`` of the
     M counted rows (rows ``row_ids[j]`` with ``HAS_LABELS``, else ``j``) and vocabulary segment
     ``pid1``. ``stats``: [6, M] = m_s, log z_s, log z_1, m_t, log z_t, S (from passes 1 and 2);
-    ``part``: this pass's per-segment partials [*, segments, M]."""
+    ``part``: this pass's per-segment partials [*, segments, M]. ``S_TRANSFORM`` / ``T_TRANSFORM``
+    (with ``s_scale``, ``s_softcap``, ``t_scale``, ``t_softcap``): the logit transforms. A hard
+    label outside [0, V) (not checked under torch.compile) makes its row's gradient NaN."""
     seg = tl.program_id(1)
     n_seg = tl.num_programs(1)
     offs = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -137,6 +145,7 @@ def _fused_linear_kd_kernel(
         rows = offs.to(tl.int64)
     if HAS_HARD:
         label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+        label_ok = (label >= 0) & (label < V)
     inv_t = tl.full([], inv_temperature, tl.float32)
     b = tl.full([], beta, tl.float32)
     log_b = tl.full([], log_beta, tl.float32)
@@ -175,8 +184,10 @@ def _fused_linear_kd_kernel(
         col_mask = cols < V
         s = _logit_tile(h_ptr, sh0, sh1, w_ptr, sw0, sw1, b_ptr, rows, row_mask, cols, col_mask, Hs,
                         PRECISION, BM, BV, BK)
+        s = transform(s, s_scale, s_softcap, S_TRANSFORM)
         t = _logit_tile(th_ptr, sth0, sth1, tw_ptr, stw0, stw1, tb_ptr, rows, row_mask, cols, col_mask,
                         Ht, PRECISION, BM, BV, BK)
+        t = transform(t, t_scale, t_softcap, T_TRANSFORM)
         if PASS == 1:
             s = tl.where(col_mask[None, :], s, float("-inf"))
             t = tl.where(col_mask[None, :], t, float("-inf"))
@@ -204,6 +215,8 @@ def _fused_linear_kd_kernel(
                 if HAS_HARD:
                     p_1 = tl.exp(s - m_s[:, None] - log_z_1[:, None])
                     g += hard_w * (p_1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
+                    g = tl.where(label_ok[:, None], g, float("nan"))
+                g *= transform_slope(s, s_scale, s_softcap, S_TRANSFORM)
                 if weights_ptr is not None:
                     g *= row_w[:, None]
                 g = tl.where(mask, g, 0.0)
@@ -224,26 +237,28 @@ def _fused_linear_kd_kernel(
 
 
 class _Blocks(NamedTuple):
-    bm: int
+    bm: int  # passes 1 and 2
     bv: int
     bk: int  # passes 1 and 2
+    bm_grad: int  # pass 3
     bk_grad: int  # pass 3
     num_warps: int
     num_stages: int
 
 
-def _blocks(dtype: torch.dtype) -> _Blocks:
-    """Tile sizes and launch options. On GPUs: chosen by compiling (``tools/aot_check.py``: no
-    spill over its budget on sm_80 / 90 / 100; float32 passes 1-2 and 16-bit pass 3 take BK = 16:
-    BK = 32 spilled 40 B in the float32 JSD pass 2 on sm_90, 84 B in the bf16 pass 3 on sm_100;
-    not timed). The interpreter
+def _blocks(dtype: torch.dtype, softcap: bool = False) -> _Blocks:
+    """Tile sizes and launch options (``softcap``: a softcap on either model's logits). On GPUs:
+    chosen by compiling (``tools/aot_check.py``: no spill over its budget on sm_80 / 90 / 100;
+    float32 passes 1-2 and 16-bit pass 3 take BK = 16: BK = 32 spilled 40 B in the float32 JSD
+    pass 2 on sm_90, 84 B in the bf16 pass 3 on sm_100; with softcaps the 16-bit pass 3 takes
+    BM = 64: 128 spilled 56-84 B on sm_90 / 100; not timed). The interpreter
     runs every block operation in numpy: the smallest blocks ``tl.dot`` takes keep tests fast
     (unless KDOPS_TRITON_GPU_BLOCKS=1, see :mod:`kdops.backends.triton._common`)."""
     if dtype.itemsize == 2:
-        gpu = _Blocks(128, 64, 64, 16, 8, 3)
+        gpu = _Blocks(128, 64, 64, 64 if softcap else 128, 16, 8, 3)
     else:
-        gpu = _Blocks(64, 64, 16, 32, 8, 3)  # float32: twice the bytes per element (and FMA dots)
-    return block(gpu, _Blocks(16, 16, 16, 16, 1, 1))
+        gpu = _Blocks(64, 64, 16, 64, 32, 8, 3)  # float32: twice the bytes per element (and FMA dots)
+    return block(gpu, _Blocks(16, 16, 16, 16, 16, 1, 1))
 
 
 def _target_programs(device: torch.device) -> int:
@@ -265,8 +280,8 @@ def fused_linear_distill(
     h: Tensor, w: Tensor, b: Optional[Tensor], th: Tensor, tw: Tensor, tb: Optional[Tensor],
     labels: Optional[Tensor], row_weights: Optional[Tensor], options: "DistillOptions", needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row losses ``[N]`` (float32, 0 for ignored rows) of the logits ``h @ w.T + b`` against
-    ``th @ tw.T + tb``, and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if None)
+    """Row losses ``[N]`` (float32, 0 for ignored rows) of the logits ``f_s(h @ w.T + b)`` against
+    ``f_t(th @ tw.T + tb)`` (``f_s``, ``f_t``: the options' logit transforms), and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if None)
     to ``h``, ``w``, ``b`` where ``needs`` says so (in their dtypes; else empty tensors).
     ``h`` [N, Hs], ``w`` [V, Hs], ``th`` [N, Ht], ``tw`` [V, Ht], any strides; float32, float16
     or bfloat16. The caller has checked the arguments (see :mod:`kdops.ops.fused_linear`)."""
@@ -287,23 +302,29 @@ def fused_linear_distill(
     count = n if row_ids is None else row_ids.numel()
     hard = labels is not None and hard_weight > 0
     if count > 0 and vocab > 0:
-        blocks = _blocks(h.dtype)
-        row_blocks, v_blocks = triton.cdiv(count, blocks.bm), triton.cdiv(vocab, blocks.bv)
-        per_seg = triton.cdiv(v_blocks, min(v_blocks, triton.cdiv(_target_programs(device), row_blocks)))
+        s_scale, s_softcap, s_kind = transform_args(options.student_logit_scale, options.student_softcap)
+        t_scale, t_softcap, t_kind = transform_args(options.teacher_logit_scale, options.teacher_softcap)
+        blocks = _blocks(h.dtype, TRANSFORM_SOFTCAP.value in (s_kind, t_kind))
+        v_blocks = triton.cdiv(vocab, blocks.bv)
+        per_seg = triton.cdiv(v_blocks, min(v_blocks, triton.cdiv(_target_programs(device),
+                                                                   triton.cdiv(count, blocks.bm))))
         segs = triton.cdiv(v_blocks, per_seg)
         stats = _alloc.empty(6, count, **f32)  # m_s, log z_s, log z_1, m_t, log z_t, S
 
         def run_pass(pass_: int, part: Optional[Tensor], grad_ptrs: list[Optional[Tensor]]) -> None:
             # pass 1 reads no divergence, pass 2 no label: one compiled kernel serves them all
             pass_hard = hard and pass_ != 2
+            bm = blocks.bm_grad if pass_ == 3 else blocks.bm
             launch(
-                _fused_linear_kd_kernel, (row_blocks, segs), device,
+                _fused_linear_kd_kernel, (triton.cdiv(count, bm), segs), device,
                 h, w, b, th, tw, tb, row_ids, labels if pass_hard else None,
                 row_weights if pass_ == 3 else None, stats, part, *grad_ptrs,
                 count, vocab, hs, ht, per_seg, *h.stride(), *w.stride(), *th.stride(), *tw.stride(),
                 1.0 / temperature, beta, *mixture_logs(divergence, beta), hard_weight, soft_weight,
+                s_scale, s_softcap, t_scale, t_softcap,
                 PASS=pass_, DIV=divergence if pass_ > 1 else 0, HAS_LABELS=row_ids is not None, HAS_HARD=pass_hard,
-                PRECISION=_dot_precision(), BM=blocks.bm, BV=blocks.bv,
+                S_TRANSFORM=s_kind, T_TRANSFORM=t_kind,
+                PRECISION=_dot_precision(), BM=bm, BV=blocks.bv,
                 BK=blocks.bk_grad if pass_ == 3 else blocks.bk,
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages,
             )

@@ -11,7 +11,12 @@ indices ``idx_k`` and the divergence terms ``(d, q)`` of :mod:`kdops.backends.tr
    ``S = sum q``;
 3. the gradient ``soft_weight / T * p_i * (q_rest / r_s - S)`` over the vocabulary, then (after
    a barrier) ``soft_weight / T * (q_k - p_k * S)`` at the top-k entries; plus the hard term
-   ``hard_weight * (softmax(s) - onehot(label))``.
+   ``hard_weight * (softmax(s) - onehot(label))``; each element times the student transform's
+   slope ``ds/dz`` and divided by the gradient divisor (when given) before its one rounding.
+
+``s`` are the student's transformed logits (:mod:`kdops.backends.triton.logit_transform`:
+``z' = scale * z`` or ``c * tanh(scale * z / c)`` of the logits read; the identity compiles to
+nothing); the gradient is to the raw logits.
 """
 from typing import TYPE_CHECKING, Optional
 
@@ -31,6 +36,7 @@ from kdops.backends.triton._common import (
     write_ignored_row,
 )
 from kdops.backends.triton.divergence import divergence_term
+from kdops.backends.triton.logit_transform import load_transformed, transform_args, transform_slope
 
 if TYPE_CHECKING:
     from kdops.ops._common import DistillOptions
@@ -41,13 +47,14 @@ _MAX_BLOCK = block(4096, 64)
 
 @triton.jit
 def _sparse_kd_row_kernel(
-    student_ptr, lt_ptr, idx_ptr, labels_ptr, loss_ptr, grad_ptr,
+    student_ptr, lt_ptr, idx_ptr, labels_ptr, loss_ptr, grad_ptr, grad_divisor_ptr,
     V, K, student_stride, grad_stride,
     inv_temperature: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
     log_1m_beta: "tl.float64", hard_weight: "tl.float64", soft_weight: "tl.float64",
-    ignore_index,
+    ignore_index, student_scale: "tl.float64", student_softcap: "tl.float64",
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, BUCKET: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_KIND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + row * student_stride
@@ -62,6 +69,8 @@ def _sparse_kd_row_kernel(
     log_1mb = tl.full([], log_1m_beta, ACC)
     hard_w = tl.full([], hard_weight, ACC)
     soft_w = tl.full([], soft_weight, ACC)
+    s_scale = tl.full([], student_scale, ACC)
+    s_cap = tl.full([], student_softcap, ACC)
 
     label = -1
     ignored = False
@@ -77,7 +86,7 @@ def _sparse_kd_row_kernel(
         z_1 = tl.zeros([], ACC)
         for start in range(0, V, BLOCK_V):
             cols = start + offs_v
-            s = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
+            s = load_transformed(s_row + cols, cols < V, float("-inf"), s_scale, s_cap, S_KIND, ACC)
             new_m = tl.maximum(m_s, tl.max(s, axis=0))
             z_s = exp_sum(z_s, m_s, new_m, s, inv_t)
             if HAS_HARD:
@@ -97,7 +106,7 @@ def _sparse_kd_row_kernel(
             kmask = ks < K
             idx = tl.load(idx_row + ks, mask=kmask, other=0)
             ok = (idx >= 0) & (idx < V)
-            s = tl.load(s_row + idx, mask=kmask & ok, other=0.0).to(ACC)
+            s = load_transformed(s_row + idx, kmask & ok, 0.0, s_scale, s_cap, S_KIND, ACC)
             ps = tl.where(ok, tl.exp((s - m_s) * inv_t - log_z_s), float("nan"))
             ps_top += tl.sum(tl.where(kmask, ps, 0.0), axis=0)
             pt_top += tl.sum(tl.where(kmask, tl.exp(tl.load(lt_row + ks, mask=kmask, other=0.0)), 0.0), axis=0)
@@ -111,7 +120,7 @@ def _sparse_kd_row_kernel(
             ks = start + offs_k
             kmask = ks < K
             idx = tl.load(idx_row + ks, mask=kmask, other=0)
-            s = tl.load(s_row + idx, mask=kmask & (idx >= 0) & (idx < V), other=0.0).to(ACC)
+            s = load_transformed(s_row + idx, kmask & (idx >= 0) & (idx < V), 0.0, s_scale, s_cap, S_KIND, ACC)
             lt = tl.load(lt_row + ks, mask=kmask, other=0.0) - shift
             d, q = divergence_term((s - m_s) * inv_t - log_z_s, lt, b, log_b, log_1mb, DIV)
             d_sum += tl.sum(tl.where(kmask, d, 0.0), axis=0)
@@ -131,33 +140,39 @@ def _sparse_kd_row_kernel(
 
         loss = soft_w * d_sum
         if HAS_HARD:
-            s_label = tl.load(s_row + label, mask=label_ok, other=0.0).to(ACC)
+            s_label = load_transformed(s_row + label, label_ok, 0.0, s_scale, s_cap, S_KIND, ACC)
             loss += hard_w * (m_s - s_label + log_z_1)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
         # Pass 3: p_i * coefficient over the vocabulary, then the top-k entries.
         if COMPUTE_GRAD:
+            if grad_divisor_ptr is not None:
+                inv_div = 1.0 / tl.load(grad_divisor_ptr).to(ACC)
+            else:
+                inv_div = tl.full([], 1.0, ACC)
             rest_coef = soft_w * inv_t * (ratio - q_sum)
             for start in range(0, V, BLOCK_V):
                 cols = start + offs_v
                 mask = cols < V
-                s = tl.load(s_row + cols, mask=mask, other=0.0).to(ACC)
+                s = load_transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
                 g = tl.exp((s - m_s) * inv_t - log_z_s) * rest_coef
                 if HAS_HARD:
                     g += hard_w * (tl.exp(s - m_s - log_z_1) - tl.where(cols == label, 1.0, 0.0))
+                g *= transform_slope(s, s_scale, s_cap, S_KIND) * inv_div
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
             tl.debug_barrier()
             for start in range(0, K, BLOCK_K):
                 ks = start + offs_k
                 idx = tl.load(idx_row + ks, mask=ks < K, other=0)
                 kmask = (ks < K) & (idx >= 0) & (idx < V)
-                s = tl.load(s_row + idx, mask=kmask, other=0.0).to(ACC)
+                s = load_transformed(s_row + idx, kmask, 0.0, s_scale, s_cap, S_KIND, ACC)
                 ls = (s - m_s) * inv_t - log_z_s
                 lt = tl.load(lt_row + ks, mask=kmask, other=0.0) - shift
                 _, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
                 g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
                 if HAS_HARD:
                     g += hard_w * (tl.exp(s - m_s - log_z_1) - tl.where(idx == label, 1.0, 0.0))
+                g *= transform_slope(s, s_scale, s_cap, S_KIND) * inv_div
                 tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=kmask)
 
 
@@ -168,9 +183,11 @@ def sparse_kd_forward(
     labels: Optional[Tensor],
     options: "DistillOptions",
     compute_grad: bool,
+    grad_divisor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` and, if ``compute_grad``, the contiguous gradients ``[N, V]`` w.r.t.
-    ``student`` in its dtype (else an empty tensor). Inputs as for
+    ``student`` in its dtype (divided by the 0-dim ``grad_divisor`` when given; else an empty
+    tensor), with the options' student logit transform applied to the logits read. Inputs as for
     :func:`kdops.backends.native.sparse_kd.sparse_kd_forward` (checked by :mod:`kdops.ops.sparse_kd`)."""
     acc = acc_dtype(student.dtype)
     n_rows, vocab = student.shape
@@ -183,15 +200,16 @@ def sparse_kd_forward(
         return loss, grad
     block_v = row_block(vocab, _MAX_BLOCK)
     block_k = row_block(k, _MAX_BLOCK)
+    s_scale, s_softcap, s_kind = transform_args(options.student_logit_scale, options.student_softcap)
     launch(
         _sparse_kd_row_kernel, (n_rows,), student.device,
-        student, topk_logprobs, topk_indices, labels, loss, grad,
+        student, topk_logprobs, topk_indices, labels, loss, grad, grad_divisor if compute_grad else None,
         vocab, k, student.stride(0), vocab,
         1.0 / options.temperature, options.beta, *mixture_logs(options.divergence, options.beta),
-        options.hard_weight, options.soft_weight, options.ignore_index,
+        options.hard_weight, options.soft_weight, options.ignore_index, s_scale, s_softcap,
         DIV=options.divergence, HAS_LABELS=labels is not None,
         HAS_HARD=labels is not None and options.hard_weight > 0,
         BUCKET=options.rest_bucket, COMPUTE_GRAD=compute_grad, ACC=acc,
-        BLOCK_V=block_v, BLOCK_K=block_k, num_warps=row_warps(block_v),
+        BLOCK_V=block_v, BLOCK_K=block_k, S_KIND=s_kind, num_warps=row_warps(block_v),
     )
     return loss, grad
