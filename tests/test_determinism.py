@@ -9,6 +9,8 @@ import torch
 import kdops
 from kdops.backends.triton import fused_linear as triton_fused_linear
 
+from conftest import interpreted, require
+
 BACKENDS = ["torch", "cpu", "triton"]
 RUNS = 3
 
@@ -19,12 +21,6 @@ def deterministic():
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(before)
-
-
-def require(backend):
-    status = kdops.available_backends()[backend]
-    if not status.available:
-        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
 
 
 def _cases(small: bool):
@@ -71,7 +67,7 @@ def _run(fn, shapes, backend):
 @pytest.mark.parametrize("op", list(_cases(small=False)))
 def test_bitwise_reproducible(deterministic, backend, op):
     require(backend)
-    fn, shapes = _cases(small=backend == "triton" and not torch.cuda.is_available())[op]
+    fn, shapes = _cases(small=interpreted(backend))[op]
     if op in ("hint_loss", "attention_transfer_loss"):
         backend = None  # no kernels: torch ops on any backend
     first = _run(fn, shapes, backend)
