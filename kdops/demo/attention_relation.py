@@ -14,7 +14,7 @@ training relation loss of each run from its first step to its last.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ def attention_inputs(model: TinyLM, ids: Tensor) -> tuple[Tensor, tuple[Tensor, 
     return model.norm(last(x, src_mask=mask, is_causal=True)), qkv
 
 
-def relation_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], heads: int, backend) -> Tensor:
+def relation_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], heads: int,
+                  backend: Optional[str]) -> Tensor:
     """The mean over ``x`` in ``(q, k, v)`` of the causal MiniLMv2 relation loss ``(x, x)``."""
     return sum(kdops.attention_relation_loss(s, s, t, t, relation_heads=heads, causal=True, backend=backend)
                for s, t in zip(student, teacher)) / len(student)
