@@ -5,6 +5,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -118,7 +119,7 @@ def assert_close_to_max(actual: torch.Tensor, expected: torch.Tensor, tol: tuple
 
 
 def spawn_ranks(target, world: int, out_dir: Path, *args, join_timeout_s: float,
-                must_report: tuple = ()) -> dict:
+                must_report: Sequence[int] = ()) -> dict:
     """Runs ``target(rank, world, port, str(out_dir), *args)`` in ``world`` spawned processes (a free
     loopback ``port`` for their process group); each rank writes what it saw to
     ``out_dir/rank{rank}.json``. Fails the test if a rank is still alive after ``join_timeout_s``
