@@ -196,8 +196,9 @@ def test_opcheck(backend):
     student.requires_grad_(True)
     for labels_arg, hard in ((labels, 0.3), (None, 0.0)):
         options = DistillOptions(2, 2.0, 0.5, hard, (1 - hard) * 4.0, -100)
-        args = (student, teacher, labels_arg, None, True, backend, *options)
-        torch.library.opcheck(torch.ops.kdops.distill_rows.default, args)
+        for divisor, reduced in ((None, False), (torch.tensor(3.0), True)):
+            args = (student, teacher, labels_arg, None, divisor, reduced, True, backend, *options)
+            torch.library.opcheck(torch.ops.kdops.distill_rows.default, args)
 
 
 @pytest.mark.parametrize("backend", [None, "cpu", "torch"])

@@ -162,13 +162,144 @@ def test_bad_transforms_name_the_argument(name, value, error):
             kdops.fused_linear_distill_loss(h, w, th, tw, labels, backend=backend, **{name: value})
 
 
-@pytest.mark.parametrize("name", ["student_logit_scale", "teacher_logit_scale", "student_softcap", "teacher_softcap"])
-def test_distill_loss_refuses_transforms(name):
-    """The dense loss takes logits the caller has already formed: a transform there is refused
-    by name, never ignored."""
+# ---- kdops.distill_loss: the transforms in the dense kd kernels (Triton, C++, CUDA, torch) ----
+
+DENSE_BACKENDS = ["torch", "cpu", "triton", "cuda"]
+
+
+def _dense_device(backend):
+    status = kdops.available_backends()[backend]
+    if not status.available:
+        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def _dense_reference(student, teacher, labels, transform, **options):
+    """float64 reference: reference.distill_loss of the transformed float64 logits; (loss, d loss / d student)."""
+    s = student.detach().double().cpu().requires_grad_(True)
+    zs = reference.transform_logits(s, transform.get("student_logit_scale", 1.0), transform.get("student_softcap"))
+    zt = reference.transform_logits(teacher.double().cpu(), transform.get("teacher_logit_scale", 1.0),
+                                    transform.get("teacher_softcap"))
+    loss = reference.distill_loss(zs, zt, None if labels is None else labels.cpu(), **options)
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    return loss.detach(), grad
+
+
+def _dense_check(backend, dtype, transform, shape=(5, 7, 67), n_teachers=0, divergence="forward_kl",
+                 reduction="mean", spread=6.0, edit=None, hard_weight=0.3, **options):
+    """distill_loss with ``transform`` on ``backend`` against the float64 reference (logits past the
+    softcaps, ignored rows, a hard-label term); ``edit(student, teacher)`` changes the inputs."""
+    device = _dense_device(backend)
+    student = torch.randn(shape, dtype=torch.float64) * spread
+    teacher = torch.randn(((n_teachers,) if n_teachers else ()) + shape, dtype=torch.float64) * spread
+    if edit is not None:
+        edit(student, teacher)
+    student, teacher = student.to(dtype), teacher.to(dtype)  # the reference sees the rounded inputs
+    labels = torch.randint(0, shape[-1], shape[:-1])
+    labels[torch.rand(shape[:-1]) < 0.3] = -100
+    beta = 0.3 if divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl") else 0.5
+    kw = dict(temperature=1.7, divergence=divergence, beta=beta, hard_weight=hard_weight, reduction=reduction,
+              **options)
+    s = student.to(device).requires_grad_(True)
+    out = kdops.distill_loss(s, teacher.to(device), labels.to(device), backend=backend, **transform, **kw)
+    cotangent = torch.rand(out.shape, dtype=torch.float64) + 0.5
+    out.backward(cotangent.to(out.dtype).to(device))
+    ref, ref_grad = _dense_reference(student, teacher, labels, transform, **kw)
+    ref_grad = ref_grad * (cotangent.reshape(cotangent.shape + (1,)) if reduction == "none" else cotangent)
+    assert s.grad.dtype == dtype and s.grad.shape == student.shape
+    scale = float(ref.abs().max()) if ref.numel() else 1.0
+    assert_close(out.cpu(), ref, LOSS_TOL[dtype], scale=scale)
+    assert_close(s.grad.cpu(), ref_grad, GRAD_TOL[dtype], scale=float(ref_grad.abs().max()))
+    return s.grad
+
+
+@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=lambda t: ",".join(f"{k}={v}" for k, v in t.items()))
+def test_distill_loss_transforms(backend, dtype, transform):
+    _dense_check(backend, dtype, transform)
+
+
+@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_distill_loss_transforms_every_divergence(backend, divergence, reduction):
+    _dense_check(backend, torch.float32, TRANSFORMS[3], divergence=divergence, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_teachers", [1, 3])
+def test_distill_loss_transforms_multi_teacher(backend, dtype, n_teachers):
+    """Every teacher is transformed before the mixture (K = 1 in the (K, ..., V) form too)."""
+    weights = [1.0] if n_teachers == 1 else [0.2, 0.5, 0.3]
+    _dense_check(backend, dtype, dict(teacher_softcap=2.0, teacher_logit_scale=1.5, student_logit_scale=0.7),
+                 n_teachers=n_teachers, teacher_weights=weights)
+    _dense_check(backend, dtype, TRANSFORMS[0], n_teachers=n_teachers, teacher_weights=weights,
+                 divergence="jsd", shape=(9, 301))
+
+
+@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
+def test_distill_loss_transforms_of_minus_inf(backend, divergence):
+    """-inf logits: under a scale they stay -inf; under a softcap c they become -c (tanh(-inf) =
+    -1, slope 0: a zero gradient there, a finite hard-label term), as in the reference."""
+    def edit(student, teacher):
+        student[..., ::5] = -math.inf
+        teacher[..., 1::4] = -math.inf
+        teacher[..., ::5] = -math.inf
+
+    capped = _dense_check(backend, torch.float32, dict(student_softcap=3.0, teacher_softcap=2.5), edit=edit,
+                          divergence=divergence)
+    assert (capped[..., ::5] == 0).all()
+
+    def edit_teacher(student, teacher):  # a -inf student logit under a scale: the reference's own tests
+        teacher[..., 1::4] = -math.inf
+
+    scaled = _dense_check(backend, torch.float32, dict(student_logit_scale=0.5, teacher_logit_scale=2.0),
+                          edit=edit_teacher, divergence=divergence)
+    assert scaled.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_distill_loss_transforms_gradcheck_float64(backend):
+    device = _dense_device(backend)
+    s = (torch.randn(4, 13, dtype=torch.float64) * 4).to(device).requires_grad_(True)
+    t = (torch.randn(4, 13, dtype=torch.float64) * 4).to(device)
+    labels = torch.tensor([3, -100, 12, 0], device=device)
+    for divergence in ("forward_kl", "jsd"):
+        torch.autograd.gradcheck(
+            lambda x: kdops.distill_loss(x, t, labels, temperature=1.5, divergence=divergence, hard_weight=0.4,
+                                         student_logit_scale=1.3, student_softcap=2.5, teacher_softcap=3.0,
+                                         backend=backend), (s,))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_distill_loss_transforms_opcheck(backend):
+    from kdops.ops._common import DistillOptions
+
+    _dense_device(backend)
+    student, teacher = torch.randn(4, 23) * 4, torch.randn(4, 23) * 4
+    labels = torch.tensor([1, -100, 22, 5])
+    student.requires_grad_(True)
+    options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100, False, 0.7, 2.5, 1.2, 3.0)
+    for divisor, reduced in ((None, False), (torch.tensor(3.0), True), (None, True)):
+        args = (student, teacher, labels, None, divisor, reduced, True, backend, *options)
+        torch.library.opcheck(torch.ops.kdops.distill_rows.default, args)
+
+
+@pytest.mark.parametrize("name,value,error", [
+    ("student_softcap", 0.0, ValueError), ("teacher_softcap", -1.0, ValueError),
+    ("student_softcap", math.inf, ValueError), ("teacher_logit_scale", math.nan, ValueError),
+    ("student_logit_scale", -1.0, ValueError), ("teacher_logit_scale", 0.0, ValueError),
+    ("student_logit_scale", "2", TypeError), ("teacher_softcap", "3", TypeError),
+])
+def test_distill_loss_bad_transforms_name_the_argument(name, value, error):
     s, t = torch.randn(4, 11), torch.randn(4, 11)
-    with pytest.raises(NotImplementedError, match=name):
-        kdops.distill_loss(s, t, **{name: 2.0})
+    for backend in DENSE_BACKENDS:
+        if kdops.available_backends()[backend].available:
+            with pytest.raises(error, match=name):
+                kdops.distill_loss(s, t, backend=backend, **{name: value})
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

@@ -233,7 +233,7 @@ def test_opcheck(backend):
     student.requires_grad_(True)
     log_w = random_weights(3).log().float()
     options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100)
-    args = (student, teachers, labels, log_w, True, backend, *options)
+    args = (student, teachers, labels, log_w, None, False, True, backend, *options)
     torch.library.opcheck(torch.ops.kdops.distill_rows.default, args)
     h, w, lin, labels = make_linear(7, 4, (3, 5), 11, torch.float32, "cpu", (True, False))
     h.requires_grad_(True)

@@ -33,6 +33,18 @@ struct KDParams {
   int64_t n_teachers = 1;
   int64_t teacher_k_stride = 0;
   const void* teacher_log_weights = nullptr;
+  // The models' final-logit transforms (common/logit_transform.h), applied to the logits read:
+  // z' = scale * z, or with softcap c > 0 (0: none) z' = c * tanh(scale * z / c); the gradient
+  // is to the raw student logits (times dz'/dz).
+  double student_scale = 1, student_softcap = 0;
+  double teacher_scale = 1, teacher_softcap = 0;
+  // The reduction's divisor (1 / count of a mean, 1 / normalizer) as a 0-dim tensor of the loss
+  // type: the gradient is divided by it before its rounding to dtype. nullptr: not divided.
+  const void* grad_divisor = nullptr;
+
+  bool has_transform() const {
+    return student_scale != 1 || student_softcap != 0 || teacher_scale != 1 || teacher_softcap != 0;
+  }
 };
 
 // Row losses (and gradients when p.grad != nullptr) on the CPU, rows in parallel (OpenMP).

@@ -13,6 +13,9 @@
 // teachers 1..K-1 loaded per element (teacher 0 rides in the sweep). Everything accumulates in
 // float; float16 / bfloat16 use the storage types of common/dtype.h (Elem<T>: the hardware's cvt
 // instructions). Row and teacher offsets are int64; offsets within a row (vocab < 2^31) int.
+// With the models' logit transforms (TRANSFORM, common/logit_transform.h) every logit is
+// transformed where it is loaded, and the gradient multiplied by the student transform's slope;
+// the reduction's divisor (grad_divisor, a device scalar) divides it before its one rounding.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -25,6 +28,7 @@
 #include "common/divergence.h"
 #include "common/dtype.h"
 #include "common/kd.h"
+#include "common/logit_transform.h"
 #include "cuda/block_reduce.cuh"
 
 namespace kdops {
@@ -44,11 +48,26 @@ constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
 // teachers 1..K-1 loads them one element at a time anyway, takes 4-byte words of student and
 // teacher 0. One 16-byte vector of student and teacher per thread still keeps 32 KiB per SM in
 // flight at two 512-thread blocks.
-template <bool HARD, bool MULTI>
+template <bool HARD, bool MULTI, bool TRANSFORM>
 struct Sweep {
   static constexpr int bytes = MULTI ? 4 : 16;
-  static constexpr int unroll = HARD || MULTI ? 1 : 2;
+  static constexpr int unroll = HARD || MULTI || TRANSFORM ? 1 : 2;
+  static constexpr bool transform = TRANSFORM;
 };
+
+// The logits of both models as the kernel reads them: transformed when TR.
+struct Transforms {
+  LogitTransform<float> s, t;
+};
+
+template <bool TR>
+__device__ __forceinline__ float read(const LogitTransform<float>& tr, float z) {
+  if constexpr (TR) {
+    return tr.apply(z);
+  } else {
+    return z;
+  }
+}
 
 template <int BYTES>
 struct VectorOf;
@@ -97,11 +116,11 @@ __device__ __forceinline__ Split split_row(const void* a, const void* b, const v
 }
 
 // Calls f(chunk) on the chunks of the row that this thread owns (Chunk<1> or Chunk<N>, N the
-// elements of a vector of SW::bytes); with STORE, then writes chunk.g to g (evict-first: nothing
-// here reads the gradient again).
+// elements of a vector of SW::bytes; logits transformed by `tr` if SW::transform); with STORE,
+// then writes chunk.g to g (evict-first: nothing here reads the gradient again).
 template <typename T, typename SW, Cache C, bool STORE, typename F>
 __device__ __forceinline__ void for_each_chunk(const Bits<T>* __restrict__ s, const Bits<T>* __restrict__ t,
-                                               Bits<T>* __restrict__ g, int vocab, F&& f) {
+                                               Bits<T>* __restrict__ g, int vocab, const Transforms& tr, F&& f) {
   using E = Elem<T>;
   using Vector = typename VectorOf<SW::bytes>::type;
   constexpr int N = SW::bytes / sizeof(T);
@@ -112,8 +131,8 @@ __device__ __forceinline__ void for_each_chunk(const Bits<T>* __restrict__ s, co
   const auto element = [&](int i) {
     Chunk<1> c;
     c.i0 = i;
-    c.x[0] = E::bits_to_acc(load<C>(s + i));
-    c.y[0] = E::bits_to_acc(load<C>(t + i));
+    c.x[0] = read<SW::transform>(tr.s, E::bits_to_acc(load<C>(s + i)));
+    c.y[0] = read<SW::transform>(tr.t, E::bits_to_acc(load<C>(t + i)));
     f(c);
     if constexpr (STORE) __stcs(g + i, E::acc_to_bits(c.g[0]));
   };
@@ -125,8 +144,8 @@ __device__ __forceinline__ void for_each_chunk(const Bits<T>* __restrict__ s, co
     c.i0 = sp.head + v * N;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      c.x[k] = E::bits_to_acc(sb[k]);
-      c.y[k] = E::bits_to_acc(tb[k]);
+      c.x[k] = read<SW::transform>(tr.s, E::bits_to_acc(sb[k]));
+      c.y[k] = read<SW::transform>(tr.t, E::bits_to_acc(tb[k]));
     }
     f(c);
     if constexpr (STORE) {
@@ -244,16 +263,19 @@ struct Args {
   int n_teachers;              // K; teacher k's row r at teacher + k * teacher_k_stride + r * teacher_stride
   int64_t teacher_k_stride;
   const float* log_weights;    // [K] log w_k (MULTI)
+  Transforms tr;               // the models' logit transforms (TRANSFORM)
+  const float* grad_divisor;   // 0-dim: the gradient is divided by it; nullptr: not
 };
 
 // MULTI: [2 * K] floats per block: teacher k's max m_k at 2k, and off_k = log w_k - log z_k at 2k + 1.
 extern __shared__ float teacher_stats[];
 
-// HARD: hard_weight > 0 and labels given. MULTI: K > 1 teachers, mixed.
-template <typename T, int DIV, bool HARD, bool MULTI>
+// HARD: hard_weight > 0 and labels given. MULTI: K > 1 teachers, mixed. TRANSFORM: a logit
+// transform is not the identity.
+template <typename T, int DIV, bool HARD, bool MULTI, bool TRANSFORM>
 __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T> a) {
   constexpr bool kSumPass = needs_sum_pass(DIV);
-  using SW = Sweep<HARD, MULTI>;
+  using SW = Sweep<HARD, MULTI, TRANSFORM>;
   const int vocab = a.vocab;
   const float inv_t = a.inv_t, beta = a.beta;
   const float c = kLog2e * inv_t;  // exp((x - m) / T) = exp2((x - m) * c)
@@ -273,7 +295,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
     // Pass 1. Log-probabilities are then ls = (s - ms) / T - log zs (likewise lt), and the
     // softmax at T = 1 is exp(s - ms - log z1): offsets from the max keep them accurate.
     RowStats<HARD> st;
-    for_each_chunk<T, SW, Cache::kKeep, false>(s, t, nullptr, vocab, [&](auto& ch) {
+    for_each_chunk<T, SW, Cache::kKeep, false>(s, t, nullptr, vocab, a.tr, [&](auto& ch) {
       st.s.add(ch.x, c, kLog2e);
       st.t.add(ch.y, c, 0.f);
     });
@@ -295,7 +317,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
         const Bits<T>* tk = t + k * a.teacher_k_stride;
         Stats<false> sk;
         for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-          const float x[1] = {Elem<T>::bits_to_acc(__ldg(tk + i))};
+          const float x[1] = {read<TRANSFORM>(a.tr.t, Elem<T>::bits_to_acc(__ldg(tk + i)))};
           sk.add(x, c, 0.f);
         }
         sk = block_reduce(sk, [&](Stats<false> u, const Stats<false>& o) {
@@ -322,7 +344,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
         for (int k = 1; k < K; ++k) {
           tk += a.teacher_k_stride;
           const float2 sk = stats[k];
-          const float ak = fmaf(Elem<T>::bits_to_acc(__ldg(tk)) - sk.x, inv_t, sk.y);
+          const float ak = fmaf(read<TRANSFORM>(a.tr.t, Elem<T>::bits_to_acc(__ldg(tk))) - sk.x, inv_t, sk.y);
           if (ak > hi) {
             z = z * expf(hi - ak) + 1.f;
             hi = ak;
@@ -341,7 +363,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
     // Pass 2.
     Sums sums;
     if (kSumPass) {
-      for_each_chunk<T, SW, Cache::kKeep, false>(s, t, nullptr, vocab, [&](auto& ch) {
+      for_each_chunk<T, SW, Cache::kKeep, false>(s, t, nullptr, vocab, a.tr, [&](auto& ch) {
 #pragma unroll
         for (int k = 0; k < ch.size; ++k) {
           const float ls = fmaf(ch.x[k] - ms, inv_t, -log_zs), lt = teacher_log_prob(ch.y[k], ch.i0 + k);
@@ -359,9 +381,11 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
       sums.q = -1.f;
     }
 
-    // Pass 3: grad_i = soft_weight / T * (q_i - p_s_i * S) + hard_weight * (softmax(s)_i - [i == label]).
+    // Pass 3: grad_i = (soft_weight / T * (q_i - p_s_i * S) + hard_weight * (softmax(s)_i - [i == label]))
+    // * ds_i/dz_i / divisor.
     if (!kSumPass || g != nullptr) {
-      const float S = sums.q, gs = a.soft_weight * inv_t;
+      const float unit = a.grad_divisor == nullptr ? 1.f : 1.f / *a.grad_divisor;
+      const float S = sums.q, gs = a.soft_weight * inv_t * unit, gh = a.hard_weight * unit;
       float d = 0.f;
       const auto pass3 = [&](auto& ch) {
 #pragma unroll
@@ -371,21 +395,25 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
           const Term<float> tm = divergence_term<DIV, float>(ls, lt, beta, w);
           if (!kSumPass) d += tm.d;
           float gi = gs * (tm.q - expf(ls) * S);
-          if (HARD) gi += a.hard_weight * (expf(x - ms - log_z1) - (ch.i0 + k == label_i ? 1.f : 0.f));
+          if (HARD) gi += gh * (expf(x - ms - log_z1) - (ch.i0 + k == label_i ? 1.f : 0.f));
+          if (TRANSFORM) gi *= a.tr.s.slope(x);
           ch.g[k] = gi;
         }
       };
       if (g != nullptr) {
-        for_each_chunk<T, SW, Cache::kLast, true>(s, t, g, vocab, pass3);
+        for_each_chunk<T, SW, Cache::kLast, true>(s, t, g, vocab, a.tr, pass3);
       } else {  // forward KL, loss only (the unused gradient math is compiled out)
-        for_each_chunk<T, SW, Cache::kLast, false>(s, t, nullptr, vocab, pass3);
+        for_each_chunk<T, SW, Cache::kLast, false>(s, t, nullptr, vocab, a.tr, pass3);
       }
       if (!kSumPass) sums.d = block_reduce(d, [](float u, float o) { return u + o; });
     }
 
     if (threadIdx.x == 0) {
       float loss = a.soft_weight * sums.d;
-      if (HARD) loss += a.hard_weight * (ms - (label_ok ? Elem<T>::bits_to_acc(s[label_i]) : 0.f) + log_z1);
+      if (HARD) {
+        const float s_label = label_ok ? read<TRANSFORM>(a.tr.s, Elem<T>::bits_to_acc(s[label_i])) : 0.f;
+        loss += a.hard_weight * (ms - s_label + log_z1);
+      }
       a.loss[r] = loss;
     }
   }
@@ -403,7 +431,7 @@ int threads_for(int64_t vocab, int vec) {
   return threads;
 }
 
-template <typename T, int DIV, bool HARD, bool MULTI>
+template <typename T, int DIV, bool HARD, bool MULTI, bool TRANSFORM>
 void launch(const KDParams& p, cudaStream_t stream) {
   Args<T> a;
   a.student = static_cast<const Bits<T>*>(p.student);
@@ -424,10 +452,14 @@ void launch(const KDParams& p, cudaStream_t stream) {
   a.n_teachers = static_cast<int>(p.n_teachers);
   a.teacher_k_stride = p.teacher_k_stride;
   a.log_weights = static_cast<const float*>(p.teacher_log_weights);
+  a.tr.s = {static_cast<float>(p.student_scale), static_cast<float>(p.student_softcap)};
+  a.tr.t = {static_cast<float>(p.teacher_scale), static_cast<float>(p.teacher_softcap)};
+  a.grad_divisor = static_cast<const float*>(p.grad_divisor);
   const int64_t grid = p.n_rows < INT_MAX ? p.n_rows : INT_MAX;
   const size_t shared = MULTI ? 2 * sizeof(float) * p.n_teachers : 0;
-  kd_forward_kernel<T, DIV, HARD, MULTI>
-      <<<static_cast<unsigned>(grid), threads_for(p.vocab, Sweep<HARD, MULTI>::bytes / int(sizeof(T))), shared, stream>>>(a);
+  using SW = Sweep<HARD, MULTI, TRANSFORM>;
+  kd_forward_kernel<T, DIV, HARD, MULTI, TRANSFORM>
+      <<<static_cast<unsigned>(grid), threads_for(p.vocab, SW::bytes / int(sizeof(T))), shared, stream>>>(a);
 }
 
 }  // namespace
@@ -445,8 +477,10 @@ void kd_forward_cuda(const KDParams& p, uintptr_t stream) {
     with_divergence(p.divergence, [&](auto div) {
       with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
         with_bool(p.n_teachers > 1, [&](auto multi) {
-          launch<typename decltype(type)::type, decltype(div)::value, decltype(hard)::value, decltype(multi)::value>(
-              p, reinterpret_cast<cudaStream_t>(stream));
+          with_bool(p.has_transform(), [&](auto transform) {
+            launch<typename decltype(type)::type, decltype(div)::value, decltype(hard)::value, decltype(multi)::value,
+                   decltype(transform)::value>(p, reinterpret_cast<cudaStream_t>(stream));
+          });
         });
       });
     });

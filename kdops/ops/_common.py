@@ -6,7 +6,10 @@ kernel launchers; a custom op takes its fields as named scalars (its schema list
 rebuilds the record. Two wirings of the gradient:
 
 * saved gradient (:func:`register_saved_grad_autograd`): the kernel returns the row losses and
-  their gradient to the logits at once; backward scales it by the incoming row weights;
+  their gradient to the logits at once; for a reduced loss the op returns the reduced loss and
+  the kernel divides the gradient by the reduction's divisor (:func:`reduction_divisor`: the
+  count of a mean, or ``normalizer``) in float32 before its one rounding, so that backward only
+  scales it by ``grad_output`` (nothing when that is 1); for ``"none"`` by the row weights;
 * lm_head ops (:func:`register_lm_head_autograd`, chunked or blockwise): with ``needs`` set the
   op computes the gradients to ``h``, ``w``, ``b`` in forward (the rows are then only summed:
   reduction ``"sum"`` / ``"mean"``), and backward scales them; without (reduction ``"none"``)
@@ -40,8 +43,8 @@ class DistillOptions(NamedTuple):
     soft_weight: float
     ignore_index: int
     rest_bucket: bool = False  # sparse (top-k) teachers: rest_mass="bucket" (else "ignore")
-    # lm_head ops: the models' final-logit transforms (kdops.ops._chunked.LogitTransform), applied
-    # by the chunked driver to the logits it forms, before the kernels (which never see them)
+    # the models' final-logit transforms (kdops.ops._chunked.LogitTransform): the kernels apply
+    # them to the logits they read (their gradient is to the raw logits)
     student_logit_scale: float = 1.0
     student_softcap: Optional[float] = None
     teacher_logit_scale: float = 1.0
@@ -120,8 +123,11 @@ def define(name: str, args: OpArgs, returns: str, impl: Callable, fake: Callable
 
 
 def register_saved_grad_autograd(op: torch.library.CustomOpDef, args: OpArgs, wrt: str) -> None:
-    """Autograd of an op returning ``(rows, grad)``, ``grad`` the gradient of each row to input
-    ``wrt`` computed in forward (when ``compute_grad``): backward is ``grad * grad_rows``."""
+    """Autograd of an op returning ``(rows, grad)``, ``grad`` the gradient of the rows to input
+    ``wrt`` computed in forward (when ``compute_grad``): backward is ``grad * grad_rows``, with
+    ``rows`` the row losses ``[N]`` (``grad_rows`` ``[N]``: per-row weights) or one reduced loss
+    (0-dim: ``grad`` is that of the reduced loss, ``grad_rows`` one number; see
+    :func:`kdops.ops.saved_grad.scale_saved_grad`)."""
 
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # no [N, V] zeros for the unused gradient of output[1]
@@ -135,7 +141,8 @@ def register_saved_grad_autograd(op: torch.library.CustomOpDef, args: OpArgs, wr
         if grad_rows is None:  # only output[1] was used: no gradient to the logits
             return args.grads(ctx.no_grads)
         (row_grad,) = ctx.saved_tensors
-        return args.grads(ctx.no_grads, **{wrt: scale_saved_grad(row_grad, grad_rows.unsqueeze(-1))})
+        scale = grad_rows if grad_rows.dim() == 0 else grad_rows.unsqueeze(-1)
+        return args.grads(ctx.no_grads, **{wrt: scale_saved_grad(row_grad, scale)})
 
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -226,6 +233,21 @@ def check_normalizer(normalizer: Union[None, int, Tensor], reduction: str) -> No
         raise TypeError(f"normalizer must be an int or a one-element tensor; got {type(normalizer).__name__}")
     elif normalizer <= 0:
         raise ValueError(f"normalizer must be > 0; got {normalizer}")
+
+
+def reduction_divisor(labels: Optional[Tensor], ignore_index: int, reduction: str,
+                      normalizer: Union[None, int, Tensor], n_rows: int, dtype: torch.dtype,
+                      device: torch.device) -> Optional[Tensor]:
+    """The 0-dim ``dtype`` tensor on ``device`` that a ``"mean"`` divides the row sum by (formed
+    on the device: no sync): ``normalizer`` when given, else the counted rows (labels not
+    ``ignore_index``; all ``n_rows`` without labels), at least 1. None for ``"sum"`` / ``"none"``."""
+    if reduction != "mean":
+        return None
+    if isinstance(normalizer, Tensor):
+        return normalizer.detach().to(device=device, dtype=dtype).reshape(())
+    if normalizer is not None or labels is None:
+        return torch.full((), float(max(1, n_rows) if normalizer is None else normalizer), dtype=dtype, device=device)
+    return (labels != ignore_index).sum().clamp(min=1).to(dtype)
 
 
 def reduce_rows(rows: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str, lead: torch.Size,

@@ -10,7 +10,10 @@ teacher distribution is their mixture ``p_t = sum_k w_k softmax(t_k / T)``, form
 log space by the kernels: ``log p_t = logsumexp_k(log w_k + t_k / T - lse_k)`` after an online
 ``lse_k = logsumexp(t_k / T)`` per teacher (no per-teacher probability tensor). A kernel computes each row's
 loss *and* its gradient in one call (online softmax, no other ``[N, V]`` temporary), so
-backward is a scale of the saved gradient by the incoming one.
+backward is a scale of the saved gradient by the incoming one. The models' logit transforms
+(``z' = scale * z``, ``c * tanh(scale * z / c)``) are applied by the kernels to the logits they
+read, the slope ``dz'/dz`` folded into the gradient; so is a mean's ``1 / count`` (or
+``1 / normalizer``), in float32 before the gradient's one rounding to the student's dtype.
 """
 from __future__ import annotations
 
@@ -28,31 +31,39 @@ from kdops.ops._common import (
     check_normalizer,
     define,
     distill_options,
-    reduce_rows,
+    reduction_divisor,
     register_saved_grad_autograd,
 )
 
 
 # The family's contract: every backend's kdops.backends.<backend>.kd module provides
 #   kd_forward(student [N, V], teacher [N, V] or [K, N, V], labels [N] or None, options: DistillOptions,
-#              compute_grad: bool, teacher_log_weights (K,) or None) -> (row losses [N], row gradients [N, V])
+#              compute_grad: bool, teacher_log_weights (K,) or None, grad_divisor () or None)
+#     -> (row losses [N], row gradients [N, V] divided by grad_divisor)
+# with options' logit transforms applied to the logits read (gradients to the raw logits).
 def _distill_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor], teacher_log_weights: Optional[Tensor],
-                  compute_grad: bool, backend: str, *options) -> tuple[Tensor, Tensor]:
-    """Row losses ``[N]`` of ``[N, V]`` logits and, if ``compute_grad``, their gradients with
-    respect to ``student`` (``[N, V]``, student dtype; else an empty tensor). ``teacher``:
-    ``[N, V]``, or ``[K, N, V]`` mixed with ``teacher_log_weights`` ``(K,)`` (float32; float64
-    for float64 logits)."""
-    return _dispatch.kernels("kd", backend).kd_forward(
-        student, teacher, labels, DistillOptions(*options), compute_grad, teacher_log_weights)
+                  grad_divisor: Optional[Tensor], reduced: bool, compute_grad: bool, backend: str,
+                  *options) -> tuple[Tensor, Tensor]:
+    """Row losses ``[N]`` of ``[N, V]`` logits (``reduced``: their sum divided by the 0-dim
+    ``grad_divisor`` if given) and, if ``compute_grad``, their gradients with respect to
+    ``student`` (``[N, V]``, student dtype, divided by ``grad_divisor``; else an empty tensor).
+    ``teacher``: ``[N, V]``, or ``[K, N, V]`` mixed with ``teacher_log_weights`` ``(K,)``
+    (float32; float64 for float64 logits; ``grad_divisor`` too)."""
+    rows, grad = _dispatch.kernels("kd", backend).kd_forward(
+        student, teacher, labels, DistillOptions(*options), compute_grad, teacher_log_weights, grad_divisor)
+    if reduced:
+        rows = rows.sum() if grad_divisor is None else rows.sum() / grad_divisor
+    return rows, grad
 
 
-def _distill_rows_fake(student, teacher, labels, teacher_log_weights, compute_grad, backend, *options):
-    loss = student.new_empty(student.shape[:1], dtype=compute_dtype(student.dtype))
+def _distill_rows_fake(student, teacher, labels, teacher_log_weights, grad_divisor, reduced, compute_grad, backend,
+                       *options):
+    loss = student.new_empty(() if reduced else student.shape[:1], dtype=compute_dtype(student.dtype))
     return loss, student.new_empty(student.shape if compute_grad else (0,))
 
 
-_ARGS = OpArgs("Tensor student, Tensor teacher, Tensor? labels, Tensor? teacher_log_weights, bool compute_grad, "
-               "str backend, {options}")
+_ARGS = OpArgs("Tensor student, Tensor teacher, Tensor? labels, Tensor? teacher_log_weights, Tensor? grad_divisor, "
+               "bool reduced, bool compute_grad, str backend, {options}")
 distill_rows = define("distill_rows", _ARGS, "(Tensor, Tensor)", _distill_rows, _distill_rows_fake)
 register_saved_grad_autograd(distill_rows, _ARGS, wrt="student")
 
@@ -89,11 +100,16 @@ def distill_loss(
     ``reduction``: ``"mean"`` over counted rows (0 when none count), ``"sum"`` or ``"none"``;
     ``normalizer`` (an int or a one-element tensor, with ``"mean"``): the row sum divided by it
     instead, e.g. Transformers' ``num_items_in_batch`` for gradient accumulation.
-    ``student_logit_scale`` / ``*_softcap`` (the logit transforms of
-    :func:`kdops.fused_linear_distill_loss`) are refused here (NotImplementedError): the logits
-    are the caller's, transform them first.
+    Logit transforms of the models (as :func:`kdops.fused_linear_distill_loss`), applied to the
+    student's and every teacher's logits before the temperature, in the kernels:
+    ``z' = scale * z`` (``*_logit_scale``, a finite number > 0), or with ``*_softcap`` ``c``
+    (None or a finite number > 0) ``z' = c * tanh(scale * z / c)``; the hard-label term uses the
+    transformed student logits, and the gradient the exact chain rule
+    ``dz'/dz = scale * (1 - (z'/c)**2)``. A -inf logit stays -inf under a scale and becomes ``-c``
+    under a softcap (``tanh(-inf) = -1``), as :func:`kdops.reference.transform_logits`.
     The teacher is a constant: gradient flows to ``student_logits`` only. The loss is float32
-    (float64 for float64 logits); the gradient has the student's dtype.
+    (float64 for float64 logits); the gradient has the student's dtype, rounded once (the
+    mean's ``1 / count`` is applied before that rounding).
     ``backend``: None (``KDOPS_BACKEND``, else automatic), ``"triton"``, ``"cuda"``, ``"cpu"``
     or ``"torch"``; see :func:`kdops.available_backends`.
 
@@ -109,13 +125,6 @@ def distill_loss(
         # the current model and its EMA as a two-teacher mixture for a smaller student
         loss = distill_loss(s, torch.stack([t_now.detach(), t_ema.detach()]), teacher_weights=[0.7, 0.3])
     """
-    transforms = (("student_logit_scale", student_logit_scale, 1.0), ("student_softcap", student_softcap, None),
-                  ("teacher_logit_scale", teacher_logit_scale, 1.0), ("teacher_softcap", teacher_softcap, None))
-    for name, value, identity in transforms:
-        if value != identity:
-            raise NotImplementedError(
-                f"{name}: distill_loss takes logits already formed; apply the model's transform to them (autograd "
-                "differentiates it), or use fused_linear_distill_loss, which applies it in the fused pass")
     validation.check_float_tensor("student_logits", student_logits)
     validation.check_float_tensor("teacher_logits", teacher_logits)
     if student_logits.dim() == 0:
@@ -151,7 +160,9 @@ def distill_loss(
     opts = distill_options(temperature=temperature, divergence="forward_kl" if hard_target else divergence,
                            beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None)
+                           reduction=reduction, has_labels=labels is not None,
+                           student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+                           teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
     check_normalizer(normalizer, reduction)
     if labels is not None and hard_weight > 0:
         validation.check_labels_in_range(labels, ignore_index, vocab)
@@ -159,9 +170,11 @@ def distill_loss(
     weights = validation.check_teacher_weights(teacher_weights, n_teachers, student_logits.device) if multi else None
     if name == "torch" or hard_target:
         return reference.distill_loss(
-            student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence, beta=beta,
-            hard_weight=hard_weight, scale_by_temperature_squared=scale_by_temperature_squared,
-            ignore_index=ignore_index, reduction=reduction, teacher_weights=weights, normalizer=normalizer)
+            reference.transform_logits(student_logits, opts.student_logit_scale, opts.student_softcap),
+            reference.transform_logits(teacher_logits, opts.teacher_logit_scale, opts.teacher_softcap), labels,
+            temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
+            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
+            reduction=reduction, teacher_weights=weights, normalizer=normalizer)
 
     student = _rows(student_logits, vocab)
     if n_teachers == 1:  # either form: the single-teacher kernel (a weight must be 1)
@@ -172,8 +185,11 @@ def distill_loss(
         log_weights = weights.log().to(compute_dtype(student.dtype))
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
-    rows, _ = distill_rows(student, teacher, flat_labels, log_weights, compute_grad, name, *opts)
-    return reduce_rows(rows, flat_labels, ignore_index, reduction, lead, normalizer)
+    divisor = reduction_divisor(flat_labels, ignore_index, reduction, normalizer, student.shape[0],
+                                compute_dtype(student.dtype), student.device)
+    loss, _ = distill_rows(student, teacher, flat_labels, log_weights, divisor, reduction != "none", compute_grad,
+                           name, *opts)
+    return loss.reshape(lead) if reduction == "none" else loss
 
 
 def _rows(logits: Tensor, vocab: int, n_teachers: int = 0) -> Tensor:

@@ -21,16 +21,18 @@ def kd_forward(
     options: DistillOptions,
     compute_grad: bool,
     teacher_log_weights: Optional[Tensor] = None,
+    grad_divisor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Row losses ``[N]`` (float32; float64 for float64 logits) of ``[N, V]`` logits and, if
-    ``compute_grad``, their gradients w.r.t. ``student`` (``[N, V]`` contiguous, student dtype;
-    else an empty tensor).
+    """Row losses ``[N]`` (float32; float64 for float64 logits) of ``[N, V]`` logits, transformed
+    by ``options``' logit transforms, and, if ``compute_grad``, their gradients w.r.t. the raw
+    ``student`` (``[N, V]`` contiguous, student dtype, divided by the 0-dim ``grad_divisor`` when
+    given; else an empty tensor).
 
     The caller guarantees: ``student`` ``[N, V]`` and ``teacher`` ``[N, V]`` (or ``[K, N, V]``:
-    K teachers mixed with ``teacher_log_weights``, a contiguous ``(K,)`` tensor of log weights in
+    K extra mixed with ``teacher_log_weights``, a contiguous ``(K,)`` tensor of log weights in
     the loss dtype) of one dtype (float32, float16, bfloat16 or float64) and device, with
     contiguous rows (``stride(-1) == 1``); ``labels`` None or a contiguous int64 ``[N]`` tensor
-    on that device.
+    on that device; ``grad_divisor`` None or a 0-dim tensor of the loss dtype on that device.
     """
     n_rows, vocab = student.shape
     multi = teacher.dim() == 3
@@ -50,9 +52,11 @@ def kd_forward(
         DTYPE_CODES[student.dtype], options.divergence, options.temperature, options.beta,
         options.hard_weight, options.soft_weight, options.ignore_index,
     )
-    teachers = {}
+    extra = dict(student_scale=options.student_logit_scale, student_softcap=options.student_softcap or 0.0,
+                 teacher_scale=options.teacher_logit_scale, teacher_softcap=options.teacher_softcap or 0.0,
+                 grad_divisor_ptr=0 if grad_divisor is None else grad_divisor.data_ptr())
     if multi:
-        teachers = dict(n_teachers=teacher.shape[0], teacher_k_stride=teacher.stride(0),
-                        teacher_log_weights_ptr=teacher_log_weights.data_ptr())
-    call("kd_forward", device, *args, **teachers)
+        extra.update(n_teachers=teacher.shape[0], teacher_k_stride=teacher.stride(0),
+                     teacher_log_weights_ptr=teacher_log_weights.data_ptr())
+    call("kd_forward", device, *args, **extra)
     return loss, grad

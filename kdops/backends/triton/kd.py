@@ -4,7 +4,13 @@ Per row, with ``s``, ``t`` the student / teacher logits, ``T`` the temperature a
 divergence of :mod:`kdops.divergences` (math in :mod:`kdops.backends.triton.divergence`)::
 
     loss = soft_weight * D(softmax(t / T), softmax(s / T)) + hard_weight * (logsumexp(s) - s[label])
-    grad = soft_weight / T * (q - p_s * S) + hard_weight * (softmax(s) - onehot(label))
+    grad = (soft_weight / T * (q - p_s * S) + hard_weight * (softmax(s) - onehot(label))) * ds/dz / divisor
+
+where ``s``, ``t`` are the models' transformed logits ``z' = scale * z`` or
+``c * tanh(scale * z / c)`` (:mod:`kdops.backends.triton.logit_transform`; constexpr kinds, the
+identity compiles to nothing), ``ds/dz`` the student transform's slope, and ``divisor`` the
+reduction's (``1 / count`` for a mean, ``normalizer``) read from a 0-dim device tensor, folded in
+before the gradient's one rounding to the student's dtype.
 
 1. online maxima and sums: ``lse_s = logsumexp(s / T)``, ``lse_t = logsumexp(t / T)`` and,
    with a hard term, ``lse_1 = logsumexp(s)``; with ``K > 1`` teachers (``MULTI``) ``lse_t`` is a
@@ -32,6 +38,13 @@ from kdops.backends.triton._common import (
     write_ignored_row,
 )
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
+from kdops.backends.triton.logit_transform import (
+    TRANSFORM_NONE,
+    TRANSFORM_SOFTCAP,
+    transform,
+    transform_args,
+    transform_slope,
+)
 
 if TYPE_CHECKING:
     from kdops.ops._common import DistillOptions
@@ -41,26 +54,40 @@ _MAX_BLOCK_V = block(4096, 64)
 
 
 @triton.jit
-def _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, other, MULTI: tl.constexpr):
-    """The teacher logits at ``cols``: ``[BLOCK_V]``, or with MULTI ``[BLOCK_V, BLOCK_K]`` (teacher
-    ``k`` in column k; columns past K and lanes past V read ``other``)."""
+def _transformed(ptrs, mask, other, scale, softcap, KIND: tl.constexpr, ACC: tl.constexpr):
+    """The transformed logits at ``ptrs`` in ACC; masked lanes read ``other`` (also under a
+    softcap, which would map a -inf ``other`` to -softcap)."""
+    z = transform(tl.load(ptrs, mask=mask, other=other).to(ACC), scale, softcap, KIND)
+    if KIND == TRANSFORM_SOFTCAP:
+        z = tl.where(mask, z, other)
+    return z
+
+
+@triton.jit
+def _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, other, t_scale, t_cap,
+                  T_KIND: tl.constexpr, ACC: tl.constexpr, MULTI: tl.constexpr):
+    """The transformed teacher logits at ``cols`` in ACC: ``[BLOCK_V]``, or with MULTI
+    ``[BLOCK_V, BLOCK_K]`` (teacher ``k`` in column k; columns past K and lanes past V read ``other``)."""
     if MULTI:  # int64: (K - 1) * N * V passes 2^31 (K = 3, N = 8192, V = 151936)
         ptrs = t_row + cols[:, None] + teachers.to(tl.int64)[None, :] * teacher_k_stride
-        return tl.load(ptrs, mask=mask[:, None] & (teachers < n_teachers)[None, :], other=other)
+        return _transformed(ptrs, mask[:, None] & (teachers < n_teachers)[None, :], other, t_scale, t_cap,
+                            T_KIND, ACC)
     else:
-        return tl.load(t_row + cols, mask=mask, other=other)
+        return _transformed(t_row + cols, mask, other, t_scale, t_cap, T_KIND, ACC)
 
 
 @triton.jit
 def _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers, teacher_k_stride,
-               n_teachers, ACC: tl.constexpr, MULTI: tl.constexpr):
-    """Student logits s and the log-probabilities ls = s/T - lse_s = (s - m_s)/T - log z_s and
+               n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND: tl.constexpr, T_KIND: tl.constexpr,
+               ACC: tl.constexpr, MULTI: tl.constexpr):
+    """Transformed student logits s and the log-probabilities ls = s/T - lse_s = (s - m_s)/T - log z_s and
     lt = (t - m_t)/T + off_t with off_t = -log z_t (the form without cancellation for large
     logits); with MULTI, the mixture's lt = logsumexp_k((t_k - m_k)/T + off_k) with off_k =
     log w_k - log z_k (-inf where every term is). Lanes past V read 0: finite terms that the
     caller masks out."""
-    s = tl.load(s_row + cols, mask=mask, other=0.0).to(ACC)
-    t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, 0.0, MULTI).to(ACC)
+    s = _transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
+    t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, 0.0, t_scale, t_cap, T_KIND, ACC,
+                      MULTI)
     if MULTI:
         a = tl.where((teachers < n_teachers)[None, :], (t - m_t[None, :]) * inv_t + off_t[None, :], float("-inf"))
         hi = tl.max(a, axis=1)
@@ -77,10 +104,12 @@ def _kd_row_kernel(
     V, student_stride, teacher_stride, grad_stride, teacher_k_stride, n_teachers, log_weights_ptr,
     inv_temperature: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
     log_1m_beta: "tl.float64", hard_weight: "tl.float64", soft_weight: "tl.float64",
-    ignore_index,
+    ignore_index, student_scale: "tl.float64", student_softcap: "tl.float64", teacher_scale: "tl.float64",
+    teacher_softcap: "tl.float64", grad_divisor_ptr,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
-    MULTI: tl.constexpr, BLOCK_K: tl.constexpr,
+    MULTI: tl.constexpr, BLOCK_K: tl.constexpr, S_KIND: tl.constexpr, T_KIND: tl.constexpr,
+    HAS_DIVISOR: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + row * student_stride
@@ -95,6 +124,10 @@ def _kd_row_kernel(
     log_1mb = tl.full([], log_1m_beta, ACC)
     hard_w = tl.full([], hard_weight, ACC)
     soft_w = tl.full([], soft_weight, ACC)
+    s_scale = tl.full([], student_scale, ACC)
+    s_cap = tl.full([], student_softcap, ACC)
+    t_scale = tl.full([], teacher_scale, ACC)
+    t_cap = tl.full([], teacher_softcap, ACC)
 
     ignored = False
     if HAS_LABELS:
@@ -117,8 +150,9 @@ def _kd_row_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
-            s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(ACC)
-            t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, float("-inf"), MULTI).to(ACC)
+            s = _transformed(s_row + cols, mask, float("-inf"), s_scale, s_cap, S_KIND, ACC)
+            t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, float("-inf"), t_scale,
+                              t_cap, T_KIND, ACC, MULTI)
             new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
             new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
             z_s = exp_sum(z_s, m_s, new_m_s, s, inv_t)
@@ -147,18 +181,23 @@ def _kd_row_kernel(
                 cols = start + offs
                 mask = cols < V
                 _, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
-                                        teacher_k_stride, n_teachers, ACC, MULTI)
+                                        teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND,
+                                        T_KIND, ACC, MULTI)
                 d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
                 d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
                 q_sum += tl.sum(tl.where(mask, q, 0.0), axis=0)
 
-        # Pass 3: forward KL's D; the gradient soft_w / T * (q - p_s * S) + hard_w * (p_1 - onehot).
+        # Pass 3: forward KL's D; the gradient soft_w / T * (q - p_s * S) + hard_w * (p_1 - onehot),
+        # times the student transform's slope, divided by the reduction's divisor.
+        if HAS_DIVISOR:
+            inv_divisor = 1.0 / tl.load(grad_divisor_ptr).to(ACC)
         if DIV == FORWARD_KL or COMPUTE_GRAD:
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 mask = cols < V
                 s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
-                                        teacher_k_stride, n_teachers, ACC, MULTI)
+                                        teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND,
+                                        T_KIND, ACC, MULTI)
                 d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
                 if DIV == FORWARD_KL:
                     d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
@@ -166,11 +205,15 @@ def _kd_row_kernel(
                     g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
                     if HAS_HARD:
                         g += hard_w * (tl.exp(s - m_s - log_z_1) - tl.where(cols == label, 1.0, 0.0))
+                    if S_KIND != TRANSFORM_NONE:
+                        g *= transform_slope(s, s_scale, s_cap, S_KIND)
+                    if HAS_DIVISOR:
+                        g *= inv_divisor
                     tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
         loss = soft_w * d_sum
         if HAS_HARD:
-            s_label = tl.load(s_row + label, mask=label_ok, other=0.0).to(ACC)
+            s_label = _transformed(s_row + label, label_ok, 0.0, s_scale, s_cap, S_KIND, ACC)
             loss += hard_w * (m_s - s_label + log_z_1)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
@@ -182,10 +225,12 @@ def kd_forward(
     options: "DistillOptions",
     compute_grad: bool,
     teacher_log_weights: Optional[Tensor] = None,
+    grad_divisor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Row losses ``[N]`` (float32; float64 for float64 logits) of ``[N, V]`` logits with unit
-    element stride and, if ``compute_grad``, their contiguous gradients ``[N, V]`` with respect to
-    ``student`` in its dtype (else an empty tensor). Rows whose label is ``ignore_index`` get loss
+    element stride (transformed by ``options``' logit transforms) and, if ``compute_grad``, their
+    contiguous gradients ``[N, V]`` with respect to ``student`` in its dtype, divided by the 0-dim
+    ``grad_divisor`` (loss dtype) when given (else an empty tensor). Rows whose label is ``ignore_index`` get loss
     0 and a zero gradient. ``teacher`` ``[N, V]``, or ``[K, N, V]`` mixed with the log weights
     ``teacher_log_weights`` ``(K,)``. The caller has checked the arguments (see :mod:`kdops.ops.kd`)."""
     acc = acc_dtype(student.dtype)
@@ -201,18 +246,26 @@ def kd_forward(
     multi = teacher.dim() == 3
     n_teachers = teacher.shape[0] if multi else 1
     block_k = triton.next_power_of_2(n_teachers)
+    s_scale, s_cap, s_kind = transform_args(options.student_logit_scale, options.student_softcap)
+    t_scale, t_cap, t_kind = transform_args(options.teacher_logit_scale, options.teacher_softcap)
     # A [BLOCK_V, BLOCK_K] teacher tile holds about as many elements as one row block; float64
-    # rows take half the lanes (4096 float64 lanes on 8 warps spilled ~400 B per thread).
+    # rows take half the lanes (4096 float64 lanes on 8 warps spilled ~400 B per thread), and a
+    # softcapped float64 mixture twice the warps (its tanh spilled ~300 B at 512 lanes x 4
+    # teachers on 2 warps).
     block_v = row_block(vocab, _MAX_BLOCK_V // block_k // (2 if acc == tl.float64 else 1))
+    softcapped_mixture = multi and acc == tl.float64 and TRANSFORM_SOFTCAP.value in (s_kind, t_kind)
+    num_warps = row_warps(block_v * (2 if softcapped_mixture else 1))
     launch(
         _kd_row_kernel, (n_rows,), student.device,
         student, teacher, labels, loss, grad,
         vocab, student.stride(0), teacher.stride(-2), vocab, teacher.stride(0) if multi else 0,
         n_teachers, teacher_log_weights if multi else None,
         1.0 / options.temperature, options.beta, *mixture_logs(options.divergence, options.beta),
-        options.hard_weight, options.soft_weight, options.ignore_index,
+        options.hard_weight, options.soft_weight, options.ignore_index, s_scale, s_cap, t_scale, t_cap,
+        grad_divisor,
         DIV=options.divergence, HAS_LABELS=labels is not None,
         HAS_HARD=labels is not None and options.hard_weight > 0, COMPUTE_GRAD=compute_grad,
-        ACC=acc, BLOCK_V=block_v, MULTI=multi, BLOCK_K=block_k, num_warps=row_warps(block_v),
+        ACC=acc, BLOCK_V=block_v, MULTI=multi, BLOCK_K=block_k, S_KIND=s_kind, T_KIND=t_kind,
+        HAS_DIVISOR=grad_divisor is not None, num_warps=num_warps,
     )
     return loss, grad
