@@ -330,3 +330,26 @@ def test_bf16_weight_gradients_are_rounded_once(backend, normalizer):
         one_rounding = (r.grad.to(torch.bfloat16).double() - r.grad).abs().max()
         error = (p.grad.cpu().double() - r.grad).abs().max()
         assert error <= one_rounding * 1.01 + 1e-6 * r.grad.abs().max(), (error, one_rounding)
+
+
+@pytest.mark.parametrize("backend,dtype,normalizer", [
+    ("cpu", torch.float32, None), ("cpu", torch.bfloat16, None), ("cpu", torch.bfloat16, 77),
+    ("triton", torch.bfloat16, 77)], ids=str)
+def test_backward_scales_nothing(backend, dtype, normalizer):
+    """Gradients computed in forward with a mean's 1 / count (or 1 / normalizer) folded in:
+    ``loss.backward()`` allocates nothing gradient-sized (torch's CPU allocator): no scaling, and
+    no materialised zero gradients for the op's gradient outputs (it measured one grad_weight
+    before ``set_materialize_grads(False)``)."""
+    from kdops.bench.measure import torch_cpu_peak_bytes
+
+    device = require(backend)
+    if device != "cpu":
+        pytest.skip("a CPU allocator measurement")
+    h, w, b, th, tw, tb, labels = make(32, 64, 16, 1001, dtype, device)
+    params = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    loss = kdops.fused_linear_distill_loss(params[0], params[1], th, tw, labels, student_bias=params[2],
+                                           teacher_bias=tb, hard_weight=0.2, normalizer=normalizer, backend=backend)
+    grad_bytes = sum(x.numel() * x.element_size() for x in (h, w))
+    backward = torch_cpu_peak_bytes(loss.backward)
+    assert backward <= 0.05 * grad_bytes, f"backward peak {backward} B for {grad_bytes} B of gradients"
+    assert all(p.grad.dtype == dtype for p in params)

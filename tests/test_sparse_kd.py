@@ -468,3 +468,31 @@ def test_bf16_gradient_is_rounded_once(backend):
     one_rounding = (s64.grad.to(torch.bfloat16).double() - s64.grad).abs().max()
     error = (s.grad.cpu().double() - s64.grad).abs().max()
     assert error <= one_rounding * 1.01 + 1e-6 * s64.grad.abs().max(), (error, one_rounding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction,normalizer", [("mean", None), ("mean", 300), ("sum", None), ("none", None)])
+def test_backward_holds_one_gradient(dtype, reduction, normalizer):
+    """torch's CPU allocator: the sparse loss's backward allocates no second gradient-sized tensor
+    in any dtype, and forward plus backward peak at one gradient (the kernel's, which becomes
+    ``.grad``; a mean's 1 / count is in it already)."""
+    from kdops.bench.measure import torch_cpu_peak_bytes
+
+    require("cpu")
+    student, values, indices, labels = make((256, 4099), 32, dtype, "cpu")
+    grad_bytes = student.numel() * student.element_size()
+    options = dict(rest_mass="bucket", hard_weight=0.2, reduction=reduction, normalizer=normalizer, backend="cpu")
+    cotangent = torch.rand(256, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.0)
+    s = student.clone().requires_grad_(True)
+    loss = kdops.sparse_distill_loss(s, values, indices, labels, **options)
+    backward = torch_cpu_peak_bytes(lambda: loss.backward(cotangent.to(loss.dtype)))
+    assert s.grad.dtype == dtype
+    assert backward <= 0.3 * grad_bytes, f"backward peak {backward} B for a {grad_bytes} B gradient"
+    s2 = student.clone().requires_grad_(True)
+
+    def step():
+        kdops.sparse_distill_loss(s2, values, indices, labels, **options).backward(cotangent.to(loss.dtype))
+
+    total = torch_cpu_peak_bytes(step)
+    assert total <= 1.3 * grad_bytes, f"forward + backward peak {total} B for a {grad_bytes} B gradient"
+    torch.testing.assert_close(s2.grad, s.grad, rtol=0, atol=0)
