@@ -395,7 +395,8 @@ def test_bad_input_names_the_argument(case):
         fn(*args, **kwargs)
 
 
-# ---- near-duplicate samples (issue 16): exact distances in the native CPU kernels ----
+# ---- near-duplicate samples (issue 16): exact distances in the native CPU and CUDA kernels ----
+NATIVE = ["cpu", "cuda"]  # (cuda: on a GPU machine; skipped elsewhere)
 
 
 def _close_features(case):
@@ -407,17 +408,20 @@ def _close_features(case):
         centres = torch.randn(5, 16) * 10
         return (50.0 + centres.repeat_interleave(26, 0) + 1e-3 * torch.randn(130, 16)).float()
     y = torch.randn(40, 8) + 7.0
+    if case == "near-duplicated":  # pairs 1e-4 apart
+        return torch.cat([y, y[:20] + 1e-4 * torch.randn(20, 8)])
     return torch.cat([y, y[:20]])  # duplicated rows
 
 
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("case", ["1d", "clustered", "duplicated"])
 @pytest.mark.parametrize("kind", ["euclidean", "squared_euclidean"])
-def test_native_affinity_of_close_pairs_matches_float64(kind, case):
-    require("cpu")
-    x = _close_features(case)
-    upstream = torch.randn(x.shape[0], x.shape[0], dtype=torch.float64)
+def test_native_affinity_of_close_pairs_matches_float64(backend, kind, case):
+    device = require(backend)
+    x = _close_features(case).to(device)
+    upstream = torch.randn(x.shape[0], x.shape[0], dtype=torch.float64, device=device)
     s = x.clone().requires_grad_(True)
-    a = kdops.affinity(s, kind=kind, backend="cpu")
+    a = kdops.affinity(s, kind=kind, backend=backend)
     (a * upstream.float()).sum().backward()
     s64 = x.double().requires_grad_(True)
     a64 = reference.affinity(s64, kind)
@@ -426,21 +430,33 @@ def test_native_affinity_of_close_pairs_matches_float64(kind, case):
     assert_close_to_max(s.grad, s64.grad, RELATION_GRAD_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("backend", NATIVE)
 @pytest.mark.parametrize("case", ["1d", "clustered", "duplicated"])
-def test_native_rkd_distance_of_close_pairs_matches_float64(case):
-    require("cpu")
-    x = _close_features(case)
-    teacher = x[:, :1].repeat(1, 3) * 2.0 + 0.5 * torch.randn(x.shape[0], 3)
-    check_loss("rkd_distance", "cpu", x, teacher)
+def test_native_rkd_distance_of_close_pairs_matches_float64(backend, case):
+    device = require(backend)
+    x = _close_features(case).to(device)
+    teacher = x[:, :1].repeat(1, 3) * 2.0 + 0.5 * torch.randn(x.shape[0], 3, device=device)
+    check_loss("rkd_distance", backend, x, teacher)
 
 
-def test_native_distances_ignore_a_common_shift():
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("case", ["clustered", "near-duplicated"])
+def test_native_rkd_angle_of_close_pairs_matches_float64(backend, case):
+    """Triplets with a pair close to the anchor (a = E_pr << b = E_qr ~ c = E_pq), where the law of
+    cosines' b - c cancels (gradient ~1e-4 of max|g| off before): cosines from the differences."""
+    device = require(backend)
+    x = _close_features(case).to(device)
+    check_loss("rkd_angle", backend, x, torch.randn(x.shape[0], 3, device=device))
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_native_distances_ignore_a_common_shift(backend):
     """Distances do not see a shift of the batch (here 1000, where |x|^2 ~ 4e6 and float32's Gram
     form loses ~0.5 of every squared distance): the kernels centre it away."""
-    require("cpu")
-    x = torch.randn(65, 4) + 1000.0
+    device = require(backend)
+    x = torch.randn(65, 4, device=device) + 1000.0
     for kind in ("euclidean", "squared_euclidean"):
-        assert_close_to_max(kdops.affinity(x, kind=kind, backend="cpu"), reference.affinity(x.double(), kind),
+        assert_close_to_max(kdops.affinity(x, kind=kind, backend=backend), reference.affinity(x.double(), kind),
                             RELATION_LOSS_TOL[torch.float32])
 
 

@@ -66,6 +66,13 @@ KD_HD T smooth_l1_grad(T z, T beta) {
   return az < beta ? z / beta : (z > 0 ? T(1) : (z < 0 ? T(-1) : T(0)));
 }
 
+// Whether the Gram form n_i + n_j - 2 x_i.x_j of a squared distance d2 cancels (the pair is then
+// recomputed from the difference x_i - x_j; n: squared norms of the centred rows).
+template <typename T>
+KD_HD bool close_pair(T d2, T n_i, T n_j) {
+  return d2 < T(kClosePairRatio) * (n_i + n_j);
+}
+
 // ---- RKD-A (the law of cosines and where it cancels; see kdops/backends/triton/affinity.py) ----
 
 // The cosine of the angle at anchor w between x_u - x_w and x_v - x_w by the law of cosines

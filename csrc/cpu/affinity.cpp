@@ -322,12 +322,6 @@ KD_HD A inv_norm(A sq) {
   return A(1) / std::max(std::sqrt(sq), A(kNormEps));
 }
 
-// Whether the Gram form of a squared distance d2 cancels (see the file comment).
-template <typename A>
-KD_HD bool close_pair(A d2, A n_i, A n_j) {
-  return d2 < A(kClosePairRatio) * (n_i + n_j);
-}
-
 // sum_k (a_k - b_k)^2.
 template <typename A>
 A squared_difference(const A* a, const A* b, int64_t D) {
