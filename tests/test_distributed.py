@@ -60,8 +60,8 @@ TRANSFORMS = ("student_logit_scale", "student_softcap", "teacher_logit_scale", "
 
 def transformed(student, teacher, options):
     """The full logits after the logit transforms named in ``options`` (the reference's)."""
-    return (reference.transform_logits(student, options.get("student_logit_scale", 1.0), options.get("student_softcap")),
-            reference.transform_logits(teacher, options.get("teacher_logit_scale", 1.0), options.get("teacher_softcap")))
+    return tuple(reference.transform_logits(x, options.get(f"{m}_logit_scale", 1.0), options.get(f"{m}_softcap"))
+                 for x, m in ((student, "student"), (teacher, "teacher")))
 
 
 def check_logits(rank, sizes, seed, lead=(6,), dtype=torch.float64, neg_inf=False, all_ignored=False,
