@@ -206,29 +206,29 @@ def _divergence_terms(log_ps: Tensor, log_pt: Tensor, ps: Tensor, pt: Tensor, di
     and ``q = p_s * dD/dp_s`` up to a per-row constant times ``p_s``, so that with ``S = sum q``
     the gradient to the logits ``z = s / T`` is ``q - p_s * S`` (the formulas of
     :mod:`kdops.backends.triton.divergence`; ``p * x`` is 0 where ``p = 0``, as in the reference)."""
-    def times(p: Tensor, x: Tensor) -> Tensor:
-        return p * torch.where(p > 0, x, 0.0)
+    def times(log_p: Tensor, p: Tensor, x: Tensor) -> Tensor:  # masked on log p (the kernels' times)
+        return torch.where(log_p > -math.inf, torch.where(x == math.inf, math.inf, p * x), 0.0)
 
     log_b = math.log(beta) if beta > 0 else -math.inf
     log_1mb = math.log1p(-beta)
     if divergence == "forward_kl":
-        return times(pt, log_pt - log_ps), -pt
+        return times(log_pt, pt, log_pt - log_ps), -pt
     if divergence == "reverse_kl":
-        d = times(ps, log_ps - log_pt)
+        d = times(log_ps, ps, log_ps - log_pt)
         return d, d
     if divergence == "jsd":
         log_m = torch.logaddexp(log_pt + log_b, log_ps + log_1mb)
-        q = times(ps, log_ps - log_m)
-        return beta * times(pt, log_pt - log_m) + (1.0 - beta) * q, (1.0 - beta) * q
+        q = times(log_ps, ps, log_ps - log_m)
+        return beta * times(log_pt, pt, log_pt - log_m) + (1.0 - beta) * q, (1.0 - beta) * q
     if divergence == "skew_forward_kl":
         log_m = torch.logaddexp(log_pt + log_b, log_ps + log_1mb)
         # -(1 - b) p_s p_t / M in log space (exact where p_s, p_t underflow; -p_t at b = 0)
         q = torch.where(log_ps > -math.inf, (log_pt + (log_ps - log_m)).exp_().mul_(beta - 1.0), 0.0)
-        return times(pt, log_pt - log_m), q
+        return times(log_pt, pt, log_pt - log_m), q
     if divergence == "skew_reverse_kl":
         log_m = torch.logaddexp(log_ps + log_b, log_pt + log_1mb)
         share = beta * (log_ps - log_m).exp() if beta > 0 else 0.0  # b p_s / M (0 * inf at b = 0, p_t = 0)
-        return times(ps, log_ps - log_m), times(ps, log_ps - log_m - share)
+        return times(log_ps, ps, log_ps - log_m), times(log_ps, ps, log_ps - log_m - share)
     if divergence == "tvd":
         diff = ps - pt
         return 0.5 * diff.abs(), 0.5 * ps * diff.sign()

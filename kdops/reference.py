@@ -30,11 +30,14 @@ def hard_label_cross_entropy(logits: Tensor, labels: Tensor, valid: Tensor) -> T
     return -torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
 
 
-def _times(p: Tensor, x: Tensor) -> Tensor:
-    """p * x with the convention 0 * anything = 0 (p is a probability). x is masked before the
-    product, not the product after it: where p = 0 and x = -inf (a -inf student logit) the
-    product's gradient 0 * x would be NaN."""
-    return p * torch.where(p > 0, x, torch.zeros_like(x))
+def _times(log_p: Tensor, x: Tensor) -> Tensor:
+    """p * x for the probability p = exp(log_p), with the masks on log p, not on the rounded p:
+    0 where p = 0 (log_p = -inf) whatever x, and +inf where x = +inf (a log-ratio against a zero
+    probability) and log_p > -inf, also where exp(log_p) underflows to 0. x is masked before the
+    product: 0 * -inf (a -inf student logit) would make its gradient NaN."""
+    live = log_p > -math.inf
+    infinite = live & (x == math.inf)
+    return torch.where(infinite, math.inf, log_p.exp() * torch.where(live & ~infinite, x, torch.zeros_like(x)))
 
 
 def soft_divergence(
@@ -47,13 +50,12 @@ def soft_divergence(
 
 def divergence_terms(log_ps: Tensor, log_pt: Tensor, divergence: str, beta: float) -> Tensor:
     """The ``[..., V]`` terms whose sum over the last dimension is :func:`soft_divergence`."""
-    ps, pt = log_ps.exp(), log_pt.exp()
     if divergence == "forward_kl":
-        terms = _times(pt, log_pt - log_ps)
+        terms = _times(log_pt, log_pt - log_ps)
     elif divergence == "reverse_kl":
-        terms = _times(ps, log_ps - log_pt)
+        terms = _times(log_ps, log_ps - log_pt)
     elif divergence == "tvd":
-        terms = 0.5 * (pt - ps).abs()
+        terms = 0.5 * (log_pt.exp() - log_ps.exp()).abs()
     else:
         # log of the mixture, computed in log space: log(w_a * exp(a) + w_b * exp(b)). Where both
         # weighted parts are 0 (M = 0: -inf logits in both inputs), log M = -inf is filled in after
@@ -67,13 +69,13 @@ def divergence_terms(log_ps: Tensor, log_pt: Tensor, divergence: str, beta: floa
 
         if divergence == "jsd":
             log_m = log_mix(beta, log_pt, log_ps)
-            terms = beta * _times(pt, log_pt - log_m) + (1 - beta) * _times(ps, log_ps - log_m)
+            terms = beta * _times(log_pt, log_pt - log_m) + (1 - beta) * _times(log_ps, log_ps - log_m)
         elif divergence == "skew_forward_kl":
             log_m = log_mix(beta, log_pt, log_ps)
-            terms = _times(pt, log_pt - log_m)
+            terms = _times(log_pt, log_pt - log_m)
         elif divergence == "skew_reverse_kl":
             log_m = log_mix(beta, log_ps, log_pt)
-            terms = _times(ps, log_ps - log_m)
+            terms = _times(log_ps, log_ps - log_m)
         else:
             raise ValueError(f"unknown divergence {divergence!r}")
     return terms
@@ -176,7 +178,7 @@ def transform_logits(logits: Tensor, scale: float = 1.0, softcap: Optional[float
 def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-row entropy ``H(p) = -sum p log p`` of ``p = softmax(logits / T)`` (float32 or float64)."""
     log_p = torch.log_softmax(_upcast(logits) / temperature, dim=-1)
-    return -_times(log_p.exp(), log_p).sum(-1)
+    return -_times(log_p, log_p).sum(-1)
 
 
 def reduce_rows(row: Tensor, valid: Tensor, reduction: str, normalizer: Union[None, int, Tensor] = None) -> Tensor:

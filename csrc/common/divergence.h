@@ -51,10 +51,13 @@ KD_HD acc_t log_add_exp(acc_t a, acc_t b) {
   return hi + Math::log1p(Math::exp(lo - hi));
 }
 
-// p * x with 0 * anything = 0 (p a probability).
+// p * x for the probability p = exp(lp), masked on lp, not on the rounded p: 0 where p = 0
+// (lp = -inf) whatever x; +inf where x = +inf (a log-ratio against a zero probability) and
+// lp > -inf, also where exp(lp) underflows to 0.  (Two selects: gcc 12 vectorizes no && select.)
 template <typename acc_t>
-KD_HD acc_t times(acc_t p, acc_t x) {
-  return p > acc_t(0) ? p * x : acc_t(0);
+KD_HD acc_t times(acc_t lp, acc_t p, acc_t x) {
+  const acc_t px = x == acc_t(INFINITY) ? acc_t(INFINITY) : p * x;
+  return lp > acc_t(-INFINITY) ? px : acc_t(0);
 }
 
 // Per-row constants of a divergence's mixture: log(beta) and log(1 - beta).
@@ -72,27 +75,27 @@ KD_HD Term<acc_t> divergence_term(acc_t ls, acc_t lt, acc_t beta, const MixWeigh
   const acc_t ps = Math::exp(ls), pt = Math::exp(lt);
   Term<acc_t> r;
   if (DIV == kForwardKL) {
-    r.d = times(pt, lt - ls);
+    r.d = times(lt, pt, lt - ls);
     r.q = -pt;
   } else if (DIV == kReverseKL) {
-    r.d = times(ps, ls - lt);
+    r.d = times(ls, ps, ls - lt);
     r.q = r.d;
   } else if (DIV == kJSD) {  // M = b p_t + (1 - b) p_s
     const acc_t lm = log_add_exp<Math>(w.log_b + lt, w.log_1mb + ls);
-    const acc_t qs = times(ps, ls - lm);
-    r.d = beta * times(pt, lt - lm) + (acc_t(1) - beta) * qs;
+    const acc_t qs = times(ls, ps, ls - lm);
+    r.d = beta * times(lt, pt, lt - lm) + (acc_t(1) - beta) * qs;
     r.q = (acc_t(1) - beta) * qs;
   } else if (DIV == kSkewForwardKL) {  // M = b p_t + (1 - b) p_s
     const acc_t lm = log_add_exp<Math>(w.log_b + lt, w.log_1mb + ls);
-    r.d = times(pt, lt - lm);
+    r.d = times(lt, pt, lt - lm);
     // q = -(1 - b) p_s p_t / M in log space, exact where p_s, p_t and M underflow (masked on
     // ls > -inf, not p_s > 0); at b = 0, ls - lm = 0 exactly: forward KL's q = -p_t
     r.q = ls > acc_t(-INFINITY) ? -(acc_t(1) - beta) * Math::exp(lt + (ls - lm)) : acc_t(0);
   } else if (DIV == kSkewReverseKL) {  // M = b p_s + (1 - b) p_t
     const acc_t lm = log_add_exp<Math>(w.log_b + ls, w.log_1mb + lt);
-    r.d = times(ps, ls - lm);
+    r.d = times(ls, ps, ls - lm);
     // b p_s / M: in [0, 1] for b > 0; 0 at b = 0, also where M = p_t = 0 (0 * inf is NaN)
-    r.q = times(ps, ls - lm - times(beta, Math::exp(ls - lm)));
+    r.q = times(ls, ps, ls - lm - (beta > acc_t(0) ? beta * Math::exp(ls - lm) : acc_t(0)));
   } else {  // kTVD
     const acc_t diff = ps - pt;
     r.d = acc_t(0.5) * (diff < acc_t(0) ? -diff : diff);

@@ -36,9 +36,11 @@ def log_add_exp(a, b):
 
 
 @triton.jit
-def times(p, x):
-    """p * x with 0 * anything = 0 (p a probability); x is never multiplied by p = 0."""
-    return p * tl.where(p > 0.0, x, 0.0)
+def times(lp, p, x):
+    """p * x for the probability p = exp(lp), masked on lp, not on the rounded p: 0 where p = 0
+    (lp = -inf) whatever x; +inf where x = +inf (a log-ratio against a zero probability) and
+    lp > -inf, also where exp(lp) underflows to 0."""
+    return tl.where(lp > float("-inf"), tl.where(x == float("inf"), float("inf"), p * x), 0.0)
 
 
 @triton.jit
@@ -48,27 +50,27 @@ def divergence_term(ls, lt, beta, log_b, log_1mb, DIV: tl.constexpr):
     ps = tl.exp(ls)
     pt = tl.exp(lt)
     if DIV == FORWARD_KL:  # KL(p_t || p_s)
-        d = times(pt, lt - ls)
+        d = times(lt, pt, lt - ls)
         q = -pt
     elif DIV == REVERSE_KL:  # KL(p_s || p_t)
-        d = times(ps, ls - lt)
+        d = times(ls, ps, ls - lt)
         q = d
     elif DIV == JSD:  # b KL(p_t || M) + (1 - b) KL(p_s || M), M = b p_t + (1 - b) p_s
         lm = log_add_exp(log_b + lt, log_1mb + ls)
-        qs = times(ps, ls - lm)
-        d = beta * times(pt, lt - lm) + (1.0 - beta) * qs
+        qs = times(ls, ps, ls - lm)
+        d = beta * times(lt, pt, lt - lm) + (1.0 - beta) * qs
         q = (1.0 - beta) * qs
     elif DIV == SKEW_FORWARD_KL:  # KL(p_t || M), M = b p_t + (1 - b) p_s
         lm = log_add_exp(log_b + lt, log_1mb + ls)
-        d = times(pt, lt - lm)
+        d = times(lt, pt, lt - lm)
         # q = -(1 - b) p_s p_t / M in log space, exact where p_s, p_t and M underflow (masked on
         # ls > -inf, not p_s > 0); at b = 0, ls - lm = 0 exactly: forward KL's q = -p_t
         q = tl.where(ls > float("-inf"), -(1.0 - beta) * tl.exp(lt + (ls - lm)), 0.0)
     elif DIV == SKEW_REVERSE_KL:  # KL(p_s || M), M = b p_s + (1 - b) p_t
         lm = log_add_exp(log_b + ls, log_1mb + lt)
-        d = times(ps, ls - lm)
+        d = times(ls, ps, ls - lm)
         # b p_s / M: in [0, 1] for b > 0; 0 at b = 0, also where M = p_t = 0 (0 * inf is NaN)
-        q = times(ps, ls - lm - times(beta, tl.exp(ls - lm)))
+        q = times(ls, ps, ls - lm - tl.where(beta > 0.0, beta * tl.exp(ls - lm), 0.0))
     else:  # TVD: 0.5 sum |p_s - p_t|
         diff = ps - pt
         d = 0.5 * tl.abs(diff)
