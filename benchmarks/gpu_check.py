@@ -45,11 +45,9 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the payload and benchmark steps import this checkout's kdops, installed or not
     sys.path.insert(0, str(REPO))
-# The files whose cuda / triton cases take CUDA tensors on a GPU machine (conftest.device_for).
-# tests/test_attention_relation.py is not one (its inputs are CPU tensors, which the triton backend
-# refuses off the interpreter): the attention relation's device cases are in test_gpu_bugs.py.
+# The files whose cuda / triton cases take CUDA tensors on a GPU machine (conftest.device_for / require).
 TEST_FILES = ("test_kd.py", "test_sparse_kd.py", "test_multi_teacher.py", "test_fused_linear.py",
-              "test_affinity.py", "test_feature.py", "test_gpu_bugs.py")
+              "test_affinity.py", "test_feature.py", "test_gpu_bugs.py", "test_attention_relation.py")
 
 
 @dataclass
