@@ -401,12 +401,15 @@ NATIVE = ["cpu", "cuda"]  # (cuda: on a GPU machine; skipped elsewhere)
 
 def _close_features(case):
     """float32 features whose pairwise distances the Gram form |x_i|^2 + |x_j|^2 - 2 x_i.x_j
-    cancels: 1-D samples (B = 257), tight clusters far from the origin, exact duplicates."""
+    cancels: 1-D samples (B = 257), tight clusters far from the origin or from the batch mean
+    (whose centred rows are not exact), exact duplicates, pairs 1e-4 apart."""
     if case == "1d":
         return torch.randn(257, 1) + 3.0
     if case == "clustered":
         centres = torch.randn(5, 16) * 10
         return (50.0 + centres.repeat_interleave(26, 0) + 1e-3 * torch.randn(130, 16)).float()
+    if case == "off-centre":  # clusters near 0 and near 64: x - mean(x) rounds at ulp(32), 3e-3 of the spread
+        return torch.cat([0.01 + 1e-3 * torch.randn(20, 8), 64.0 + 1e-3 * torch.randn(20, 8)])
     y = torch.randn(40, 8) + 7.0
     if case == "near-duplicated":  # pairs 1e-4 apart
         return torch.cat([y, y[:20] + 1e-4 * torch.randn(20, 8)])
@@ -414,7 +417,7 @@ def _close_features(case):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
-@pytest.mark.parametrize("case", ["1d", "clustered", "duplicated"])
+@pytest.mark.parametrize("case", ["1d", "clustered", "off-centre", "duplicated"])
 @pytest.mark.parametrize("kind", ["euclidean", "squared_euclidean"])
 def test_native_affinity_of_close_pairs_matches_float64(backend, kind, case):
     device = require(backend)
@@ -431,7 +434,7 @@ def test_native_affinity_of_close_pairs_matches_float64(backend, kind, case):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
-@pytest.mark.parametrize("case", ["1d", "clustered", "duplicated"])
+@pytest.mark.parametrize("case", ["1d", "clustered", "off-centre", "duplicated"])
 def test_native_rkd_distance_of_close_pairs_matches_float64(backend, case):
     device = require(backend)
     x = _close_features(case).to(device)
@@ -440,7 +443,7 @@ def test_native_rkd_distance_of_close_pairs_matches_float64(backend, case):
 
 
 @pytest.mark.parametrize("backend", NATIVE)
-@pytest.mark.parametrize("case", ["clustered", "near-duplicated"])
+@pytest.mark.parametrize("case", ["clustered", "off-centre", "near-duplicated"])
 def test_native_rkd_angle_of_close_pairs_matches_float64(backend, case):
     """Triplets with a pair close to the anchor (a = E_pr << b = E_qr ~ c = E_pq), where the law of
     cosines' b - c cancels (gradient ~1e-4 of max|g| off before): cosines from the differences."""

@@ -145,9 +145,13 @@ template <typename A>
 struct Features {
   int64_t batch = 0, dim = 0, dim_pad = 0;
   std::vector<A> panels, rows, sq_norms;
+  std::vector<A> raw_rows;  // with rows of centred features: the uncentred rows (same layout)
 
   const A* panel_at(int64_t row) const { return panels.data() + (row / kPanel) * dim * kPanel + row % kPanel; }
   const A* row_at(int64_t row) const { return rows.data() + row * dim_pad; }
+  // The uncentred row: the differences of close rows are exact there (those of centred rows carry
+  // the rounding of x - mean, up to ulp(|x - mean|), however close the rows are).
+  const A* raw_at(int64_t row) const { return (raw_rows.empty() ? rows : raw_rows).data() + row * dim_pad; }
 };
 
 // CENTRE: the batch mean of each column subtracted (for distances).
@@ -173,6 +177,7 @@ Features<acc_type<T>> load_features(const T* x, int64_t B, int64_t D, int64_t st
   f.panels.assign(n_panels * kPanel * D, A(0));
   f.sq_norms.assign(B, A(0));
   if (with_rows) f.rows.assign(round_up(B, kTile) * f.dim_pad, A(0));
+  if (with_rows && centre) f.raw_rows.assign(B * f.dim_pad, A(0));
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < B; ++i) {
     const T* xi = x + i * stride;
@@ -188,6 +193,11 @@ Features<acc_type<T>> load_features(const T* x, int64_t B, int64_t D, int64_t st
       A* row = f.rows.data() + i * f.dim_pad;
 #pragma omp simd
       for (int64_t k = 0; k < D; ++k) row[k] = to_acc(xi[k]) - mu[k];
+      if (centre) {
+        A* raw = f.raw_rows.data() + i * f.dim_pad;
+#pragma omp simd
+        for (int64_t k = 0; k < D; ++k) raw[k] = to_acc(xi[k]);
+      }
     }
   }
   return f;
@@ -337,7 +347,7 @@ template <typename A>
 A squared_distance(const Features<A>& f, int64_t i, int64_t j, A g) {
   const A n_i = f.sq_norms[i], n_j = f.sq_norms[j];
   const A d2 = std::max(n_i + n_j - 2 * g, A(0));
-  return close_pair(d2, n_i, n_j) ? squared_difference(f.row_at(i), f.row_at(j), f.dim) : d2;
+  return close_pair(d2, n_i, n_j) ? squared_difference(f.raw_at(i), f.raw_at(j), f.dim) : d2;
 }
 
 // d_ij = sqrt(max(d2, 1e-12)), 0 for i == j.
@@ -347,10 +357,10 @@ KD_HD A distance_of(A d2, bool same) {
 }
 
 // dx_i += w (x_i - x_j) and, with BOTH, dx_j += w (x_j - x_i): a close pair's gradient term
-// (dx rows of stride dim_pad, features f with rows).
+// (dx rows of stride dim_pad, features f with rows; differences of the uncentred rows).
 template <typename A>
 void add_pair_term(const Features<A>& f, A* dx, int64_t i, int64_t j, A w, bool both) {
-  const A *xi = f.row_at(i), *xj = f.row_at(j);
+  const A *xi = f.raw_at(i), *xj = f.raw_at(j);
   A *di = dx + i * f.dim_pad, *dj = dx + j * f.dim_pad;
 #pragma omp simd
   for (int64_t k = 0; k < f.dim; ++k) {
@@ -641,9 +651,9 @@ void exact_squared(const Features<A>& f, std::vector<A>& e, std::vector<A>& inv_
   inv_sqrt.assign(B * B, A(0));
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t i = 0; i < B; ++i) {
-    const A* xi = f.row_at(i);
+    const A* xi = f.raw_at(i);
     for (int64_t j = i + 1; j < B; ++j) {
-      const A* xj = f.row_at(j);
+      const A* xj = f.raw_at(j);
       A acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t k = 0; k < D; ++k) acc += (xi[k] - xj[k]) * (xi[k] - xj[k]);
@@ -664,7 +674,7 @@ A cosine(const Features<A>& f, const A* e, const A* inv, int64_t u, int64_t v, i
   const int64_t B = f.batch;
   const A a = e[u * B + w], b = e[v * B + w], inv_ab = inv[u * B + w] * inv[v * B + w];
   if (!skewed(a, b, inv_ab)) return law_of_cosines(a, b, e[u * B + v], inv_ab);
-  const A *xu = f.row_at(u), *xv = f.row_at(v), *xw = f.row_at(w);
+  const A *xu = f.raw_at(u), *xv = f.raw_at(v), *xw = f.raw_at(w);
   A dot = 0;
   for (int64_t k = 0; k < f.dim; ++k) dot += (xu[k] - xw[k]) * (xv[k] - xw[k]);
   return dot * inv_ab;
