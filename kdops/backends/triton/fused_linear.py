@@ -251,13 +251,14 @@ def _blocks(dtype: torch.dtype, softcap: bool = False) -> _Blocks:
     chosen by compiling (``tools/aot_check.py``: no spill over its budget on sm_80 / 90 / 100;
     float32 passes 1-2 and 16-bit pass 3 take BK = 16: BK = 32 spilled 40 B in the float32 JSD
     pass 2 on sm_90, 84 B in the bf16 pass 3 on sm_100; with softcaps the 16-bit pass 3 takes
-    BM = 64: 128 spilled 56-84 B on sm_90 / 100; not timed). The interpreter
+    BM = 64: 128 spilled 56-84 B on sm_90 / 100, and the float32 pass 3 BK = 16: 32 spilled 36 B
+    on sm_90 under Triton 3.6; not timed). The interpreter
     runs every block operation in numpy: the smallest blocks ``tl.dot`` takes keep tests fast
     (unless KDOPS_TRITON_GPU_BLOCKS=1, see :mod:`kdops.backends.triton._common`)."""
     if dtype.itemsize == 2:
         gpu = _Blocks(128, 64, 64, 64 if softcap else 128, 16, 8, 3)
     else:
-        gpu = _Blocks(64, 64, 16, 64, 32, 8, 3)  # float32: twice the bytes per element (and FMA dots)
+        gpu = _Blocks(64, 64, 16, 64, 16 if softcap else 32, 8, 3)  # float32: twice the bytes per element
     return block(gpu, _Blocks(16, 16, 16, 16, 16, 1, 1))
 
 
