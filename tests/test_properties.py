@@ -585,6 +585,11 @@ def test_relation_losses(name):
         rows = x.double().reshape(x.shape[0], -1)
         typical = float(torch.cdist(rows, rows).mean() if name != "similarity_preserving" else rows.norm(dim=1).mean())
         typical = max(typical, 1e-3 * float(rows.abs().max()), 1e-30)
+        if name == "rkd_angle" and rows.shape[1] == 1 and x.shape[0] > 1:
+            # 1-D: every angle is 0 or 180 degrees and the gradient 0, up to the rounding of terms
+            # ~ 1 / (B * the closest distance) (clustered rows: 1e-3)
+            gaps = torch.cdist(rows, rows)
+            typical = min(typical, float(gaps[gaps > 0].min())) if bool((gaps > 0).any()) else typical
         # an expanded input's gradient is the sum of the B row gradients (each rounded to dtype):
         # its size without cancellation is B times a row's
         summed_rows = x.shape[0] if layout == "expanded" else 1
