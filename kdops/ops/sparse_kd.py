@@ -247,8 +247,8 @@ def _fused_compute(
                                          None if labels is None else labels[idx], opts, want_grad)
 
     rows, gh, gw, gb = lm_head_rows(h, w, b, row_loss, labels, opts.ignore_index, row_weights, chunk, needs)
-    return (weighted_rows(rows, row_weights, needs), h.new_empty(0) if gh is None else gh.to(h.dtype), w.new_empty(0) if gw is None else gw.to(w.dtype),
-            w.new_empty(0) if gb is None else gb.to(w.dtype))
+    return (weighted_rows(rows, row_weights, needs), h.new_empty(0) if gh is None else gh.to(h.dtype),
+            w.new_empty(0) if gw is None else gw.to(w.dtype), w.new_empty(0) if gb is None else gb.to(w.dtype))
 
 
 def _fused_compute_fake(h, w, b, topk_logprobs, topk_indices, labels, row_weights, needs, chunk, backend, *options):

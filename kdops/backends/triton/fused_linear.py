@@ -282,8 +282,9 @@ def fused_linear_distill(
     labels: Optional[Tensor], row_weights: Optional[Tensor], options: "DistillOptions", needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row losses ``[N]`` (float32, 0 for ignored rows) of the logits ``f_s(h @ w.T + b)`` against
-    ``f_t(th @ tw.T + tb)`` (``f_s``, ``f_t``: the options' logit transforms), and the gradients of ``sum_r row_weights[r] * row[r]`` (weights 1 if None)
-    to ``h``, ``w``, ``b`` where ``needs`` says so (in their dtypes; else empty tensors).
+    ``f_t(th @ tw.T + tb)`` (``f_s``, ``f_t``: the options' logit transforms), and the gradients
+    of ``sum_r row_weights[r] * row[r]`` (weights 1 if None) to ``h``, ``w``, ``b`` where
+    ``needs`` says so (in their dtypes; else empty tensors).
     ``h`` [N, Hs], ``w`` [V, Hs], ``th`` [N, Ht], ``tw`` [V, Ht], any strides; float32, float16
     or bfloat16. The caller has checked the arguments (see :mod:`kdops.ops.fused_linear`)."""
     divergence, temperature, beta = options.divergence, options.temperature, options.beta
