@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -31,9 +32,9 @@ from kdops.backends.triton.divergence import divergence_term
 BLOCK_M = BLOCK_N = 32
 # A program holds about five row tiles at once (its own a or b tile of both models, the loop's
 # tile of both models, the accumulator): per tile row, (BLOCK_DS + BLOCK_DT) input elements
-# twice and BLOCK_DS accumulators. Past WARP_WORDS 32-bit words per row the program takes 8
-# warps instead of 4 (on 4 warps, float32 at head sizes 128 / 128 and float64 from 64 / 64
-# spilled 50-900 B per thread on sm_90 / sm_100 in tools/aot_check.py; bf16 at 128 / 128 did not).
+# twice and BLOCK_DS accumulators. From WARP_WORDS 32-bit words per row the program takes 8
+# warps instead of 4 (on 4 warps, float32 at head sizes 128 / 128 and 64 / 128 and float64 from
+# 64 / 64 spilled 50-1100 B per thread on sm_90 / sm_100 in tools/aot_check.py, with skew reverse KL).
 WARP_WORDS = 256
 
 
@@ -249,10 +250,12 @@ def _arguments(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, temperature: floa
     scalars = [1.0 / (math.sqrt(Ds) * temperature), 1.0 / (math.sqrt(Dt) * temperature), beta,
                *mixture_logs(divergence, beta)]
     block_ds, block_dt = max(16, triton.next_power_of_2(Ds)), max(16, triton.next_power_of_2(Dt))
+    if sa.dtype == torch.float32:  # float32 (CUDA-core dots): both head tiles the wider one's width
+        block_ds = block_dt = max(block_ds, block_dt)  # (64 / 128 spilled 370-1100 B per thread, 128 / 128 none)
     acc = acc_dtype(sa.dtype)
     words = ((block_ds + block_dt) * sa.element_size() + block_ds * acc.primitive_bitwidth // 8) // 4
     constexprs = dict(DIV=divergence, ACC=acc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DS=block_ds,
-                      BLOCK_DT=block_dt, num_warps=8 if words > WARP_WORDS else 4)
+                      BLOCK_DT=block_dt, num_warps=8 if words >= WARP_WORDS else 4)
     return [H, L, Ds, Dt, *strides, *scalars], constexprs
 
 
