@@ -194,6 +194,7 @@ def register_lm_head_autograd(op: torch.library.CustomOpDef, args: OpArgs) -> No
     scales them by the (equal) row weights; else backward runs ``op`` with the row weights."""
 
     def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # no zeros of grad_h / grad_w's size for their unused gradients
         named = args.bind(inputs)
         ctx.no_grads = args.no_grads(inputs)
         ctx.needs = named["needs"]
@@ -203,7 +204,9 @@ def register_lm_head_autograd(op: torch.library.CustomOpDef, args: OpArgs) -> No
         else:
             _pack(ctx, named)
 
-    def backward(ctx, grad_rows: Tensor, *_unused):
+    def backward(ctx, grad_rows: Optional[Tensor], *_unused):
+        if grad_rows is None:  # only the other outputs were used: no gradient
+            return args.grads(ctx.no_grads)
         if ctx.in_forward:
             grads = scale_forward_grads(ctx.saved_tensors, ctx.needs, grad_rows)
         else:
