@@ -94,7 +94,8 @@ def test_angle_anchor_offset_past_int32():
                 out = out if grad else torch.empty(1)
                 # the rows of E stand for the features too (read where an angle is skewed)
                 k._launch(k._angle_kernel, (1, 1), s.device, s, t, s, t, torch.ones(()), out, B, B, B, s.stride(0),
-                          s.stride(0), t.stride(0), 1.0, GRAD=grad, BLOCK_M=k.ANGLE_BLOCK, BLOCK_N=k.ANGLE_BLOCK, COMPUTE=k.tl.float32)
+                          s.stride(0), t.stride(0), 1.0, GRAD=grad, BLOCK_M=k.ANGLE_BLOCK, BLOCK_N=k.ANGLE_BLOCK,
+                          COMPUTE=k.tl.float32)
                 outs.append(out)
             assert torch.equal(*outs), (grad, outs)  # (the grad output has the inputs' row stride)
     """)
