@@ -47,11 +47,12 @@ constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
 // term takes one vector at a time, and the mixture of K teachers, whose per-element loop over
 // teachers 1..K-1 loads them one element at a time anyway, takes 4-byte words of student and
 // teacher 0. One 16-byte vector of student and teacher per thread still keeps 32 KiB per SM in
-// flight at two 512-thread blocks.
-template <bool HARD, bool MULTI, bool TRANSFORM>
+// flight at two 512-thread blocks. 16-bit logits take one vector too: it holds 8 of them, as two
+// float32 vectors do (two 16-bit vectors spilled 8-24 B on sm_90 / sm_100).
+template <typename T, bool HARD, bool MULTI, bool TRANSFORM>
 struct Sweep {
   static constexpr int bytes = MULTI ? 4 : 16;
-  static constexpr int unroll = HARD || MULTI || TRANSFORM ? 1 : 2;
+  static constexpr int unroll = HARD || MULTI || TRANSFORM || sizeof(T) < 4 ? 1 : 2;
   static constexpr bool transform = TRANSFORM;
 };
 
@@ -275,7 +276,7 @@ extern __shared__ float teacher_stats[];
 template <typename T, int DIV, bool HARD, bool MULTI, bool TRANSFORM>
 __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T> a) {
   constexpr bool kSumPass = needs_sum_pass(DIV);
-  using SW = Sweep<HARD, MULTI, TRANSFORM>;
+  using SW = Sweep<T, HARD, MULTI, TRANSFORM>;
   const int vocab = a.vocab;
   const float inv_t = a.inv_t, beta = a.beta;
   const float c = kLog2e * inv_t;  // exp((x - m) / T) = exp2((x - m) * c)
@@ -457,7 +458,7 @@ void launch(const KDParams& p, cudaStream_t stream) {
   a.grad_divisor = static_cast<const float*>(p.grad_divisor);
   const int64_t grid = p.n_rows < INT_MAX ? p.n_rows : INT_MAX;
   const size_t shared = MULTI ? 2 * sizeof(float) * p.n_teachers : 0;
-  using SW = Sweep<HARD, MULTI, TRANSFORM>;
+  using SW = Sweep<T, HARD, MULTI, TRANSFORM>;
   kd_forward_kernel<T, DIV, HARD, MULTI, TRANSFORM>
       <<<static_cast<unsigned>(grid), threads_for(p.vocab, SW::bytes / int(sizeof(T))), shared, stream>>>(a);
 }
