@@ -135,7 +135,9 @@ def test_entropy(backend):
     counted = labels.cpu() != -100
     expected = reference.entropy(s, temperature=1.5)[counted].sum()
     assert_close(entropy.cpu(), expected, (2e-5, 1e-5), scale=float(expected))
-    assert_close(loss, kdops.fused_linear_distill_loss(h, w, th, tw, labels, **kw), (0, 0))
+    # return_entropy takes the chunked path, the loss alone the blockwise kernel where there is one:
+    # float32 row sums in another order, a few ulp apart
+    assert_close(loss, kdops.fused_linear_distill_loss(h, w, th, tw, labels, **kw), (32 * 2.0**-24, 0))
     rows, row_entropy = kdops.fused_linear_distill_loss(h, w, th, tw, labels, reduction="none", return_entropy=True,
                                                         **kw)
     assert row_entropy.shape == rows.shape == labels.shape

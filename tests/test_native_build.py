@@ -80,16 +80,16 @@ def test_modules_expose_the_same_functions():
     cpu = _built("_C")
     for f in FUNCTIONS:
         assert callable(getattr(cpu, f))
-    assert _signature(cpu.kd_forward)[-3:] == ["n_teachers", "teacher_k_stride", "teacher_log_weights_ptr"]
+    keywords = ["n_teachers", "teacher_k_stride", "teacher_log_weights_ptr", "student_scale", "student_softcap",
+                "teacher_scale", "teacher_softcap", "grad_divisor_ptr"]  # kd_forward's keywords, with defaults
+    assert _signature(cpu.kd_forward)[-len(keywords):] == keywords
     module, _ = _module.load("_C_cuda")
     if module is None:
         return
     for f in FUNCTIONS:
         cpu_args, cuda_args = _signature(getattr(cpu, f)), _signature(getattr(module, f))
-        if f == "kd_forward":  # the stream precedes the teacher keywords
-            assert cuda_args == cpu_args[:-3] + ["stream"] + cpu_args[-3:]
-        else:
-            assert cuda_args == cpu_args + ["stream"], f
+        # the CUDA module takes one more argument, the stream (before the keywords with defaults)
+        assert cuda_args.count("stream") == 1 and [a for a in cuda_args if a != "stream"] == cpu_args, f
 
 
 def test_openmp_threads_follow_omp_num_threads():
