@@ -41,8 +41,30 @@ def check(backend, student, values, indices, labels=None, **options):
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert s.grad.dtype == dtype and s.grad.shape == student.shape
     assert_close(loss, ref, LOSS_TOL[dtype], scale=float(ref.detach().abs().max()) if ref.numel() else 1.0)
-    assert_close(s.grad, s64.grad, GRAD_TOL[dtype])
+    slack = rest_bucket_slack(student, values, indices, options)
+    if slack is None:
+        assert_close(s.grad, s64.grad, GRAD_TOL[dtype])
+    else:
+        rtol, atol = GRAD_TOL[dtype]
+        grad, grad64 = s.grad.double().cpu(), s64.grad.cpu()
+        err, allowed = (grad - grad64).abs(), rtol * grad64.abs() + atol + slack
+        bad = ~(err <= allowed) & ~(grad.isnan() & grad64.isnan())
+        assert not bad.any(), f"{int(bad.sum())} gradient elements off; worst excess {float((err - allowed).max())}"
     return loss.detach(), s.grad
+
+
+def rest_bucket_slack(student, values, indices, options):
+    """With ``rest_mass="bucket"``, each rest mass 1 - sum_k p_k is formed in float32: k roundings
+    of 2^-24 against a rest that may be small, so each rest element's gradient (up to p_s) is off
+    by up to p_s * 2 k 2^-24 / rest (found: k = 30 of V = 40, a rest near 1e-3, 1.3e-6 off;
+    KDOPS_TEST_SEED=122572965). That bound, elementwise on the CPU, or None (other modes, float64)."""
+    if options.get("rest_mass", "ignore") != "bucket" or student.dtype == torch.float64:
+        return None
+    p_s = torch.softmax(student.detach().double().cpu() / options.get("temperature", 1.0), -1)
+    rest_s = 1 - p_s.gather(-1, indices.cpu().long()).sum(-1, keepdim=True)
+    rest_t = 1 - values.detach().double().cpu().exp().sum(-1, keepdim=True)
+    rest = torch.minimum(rest_s, rest_t).clamp_min(2.0**-24)
+    return p_s * 2 * indices.shape[-1] * 2.0**-24 / rest
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
