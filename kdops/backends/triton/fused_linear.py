@@ -40,7 +40,7 @@ from torch import Tensor
 from kdops import _alloc
 from kdops.backends.triton._common import UPCAST_DOT, block, launch, mixture_logs
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
-from kdops.backends.triton.logit_transform import TRANSFORM_SOFTCAP, transform, transform_args, transform_slope
+from kdops.backends.triton.logit_transform import transform, transform_args, transform_slope
 from kdops.divergences import divergence_code
 
 if TYPE_CHECKING:
@@ -246,19 +246,18 @@ class _Blocks(NamedTuple):
     num_stages: int
 
 
-def _blocks(dtype: torch.dtype, softcap: bool = False) -> _Blocks:
-    """Tile sizes and launch options (``softcap``: a softcap on either model's logits). On GPUs:
-    chosen by compiling (``tools/aot_check.py``: no spill over its budget on sm_80 / 90 / 100;
-    float32 passes 1-2 and 16-bit pass 3 take BK = 16: BK = 32 spilled 40 B in the float32 JSD
-    pass 2 on sm_90, 84 B in the bf16 pass 3 on sm_100; with softcaps the 16-bit pass 3 takes
-    BM = 64: 128 spilled 56-84 B on sm_90 / 100, and the float32 pass 3 BK = 16: 32 spilled 36 B
-    on sm_90 under Triton 3.6; not timed). The interpreter
+def _blocks(dtype: torch.dtype) -> _Blocks:
+    """Tile sizes and launch options. On GPUs: chosen by compiling (``tools/aot_check.py``: no
+    spill over its budget on sm_80 / 90 / 100 under Triton 3.9 and 3.6; not timed): float32
+    passes 1-2 take BK = 16 (32 spilled 40 B in the JSD pass 2 on sm_90); pass 3 takes BM = 64
+    and, for 16-bit inputs, BK = 16, for float32 BK = 16 too (BM = 128 / BK = 32 spilled 28-84 B
+    on sm_90 / 100 with hard labels or softcaps). The interpreter
     runs every block operation in numpy: the smallest blocks ``tl.dot`` takes keep tests fast
     (unless KDOPS_TRITON_GPU_BLOCKS=1, see :mod:`kdops.backends.triton._common`)."""
     if dtype.itemsize == 2:
-        gpu = _Blocks(128, 64, 64, 64 if softcap else 128, 16, 8, 3)
+        gpu = _Blocks(128, 64, 64, 64, 16, 8, 3)
     else:
-        gpu = _Blocks(64, 64, 16, 64, 16 if softcap else 32, 8, 3)  # float32: twice the bytes per element
+        gpu = _Blocks(64, 64, 16, 64, 16, 8, 3)  # float32: twice the bytes per element
     return block(gpu, _Blocks(16, 16, 16, 16, 16, 1, 1))
 
 
@@ -306,7 +305,7 @@ def fused_linear_distill(
     if count > 0 and vocab > 0:
         s_scale, s_softcap, s_kind = transform_args(options.student_logit_scale, options.student_softcap)
         t_scale, t_softcap, t_kind = transform_args(options.teacher_logit_scale, options.teacher_softcap)
-        blocks = _blocks(h.dtype, TRANSFORM_SOFTCAP.value in (s_kind, t_kind))
+        blocks = _blocks(h.dtype)
         v_blocks = triton.cdiv(vocab, blocks.bv)
         per_seg = triton.cdiv(v_blocks, min(v_blocks, triton.cdiv(_target_programs(device),
                                                                    triton.cdiv(count, blocks.bm))))
