@@ -40,10 +40,12 @@ def attention_inputs(model: TinyLM, ids: Tensor) -> tuple[Tensor, tuple[Tensor, 
     return model.norm(last(x, src_mask=mask, is_causal=True)), qkv
 
 
-def relation_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], heads: int,
-                  backend: Optional[str]) -> Tensor:
-    """The mean over ``x`` in ``(q, k, v)`` of the causal MiniLMv2 relation loss ``(x, x)``."""
-    return sum(kdops.attention_relation_loss(s, s, t, t, relation_heads=heads, causal=True, backend=backend)
+def relation_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], heads: int, backend: Optional[str],
+                  causal: bool = True, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """The mean over ``x`` in ``(q, k, v)`` of the MiniLMv2 relation loss ``(x, x)`` (causal, or
+    bidirectional over the keys of ``attention_mask``)."""
+    return sum(kdops.attention_relation_loss(s, s, t, t, relation_heads=heads, causal=causal,
+                                             attention_mask=attention_mask, backend=backend)
                for s, t in zip(student, teacher)) / len(student)
 
 

@@ -118,13 +118,13 @@ def perplexity(model: TinyLM, stream: Tensor, context: int, device: torch.device
     return math.exp(total / (n * context))
 
 
-def train(model: TinyLM, steps: int, cfg: LMConfig, seed: int, batches: Callable[[torch.Generator], Any],
-          loss_fn: Callable[[Any], Tensor], held_out: Tensor, device: torch.device,
-          label: str) -> list[tuple[int, float]]:
-    """AdamW with cosine decay; each step ``loss_fn(batches(g))`` (a batch of ``(B, context + 1)``
-    sequences on ``device``, or what ``loss_fn`` takes); returns the held-out perplexity every
-    ``cfg.eval_every`` steps (and at the end)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+def train(model: nn.Module, steps: int, lr: float, eval_every: int, seed: int,
+          batches: Callable[[torch.Generator], Any], loss_fn: Callable[[Any], Tensor],
+          evaluate: Callable[[], float], label: str) -> list[tuple[int, float]]:
+    """AdamW with cosine decay on ``model``'s parameters; each step ``loss_fn(batches(g))`` (a
+    batch of ``(B, context + 1)`` sequences, or what ``loss_fn`` takes); returns ``evaluate()``
+    (the held-out perplexity) every ``eval_every`` steps (and at the end)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = generator(seed)
     curve = []
@@ -137,8 +137,8 @@ def train(model: TinyLM, steps: int, cfg: LMConfig, seed: int, batches: Callable
         opt.step()
         schedule.step()
         info = f"loss {loss.item():.3f}"
-        if step % cfg.eval_every == 0 or step == steps:
-            curve.append((step, perplexity(model, held_out, cfg.context, device)))
+        if step % eval_every == 0 or step == steps:
+            curve.append((step, evaluate()))
             info += f" held-out ppl {curve[-1][1]:.1f}"
         bar.update(info=info)
     return curve
@@ -198,7 +198,8 @@ class LMSetup:
 
     def train(self, model: TinyLM, steps: int, seed: int, batches: Callable[[torch.Generator], Tensor],
               loss_fn: Callable[[Tensor], Tensor], label: str) -> list[tuple[int, float]]:
-        return train(model, steps, self.cfg, seed, batches, loss_fn, self.held_out, self.device, label)
+        return train(model, steps, self.cfg.lr, self.cfg.eval_every, seed, batches, loss_fn,
+                     lambda: perplexity(model, self.held_out, self.cfg.context, self.device), label)
 
     def new_student(self, seed: int) -> TinyLM:
         """The student architecture, initialised from ``seed`` (the same for every recipe)."""

@@ -21,7 +21,6 @@ Each returns ``{"seeds", "students": {name: {metric: {values, mean, std}, "curve
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import tempfile
 
@@ -133,11 +132,10 @@ def preference(setup: LMSetup, seeds: list[int]) -> dict:
     preferred = torch.tensor([bool(NUMBER.fullmatch(t)) for t in setup.tokenizer.vocab], device=setup.device)
     reward = preferred.float()
     tuned = copy.deepcopy(setup.teacher).train().requires_grad_(True)
-    tune_cfg = dataclasses.replace(cfg, eval_every=cfg.preference_steps)
-    train(tuned, cfg.preference_steps, tune_cfg, 50_000, setup.data(setup.stream),
+    train(tuned, cfg.preference_steps, cfg.lr, cfg.preference_steps, 50_000, setup.data(setup.stream),
           lambda seq: recipes.preference.preference_tuning_loss(tuned, setup.teacher, seq[:, :-1], reward,
                                                                 beta=cfg.preference_beta, backend=setup.backend),
-          setup.held_out, setup.device, "LM teacher preference tuning")
+          lambda: perplexity(tuned, setup.held_out, cfg.context, setup.device), "LM teacher preference tuning")
     tuned.eval().requires_grad_(False)
 
     def rate(model, seed: int) -> float:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 LM_TRACKS = ("language-model", "on-policy", "sequence-level", "quantized", "preference", "sampled-cache",
              "attention-relation")
+STUDENT_TRACKS = (*LM_TRACKS, "encoder")  # the tracks of per-seed students with a recipe metric
 
 
 def _stat(entry: dict, scale: float = 1.0, digits: int = 1) -> str:
@@ -28,7 +29,7 @@ def compare(track: str, a_name: str, a: dict, b_name: str, b: dict, what: str, *
             f"({_stat(a, scale, digits)} vs {_stat(b, scale, digits)})")
 
 
-def _lm_verdicts(name: str, r: dict) -> list[str]:
+def _track_verdicts(name: str, r: dict) -> list[str]:
     s = r["students"]
     ppl = "held-out perplexity"
     if name == "language-model":
@@ -67,6 +68,16 @@ def _lm_verdicts(name: str, r: dict) -> list[str]:
         return [compare(name, a, s[a]["perplexity"], b, s[b]["perplexity"], ppl),
                 compare(name, a, s[a]["relation"], b, s[b]["relation"], r["metric"]["name"], digits=3),
                 f"{name}: training relation loss from the first step to the last, per seed: {steps}"]
+    if name == "encoder":
+        acc, rel = "held-out masked-token accuracy", "held-out attention-relation loss to the teacher"
+        pairs = [("KD", "MLM from scratch"), ("KD + attention relations", "KD"),
+                 ("KD + attention relations + hints", "KD + attention relations")]
+        return [compare(name, a, s[a]["accuracy"], b, s[b]["accuracy"], acc, lower_is_better=False, scale=100)
+                + "; in %" for a, b in pairs] + [
+            compare(name, "KD + attention relations", s["KD + attention relations"]["perplexity"], "KD",
+                    s["KD"]["perplexity"], "held-out masked-token perplexity"),
+            compare(name, "KD + attention relations", s["KD + attention relations"]["relation"], "KD",
+                    s["KD"]["relation"], rel, digits=3)]
     raise ValueError(f"no verdicts for track {name!r}")
 
 
@@ -84,9 +95,9 @@ def verdicts(results: dict) -> list[str]:
         gain = 100 * (extra["mean"] - kd["mean"])
         lines.append(f"classification: adding SP to KD changes accuracy by {gain:+.1f} points "
                      f"(seed spread {100 * max(kd['std'], extra['std']):.1f})")
-    for name in LM_TRACKS:
+    for name in STUDENT_TRACKS:
         if name in results["tracks"]:
-            lines.extend(_lm_verdicts(name, results["tracks"][name]))
+            lines.extend(_track_verdicts(name, results["tracks"][name]))
     return lines
 
 
@@ -119,7 +130,18 @@ def table(results: dict) -> str:
             value = _stat(s[metric["key"]], scale, digits) if metric else ""
             rows.append(f"| {name} | student, {student} | {setup['student_parameters']:,} | "
                         f"{_stat(s['perplexity'])} | {value} |")
-    metrics = sorted({f"{n}: {r['metric']['name']}" + (" (%)" if r["metric"]["key"] == "preference_rate" else "")
+    enc = results["tracks"].get("encoder")
+    if enc:
+        teacher = enc["setup"]["teacher"]
+        rows.append(f"| encoder (V={enc['setup']['vocab_size']:,}) | teacher | {teacher['parameters']:,} | "
+                    f"{teacher['perplexity']:.1f} | {100 * teacher['accuracy']:.1f} |")
+        rows.append(f"| encoder | untrained student | | | relation "
+                    f"{enc['reference']['untrained student']['relation']:.3f} |")
+        for student, s in enc["students"].items():
+            rows.append(f"| encoder | student, {student} | {enc['student_parameters']:,} | {_stat(s['perplexity'])} | "
+                        f"{_stat(s['accuracy'], 100)}; relation {_stat(s['relation'], digits=3)} |")
+    percent = ("preference_rate", "accuracy")
+    metrics = sorted({f"{n}: {r['metric']['name']}" + (" (%)" if r["metric"]["key"] in percent else "")
                       for n, r in results["tracks"].items() if r.get("metric")})
     return "\n".join(rows + ([""] + [f"recipe metric of {m}" for m in metrics] if metrics else []))
 
@@ -158,7 +180,8 @@ def plot(results: dict, out: Path) -> list[Path]:
             ax.set(xlabel="epoch", ylabel="held-out accuracy",
                    title=f"classification (mean of {len(r['seeds'])} seeds)")
         else:
-            ax.axhline(setup["teacher"]["perplexity"], color="gray", linestyle="--", label="teacher")
+            teacher = r["setup"]["teacher"] if name == "encoder" else setup["teacher"]
+            ax.axhline(teacher["perplexity"], color="gray", linestyle="--", label="teacher")
             for student, s in r["students"].items():
                 if "curve" in s:
                     steps, ppl = zip(*s["curve"])
@@ -173,7 +196,7 @@ def plot(results: dict, out: Path) -> list[Path]:
     paths = [out / "learning_curves.png"]
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
-    lm = [n for n in LM_TRACKS if n in results["tracks"]]
+    lm = [n for n in STUDENT_TRACKS if n in results["tracks"]]
     if lm:
         fig, axes = plt.subplots(1, len(lm), figsize=(4.2 * len(lm), 4), squeeze=False)
         for ax, name in zip(axes[0], lm):

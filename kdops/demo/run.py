@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 import kdops
-from kdops.demo import attention_relation, classification, language_model, recipe_tracks, report
+from kdops.demo import attention_relation, classification, encoder, language_model, recipe_tracks, report
 from kdops.demo.common import pick_device
 
 LM_TRACKS = {
@@ -25,7 +25,7 @@ LM_TRACKS = {
     "sampled-cache": recipe_tracks.sampled_cache,
     "attention-relation": attention_relation.run,
 }
-TRACKS = ("classification", *LM_TRACKS)
+TRACKS = ("classification", *LM_TRACKS, "encoder")
 # the default finishes in minutes on 2 cores; each recipe track adds about as much as the
 # language-model track (3 seeds x 1-2 students), so they are asked for by name or with "all"
 DEFAULT_TRACKS = ("classification", "language-model")
@@ -79,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     cls_cfg = classification.QUICK_CLASSIFICATION if args.quick else classification.ClassificationConfig()
     lm_cfg = language_model.QUICK_LM if args.quick else language_model.LMConfig()
+    encoder_cfg = encoder.QUICK_ENCODER if args.quick else encoder.EncoderConfig()
     args.out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -87,16 +88,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"kdops demo on {device} ({'quick' if args.quick else 'full'} run, seeds {seeds})", flush=True)
         results = {"machine": machine(device, args.threads), "quick": args.quick, "tracks": {}}
         tracks = [t for t in TRACKS if t in args.tracks or "all" in args.tracks]
-        if "classification" in tracks:
-            results["tracks"]["classification"] = classification.run(cls_cfg, seeds, device, args.backend)
-        if any(t in LM_TRACKS for t in tracks):
-            setup = language_model.LMSetup(lm_cfg, seeds[0], device, args.backend)
-            results["language_model_setup"] = setup.describe()
-            for track in tracks:
-                if track in LM_TRACKS:
-                    start_track = time.perf_counter()
-                    results["tracks"][track] = LM_TRACKS[track](setup, seeds)
-                    results["tracks"][track]["elapsed_s"] = round(time.perf_counter() - start_track, 1)
+        setup = None  # the LM tracks' teacher and students, built for the first of them
+        for track in tracks:
+            if track in LM_TRACKS and setup is None:
+                setup = language_model.LMSetup(lm_cfg, seeds[0], device, args.backend)
+                results["language_model_setup"] = setup.describe()
+            start_track = time.perf_counter()
+            if track == "classification":
+                results["tracks"][track] = classification.run(cls_cfg, seeds, device, args.backend)
+            elif track == "encoder":
+                results["tracks"][track] = encoder.run(encoder_cfg, seeds, device, args.backend)
+            else:
+                results["tracks"][track] = LM_TRACKS[track](setup, seeds)
+            results["tracks"][track]["elapsed_s"] = round(time.perf_counter() - start_track, 1)
     finally:
         torch.set_num_threads(threads)
     results["elapsed_s"] = round(time.perf_counter() - start, 1)
