@@ -122,8 +122,14 @@ def plan(dry_run: bool, out_dir: Path, date: str) -> list[Step]:
                                                    "--dtypes", "float32", "bfloat16", "--baselines", "eager",
                                                    "--repeats", "5"], 30),
         _attention_bench(out_dir, date, "cuda", ["8", "12", "2048", "64", "128"], ["bfloat16", "float32"], 10, 30),
+        # issue 14's sizes (B 8 x 12 heads, d 64, L 512 / 2048 / 8192) vs eager and torch.compile; JSON after each row
+        Step("bench attention-relation (issue 14 sizes)",
+             [[py, str(REPO / "benchmarks" / "bench_attention_relation.py"), "--preset", "issue", "--device", "cuda",
+               "--repeats", "5", "--timeout", "60",
+               "--out", str(out_dir / f"gpu-attention-relation-issue-{date}.json")]],
+             120, bench_json=out_dir / f"gpu-attention-relation-issue-{date}.json"),
     ]
-    return steps  # timeouts: 150 + 110 + 50 + 60 + 45 + 30 + 30 + 30 = 505 s at most, cut to --budget (460 s)
+    return steps  # timeouts: 150 + 110 + 50 + 60 + 45 + 30 + 30 + 30 + 120 = 625 s at most, cut to --budget (460 s)
 
 
 def _attention_bench(out_dir: Path, date: str, device: str, shape: list[str], dtypes: list[str], repeats: int,
