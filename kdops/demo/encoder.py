@@ -50,7 +50,7 @@ class EncoderConfig:
     teacher_layers: int = 2
     student_width: int = 64
     student_layers: int = 1
-    teacher_steps: int = 600
+    teacher_steps: int = 1500
     student_steps: int = 200
     eval_every: int = 50
     lr: float = 3e-3
