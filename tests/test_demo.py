@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import kdops
-from kdops.demo import attention_relation, main
+from kdops.demo import attention_relation, encoder, main
 from kdops.demo.classification import STUDENTS
+from kdops.demo.encoder import QUICK_ENCODER
 from kdops.demo.language_model import QUICK_LM, LMSetup, TinyLM
 from kdops.demo.run import DEFAULT_TRACKS, TRACKS, parse_args
 
@@ -36,8 +37,8 @@ def test_demo_quick_all_tracks(tmp_path, capsys):
     assert saved == json.loads(json.dumps(results))
     assert saved["quick"] is True and saved["machine"]["device"] == "cpu"
     assert list(saved["tracks"]) == list(TRACKS)
-    # 3 classification lines, then per LM track: 1, 2, 2, 2, 3, 3, 3
-    assert len(saved["verdicts"]) == 3 + 1 + 2 + 2 + 2 + 3 + 3 + 3
+    # 3 classification lines, then per LM track: 1, 2, 2, 2, 3, 3, 3, then 5 of the encoder
+    assert len(saved["verdicts"]) == 3 + 1 + 2 + 2 + 2 + 3 + 3 + 3 + 5
     assert all(("beat" in v) or ("level with" in v) or ("number tokens are" in v) or ("adding SP" in v)
                or ("gap to dense KD" in v) or ("training relation loss" in v)
                for v in saved["verdicts"])
@@ -73,6 +74,13 @@ def test_demo_quick_all_tracks(tmp_path, capsys):
     assert abs(sampled["bytes_per_token"] - cache["caches"]["top-8 cache"]["bytes_per_token"]) < 5
     rates = saved["tracks"]["preference"]["students"]
     assert all(0.0 <= s["preference_rate"]["mean"] <= 1.0 for s in rates.values())
+    enc = saved["tracks"]["encoder"]
+    assert list(enc["students"]) == list(encoder.STUDENTS) and enc["seeds"] == [0]
+    for s in enc["students"].values():
+        assert 0.0 <= s["accuracy"]["mean"] <= 1.0 and s["perplexity"]["mean"] > 1 and s["relation"]["mean"] >= 0
+        assert s["curve"][-1][0] == enc["setup"]["config"]["student_steps"]
+    assert "| encoder | student, KD + attention relations + hints |" in out.out
+    assert sum(v.startswith("encoder: ") for v in saved["verdicts"]) == 5
 
     for png in ("learning_curves.png", "recipe_results.png"):
         assert (tmp_path / png).exists() == ("wrote " + str(tmp_path / png) in out.out)
@@ -154,4 +162,53 @@ def test_attention_relation_track_pulls_the_relations_toward_the_teacher(capsys)
                                                                                       setup.teacher))
     expected = sum(kdops.reference.attention_relation_loss(s, s, t, t, relation_heads=cfg.attention_relation_heads,
                                                            causal=True) for s, t in zip(rel_s, rel_t)) / 3
+    assert r["reference"]["untrained student"]["relation"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_encoder_padding_is_outside_the_attention():
+    """The encoder track's batches: sequences of random lengths, [PAD] after them, [MASK] on the
+    masked tokens only (at least one a sequence); whatever the padded positions hold, no
+    token's hidden state or q, k, v changes (the attention sees the tokens' keys only)."""
+    cfg = QUICK_ENCODER
+    model = encoder.TinyEncoder(50, 32, 2, 8, cfg.context).eval()
+    stream = torch.randint(50, (40 * cfg.context,))
+    batch = encoder.make_batch(stream, torch.arange(0, 39 * cfg.context, cfg.context), cfg,
+                               torch.Generator().manual_seed(0), model.pad, model.mask)
+    tokens = batch.tokens
+    assert (~tokens).any() and tokens[:, : cfg.min_length].all()
+    assert batch.masked.any(1).all() and not (batch.masked & ~tokens).any()
+    assert (batch.ids[~tokens] == model.pad).all() and (batch.ids[batch.masked] == model.mask).all()
+    assert torch.equal(batch.targets, stream[torch.arange(0, 39 * cfg.context, cfg.context)[:, None]
+                                             + torch.arange(cfg.context)][batch.masked])
+    other = torch.where(tokens, batch.ids, torch.randint(50, batch.ids.shape))
+    with torch.no_grad():
+        (h, qkv), (h_other, qkv_other) = model(batch.ids, tokens), model(other, tokens)
+    torch.testing.assert_close(h[tokens], h_other[tokens])
+    for x, x_other in zip(qkv, qkv_other):
+        torch.testing.assert_close(x[tokens], x_other[tokens])
+    assert not torch.allclose(h[~tokens], h_other[~tokens])
+
+
+def test_encoder_track_pulls_the_relations_toward_the_teacher():
+    """Trained on the relation term, the encoder student's held-out relation loss to the teacher
+    falls below the untrained student's and below the students trained without it; the metric
+    is the reference's bidirectional relation loss with the padding mask."""
+    cfg = dataclasses.replace(QUICK_ENCODER, student_steps=30, eval_every=30, attention_weight=20.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = encoder.run(cfg, [0], torch.device("cpu"), "torch")
+        setup = encoder.EncoderSetup(cfg, torch.device("cpu"), "torch")  # the same teacher (deterministic)
+    finally:
+        torch.set_num_threads(threads)
+    students = r["students"]
+    trained = students["KD + attention relations"]["relation"]["mean"]
+    assert trained < 0.85 * r["reference"]["untrained student"]["relation"]
+    assert trained < min(students[name]["relation"]["mean"] for name in ("MLM from scratch", "KD"))
+    b = setup.held_out
+    assert (~b.tokens).any()  # the held-out sequences are padded
+    with torch.no_grad():
+        rel_s, rel_t = (m(b.ids, b.tokens)[1] for m in (setup.new_student(0), setup.teacher))
+    expected = sum(kdops.reference.attention_relation_loss(s, s, t, t, relation_heads=cfg.relation_heads,
+                                                           attention_mask=b.tokens) for s, t in zip(rel_s, rel_t)) / 3
     assert r["reference"]["untrained student"]["relation"] == pytest.approx(expected.item(), rel=1e-5)

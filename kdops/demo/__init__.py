@@ -16,6 +16,11 @@ generated or shipped with Python (no downloads), a GPU used when present:
 * ``attention-relation`` (:mod:`kdops.demo.attention_relation`): the distilled student with and
   without MiniLMv2's relations of its last attention layer pulled toward the teacher's
   (``kdops.attention_relation_loss``); held-out perplexity and relation loss to the teacher.
+* ``encoder`` (:mod:`kdops.demo.encoder`): a tiny BERT-style encoder (bidirectional attention
+  over padded sequences, masked-token prediction on the same corpus) and a smaller student: MLM
+  from scratch, prediction-layer KD, KD + MiniLMv2 relations of the last layers
+  (``causal=False``, the padding as ``attention_mask``), and that + hidden-state hints through an
+  adapter; held-out masked-token accuracy and perplexity, relation loss to the teacher.
 
 LM results are mean and std over the student seeds (one teacher, trained with the first seed).
 Writes ``results.json``, ``learning_curves.png`` and ``recipe_results.png`` (with matplotlib) to

@@ -209,7 +209,9 @@ def plot(results: dict, out: Path) -> list[Path]:
             ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="tab:blue")
             ax.set_xticks(range(len(names)), [textwrap.fill(n, 14) for n in names], fontsize=7)
             ax.set(title=name, ylabel=metric["name"] if metric else "held-out perplexity")
-            ax.set_ylim(min(m - s for m, s in zip(means, stds)) * 0.9, max(m + s for m, s in zip(means, stds)) * 1.05)
+            low, high = min(m - s for m, s in zip(means, stds)) * 0.9, max(m + s for m, s in zip(means, stds)) * 1.05
+            if high > low:  # not all 0 (a quick run's accuracies)
+                ax.set_ylim(low, high)
             ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         paths.append(out / "recipe_results.png")
