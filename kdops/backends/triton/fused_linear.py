@@ -237,10 +237,9 @@ def _fused_linear_kd_kernel(
 
 
 class _Blocks(NamedTuple):
-    bm: int  # passes 1 and 2
+    bm: int
     bv: int
     bk: int  # passes 1 and 2
-    bm_grad: int  # pass 3
     bk_grad: int  # pass 3
     num_warps: int
     num_stages: int
@@ -248,17 +247,17 @@ class _Blocks(NamedTuple):
 
 def _blocks(dtype: torch.dtype) -> _Blocks:
     """Tile sizes and launch options. On GPUs: chosen by compiling (``tools/aot_check.py``: no
-    spill over its budget on sm_80 / 90 / 100 under Triton 3.9 and 3.6; not timed): float32
-    passes 1-2 take BK = 16 (32 spilled 40 B in the JSD pass 2 on sm_90); pass 3 takes BM = 64
-    and, for 16-bit inputs, BK = 16, for float32 BK = 16 too (BM = 128 / BK = 32 spilled 28-84 B
-    on sm_90 / 100 with hard labels or softcaps). The interpreter
+    spill over its budget on sm_80 / 90 / 100 under Triton 3.9 and 3.6; not timed). Every pass
+    takes BM = 64 rows: the divergence terms of a [BM, BV] tile are element-wise, BM * BV / 256
+    values per thread for each live tile (s, t, their log-probabilities, d, q), and BM = 128 for
+    16-bit inputs spilled 16-64 B in the mixture divergences' pass 2 on sm_80 under Triton 3.6
+    (255 registers; 180-187 at BM = 64), as BM = 128 did in pass 3 on sm_90 / 100 (28-84 B with
+    hard labels or softcaps). BK: 64 for 16-bit passes 1-2, 16 for float32 (32 spilled 40 B in
+    the JSD pass 2 on sm_90) and for pass 3 (its two gradient dots hold more). The interpreter
     runs every block operation in numpy: the smallest blocks ``tl.dot`` takes keep tests fast
     (unless KDOPS_TRITON_GPU_BLOCKS=1, see :mod:`kdops.backends.triton._common`)."""
-    if dtype.itemsize == 2:
-        gpu = _Blocks(128, 64, 64, 64, 16, 8, 3)
-    else:
-        gpu = _Blocks(64, 64, 16, 64, 16, 8, 3)  # float32: twice the bytes per element
-    return block(gpu, _Blocks(16, 16, 16, 16, 16, 1, 1))
+    gpu = _Blocks(64, 64, 64 if dtype.itemsize == 2 else 16, 16, 8, 3)
+    return block(gpu, _Blocks(16, 16, 16, 16, 1, 1))
 
 
 def _target_programs(device: torch.device) -> int:
@@ -315,9 +314,8 @@ def fused_linear_distill(
         def run_pass(pass_: int, part: Optional[Tensor], grad_ptrs: list[Optional[Tensor]]) -> None:
             # pass 1 reads no divergence, pass 2 no label: one compiled kernel serves them all
             pass_hard = hard and pass_ != 2
-            bm = blocks.bm_grad if pass_ == 3 else blocks.bm
             launch(
-                _fused_linear_kd_kernel, (triton.cdiv(count, bm), segs), device,
+                _fused_linear_kd_kernel, (triton.cdiv(count, blocks.bm), segs), device,
                 h, w, b, th, tw, tb, row_ids, labels if pass_hard else None,
                 row_weights if pass_ == 3 else None, stats, part, *grad_ptrs,
                 count, vocab, hs, ht, per_seg, *h.stride(), *w.stride(), *th.stride(), *tw.stride(),
@@ -325,7 +323,7 @@ def fused_linear_distill(
                 s_scale, s_softcap, t_scale, t_softcap,
                 PASS=pass_, DIV=divergence if pass_ > 1 else 0, HAS_LABELS=row_ids is not None, HAS_HARD=pass_hard,
                 S_TRANSFORM=s_kind, T_TRANSFORM=t_kind,
-                PRECISION=_dot_precision(), BM=bm, BV=blocks.bv,
+                PRECISION=_dot_precision(), BM=blocks.bm, BV=blocks.bv,
                 BK=blocks.bk_grad if pass_ == 3 else blocks.bk,
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages,
             )
