@@ -16,6 +16,10 @@ DIVERGENCES: tuple[str, ...] = (
     "skew_reverse_kl",
     "tvd",
 )
+# The kd family's DeiT hard target (cross-entropy against the teacher's argmax): the code after
+# the soft divergences, taken by kdops.distill_loss only.
+HARD_TARGET = "hard"
+KD_DIVERGENCES: tuple[str, ...] = DIVERGENCES + (HARD_TARGET,)
 
 # Affinity kinds of kdops.affinity: code = index.
 AFFINITY_KINDS: tuple[str, ...] = ("dot", "cosine", "euclidean", "squared_euclidean")

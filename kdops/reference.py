@@ -30,6 +30,18 @@ def hard_label_cross_entropy(logits: Tensor, labels: Tensor, valid: Tensor) -> T
     return -torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
 
 
+def with_hard_labels(row: Tensor, logits: Tensor, labels: Optional[Tensor], hard_weight: float,
+                     ignore_index: int) -> tuple[Tensor, Tensor]:
+    """``row + hard_weight * CE(logits, label)`` per row, 0 where the label is ``ignore_index``,
+    and the ``[N]`` mask of rows that count (every row without labels, ``row`` unchanged)."""
+    if labels is None:
+        return row, torch.ones(row.shape, dtype=torch.bool, device=row.device)
+    valid = labels != ignore_index
+    if hard_weight > 0:
+        row = row + hard_weight * hard_label_cross_entropy(logits, labels, valid)
+    return torch.where(valid, row, torch.zeros_like(row)), valid
+
+
 def _times(log_p: Tensor, x: Tensor) -> Tensor:
     """p * x for the probability p = exp(log_p), with the masks on log p, not on the rounded p:
     0 where p = 0 (log_p = -inf) whatever x, and +inf where x = +inf (a log-ratio against a zero
@@ -117,22 +129,25 @@ def weighted_row_loss(
     """``row = hard_weight * CE(student, label) + soft_weight * D(p_t, p_s)`` on ``[N, V]``
     logits, rows whose label is ``ignore_index`` set to 0; returns the rows and the ``[N]``
     mask of rows that count. Computed in float32, or float64 for float64 inputs.
-    ``teacher_logits`` ``[K, N, V]``: ``p_t`` is the mixture of :func:`teacher_log_probs`."""
+    ``teacher_logits`` ``[K, N, V]``: ``p_t`` is the mixture of :func:`teacher_log_probs`.
+    ``divergence="hard"`` (DeiT): ``D = -log p_s[argmax]``, the argmax of the teacher logits (of
+    the mixture's ``log p_t`` for K teachers), the lowest index on ties; NaN rows where a teacher
+    logit is NaN."""
     s = _upcast(student_logits)
     t = _upcast(teacher_logits).to(s.dtype).detach()
     log_ps = torch.log_softmax(s / temperature, dim=-1)
     log_pt = teacher_log_probs(t, temperature, teacher_weights, student_logits.dim())
     if divergence == "hard":  # DeiT: CE against the teacher's argmax (torch.argmax: ties -> the lowest index)
-        target = (t if t.dim() == student_logits.dim() else log_pt).argmax(-1, keepdim=True)
+        single = t.dim() == student_logits.dim()
+        target = (t if single else log_pt).argmax(-1, keepdim=True)
         row = soft_weight * -log_ps.gather(-1, target).squeeze(-1)
+        # a NaN teacher logit makes the row and its gradient NaN (torch.argmax would silently pick
+        # the NaN's index), as in the kernels
+        has_nan = t.isnan().any(-1) if single else t.isnan().any(-1).any(0)
+        row = row * torch.where(has_nan, math.nan, 1.0).to(row.dtype)
     else:
         row = soft_weight * soft_divergence(log_ps, log_pt, divergence, beta)
-    if labels is None:
-        return row, torch.ones(row.shape, dtype=torch.bool, device=row.device)
-    valid = labels != ignore_index
-    if hard_weight > 0:
-        row = row + hard_weight * hard_label_cross_entropy(s, labels, valid)
-    return torch.where(valid, row, torch.zeros_like(row)), valid
+    return with_hard_labels(row, s, labels, hard_weight, ignore_index)
 
 
 def distill_row_loss(
@@ -478,12 +493,7 @@ def sparse_distill_row_loss(
     log_ps, log_pt = sparse_buckets(s, topk_logprobs, topk_indices, temperature=temperature, rest_mass=rest_mass)
     c = temperature * temperature if scale_by_temperature_squared else 1.0
     row = (1.0 - hard_weight) * c * soft_divergence(log_ps, log_pt, divergence, beta)
-    if labels is None:
-        return row, torch.ones(row.shape, dtype=torch.bool, device=row.device)
-    valid = labels != ignore_index
-    if hard_weight > 0:
-        row = row + hard_weight * hard_label_cross_entropy(s, labels, valid)
-    return torch.where(valid, row, torch.zeros_like(row)), valid
+    return with_hard_labels(row, s, labels, hard_weight, ignore_index)
 
 
 def sparse_distill_loss(

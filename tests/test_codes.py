@@ -42,7 +42,7 @@ ENUMS, CONSTANTS = parse_codes_h(CODES_H.read_text())
 EXPECTED_ENUMS = {
     "DType": {str(dt).removeprefix("torch.").replace("bfloat16", "b_float16"): code
               for dt, code in _codes.DTYPE_CODES.items()},
-    "Divergence": {name: i for i, name in enumerate(_codes.DIVERGENCES)},
+    "Divergence": {name: i for i, name in enumerate(_codes.KD_DIVERGENCES)},
     "AffinityKind": {name: i for i, name in enumerate(_codes.AFFINITY_KINDS)},
     "RelationLoss": {"sp": _codes.SP, "rkd_distance": _codes.RKD_DISTANCE, "rkd_angle": _codes.RKD_ANGLE},
 }

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import kdops
 from kdops import reference
+from kdops._codes import KD_DIVERGENCES
 from kdops.divergences import DIVERGENCES
 from kdops.ops._common import DistillOptions
 
@@ -45,7 +46,7 @@ def make_inputs(shape, dtype, device, spread=3.0, ignore_frac=0.3):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 def test_matches_reference(backend, dtype, reduction, divergence):
     device = require(backend)
     student, teacher, labels = make_inputs((5, 37), dtype, device)
@@ -54,7 +55,7 @@ def test_matches_reference(backend, dtype, reduction, divergence):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 @pytest.mark.parametrize("shape", [(1, 1), (1, 300), (3, 5, 129), (2, 1000)])
 def test_shapes_and_temperatures(backend, divergence, shape):
     device = require(backend)
@@ -65,7 +66,7 @@ def test_shapes_and_temperatures(backend, divergence, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 def test_masked_teacher_vocabulary(backend, divergence):
     """-inf teacher logits: p_t = 0 there. Reverse KL is then +inf (as in the reference)."""
     device = require(backend)
@@ -80,7 +81,7 @@ def test_masked_teacher_vocabulary(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 def test_extreme_logits(backend, divergence):
     device = require(backend)
     student, teacher, labels = make_inputs((3, 40), torch.float32, device, spread=1e4)
@@ -124,7 +125,7 @@ def test_empty_batch(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 def test_gradcheck_float64(backend, divergence):
     device = require(backend)
     student, teacher, labels = make_inputs((3, 9), torch.float64, device, spread=1.5)
@@ -190,25 +191,28 @@ def test_module_wrapper_matches_function():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("divergence", ["jsd", "hard"])
+def test_opcheck(backend, divergence):
     device = require(backend)
     student, teacher, labels = make_inputs((4, 23), torch.float32, device)
     student.requires_grad_(True)
     for labels_arg, hard in ((labels, 0.3), (None, 0.0)):
-        options = DistillOptions(2, 2.0, 0.5, hard, (1 - hard) * 4.0, -100)
+        options = DistillOptions(KD_DIVERGENCES.index(divergence), 2.0, 0.5, hard, (1 - hard) * 4.0, -100)
         for divisor, reduced in ((None, False), (torch.tensor(3.0), True)):
             args = (student, teacher, labels_arg, None, divisor, reduced, True, backend, *options)
             torch.library.opcheck(torch.ops.kdops.distill_rows.default, args)
 
 
 @pytest.mark.parametrize("backend", [None, "cpu", "torch"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("divergence", ["jsd", "hard"])
+def test_torch_compile_fullgraph(backend, divergence):
     if backend == "cpu":
         require("cpu")
     student, teacher, labels = make_inputs((6, 40), torch.float32, "cpu")
 
     def step(s, t, y):
-        return kdops.distill_loss(s, t, y, temperature=2.0, divergence="jsd", hard_weight=0.2, backend=backend) * 2
+        return kdops.distill_loss(s, t, y, temperature=2.0, divergence=divergence, hard_weight=0.2,
+                                  backend=backend) * 2
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if backend is None else "inductor")
     s1 = student.clone().requires_grad_(True)
@@ -266,6 +270,106 @@ def test_different_devices_is_an_error():
         kdops.distill_loss(s, t)
 
 
+# ---- DeiT's hard target (divergence="hard"): CE against the teacher's argmax, fused in every kernel ----
+
+
+def _hard_inputs(shape, dtype, device, ties=False):
+    """Student / teacher logits and labels (a third ignored); ``ties``: each row's teacher max
+    duplicated at two or three columns (also across Triton blocks of 64 and CPU chunks)."""
+    student, teacher, labels = make_inputs(shape, dtype, device)
+    if ties:
+        v = shape[-1]
+        flat = teacher.reshape(-1, v)
+        top = float(flat.abs().max()) + 1.0
+        for r in range(flat.shape[0]):
+            cols = torch.randperm(v)[:3]
+            flat[r, cols] = top
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 1000), (2, 2053)])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_hard_target_vocab_sizes_and_ties(backend, shape, ties):
+    """Odd V (one element, a partial block, several blocks / chunks); with ties, the target is
+    the lowest of the maximal columns (the gradient there is soft_weight / T * (p_s - 1) < 0)."""
+    device = require(backend)
+    student, teacher, labels = _hard_inputs(shape, torch.float32, device, ties=ties and shape[-1] > 1)
+    labels = labels.clamp(min=0)  # every row counts
+    for temperature in (1.0, 3.0):
+        _, grad = check(backend, student, teacher, labels, temperature=temperature, divergence="hard",
+                        hard_weight=0.0, reduction="sum")
+        first = (teacher == teacher.max(-1, keepdim=True).values).int().argmax(-1)  # lowest maximal index
+        assert (grad.argmin(-1) == first).all() or shape[-1] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_hard_target_softcap_saturation_ties(backend, dtype):
+    """A softcapped teacher: c * tanh(z / c) saturates to c exactly (in float32 from |z| / c ~ 9,
+    in float64 from ~19): columns 5, 40 and 90 of every row tie at c, the lowest (5) wins, whatever
+    their raw order. Columns 60 (z = 10 c: below c in float64, equal to c in float32) make a
+    float32-only tie, resolved to 5 too in the float32 kernels."""
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("the CUDA kernels take float32, float16 or bfloat16")
+    device = require(backend)
+    cap = 4.0
+    student, teacher, labels = _hard_inputs((3, 130), dtype, device)
+    teacher[:, [5, 40, 90]] = torch.tensor([25.0, 30.0, 40.0]).to(dtype).to(device) * cap
+    teacher[:, 60] = 10.0 * cap
+    s = student.detach().clone().requires_grad_(True)
+    options = dict(temperature=2.0, divergence="hard", hard_weight=0.3, teacher_softcap=cap, student_softcap=7.0)
+    loss = kdops.distill_loss(s, teacher, labels, backend=backend, reduction="none", **options)
+    loss.sum().backward()
+    # the reference on the teacher transformed as the kernels do (in the compute dtype) and the student in float64
+    t_seen = reference.transform_logits(teacher, 1.0, cap).double()
+    s64 = student.detach().double().requires_grad_(True)
+    ref = reference.distill_loss(reference.transform_logits(s64, 1.0, 7.0), t_seen, labels, reduction="none",
+                                 temperature=2.0, divergence="hard", hard_weight=0.3)
+    ref.sum().backward()
+    assert (t_seen.argmax(-1) == 5).all()
+    assert_close(loss, ref, LOSS_TOL[dtype], scale=float(ref.detach().abs().max()))
+    assert_close(s.grad, s64.grad, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hard_target_infinite_and_nan_teacher_logits(backend):
+    """-inf teacher logits are never the target (unless the whole row is -inf: target 0, as
+    torch.argmax); a NaN teacher logit makes its row's loss and gradient NaN, the others intact."""
+    device = require(backend)
+    student, teacher, labels = _hard_inputs((5, 130), torch.float32, device)
+    labels = labels.clamp(min=0)
+    teacher[:, ::3] = -math.inf
+    teacher[1] = -math.inf
+    check(backend, student, teacher, labels, divergence="hard", hard_weight=0.2, reduction="none")
+    teacher[3, 77] = math.nan
+    s = student.detach().clone().requires_grad_(True)
+    loss = kdops.distill_loss(s, teacher, labels, divergence="hard", hard_weight=0.2, reduction="none",
+                              backend=backend)
+    loss.sum().backward()
+    ref = reference.distill_loss(student.double(), teacher.double(), labels, divergence="hard", hard_weight=0.2,
+                                 reduction="none")
+    assert loss[3].isnan() and ref[3].isnan() and s.grad[3].isnan().all()
+    keep = [0, 1, 2, 4]
+    assert_close(loss[keep], ref[keep], LOSS_TOL[torch.float32], scale=float(ref[keep].abs().max()))
+    assert s.grad[keep].isfinite().all()
+
+
+def test_hard_target_is_refused_by_the_other_families():
+    """divergence="hard" is distill_loss's only: the sparse, lm_head and relation losses name it."""
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    s = torch.randn(4, 10)
+    top = torch.log_softmax(torch.randn(4, 10), -1).topk(3)
+    calls = [
+        lambda: kdops.sparse_distill_loss(s, top.values, top.indices, divergence="hard"),
+        lambda: kdops.fused_linear_distill_loss(h, w, h, w, divergence="hard"),
+        lambda: kdops.attention_relation_loss(*(torch.randn(1, 2, 5, 4) for _ in range(4)), divergence="hard"),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="divergence='hard'.*distill_loss only"):
+            call()
+
+
 # ---- the native CPU kernel (kdops._C through kdops.backends.native.kd) against the float64 reference ----
 
 from kdops.backends.native import _module as _native_module  # noqa: E402
@@ -300,7 +404,7 @@ def _native_logits(n, v, dtype, scale=3.0, seed=0, width=None):
 def _native_reference(student, teacher, labels, div, temperature, beta, hard_weight, soft_weight):
     s = student.double().requires_grad_()
     rows, _ = reference.weighted_row_loss(
-        s, teacher.double(), labels, temperature=temperature, divergence=DIVERGENCES[div],
+        s, teacher.double(), labels, temperature=temperature, divergence=KD_DIVERGENCES[div],
         beta=beta, hard_weight=hard_weight, soft_weight=soft_weight, ignore_index=-100,
     )
     (grad,) = torch.autograd.grad(rows.sum(), s)
@@ -329,7 +433,7 @@ def _native_check(student, teacher, labels=None, div=0, temperature=2.0, beta=0.
 
 @_native_cpu
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
-@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
+@pytest.mark.parametrize("div", range(len(KD_DIVERGENCES)), ids=KD_DIVERGENCES)
 def test_native_matches_reference(div, dtype):
     n, v = 7, 1000 + 7
     _native_check(_native_logits(n, v, dtype, seed=1), _native_logits(n, v, dtype, seed=2), div=div)
@@ -337,7 +441,7 @@ def test_native_matches_reference(div, dtype):
 
 @_native_cpu
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
-@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
+@pytest.mark.parametrize("div", range(len(KD_DIVERGENCES)), ids=KD_DIVERGENCES)
 def test_native_labels_ignore_index_and_hard_weight(div, dtype, monkeypatch):
     monkeypatch.setenv("KDOPS_POISON_OUTPUTS", "1")  # every output element must be written
     n, v = 6, 3001
@@ -349,7 +453,7 @@ def test_native_labels_ignore_index_and_hard_weight(div, dtype, monkeypatch):
 
 @_native_cpu
 @pytest.mark.parametrize("v", [1, 3, 5000 + 3], ids=lambda v: f"V{v}")
-@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
+@pytest.mark.parametrize("div", range(len(KD_DIVERGENCES)), ids=KD_DIVERGENCES)
 def test_native_vocab_sizes(div, v):
     labels = torch.tensor([0, v - 1, v // 2])
     _native_check(_native_logits(3, v, torch.float32, seed=5), _native_logits(3, v, torch.float32, seed=6), labels,
@@ -398,7 +502,7 @@ def test_native_masked_student_logits(div):
 
 
 @_native_cpu
-@pytest.mark.parametrize("div", range(len(DIVERGENCES)), ids=DIVERGENCES)
+@pytest.mark.parametrize("div", range(len(KD_DIVERGENCES)), ids=KD_DIVERGENCES)
 def test_native_large_logits(div):
     n, v = 4, 4099
     student = _native_logits(n, v, torch.float32, scale=1e4, seed=13)

@@ -264,3 +264,58 @@ def test_torch_compile_fullgraph():
     assert_close(got, expected, LOSS_TOL[torch.float32])
     for a, b in zip(inputs, eager_inputs):
         assert_close(a.grad, b.grad, GRAD_TOL[torch.float32])
+
+
+def _clear_mixture(lead, vocab, k, dtype, device, weights, temperature):
+    """``make``'s inputs whose mixture argmax (float64) leads the runner-up by > 1e-3 in every
+    row, so that float32 rounding cannot move it."""
+    w64 = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    for _ in range(50):
+        student, teachers, labels = make(lead, vocab, k, dtype, device)
+        log_pt = reference.teacher_log_probs(teachers.double(), temperature, w64, student.dim())
+        if vocab == 1:
+            return student, teachers, labels
+        top = log_pt.topk(2, -1).values
+        if ((top[..., 0] - top[..., 1]) > 1e-3).all():
+            return student, teachers, labels
+    raise AssertionError("no well-separated mixture drawn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("vocab", [1, 7, 1031])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hard_target_of_the_mixture(backend, vocab, dtype):
+    """DeiT's hard target with K = 3 weighted teachers: the argmax of the mixture's log p_t (which
+    need not be any teacher's argmax); ignored rows; every reduction."""
+    device = require(backend)
+    if backend == "cuda" and dtype == torch.float64:
+        pytest.skip("the cuda backend takes no float64")
+    weights = random_weights(3)
+    student, teachers, labels = _clear_mixture((2, 3), vocab, 3, dtype, device, weights, 1.5)
+    for reduction in ("none", "mean"):
+        check(backend, student, teachers, labels, weights, divergence="hard", hard_weight=0.3, temperature=1.5,
+              reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hard_target_of_the_mixture_ties_and_nan(backend):
+    """Three columns of every row where each teacher holds its own maximum (equal columns across
+    the teachers: the mixture's log p_t ties exactly there): the lowest index wins; a NaN in one
+    teacher makes that row NaN."""
+    device = require(backend)
+    weights = [0.5, 0.2, 0.3]
+    student, teachers, labels = make((4,), 200, 3, torch.float32, device)
+    labels = labels.clamp(min=0)
+    top = teachers.amax(-1, keepdim=True) + 2.0  # [K, N, 1]
+    first = torch.empty(4, dtype=torch.long)
+    for r in range(4):
+        cols = torch.randperm(200)[:3]
+        teachers[:, r, cols] = top[:, r]
+        first[r] = cols.min()
+    _, grad = check(backend, student, teachers, labels, weights, divergence="hard", temperature=1.0,
+                    reduction="sum")
+    assert (grad.argmin(-1).cpu() == first).all()
+    teachers[2, 1, 13] = float("nan")
+    loss = kdops.distill_loss(student, teachers, labels, teacher_weights=weights, divergence="hard",
+                              reduction="none", backend=backend)
+    assert loss[1].isnan() and loss[[0, 2, 3]].isfinite().all()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kdops
-from kdops.divergences import DIVERGENCES
+from kdops._codes import KD_DIVERGENCES
 from kdops.ops._common import distill_options
 from kdops.reference import distill_row_loss
 
@@ -28,7 +28,7 @@ def kd(student, teacher, labels, divergence, *, temperature=2.0, beta=0.3, hard_
        compute_grad=True):
     options = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
                               scale_by_temperature_squared=True, ignore_index=IGNORE, reduction="none",
-                              has_labels=labels is not None)
+                              has_labels=labels is not None, hard_target=True)
     return kd_forward(student, teacher, labels, options, compute_grad)
 
 
@@ -67,7 +67,7 @@ def labels_for(n, v, ignored=(1, 3)):
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 def test_matches_reference(divergence, dtype):
     """5 rows (two ignored), V = 130 (two blocks and a partial one), with a hard-label term."""
     student, teacher = logits(5, 130, dtype), logits(5, 130, dtype)
@@ -77,13 +77,13 @@ def test_matches_reference(divergence, dtype):
 
 
 @pytest.mark.parametrize("vocab", [1, 7])
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 def test_single_row_small_vocab(divergence, vocab):
     check(logits(1, vocab, torch.float32), logits(1, vocab, torch.float32), None, divergence,
           temperature=1.0)
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 def test_labels_without_hard_term(divergence):
     """hard_weight = 0: labels only mask rows; every row ignored gives zeros everywhere."""
     student, teacher = logits(5, 7, torch.float32), logits(5, 7, torch.float32)
@@ -93,7 +93,7 @@ def test_labels_without_hard_term(divergence):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # reverse_kl: inf - inf in grad
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 def test_masked_teacher_vocabulary(divergence):
     """Teacher logits -inf on a whole first block and a few more columns (p_t = 0 there)."""
     student, teacher = logits(3, 130, torch.float32), logits(3, 130, torch.float32)
@@ -107,7 +107,7 @@ def test_masked_teacher_vocabulary(divergence):
         assert loss[0] == float("inf") and loss[1] == 0
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("divergence", KD_DIVERGENCES)
 def test_large_logits(divergence):
     student, teacher = logits(2, 130, torch.float32, 1e4), logits(2, 130, torch.float32, 1e4)
     grad_tol = huge_logits_grad_tol(divergence, float((student - teacher).abs().max()))
@@ -123,7 +123,7 @@ def test_strided_rows(dtype):
     check(student, teacher, labels_for(4, 130, ignored=[2]), "jsd", hard_weight=0.3)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "tvd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "tvd", "hard"])
 def test_without_gradient(divergence):
     """compute_grad=False: the same losses, and an empty gradient."""
     student, teacher = logits(5, 130, torch.float32), logits(5, 130, torch.float32)
@@ -131,3 +131,33 @@ def test_without_gradient(divergence):
     loss, grad = kd(student, teacher, labels, divergence, hard_weight=0.3, compute_grad=False)
     assert grad.numel() == 0
     assert torch.equal(loss, kd(student, teacher, labels, divergence, hard_weight=0.3)[0])
+
+
+@pytest.mark.parametrize("teachers", [0, 3], ids=["one", "mixture"])
+def test_hard_target_with_gpu_blocks(monkeypatch, teachers):
+    """The GPU's 4096-lane blocks (the interpreter's own are 64 lanes): V = 2 * 4096 + 37; each
+    row's teacher maximum is tied within a block, across blocks, or once in the tail: the lowest
+    index is the target."""
+    import kdops.backends.triton.kd as module
+
+    monkeypatch.setattr(module, "_MAX_BLOCK_V", 4096)
+    vocab = 2 * 4096 + 37
+    student = logits(5, vocab, torch.float32)
+    teacher = (torch.randn(*((teachers,) if teachers else ()), 5, vocab) * 3).to(DEVICE)
+    top = float(teacher.abs().max()) + 2.0
+    ties = [[10, 3000], [4095, 4096, 8000], [5000, vocab - 1], [vocab - 5]]
+    for r, cols in enumerate(ties):
+        teacher[..., r, cols] = top
+    labels = torch.tensor([3, 4096, vocab - 1, 0, IGNORE], device=DEVICE)
+    s = student.clone().requires_grad_(True)
+    loss = kdops.distill_loss(s, teacher, labels, divergence="hard", hard_weight=0.25, reduction="none",
+                              backend="triton")
+    loss.sum().backward()
+    s64 = student.double().requires_grad_(True)
+    ref = kdops.reference.distill_loss(s64, teacher.double(), labels, divergence="hard", hard_weight=0.25,
+                                       reduction="none")
+    ref.sum().backward()
+    assert_close(loss, ref, LOSS_TOL[torch.float32], scale=float(ref.abs().max()))
+    assert_close(s.grad, s64.grad, GRAD_TOL[torch.float32])
+    soft = s.grad - 0.25 * (torch.softmax(student, -1) - torch.nn.functional.one_hot(labels.clamp(min=0), vocab))
+    assert [int(soft[r].argmin()) for r in range(4)] == [10, 4095, 5000, vocab - 5]

@@ -38,7 +38,7 @@ void def_kd(py::module_& m, void (*kd_forward)(const KDParams&, Stream...)) {
                    uintptr_t grad_divisor) {
         const char* fn = "kd_forward";
         check(dtype >= kFloat32 && dtype <= kFloat64, fn, "unknown dtype code " + std::to_string(dtype));
-        check(divergence >= kForwardKL && divergence <= kTVD, fn,
+        check(divergence >= kForwardKL && divergence <= kHard, fn,
               "unknown divergence code " + std::to_string(divergence));
         check(n_rows >= 0 && vocab >= 0, fn, "negative shape");
         check(temperature > 0, fn, "temperature must be > 0");

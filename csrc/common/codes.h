@@ -13,7 +13,8 @@ enum DType : int {
   kFloat64 = 3,
 };
 
-// Soft-target divergences (the index in kdops._codes.DIVERGENCES).
+// Soft-target divergences (the index in kdops._codes.DIVERGENCES), then the kd family's DeiT
+// hard target (kdops._codes.KD_DIVERGENCES: cross-entropy against the teacher's argmax).
 enum Divergence : int {
   kForwardKL = 0,
   kReverseKL = 1,
@@ -21,6 +22,7 @@ enum Divergence : int {
   kSkewForwardKL = 3,
   kSkewReverseKL = 4,
   kTVD = 5,
+  kHard = 6,
 };
 
 // Affinity kinds (the index in kdops._codes.AFFINITY_KINDS).

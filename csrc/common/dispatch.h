@@ -32,7 +32,8 @@ void with_dtype(int dtype, F&& f) {
   throw std::invalid_argument("kdops: unknown dtype code " + std::to_string(dtype));
 }
 
-template <typename F>
+// WITH_HARD: whether the kd family's hard target (kHard) is accepted.
+template <bool WITH_HARD = false, typename F>
 void with_divergence(int div, F&& f) {
   switch (div) {
     case kForwardKL: return f(std::integral_constant<int, kForwardKL>{});
@@ -41,6 +42,9 @@ void with_divergence(int div, F&& f) {
     case kSkewForwardKL: return f(std::integral_constant<int, kSkewForwardKL>{});
     case kSkewReverseKL: return f(std::integral_constant<int, kSkewReverseKL>{});
     case kTVD: return f(std::integral_constant<int, kTVD>{});
+    case kHard:
+      if constexpr (WITH_HARD) return f(std::integral_constant<int, kHard>{});
+      break;
   }
   throw std::invalid_argument("kdops: unknown divergence code " + std::to_string(div));
 }

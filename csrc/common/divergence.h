@@ -18,8 +18,9 @@
 
 namespace kdops {
 
-// Divergences whose S in pass 2 is known in advance (pass 2 is skipped).
-KD_HD constexpr bool needs_sum_pass(int div) { return div != kForwardKL; }
+// Divergences whose S in pass 2 is known in advance (pass 2 is skipped): forward KL (S = -1) and
+// the kd family's hard target (q = -onehot(argmax p_t), S = -1).
+KD_HD constexpr bool needs_sum_pass(int div) { return div != kForwardKL && div != kHard; }
 
 template <typename acc_t>
 struct Term {

@@ -7,6 +7,9 @@
 // transforms (TRANSFORM, common/logit_transform.h) every logit is transformed where it is read
 // (pass 1 transforms each chunk into a per-thread buffer for its logsumexp), the gradient is
 // multiplied by the student transform's slope; a divisor (grad_divisor) divides it last.
+// The hard target (kHard, DeiT): pass 1 keeps the teacher's argmax instead of its logsumexp (with
+// MULTI, the argmax of the mixture's row buffer), pass 2 is skipped (S = -1) and pass 3 writes
+// the gradient with q = -onehot(argmax).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +26,7 @@
 #include "common/logit_transform.h"
 #include "common/macros.h"
 #include "common/online_lse.h"
+#include "cpu/row_loss.h"
 
 namespace kdops {
 namespace {
@@ -105,6 +109,38 @@ void mixture_log_probs(const Logits<T, TR>& t, int64_t k_stride, int64_t K, cons
   for (int64_t i = 0; i < V; ++i) lt[i] = hi[i] + log_acc(lt[i]);
 }
 
+// Whether one of the K teacher rows t + k * k_stride (k < K) holds a NaN (a transform keeps NaN
+// and makes none).
+template <typename T>
+bool has_nan(const T* t, int64_t k_stride, int64_t K, int64_t V) {
+  int nan = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* tk = t + k * k_stride;
+#pragma omp simd reduction(| : nan)
+    for (int64_t i = 0; i < V; ++i) {
+      const auto x = to_acc(tk[i]);
+      nan |= x != x;
+    }
+  }
+  return nan != 0;
+}
+
+// The first index of the max of x[0:V] (x[i]: an accessor or a pointer without NaN); 0 when
+// every value is -inf.
+template <typename acc_t, typename X>
+int64_t first_argmax(const X& x, int64_t V) {
+  acc_t best = -INFINITY;
+  int64_t arg = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    const acc_t v = x[i];
+    if (v > best) {
+      best = v;
+      arg = i;
+    }
+  }
+  return arg;
+}
+
 // Per-thread scratch: of the MULTI rows K logsumexps and two row buffers; of TRANSFORM a chunk.
 template <typename acc_t>
 struct Scratch {
@@ -126,23 +162,25 @@ void kd_row(const KDParams& p, int64_t r, Scratch<acc_type<T>>* scratch) {
   acc_t& loss = static_cast<acc_t*>(p.loss)[r];
   const int64_t label = p.labels ? p.labels[r] : -1;
 
-  if (p.labels && label == p.ignore_index) {
-    loss = 0;
-    if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(0));
-    return;
-  }
-  if (HARD && (label < 0 || label >= V)) {  // an out-of-range label: a NaN row (never read)
-    loss = acc_t(NAN);
-    if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(acc_t(NAN)));
-    return;
+  if (label_decides_row<T, HARD, GRAD>(p.labels != nullptr, label, p.ignore_index, V, loss, g)) return;
+
+  // kHard: a NaN teacher logit makes the row NaN (it is not compared).
+  if constexpr (DIV == kHard) {
+    if (has_nan(t.x, p.teacher_k_stride, p.n_teachers, V)) return fill_row<T, GRAD>(loss, g, V, acc_t(NAN));
   }
 
-  // Pass 1: logsumexp of s / T, t / T and (for the hard term) s.
+  // Pass 1: logsumexp of s / T, t / T (kHard with one teacher: its argmax instead) and (for the
+  // hard-label term) s.
   const acc_t inv_t = acc_t(1) / acc_t(p.temperature);
-  OnlineLSE<acc_t> lse_1, unused;
+  OnlineLSE<acc_t> lse_1, unused, lse_t;
   acc_t* buf = TRANSFORM ? scratch->chunk.data() : nullptr;
   const OnlineLSE<acc_t> lse_s = logits_lse<HARD>(s, V, inv_t, lse_1, buf);
-  const OnlineLSE<acc_t> lse_t = logits_lse<false>(t, V, inv_t, unused, buf);
+  int64_t target = 0;  // kHard: the first index of the teacher's max
+  if constexpr (DIV != kHard || MULTI) {
+    lse_t = logits_lse<false>(t, V, inv_t, unused, buf);
+  } else {
+    target = first_argmax<acc_t>(t, V);
+  }
   const acc_t* mixed = nullptr;  // MULTI: the row's mixture log-probabilities
   if constexpr (MULTI) {
     OnlineLSE<acc_t>* lse = scratch->lse.data();
@@ -153,6 +191,7 @@ void kd_row(const KDParams& p, int64_t r, Scratch<acc_type<T>>* scratch) {
     mixture_log_probs(t, p.teacher_k_stride, p.n_teachers, lse, static_cast<const acc_t*>(p.teacher_log_weights),
                       inv_t, V, scratch->lt.data(), scratch->hi.data());
     mixed = scratch->lt.data();
+    if constexpr (DIV == kHard) target = first_argmax<acc_t>(mixed, V);
   }
   // Log-probabilities relative to the row max, which keeps them accurate for large logits.
   const acc_t ms = lse_s.m, log_zs = std::log(lse_s.z);
@@ -190,7 +229,22 @@ void kd_row(const KDParams& p, int64_t r, Scratch<acc_type<T>>* scratch) {
     if constexpr (TRANSFORM) gi *= student_tr.slope(si);
     return gi;
   };
-  if constexpr (DIV == kForwardKL || GRAD) {
+  // q of element i: kHard's -onehot(target), else the divergence term's.
+  const auto q_of = [=](int64_t i) KD_INLINE {
+    if constexpr (DIV == kHard) {
+      return i == target ? acc_t(-1) : acc_t(0);
+    } else {
+      return term(i).q;
+    }
+  };
+  if constexpr (DIV == kHard) {
+    D = log_zs - (s[target] - ms) * inv_t;  // -ls[target]
+    if constexpr (GRAD) {
+#pragma omp simd
+      for (int64_t i = 0; i < V; ++i) g[i] = from_acc<T>(grad(i, acc_t(0), acc_t(0)));
+      g[target] = from_acc<T>(grad(target, acc_t(-1), acc_t(0)));
+    }
+  } else if constexpr (DIV == kForwardKL || GRAD) {
 #pragma omp simd reduction(+ : D)
     for (int64_t i = 0; i < V; ++i) {
       const Term<acc_t> e = term(i);
@@ -203,7 +257,7 @@ void kd_row(const KDParams& p, int64_t r, Scratch<acc_type<T>>* scratch) {
   if constexpr (HARD) {
     // Cross entropy at T = 1.
     loss += acc_t(p.hard_weight) * (log_z1 - (s[label] - ms));
-    if constexpr (GRAD) g[label] = from_acc<T>(grad(label, term(label).q, acc_t(1)));
+    if constexpr (GRAD) g[label] = from_acc<T>(grad(label, q_of(label), acc_t(1)));
   }
 }
 
@@ -223,7 +277,7 @@ void kd_rows(const KDParams& p) {
 
 void kd_forward_cpu(const KDParams& p) {
   with_dtype(p.dtype, [&](auto type) {
-    with_divergence(p.divergence, [&](auto div) {
+    with_divergence<true>(p.divergence, [&](auto div) {
       with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
         with_bool(p.grad != nullptr, [&](auto grad) {
           with_bool(p.n_teachers > 1, [&](auto multi) {

@@ -16,6 +16,7 @@
 #include "common/macros.h"
 #include "common/online_lse.h"
 #include "common/sparse_kd.h"
+#include "cpu/row_loss.h"
 
 namespace kdops {
 namespace {
@@ -33,16 +34,7 @@ void sparse_row(const SparseKDParams& p, int64_t r) {
   const LogitTransform<acc_t> tf{acc_t(p.student_scale), acc_t(p.student_softcap)};
   const auto z = [=](int64_t i) KD_INLINE { return tf.apply(to_acc(s[i])); };  // transformed logit i
 
-  if (p.labels && label == p.ignore_index) {
-    loss = 0;
-    if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(0));
-    return;
-  }
-  if (HARD && (label < 0 || label >= V)) {  // an out-of-range label: a NaN row (never read)
-    loss = acc_t(NAN);
-    if constexpr (GRAD) std::fill(g, g + V, from_acc<T>(acc_t(NAN)));
-    return;
-  }
+  if (label_decides_row<T, HARD, GRAD>(p.labels != nullptr, label, p.ignore_index, V, loss, g)) return;
 
   // Pass 1: logsumexp of s / T and (hard term) of s.
   const acc_t inv_t = acc_t(1) / acc_t(p.temperature);

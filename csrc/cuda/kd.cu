@@ -16,6 +16,9 @@
 // With the models' logit transforms (TRANSFORM, common/logit_transform.h) every logit is
 // transformed where it is loaded, and the gradient multiplied by the student transform's slope;
 // the reduction's divisor (grad_divisor, a device scalar) divides it before its one rounding.
+// The hard target (kHard, DeiT): pass 1 keeps the teacher's running argmax (ArgMax) instead of
+// its max / sum; with MULTI a second sweep takes the argmax of the mixture's log-probabilities;
+// pass 3 writes the gradient with q = -onehot(argmax), S = -1, without reading the teacher.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -23,6 +26,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common/dispatch.h"
 #include "common/divergence.h"
@@ -237,10 +241,36 @@ struct Stats {
   }
 };
 
-template <bool HARD>
+// The running max of a row's values, the first index holding it (0 while every value is -inf:
+// the merge's identity) and whether a NaN was seen (NaNs are not compared). Each thread adds its
+// elements in increasing index order; block_reduce moves it as three 4-byte words.
+struct ArgMax {
+  float m = -INFINITY;
+  int index = 0;
+  int nan = 0;
+
+  __device__ __forceinline__ void add(float x, int i) {
+    nan |= x != x;
+    if (x > m) {
+      m = x;
+      index = i;
+    }
+  }
+
+  __device__ __forceinline__ void merge(const ArgMax& o) {
+    nan |= o.nan;
+    if (o.m > m || (o.m == m && o.index < index)) {
+      m = o.m;
+      index = o.index;
+    }
+  }
+};
+
+// ARGMAX: the teacher's ArgMax (kHard with one teacher) instead of its max / sum.
+template <bool HARD, bool ARGMAX>
 struct RowStats {
   Stats<HARD> s;  // student, with z1 for the hard-label term
-  Stats<false> t;
+  std::conditional_t<ARGMAX, ArgMax, Stats<false>> t;
 };
 
 struct Sums {
@@ -276,6 +306,7 @@ extern __shared__ float teacher_stats[];
 template <typename T, int DIV, bool HARD, bool MULTI, bool TRANSFORM>
 __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T> a) {
   constexpr bool kSumPass = needs_sum_pass(DIV);
+  constexpr bool kArgMax = DIV == kHard && !MULTI;  // the argmax in pass 1
   using SW = Sweep<T, HARD, MULTI, TRANSFORM>;
   const int vocab = a.vocab;
   const float inv_t = a.inv_t, beta = a.beta;
@@ -295,17 +326,31 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
 
     // Pass 1. Log-probabilities are then ls = (s - ms) / T - log zs (likewise lt), and the
     // softmax at T = 1 is exp(s - ms - log z1): offsets from the max keep them accurate.
-    RowStats<HARD> st;
+    RowStats<HARD, kArgMax> st;
     for_each_chunk<T, SW, Cache::kKeep, false>(s, t, nullptr, vocab, a.tr, [&](auto& ch) {
       st.s.add(ch.x, c, kLog2e);
-      st.t.add(ch.y, c, 0.f);
+      if constexpr (kArgMax) {
+#pragma unroll
+        for (int k = 0; k < ch.size; ++k) st.t.add(ch.y[k], ch.i0 + k);
+      } else {
+        st.t.add(ch.y, c, 0.f);
+      }
     });
-    st = block_reduce(st, [&](RowStats<HARD> u, const RowStats<HARD>& o) {
+    st = block_reduce(st, [&](RowStats<HARD, kArgMax> u, const RowStats<HARD, kArgMax>& o) {
       u.s.merge(o.s, c, kLog2e);
-      u.t.merge(o.t, c, 0.f);
+      if constexpr (kArgMax) {
+        u.t.merge(o.t);
+      } else {
+        u.t.merge(o.t, c, 0.f);
+      }
       return u;
     });
-    const float ms = st.s.m, mt = st.t.m, log_zs = logf(st.s.z), log_zt = logf(st.t.z);
+    const float ms = st.s.m, log_zs = logf(st.s.z);
+    float mt = 0.f, log_zt = 0.f;  // the teacher's max and log-sum (not with kArgMax)
+    if constexpr (!kArgMax) {
+      mt = st.t.m;
+      log_zt = logf(st.t.z);
+    }
     const int K = a.n_teachers;
     if constexpr (MULTI) {
       // Teachers 1..K-1: online max / sum of each row, block-reduced. The block reductions order
@@ -361,6 +406,22 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
     const float log_z1 = !HARD ? 0.f : label_ok ? logf(st.s.z1) : NAN;
     const int label_i = label_ok ? int(label) : -1;  // a 32-bit compare per element
 
+    // kHard: the target (the first index of the teacher's max; with MULTI of the mixture's log
+    // p_t, swept here) and whether the teacher rows hold a NaN (then so does every mixture lt).
+    ArgMax target;
+    if constexpr (kArgMax) {
+      target = st.t;
+    } else if constexpr (DIV == kHard) {
+      for_each_chunk<T, SW, Cache::kKeep, false>(s, t, nullptr, vocab, a.tr, [&](auto& ch) {
+#pragma unroll
+        for (int k = 0; k < ch.size; ++k) target.add(teacher_log_prob(ch.y[k], ch.i0 + k), ch.i0 + k);
+      });
+      target = block_reduce(target, [](ArgMax u, const ArgMax& o) {
+        u.merge(o);
+        return u;
+      });
+    }
+
     // Pass 2.
     Sums sums;
     if (kSumPass) {
@@ -384,7 +445,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
 
     // Pass 3: grad_i = (soft_weight / T * (q_i - p_s_i * S) + hard_weight * (softmax(s)_i - [i == label]))
     // * ds_i/dz_i / divisor.
-    if (!kSumPass || g != nullptr) {
+    if (DIV == kForwardKL || g != nullptr) {
       const float unit = a.grad_divisor == nullptr ? 1.f : 1.f / *a.grad_divisor;
       const float S = sums.q, gs = a.soft_weight * inv_t * unit, gh = a.hard_weight * unit;
       float d = 0.f;
@@ -392,24 +453,37 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_forward_kernel(const Args<T
 #pragma unroll
         for (int k = 0; k < ch.size; ++k) {
           const float x = ch.x[k];
-          const float ls = fmaf(x - ms, inv_t, -log_zs), lt = teacher_log_prob(ch.y[k], ch.i0 + k);
-          const Term<float> tm = divergence_term<DIV, float>(ls, lt, beta, w);
-          if (!kSumPass) d += tm.d;
-          float gi = gs * (tm.q - expf(ls) * S);
+          const float ls = fmaf(x - ms, inv_t, -log_zs);
+          float q;
+          if constexpr (DIV == kHard) {
+            q = ch.i0 + k == target.index ? -1.f : 0.f;
+          } else {
+            const Term<float> tm = divergence_term<DIV, float>(ls, teacher_log_prob(ch.y[k], ch.i0 + k), beta, w);
+            if (DIV == kForwardKL) d += tm.d;
+            q = tm.q;
+          }
+          float gi = gs * (q - expf(ls) * S);
           if (HARD) gi += gh * (expf(x - ms - log_z1) - (ch.i0 + k == label_i ? 1.f : 0.f));
           if (TRANSFORM) gi *= a.tr.s.slope(x);
+          if (DIV == kHard && target.nan) gi = NAN;
           ch.g[k] = gi;
         }
       };
+      // kHard reads no teacher here: the sweep's second row is the student's again (cached).
+      const Bits<T>* t3 = DIV == kHard ? s : t;
       if (g != nullptr) {
-        for_each_chunk<T, SW, Cache::kLast, true>(s, t, g, vocab, a.tr, pass3);
+        for_each_chunk<T, SW, Cache::kLast, true>(s, t3, g, vocab, a.tr, pass3);
       } else {  // forward KL, loss only (the unused gradient math is compiled out)
-        for_each_chunk<T, SW, Cache::kLast, false>(s, t, nullptr, vocab, a.tr, pass3);
+        for_each_chunk<T, SW, Cache::kLast, false>(s, t3, nullptr, vocab, a.tr, pass3);
       }
-      if (!kSumPass) sums.d = block_reduce(d, [](float u, float o) { return u + o; });
+      if (DIV == kForwardKL) sums.d = block_reduce(d, [](float u, float o) { return u + o; });
     }
 
     if (threadIdx.x == 0) {
+      if constexpr (DIV == kHard) {  // D = -ls[target]
+        const float s_target = read<TRANSFORM>(a.tr.s, Elem<T>::bits_to_acc(s[target.index]));
+        sums.d = target.nan ? NAN : log_zs - (s_target - ms) * inv_t;
+      }
       float loss = a.soft_weight * sums.d;
       if (HARD) {
         const float s_label = label_ok ? read<TRANSFORM>(a.tr.s, Elem<T>::bits_to_acc(s[label_i])) : 0.f;
@@ -475,7 +549,7 @@ void kd_forward_cuda(const KDParams& p, uintptr_t stream) {
   }
   if (p.n_rows <= 0) return;
   with_dtype<false>(p.dtype, [&](auto type) {
-    with_divergence(p.divergence, [&](auto div) {
+    with_divergence<true>(p.divergence, [&](auto div) {
       with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
         with_bool(p.n_teachers > 1, [&](auto multi) {
           with_bool(p.has_transform(), [&](auto transform) {

@@ -34,7 +34,8 @@ class DistillOptions(NamedTuple):
         row = hard_weight * CE(s, label) + soft_weight * D(softmax(t / T), softmax(s / T))
 
     with ``soft_weight = (1 - hard_weight) * T**2`` (``* 1`` without the T^2 scaling) and ``D``
-    the divergence of code ``divergence``; rows whose label is ``ignore_index`` are 0."""
+    the divergence of code ``divergence`` (the kd family's ``"hard"``: ``D = -log p_s[argmax p_t]``);
+    rows whose label is ``ignore_index`` are 0."""
 
     divergence: int
     temperature: float
@@ -68,11 +69,13 @@ def distill_options(
     *, temperature: float, divergence: str, beta: float, hard_weight: float, scale_by_temperature_squared: bool,
     ignore_index: int, reduction: str, has_labels: bool, rest_bucket: bool = False,
     student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
-    teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None,
+    teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None, hard_target: bool = False,
 ) -> DistillOptions:
-    """The checked options of a call (errors name the argument); ``soft_weight`` is computed here only."""
+    """The checked options of a call (errors name the argument); ``soft_weight`` is computed here only.
+    ``hard_target``: ``divergence="hard"`` is taken (kdops.distill_loss)."""
     code = validation.check_options(temperature=temperature, divergence=divergence, beta=beta,
-                                    hard_weight=hard_weight, reduction=reduction, has_labels=has_labels)
+                                    hard_weight=hard_weight, reduction=reduction, has_labels=has_labels,
+                                    hard_target=hard_target)
     scale = temperature * temperature if scale_by_temperature_squared else 1.0
     return DistillOptions(code, float(temperature), float(beta), float(hard_weight),
                           float((1.0 - hard_weight) * scale), int(ignore_index), bool(rest_bucket),

@@ -5,7 +5,9 @@ and ``c = T**2`` (or 1 without ``scale_by_temperature_squared``)::
 
     row = a * CE(student, label) + (1 - a) * c * D(p_t, p_s)
 
-where ``D`` is one of the divergences of :mod:`kdops.divergences`. With ``K`` teachers the
+where ``D`` is one of the divergences of :mod:`kdops.divergences`, or DeiT's hard target
+``D = -log p_s[argmax p_t]`` (``divergence="hard"``: the argmax is kept in the kernels' first
+pass beside the online log-sum-exps, the lowest index on ties). With ``K`` teachers the
 teacher distribution is their mixture ``p_t = sum_k w_k softmax(t_k / T)``, formed per element in
 log space by the kernels: ``log p_t = logsumexp_k(log w_k + t_k / T - lse_k)`` after an online
 ``lse_k = logsumexp(t_k / T)`` per teacher (no per-teacher probability tensor). A kernel computes each row's
@@ -94,8 +96,13 @@ def distill_loss(
     with ``a = hard_weight`` and ``c = T**2`` when ``scale_by_temperature_squared``; ``D`` is
     ``divergence`` (``forward_kl``, ``reverse_kl``, ``jsd``, ``skew_forward_kl``,
     ``skew_reverse_kl``, ``tvd``; ``beta`` mixes the last three's distributions), or ``"hard"``
-    (DeiT): ``D = -log p_s[argmax p_t]``, ties to the lowest index, computed with torch ops
-    (:mod:`kdops.reference`) whichever backend is named: not fused yet. ``labels``
+    (DeiT's hard distillation): ``D = -log p_s[argmax p_t]``, the cross-entropy of ``s / T``
+    against the teacher's argmax (of the transformed teacher logits; of the mixture's ``log p_t``
+    for K teachers), ties resolved to the lowest index (also ties that a softcap's saturation
+    makes in float32); fused in the kernels: the argmax and the student's log-sum-exp in one
+    pass (two with K teachers), gradient ``soft_weight / T * (p_s - onehot(argmax))``. A NaN
+    teacher logit makes its row's loss and gradient NaN (``torch.argmax`` would pick the NaN's
+    index); a teacher row of only -inf has argmax 0, as ``torch.argmax``. ``labels``
     (the leading shape) add the hard-label term and mask rows equal to ``ignore_index``.
     ``reduction``: ``"mean"`` over counted rows (0 when none count), ``"sum"`` or ``"none"``;
     ``normalizer`` (an int or a one-element tensor, with ``"mean"``): the row sum divided by it
@@ -156,8 +163,7 @@ def distill_loss(
     lead = student_logits.shape[:-1]
     labels = validation.check_labels(labels, lead, "student_logits")
     validation.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    hard_target = divergence == "hard"  # DeiT: CE against the teacher's argmax; torch ops, not fused yet
-    opts = distill_options(temperature=temperature, divergence="forward_kl" if hard_target else divergence,
+    opts = distill_options(temperature=temperature, divergence=divergence, hard_target=True,
                            beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
                            reduction=reduction, has_labels=labels is not None,
@@ -168,7 +174,7 @@ def distill_loss(
         validation.check_labels_in_range(labels, ignore_index, vocab)
     name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype, "kd", n_teachers)
     weights = validation.check_teacher_weights(teacher_weights, n_teachers, student_logits.device) if multi else None
-    if name == "torch" or hard_target:
+    if name == "torch":
         return reference.distill_loss(
             reference.transform_logits(student_logits, opts.student_logit_scale, opts.student_softcap),
             reference.transform_logits(teacher_logits, opts.teacher_logit_scale, opts.teacher_softcap), labels,

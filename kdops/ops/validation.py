@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kdops._codes import DIVERGENCES, HARD_TARGET, KD_DIVERGENCES
 from kdops.divergences import BETA_RANGES, divergence_code
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -70,9 +71,15 @@ def check_options(
     hard_weight: float,
     reduction: str,
     has_labels: bool,
+    hard_target: bool = False,
 ) -> int:
-    """Check the scalar options of a distillation loss; return the divergence code."""
-    code = divergence_code(divergence)
+    """Check the scalar options of a distillation loss; return the divergence code. ``hard_target``:
+    the loss also takes ``divergence="hard"`` (DeiT's hard target, kdops.distill_loss only)."""
+    if divergence == HARD_TARGET and not hard_target:
+        raise ValueError(
+            f"divergence={HARD_TARGET!r} (DeiT's hard target) is taken by kdops.distill_loss only; this loss takes "
+            f"one of {', '.join(map(repr, DIVERGENCES))}")
+    code = KD_DIVERGENCES.index(divergence) if divergence == HARD_TARGET else divergence_code(divergence)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a number; got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):

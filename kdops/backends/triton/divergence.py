@@ -16,6 +16,9 @@ JSD: tl.constexpr = tl.constexpr(2)
 SKEW_FORWARD_KL: tl.constexpr = tl.constexpr(3)
 SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(4)
 TVD: tl.constexpr = tl.constexpr(5)
+# The kd family's DeiT hard target (CE against the teacher's argmax): no per-element term, the
+# kd kernel handles it (kdops._codes.KD_DIVERGENCES).
+HARD: tl.constexpr = tl.constexpr(6)
 
 
 @triton.jit

@@ -19,6 +19,12 @@ before the gradient's one rounding to the student's dtype.
 2. ``D = sum d`` and ``S = sum q`` of ``divergence_term(s/T - lse_s, t/T - lse_t)``; skipped for
    forward KL, whose ``S = -1``;
 3. forward KL's ``D``, and the gradient row.
+
+DeiT's hard target (``DIV == HARD``): ``D = -ls[target]``, ``q = -onehot(target)``, ``S = -1``,
+with ``target`` the first index of the teacher's maximum, kept in pass 1 beside the student's
+sums (one teacher: the transformed logits' running (max, first argmax) replace the teacher's
+sums); with ``MULTI`` pass 2 takes the argmax of the mixture's ``lt``. Pass 3 reads only the
+student. A NaN teacher logit makes the row's loss and gradient NaN.
 """
 from typing import TYPE_CHECKING, Optional
 
@@ -37,13 +43,21 @@ from kdops.backends.triton._common import (
     row_warps,
     write_ignored_row,
 )
-from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
+from kdops.backends.triton.divergence import FORWARD_KL, HARD, divergence_term
 from kdops.backends.triton.logit_transform import (
     TRANSFORM_NONE,
     TRANSFORM_SOFTCAP,
-    transform,
+    load_transformed,
     transform_args,
     transform_slope,
+)
+from kdops.backends.triton.row_loss import (
+    hard_label_grad,
+    hard_label_log_z,
+    hard_label_loss,
+    row_label,
+    row_scalars,
+    student_lse_step,
 )
 
 if TYPE_CHECKING:
@@ -54,48 +68,53 @@ _MAX_BLOCK_V = block(4096, 64)
 
 
 @triton.jit
-def _transformed(ptrs, mask, other, scale, softcap, KIND: tl.constexpr, ACC: tl.constexpr):
-    """The transformed logits at ``ptrs`` in ACC; masked lanes read ``other`` (also under a
-    softcap, which would map a -inf ``other`` to -softcap)."""
-    z = transform(tl.load(ptrs, mask=mask, other=other).to(ACC), scale, softcap, KIND)
-    if KIND == TRANSFORM_SOFTCAP:
-        z = tl.where(mask, z, other)
-    return z
-
-
-@triton.jit
 def _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, other, t_scale, t_cap,
                   T_KIND: tl.constexpr, ACC: tl.constexpr, MULTI: tl.constexpr):
     """The transformed teacher logits at ``cols`` in ACC: ``[BLOCK_V]``, or with MULTI
     ``[BLOCK_V, BLOCK_K]`` (teacher ``k`` in column k; columns past K and lanes past V read ``other``)."""
     if MULTI:  # int64: (K - 1) * N * V passes 2^31 (K = 3, N = 8192, V = 151936)
         ptrs = t_row + cols[:, None] + teachers.to(tl.int64)[None, :] * teacher_k_stride
-        return _transformed(ptrs, mask[:, None] & (teachers < n_teachers)[None, :], other, t_scale, t_cap,
+        return load_transformed(ptrs, mask[:, None] & (teachers < n_teachers)[None, :], other, t_scale, t_cap,
                             T_KIND, ACC)
     else:
-        return _transformed(t_row + cols, mask, other, t_scale, t_cap, T_KIND, ACC)
+        return load_transformed(t_row + cols, mask, other, t_scale, t_cap, T_KIND, ACC)
+
+
+@triton.jit
+def _teacher_log_probs(t, m_t, off_t, inv_t, teachers, n_teachers, MULTI: tl.constexpr):
+    """lt = (t - m_t)/T + off_t of a teacher tile (off_t = -log z_t; the form without cancellation
+    for large logits); with MULTI, the mixture's lt = logsumexp_k((t_k - m_k)/T + off_k) with
+    off_k = log w_k - log z_k (-inf where every term is)."""
+    if MULTI:
+        a = tl.where((teachers < n_teachers)[None, :], (t - m_t[None, :]) * inv_t + off_t[None, :], float("-inf"))
+        hi = tl.max(a, axis=1)
+        ref = tl.where(hi == float("-inf"), 0.0, hi)
+        return ref + tl.log(tl.sum(tl.exp(a - ref[:, None]), axis=1))
+    else:
+        return (t - m_t) * inv_t + off_t
 
 
 @triton.jit
 def _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers, teacher_k_stride,
                n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND: tl.constexpr, T_KIND: tl.constexpr,
                ACC: tl.constexpr, MULTI: tl.constexpr):
-    """Transformed student logits s and the log-probabilities ls = s/T - lse_s = (s - m_s)/T - log z_s and
-    lt = (t - m_t)/T + off_t with off_t = -log z_t (the form without cancellation for large
-    logits); with MULTI, the mixture's lt = logsumexp_k((t_k - m_k)/T + off_k) with off_k =
-    log w_k - log z_k (-inf where every term is). Lanes past V read 0: finite terms that the
+    """Transformed student logits s, the log-probabilities ls = s/T - lse_s = (s - m_s)/T - log z_s
+    and the teacher's lt (:func:`_teacher_log_probs`). Lanes past V read 0: finite terms that the
     caller masks out."""
-    s = _transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
+    s = load_transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
     t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, 0.0, t_scale, t_cap, T_KIND, ACC,
                       MULTI)
-    if MULTI:
-        a = tl.where((teachers < n_teachers)[None, :], (t - m_t[None, :]) * inv_t + off_t[None, :], float("-inf"))
-        hi = tl.max(a, axis=1)
-        ref = tl.where(hi == float("-inf"), 0.0, hi)
-        lt = ref + tl.log(tl.sum(tl.exp(a - ref[:, None]), axis=1))
-    else:
-        lt = (t - m_t) * inv_t + off_t
-    return s, (s - m_s) * inv_t - log_z_s, lt
+    return s, (s - m_s) * inv_t - log_z_s, _teacher_log_probs(t, m_t, off_t, inv_t, teachers, n_teachers, MULTI)
+
+
+@triton.jit
+def _argmax_step(x, cols, V, best, target):
+    """The running (max, first index of the max) of a row after the block ``x`` at ``cols``
+    (lanes past V and NaNs must read -inf): a later block wins only if its max is greater, so
+    ties go to the lowest index; an all -inf row keeps index 0."""
+    block_max = tl.max(x, axis=0)
+    first = tl.min(tl.where(x == block_max, cols, V), axis=0)
+    return tl.maximum(best, block_max), tl.where(block_max > best, first, target)
 
 
 @triton.jit
@@ -117,22 +136,12 @@ def _kd_row_kernel(
     g_row = grad_ptr + row * grad_stride
     offs = tl.arange(0, BLOCK_V)
     teachers = tl.arange(0, BLOCK_K)  # with MULTI; BLOCK_K = 1 otherwise
-    # Scalars in the accumulation type (tl.full also takes the interpreter's Python floats).
-    inv_t = tl.full([], inv_temperature, ACC)
-    b = tl.full([], beta, ACC)
-    log_b = tl.full([], log_beta, ACC)
-    log_1mb = tl.full([], log_1m_beta, ACC)
-    hard_w = tl.full([], hard_weight, ACC)
-    soft_w = tl.full([], soft_weight, ACC)
-    s_scale = tl.full([], student_scale, ACC)
-    s_cap = tl.full([], student_softcap, ACC)
+    inv_t, b, log_b, log_1mb, hard_w, soft_w, s_scale, s_cap = row_scalars(
+        inv_temperature, beta, log_beta, log_1m_beta, hard_weight, soft_weight, student_scale, student_softcap, ACC)
     t_scale = tl.full([], teacher_scale, ACC)
     t_cap = tl.full([], teacher_softcap, ACC)
 
-    ignored = False
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        ignored = label == ignore_index
+    label, ignored = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     if ignored:
         write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
     else:
@@ -147,33 +156,52 @@ def _kd_row_kernel(
             m_t = tl.full([], float("-inf"), ACC)
             z_t = tl.zeros([], ACC)
         z_1 = tl.zeros([], ACC)
+        # HARD: target = the first index of the teacher's max (one teacher: m_t is that max);
+        # n_nan counts NaN teacher logits (they make the row NaN, they are not compared).
+        target = tl.zeros([], tl.int32)
+        n_nan = tl.zeros([], tl.int32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
-            s = _transformed(s_row + cols, mask, float("-inf"), s_scale, s_cap, S_KIND, ACC)
+            s = load_transformed(s_row + cols, mask, float("-inf"), s_scale, s_cap, S_KIND, ACC)
             t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, float("-inf"), t_scale,
                               t_cap, T_KIND, ACC, MULTI)
-            new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
-            new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
-            z_s = exp_sum(z_s, m_s, new_m_s, s, inv_t)
-            z_t = exp_sum(z_t, m_t, new_m_t, t, inv_t)
-            if HAS_HARD:
-                z_1 = exp_sum(z_1, m_s, new_m_s, s, 1.0)
-            m_s = new_m_s
+            m_s, z_s, z_1 = student_lse_step(s, m_s, z_s, z_1, inv_t, HAS_HARD)
+            if DIV == HARD:
+                n_nan += tl.sum((t != t).to(tl.int32))
+            if DIV == HARD and not MULTI:
+                new_m_t, target = _argmax_step(tl.where(t == t, t, float("-inf")), cols, V, m_t, target)
+            else:
+                new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
+                z_t = exp_sum(z_t, m_t, new_m_t, t, inv_t)
             m_t = new_m_t
-        if HAS_HARD:  # a label outside [0, V) makes the row's loss and gradient NaN (it is never read)
-            label_ok = (label >= 0) & (label < V)
-            log_z_1 = tl.where(label_ok, tl.log(z_1), float("nan"))
+        if HAS_HARD:
+            label_ok, log_z_1 = hard_label_log_z(z_1, label, V)
         log_z_s = tl.log(z_s)
         if MULTI:  # teachers past K (sums 0) get off_t = 0: masked out in _log_probs
             in_k = teachers < n_teachers
             off_t = tl.load(log_weights_ptr + teachers, mask=in_k, other=0.0).to(ACC) - tl.log(tl.where(in_k, z_t, 1.0))
+        elif DIV == HARD:  # unused: one teacher's argmax needs no softmax
+            off_t = tl.zeros([], ACC)
         else:
             off_t = -tl.log(z_t)
 
-        # Pass 2: D = sum d and S = sum q (forward KL: S = -sum p_t = -1, D summed in pass 3).
+        # Pass 2: D = sum d and S = sum q (forward KL: S = -sum p_t = -1, D summed in pass 3;
+        # HARD: S = -1, and with MULTI the mixture's argmax).
         d_sum = tl.zeros([], ACC)
-        if DIV == FORWARD_KL:
+        if DIV == HARD:
+            q_sum = tl.full([], -1.0, ACC)
+            if MULTI:
+                best = tl.full([], float("-inf"), ACC)
+                for start in range(0, V, BLOCK_V):
+                    cols = start + offs
+                    mask = cols < V
+                    t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, 0.0, t_scale,
+                                      t_cap, T_KIND, ACC, MULTI)
+                    lt = _teacher_log_probs(t, m_t, off_t, inv_t, teachers, n_teachers, MULTI)
+                    best, target = _argmax_step(tl.where(mask & (lt == lt), lt, float("-inf")), cols, V, best,
+                                                target)
+        elif DIV == FORWARD_KL:
             q_sum = tl.full([], -1.0, ACC)
         else:
             q_sum = tl.zeros([], ACC)
@@ -195,26 +223,35 @@ def _kd_row_kernel(
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 mask = cols < V
-                s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
-                                        teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND,
-                                        T_KIND, ACC, MULTI)
-                d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
-                if DIV == FORWARD_KL:
-                    d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
+                if DIV == HARD:  # q = -onehot(target): the student's row only
+                    s = load_transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
+                    ls = (s - m_s) * inv_t - log_z_s
+                    q = tl.where(cols == target, -1.0, 0.0)
+                else:
+                    s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
+                                            teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND,
+                                            T_KIND, ACC, MULTI)
+                    d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
+                    if DIV == FORWARD_KL:
+                        d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
                 if COMPUTE_GRAD:
                     g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
                     if HAS_HARD:
-                        g += hard_w * (tl.exp(s - m_s - log_z_1) - tl.where(cols == label, 1.0, 0.0))
+                        g += hard_label_grad(s, cols, label, m_s, log_z_1, hard_w)
                     if S_KIND != TRANSFORM_NONE:
                         g *= transform_slope(s, s_scale, s_cap, S_KIND)
                     if HAS_DIVISOR:
                         g *= inv_divisor
+                    if DIV == HARD:
+                        g = tl.where(n_nan > 0, float("nan"), g)
                     tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
+        if DIV == HARD:  # D = -ls[target]; NaN with a NaN teacher logit
+            s_target = load_transformed(s_row + target, target < V, 0.0, s_scale, s_cap, S_KIND, ACC)
+            d_sum = tl.where(n_nan > 0, float("nan"), log_z_s - (s_target - m_s) * inv_t)
         loss = soft_w * d_sum
         if HAS_HARD:
-            s_label = _transformed(s_row + label, label_ok, 0.0, s_scale, s_cap, S_KIND, ACC)
-            loss += hard_w * (m_s - s_label + log_z_1)
+            loss += hard_label_loss(s_row, label, label_ok, m_s, log_z_1, hard_w, s_scale, s_cap, S_KIND, ACC)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
 
@@ -251,10 +288,11 @@ def kd_forward(
     # A [BLOCK_V, BLOCK_K] teacher tile holds about as many elements as one row block; float64
     # rows take half the lanes (4096 float64 lanes on 8 warps spilled ~400 B per thread), and a
     # softcapped float64 mixture twice the warps (its tanh spilled ~300 B at 512 lanes x 4
-    # teachers on 2 warps).
+    # teachers on 2 warps). Warps by the tile's elements, BLOCK_V * BLOCK_K: by BLOCK_V alone,
+    # 16 float64 teachers took 1 warp for a [128, 16] tile and spilled 632 B on sm_80 (8: 48 B).
     block_v = row_block(vocab, _MAX_BLOCK_V // block_k // (2 if acc == tl.float64 else 1))
     softcapped_mixture = multi and acc == tl.float64 and TRANSFORM_SOFTCAP.value in (s_kind, t_kind)
-    num_warps = row_warps(block_v * (2 if softcapped_mixture else 1))
+    num_warps = row_warps(block_v * block_k * (2 if softcapped_mixture else 1))
     launch(
         _kd_row_kernel, (n_rows,), student.device,
         student, teacher, labels, loss, grad,

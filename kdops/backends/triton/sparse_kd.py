@@ -25,24 +25,36 @@ import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.backends.triton._common import (
-    acc_dtype,
-    block,
-    exp_sum,
-    launch,
-    mixture_logs,
-    row_block,
-    row_warps,
-    write_ignored_row,
-)
+from kdops.backends.triton._common import acc_dtype, block, launch, mixture_logs, row_block, row_warps, write_ignored_row
 from kdops.backends.triton.divergence import divergence_term
 from kdops.backends.triton.logit_transform import load_transformed, transform_args, transform_slope
+from kdops.backends.triton.row_loss import (
+    hard_label_grad,
+    hard_label_log_z,
+    hard_label_loss,
+    row_label,
+    row_scalars,
+    student_lse_step,
+)
 
 if TYPE_CHECKING:
     from kdops.ops._common import DistillOptions
 
 # Largest vocabulary / top-k block: the GPU's, or a small one that keeps the interpreter fast.
 _MAX_BLOCK = block(4096, 64)
+
+
+@triton.jit
+def _topk_block(s_row, idx_row, ks, K, V, m_s, log_z_s, inv_t, s_scale, s_cap, S_KIND: tl.constexpr,
+                ACC: tl.constexpr):
+    """The top-k entries ``ks`` of a row: (kmask = ks < K, ok = the index lies in [0, V), the
+    indices, the transformed student logits s there and ls = (s - m_s) / T - log z_s; s = 0
+    where not kmask & ok)."""
+    kmask = ks < K
+    idx = tl.load(idx_row + ks, mask=kmask, other=0)
+    ok = (idx >= 0) & (idx < V)
+    s = load_transformed(s_row + idx, kmask & ok, 0.0, s_scale, s_cap, S_KIND, ACC)
+    return kmask, ok, idx, s, (s - m_s) * inv_t - log_z_s
 
 
 @triton.jit
@@ -63,20 +75,10 @@ def _sparse_kd_row_kernel(
     g_row = grad_ptr + row * grad_stride
     offs_v = tl.arange(0, BLOCK_V)
     offs_k = tl.arange(0, BLOCK_K)
-    inv_t = tl.full([], inv_temperature, ACC)
-    b = tl.full([], beta, ACC)
-    log_b = tl.full([], log_beta, ACC)
-    log_1mb = tl.full([], log_1m_beta, ACC)
-    hard_w = tl.full([], hard_weight, ACC)
-    soft_w = tl.full([], soft_weight, ACC)
-    s_scale = tl.full([], student_scale, ACC)
-    s_cap = tl.full([], student_softcap, ACC)
+    inv_t, b, log_b, log_1mb, hard_w, soft_w, s_scale, s_cap = row_scalars(
+        inv_temperature, beta, log_beta, log_1m_beta, hard_weight, soft_weight, student_scale, student_softcap, ACC)
 
-    label = -1
-    ignored = False
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        ignored = label == ignore_index
+    label, ignored = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     if ignored:
         write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
     else:
@@ -87,27 +89,19 @@ def _sparse_kd_row_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + offs_v
             s = load_transformed(s_row + cols, cols < V, float("-inf"), s_scale, s_cap, S_KIND, ACC)
-            new_m = tl.maximum(m_s, tl.max(s, axis=0))
-            z_s = exp_sum(z_s, m_s, new_m, s, inv_t)
-            if HAS_HARD:
-                z_1 = exp_sum(z_1, m_s, new_m, s, 1.0)
-            m_s = new_m
+            m_s, z_s, z_1 = student_lse_step(s, m_s, z_s, z_1, inv_t, HAS_HARD)
         log_z_s = tl.log(z_s)
-        log_z_1 = tl.log(z_1)
-        if HAS_HARD:  # a label outside [0, V) makes the row's loss and gradient NaN (it is never read)
-            label_ok = (label >= 0) & (label < V)
-            log_z_1 = tl.where(label_ok, log_z_1, float("nan"))
+        if HAS_HARD:
+            label_ok, log_z_1 = hard_label_log_z(z_1, label, V)
 
         # Pass 2: top-k masses (an index outside [0, V) makes the row NaN), then the terms.
         ps_top = tl.zeros([], ACC)
         pt_top = tl.zeros([], ACC)
         for start in range(0, K, BLOCK_K):
             ks = start + offs_k
-            kmask = ks < K
-            idx = tl.load(idx_row + ks, mask=kmask, other=0)
-            ok = (idx >= 0) & (idx < V)
-            s = load_transformed(s_row + idx, kmask & ok, 0.0, s_scale, s_cap, S_KIND, ACC)
-            ps = tl.where(ok, tl.exp((s - m_s) * inv_t - log_z_s), float("nan"))
+            kmask, ok, _, _, ls = _topk_block(s_row, idx_row, ks, K, V, m_s, log_z_s, inv_t, s_scale, s_cap, S_KIND,
+                                              ACC)
+            ps = tl.where(ok, tl.exp(ls), float("nan"))
             ps_top += tl.sum(tl.where(kmask, ps, 0.0), axis=0)
             pt_top += tl.sum(tl.where(kmask, tl.exp(tl.load(lt_row + ks, mask=kmask, other=0.0)), 0.0), axis=0)
         if BUCKET:
@@ -118,11 +112,10 @@ def _sparse_kd_row_kernel(
         q_sum = tl.zeros([], ACC)
         for start in range(0, K, BLOCK_K):
             ks = start + offs_k
-            kmask = ks < K
-            idx = tl.load(idx_row + ks, mask=kmask, other=0)
-            s = load_transformed(s_row + idx, kmask & (idx >= 0) & (idx < V), 0.0, s_scale, s_cap, S_KIND, ACC)
+            kmask, _, _, _, ls = _topk_block(s_row, idx_row, ks, K, V, m_s, log_z_s, inv_t, s_scale, s_cap, S_KIND,
+                                             ACC)
             lt = tl.load(lt_row + ks, mask=kmask, other=0.0) - shift
-            d, q = divergence_term((s - m_s) * inv_t - log_z_s, lt, b, log_b, log_1mb, DIV)
+            d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
             d_sum += tl.sum(tl.where(kmask, d, 0.0), axis=0)
             q_sum += tl.sum(tl.where(kmask, q, 0.0), axis=0)
         ratio = tl.zeros([], ACC)
@@ -140,8 +133,7 @@ def _sparse_kd_row_kernel(
 
         loss = soft_w * d_sum
         if HAS_HARD:
-            s_label = load_transformed(s_row + label, label_ok, 0.0, s_scale, s_cap, S_KIND, ACC)
-            loss += hard_w * (m_s - s_label + log_z_1)
+            loss += hard_label_loss(s_row, label, label_ok, m_s, log_z_1, hard_w, s_scale, s_cap, S_KIND, ACC)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
         # Pass 3: p_i * coefficient over the vocabulary, then the top-k entries.
@@ -157,21 +149,20 @@ def _sparse_kd_row_kernel(
                 s = load_transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
                 g = tl.exp((s - m_s) * inv_t - log_z_s) * rest_coef
                 if HAS_HARD:
-                    g += hard_w * (tl.exp(s - m_s - log_z_1) - tl.where(cols == label, 1.0, 0.0))
+                    g += hard_label_grad(s, cols, label, m_s, log_z_1, hard_w)
                 g *= transform_slope(s, s_scale, s_cap, S_KIND) * inv_div
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
             tl.debug_barrier()
             for start in range(0, K, BLOCK_K):
                 ks = start + offs_k
-                idx = tl.load(idx_row + ks, mask=ks < K, other=0)
-                kmask = (ks < K) & (idx >= 0) & (idx < V)
-                s = load_transformed(s_row + idx, kmask, 0.0, s_scale, s_cap, S_KIND, ACC)
-                ls = (s - m_s) * inv_t - log_z_s
+                in_k, ok, idx, s, ls = _topk_block(s_row, idx_row, ks, K, V, m_s, log_z_s, inv_t, s_scale, s_cap,
+                                                   S_KIND, ACC)
+                kmask = in_k & ok
                 lt = tl.load(lt_row + ks, mask=kmask, other=0.0) - shift
                 _, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
                 g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
                 if HAS_HARD:
-                    g += hard_w * (tl.exp(s - m_s - log_z_1) - tl.where(idx == label, 1.0, 0.0))
+                    g += hard_label_grad(s, idx, label, m_s, log_z_1, hard_w)
                 g *= transform_slope(s, s_scale, s_cap, S_KIND) * inv_div
                 tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=kmask)
 
