@@ -141,9 +141,11 @@ def weighted_row_loss(
         single = t.dim() == student_logits.dim()
         target = (t if single else log_pt).argmax(-1, keepdim=True)
         row = soft_weight * -log_ps.gather(-1, target).squeeze(-1)
-        # a NaN teacher logit makes the row and its gradient NaN (torch.argmax would silently pick
-        # the NaN's index), as in the kernels
+        # a NaN teacher logit makes a counted row and its gradient NaN (torch.argmax would silently
+        # pick the NaN's index), as in the kernels; an ignored row stays 0 with a zero gradient
         has_nan = t.isnan().any(-1) if single else t.isnan().any(-1).any(0)
+        if labels is not None:
+            has_nan = has_nan & (labels != ignore_index)
         row = row * torch.where(has_nan, math.nan, 1.0).to(row.dtype)
     else:
         row = soft_weight * soft_divergence(log_ps, log_pt, divergence, beta)
