@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from kdops._codes import DIVERGENCES, HARD_TARGET, KD_DIVERGENCES
-from kdops.divergences import BETA_RANGES, divergence_code
+from kdops.divergences import BETA_RANGES
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -75,11 +75,14 @@ def check_options(
 ) -> int:
     """Check the scalar options of a distillation loss; return the divergence code. ``hard_target``:
     the loss also takes ``divergence="hard"`` (DeiT's hard target, kdops.distill_loss only)."""
+    names = KD_DIVERGENCES if hard_target else DIVERGENCES
     if divergence == HARD_TARGET and not hard_target:
         raise ValueError(
             f"divergence={HARD_TARGET!r} (DeiT's hard target) is taken by kdops.distill_loss only; this loss takes "
-            f"one of {', '.join(map(repr, DIVERGENCES))}")
-    code = KD_DIVERGENCES.index(divergence) if divergence == HARD_TARGET else divergence_code(divergence)
+            f"one of {', '.join(map(repr, names))}")
+    if divergence not in names:
+        raise ValueError(f"divergence must be one of {', '.join(map(repr, names))}; got {divergence!r}")
+    code = names.index(divergence)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a number; got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
