@@ -13,7 +13,24 @@ from kdops.ops.kd import distill_loss
 from kdops.ops.sparse_kd import sparse_distill_loss
 
 
-class DistillLoss(nn.Module):
+def _options_repr(options: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())
+
+
+class _KeywordLoss(nn.Module):
+    """A loss module whose constructor takes the loss function's keyword options: a subclass's
+    ``__init__`` passes its ``locals()`` (its arguments, by name), kept as ``self.options`` for
+    ``forward`` and shown by ``repr``."""
+
+    def __init__(self, arguments: dict) -> None:
+        super().__init__()
+        self.options = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+
+    def extra_repr(self) -> str:
+        return _options_repr(self.options)
+
+
+class DistillLoss(_KeywordLoss):
     """Module form of :func:`kdops.distill_loss`; the constructor takes its keyword options.
 
     >>> crit = DistillLoss(temperature=2.0, divergence="jsd", beta=0.5)
@@ -35,22 +52,14 @@ class DistillLoss(nn.Module):
         teacher_weights: Optional[Union[Sequence[float], Tensor]] = None,
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        self.options = dict(
-            temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
-            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-            reduction=reduction, teacher_weights=teacher_weights, backend=backend,
-        )
+        super().__init__(locals())
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None,
                 normalizer: Union[None, int, Tensor] = None) -> Tensor:
         return distill_loss(student_logits, teacher_logits, labels, normalizer=normalizer, **self.options)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
-
-class FusedLinearDistillLoss(nn.Module):
+class FusedLinearDistillLoss(_KeywordLoss):
     """Module form of :func:`kdops.fused_linear_distill_loss`; the constructor takes its keyword
     options, ``forward`` its tensors.
 
@@ -79,14 +88,7 @@ class FusedLinearDistillLoss(nn.Module):
         teacher_softcap: Optional[float] = None,
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        self.options = dict(
-            temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
-            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-            reduction=reduction, chunk_size=chunk_size, teacher_weights=teacher_weights,
-            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
-            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap, backend=backend,
-        )
+        super().__init__(locals())
 
     def forward(
         self,
@@ -103,9 +105,6 @@ class FusedLinearDistillLoss(nn.Module):
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
             student_bias=student_bias, teacher_bias=teacher_bias, normalizer=normalizer, **self.options,
         )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
 class SimilarityPreservingLoss(nn.Module):
@@ -145,8 +144,7 @@ class RKDLoss(nn.Module):
         return sum(terms[1:], terms[0])
 
     def extra_repr(self) -> str:
-        options = dict(distance_weight=self.distance_weight, angle_weight=self.angle_weight, **self.options)
-        return ", ".join(f"{k}={v!r}" for k, v in options.items())
+        return _options_repr(dict(distance_weight=self.distance_weight, angle_weight=self.angle_weight, **self.options))
 
 
 class Adapter(nn.Module):
@@ -198,7 +196,7 @@ class AttentionTransferLoss(nn.Module):
         return f"p={self.p!r}"
 
 
-class SparseDistillLoss(nn.Module):
+class SparseDistillLoss(_KeywordLoss):
     """Module form of :func:`kdops.sparse_distill_loss` (a top-k teacher, e.g. from
     :class:`kdops.cache.TeacherCache`); the constructor takes its keyword options.
 
@@ -219,23 +217,15 @@ class SparseDistillLoss(nn.Module):
         reduction: str = "mean",
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        self.options = dict(
-            temperature=temperature, divergence=divergence, beta=beta, rest_mass=rest_mass,
-            hard_weight=hard_weight, scale_by_temperature_squared=scale_by_temperature_squared,
-            ignore_index=ignore_index, reduction=reduction, backend=backend,
-        )
+        super().__init__(locals())
 
     def forward(self, student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor,
                 labels: Optional[Tensor] = None, normalizer: Union[None, int, Tensor] = None) -> Tensor:
         return sparse_distill_loss(student_logits, topk_logprobs, topk_indices, labels, normalizer=normalizer,
                                    **self.options)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
-
-class AttentionRelationLoss(nn.Module):
+class AttentionRelationLoss(_KeywordLoss):
     """Module form of :func:`kdops.attention_relation_loss`; the constructor takes its keyword
     options, ``forward`` the student's and the teacher's ``(a, b)`` pairs.
 
@@ -254,14 +244,10 @@ class AttentionRelationLoss(nn.Module):
         reduction: str = "mean",
         backend: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        self.options = dict(relation_heads=relation_heads, causal=causal, temperature=temperature,
-                            divergence=divergence, beta=beta, reduction=reduction, backend=backend)
+        super().__init__(locals())
 
     def forward(self, student_a: Tensor, student_b: Tensor, teacher_a: Tensor, teacher_b: Tensor,
                 attention_mask: Optional[Tensor] = None) -> Tensor:
         return attention_relation_loss(student_a, student_b, teacher_a, teacher_b, attention_mask=attention_mask,
                                        **self.options)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

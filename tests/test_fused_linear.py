@@ -175,14 +175,18 @@ def test_chunk_size_from_memory_budget():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("transforms, entropy", [
+    ({}, False),
+    (dict(student_logit_scale=0.7, student_softcap=2.5, teacher_logit_scale=1.2, teacher_softcap=3.0), True),
+], ids=["plain", "transforms-entropy"])
+def test_opcheck(backend, transforms, entropy):
     require(backend)
     h, w, b, th, tw, tb, labels = make(7, 4, 3, 11, torch.float32, "cpu")
     h.requires_grad_(True)
     w.requires_grad_(True)
-    options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100)
+    options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100, **transforms)
     for needs in ([True, True, False], [False, False, False]):  # gradients in forward / in backward
-        args = (h, w, b, th, tw, tb, None, labels, None, needs, 3, False, backend, *options)  # False: no entropy
+        args = (h, w, b, th, tw, tb, None, labels, None, needs, 3, entropy, backend, *options)
         torch.library.opcheck(torch.ops.kdops.fused_linear_distill.default, args)
 
 

@@ -9,16 +9,9 @@ import kdops
 from kdops import reference
 from kdops.divergences import DIVERGENCES
 
-from conftest import GRAD_TOL, LOSS_TOL, assert_close
+from conftest import BACKENDS, GRAD_TOL, LOSS_TOL, assert_close, require
 
-BACKENDS = ["torch", "cpu", "triton"]
-
-
-def _device(backend):
-    status = kdops.available_backends()[backend]
-    if not status.available:
-        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+FUSED_LINEAR_BACKENDS = ["torch", "cpu", "triton"]
 
 
 def _tensors(n, hs, ht, v, dtype, device, spread=6.0):
@@ -51,7 +44,7 @@ def _reference(h, w, b, th, tw, tb, labels, **options):
 
 
 def _check(backend, dtype, transform, divergence="forward_kl", reduction="mean", chunk_size=7, **options):
-    device = _device(backend)
+    device = require(backend)
     h, w, b, th, tw, tb, labels = _tensors(37, 24, 40, 301, dtype, device)
     params = [x.detach().clone().requires_grad_(True) for x in (h, w, b)]
     beta = 0.3 if divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl") else 0.5
@@ -72,7 +65,7 @@ def _check(backend, dtype, transform, divergence="forward_kl", reduction="mean",
         assert_close(p.grad.cpu(), r.grad, GRAD_TOL[dtype], scale=float(r.grad.abs().max()))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_LINEAR_BACKENDS)
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_transforms_every_backend(backend, transform):
     _check(backend, torch.float32, transform, hard_weight=0.3)
@@ -121,11 +114,11 @@ def test_transforms_multi_teacher():
     assert_close(got, expected, LOSS_TOL[torch.float64])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_LINEAR_BACKENDS)
 def test_entropy(backend):
     """return_entropy: the sum over counted rows of H(softmax(z' / T)) of the student's
     transformed logits, without gradient; the loss is unchanged."""
-    device = _device(backend)
+    device = require(backend)
     h, w, b, th, tw, tb, labels = _tensors(29, 16, 16, 203, torch.float32, device)
     kw = dict(student_bias=b, teacher_bias=tb, temperature=1.5, student_softcap=2.0, chunk_size=8, backend=backend)
     loss, entropy = kdops.fused_linear_distill_loss(h, w, th, tw, labels, return_entropy=True, **kw)
@@ -166,16 +159,6 @@ def test_bad_transforms_name_the_argument(name, value, error):
 
 # ---- kdops.distill_loss: the transforms in the dense kd kernels (Triton, C++, CUDA, torch) ----
 
-DENSE_BACKENDS = ["torch", "cpu", "triton", "cuda"]
-
-
-def _dense_device(backend):
-    status = kdops.available_backends()[backend]
-    if not status.available:
-        pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
-    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
-
-
 def _dense_reference(student, teacher, labels, transform, **options):
     """float64 reference: reference.distill_loss of the transformed float64 logits; (loss, d loss / d student)."""
     s = student.detach().double().cpu().requires_grad_(True)
@@ -191,7 +174,7 @@ def _dense_check(backend, dtype, transform, shape=(5, 7, 67), n_teachers=0, dive
                  reduction="mean", spread=6.0, edit=None, hard_weight=0.3, **options):
     """distill_loss with ``transform`` on ``backend`` against the float64 reference (logits past the
     softcaps, ignored rows, a hard-label term); ``edit(student, teacher)`` changes the inputs."""
-    device = _dense_device(backend)
+    device = require(backend)
     student = torch.randn(shape, dtype=torch.float64) * spread
     teacher = torch.randn(((n_teachers,) if n_teachers else ()) + shape, dtype=torch.float64) * spread
     if edit is not None:
@@ -215,21 +198,21 @@ def _dense_check(backend, dtype, transform, shape=(5, 7, 67), n_teachers=0, dive
     return s.grad
 
 
-@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=lambda t: ",".join(f"{k}={v}" for k, v in t.items()))
 def test_distill_loss_transforms(backend, dtype, transform):
     _dense_check(backend, dtype, transform)
 
 
-@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_distill_loss_transforms_every_divergence(backend, divergence, reduction):
     _dense_check(backend, torch.float32, TRANSFORMS[3], divergence=divergence, reduction=reduction)
 
 
-@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n_teachers", [1, 3])
 def test_distill_loss_transforms_multi_teacher(backend, dtype, n_teachers):
@@ -241,7 +224,7 @@ def test_distill_loss_transforms_multi_teacher(backend, dtype, n_teachers):
                  divergence="jsd", shape=(9, 301))
 
 
-@pytest.mark.parametrize("backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
 def test_distill_loss_transforms_of_minus_inf(backend, divergence):
     """-inf logits: under a scale they stay -inf; under a softcap c they become -c (tanh(-inf) =
@@ -265,7 +248,7 @@ def test_distill_loss_transforms_of_minus_inf(backend, divergence):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_distill_loss_transforms_gradcheck_float64(backend):
-    device = _dense_device(backend)
+    device = require(backend)
     s = (torch.randn(4, 13, dtype=torch.float64) * 4).to(device).requires_grad_(True)
     t = (torch.randn(4, 13, dtype=torch.float64) * 4).to(device)
     labels = torch.tensor([3, -100, 12, 0], device=device)
@@ -280,7 +263,7 @@ def test_distill_loss_transforms_gradcheck_float64(backend):
 def test_distill_loss_transforms_opcheck(backend):
     from kdops.ops._common import DistillOptions
 
-    _dense_device(backend)
+    require(backend)
     student, teacher = torch.randn(4, 23) * 4, torch.randn(4, 23) * 4
     labels = torch.tensor([1, -100, 22, 5])
     student.requires_grad_(True)
@@ -298,24 +281,10 @@ def test_distill_loss_transforms_opcheck(backend):
 ])
 def test_distill_loss_bad_transforms_name_the_argument(name, value, error):
     s, t = torch.randn(4, 11), torch.randn(4, 11)
-    for backend in DENSE_BACKENDS:
+    for backend in BACKENDS:
         if kdops.available_backends()[backend].available:
             with pytest.raises(error, match=name):
                 kdops.distill_loss(s, t, backend=backend, **{name: value})
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck_with_transforms_and_entropy(backend):
-    from kdops.ops._common import DistillOptions
-
-    _device(backend)
-    h, w, b, th, tw, tb, labels = _tensors(7, 4, 3, 11, torch.float32, "cpu")
-    h.requires_grad_(True)
-    w.requires_grad_(True)
-    options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100, False, 0.7, 2.5, 1.2, 3.0)
-    for needs in ([True, True, False], [False, False, False]):  # gradients in forward / in backward
-        args = (h, w, b, th, tw, tb, None, labels, None, needs, 3, True, backend, *options)
-        torch.library.opcheck(torch.ops.kdops.fused_linear_distill.default, args)
 
 
 def test_torch_compile_fullgraph_with_transforms():
@@ -337,12 +306,12 @@ def test_torch_compile_fullgraph_with_transforms():
         assert_close(g, e, (1e-6, 1e-7))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_LINEAR_BACKENDS)
 @pytest.mark.parametrize("rest_mass", ["ignore", "bucket"])
 def test_sparse_student_transform(backend, rest_mass):
     """fused_linear_sparse_distill_loss with the student's softcap and scale (a cached teacher
     is log-probabilities already) against the float64 reference."""
-    device = _device(backend)
+    device = require(backend)
     h, w, b, th, tw, tb, labels = _tensors(23, 16, 16, 157, torch.float32, device)
     topk = torch.log_softmax(torch.randn(23, 157) * 3, dim=-1).topk(12, dim=-1)
     values, indices = topk.values.to(device), topk.indices.to(device)

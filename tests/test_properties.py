@@ -290,13 +290,18 @@ def grad_tol(dtype: torch.dtype, divergence: str, log_ratio: float) -> tuple:
 # ------------------------------------------------------------------------------- response-based
 
 
-@prop(examples=32)
-def test_distill_loss(backend, data):
-    """distill_loss: every divergence, hard mix, K teachers, layouts, dtypes, -inf / huge logits."""
+def draw_sizes(data, backend, max_vocab):
+    """(generator, dtype, leading shape, V in [1, max_vocab]) of a response-based property test."""
     gen = generator(data)
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     lead = lead_shape(data, backend)
-    vocab = data.draw(st.integers(1, 140 if interpreted(backend) else 300), label="V")
+    return gen, dtype, lead, data.draw(st.integers(1, max_vocab), label="V")
+
+
+@prop(examples=32)
+def test_distill_loss(backend, data):
+    """distill_loss: every divergence, hard mix, K teachers, layouts, dtypes, -inf / huge logits."""
+    gen, dtype, lead, vocab = draw_sizes(data, backend, 140 if interpreted(backend) else 300)
     n_teachers = data.draw(st.sampled_from([0, 0, 1, 2, 3]), label="K (0: single-teacher shape)")
     scale = data.draw(st.sampled_from([1.0, 5.0, 1e4]), label="logit scale")
     masked = data.draw(st.booleans(), label="-inf teacher logits")
@@ -343,14 +348,27 @@ def test_distill_loss(backend, data):
         check_grads(grads, ref_grads, grad_tol(dtype, options["divergence"], log_ratio), [dtype], sizes)
 
 
+def student_lm_head(gen, lead, vocab, hs, dtype, h_layout, w_layout, weight_scale, has_bias):
+    """The student's leaves (hidden ``(*lead, hs)``, weight ``(vocab, hs)`` of entries ~
+    ``weight_scale / sqrt(hs)``, bias) stored in their layouts, and ``args(leaves)``: them as
+    the loss takes them."""
+    leaves = [store(values(gen, (*lead, hs), 1.0, dtype), h_layout),
+              store(values(gen, (vocab, hs), weight_scale / math.sqrt(hs), dtype), w_layout)]
+    if has_bias:
+        leaves.append(values(gen, (vocab,), 1.0, dtype))
+
+    def args(leaves):
+        h, w, *b = leaves
+        return view(h, h_layout, (*lead, hs)), view(w, w_layout, (vocab, hs)), b[0] if b else None
+
+    return leaves, args
+
+
 @prop(examples=16)
 def test_fused_linear_distill_loss(backend, data):
     """fused_linear_distill_loss: chunk sizes, biases, K teachers of other hidden sizes, layouts."""
-    gen = generator(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    lead = lead_shape(data, backend)
     small = interpreted(backend)
-    vocab = data.draw(st.integers(1, 20 if small else 200), label="V")
+    gen, dtype, lead, vocab = draw_sizes(data, backend, 20 if small else 200)
     hs = data.draw(st.integers(1, 8 if small else 24), label="Hs")
     n_teachers = data.draw(st.sampled_from([0, 0, 1, 2]), label="K (0: one teacher's tensors)")
     hts = [data.draw(st.integers(1, 8 if small else 24), label="Ht") for _ in range(max(n_teachers, 1))]
@@ -369,14 +387,7 @@ def test_fused_linear_distill_loss(backend, data):
     t_bias = [values(gen, (vocab,), 1.0, dtype) for _ in hts] if has_teacher_bias else None
     if not n_teachers:
         t_hidden, t_weight, t_bias = t_hidden[0], t_weight[0], None if t_bias is None else t_bias[0]
-    leaves = [store(values(gen, (*lead, hs), 1.0, dtype), h_layout),
-              store(values(gen, (vocab, hs), weight_scale / math.sqrt(hs), dtype), w_layout)]
-    if has_bias:
-        leaves.append(values(gen, (vocab,), 1.0, dtype))
-
-    def args(leaves):
-        h, w, *b = leaves
-        return view(h, h_layout, (*lead, hs)), view(w, w_layout, (vocab, hs)), b[0] if b else None
+    leaves, args = student_lm_head(gen, lead, vocab, hs, dtype, h_layout, w_layout, weight_scale, has_bias)
 
     def mine(h, w, b):
         return kdops.fused_linear_distill_loss(h, w, t_hidden, t_weight, labels, student_bias=b, teacher_bias=t_bias,
@@ -449,10 +460,7 @@ def sparse_options(data, labels):
 @prop(examples=30)
 def test_sparse_distill_loss(backend, data):
     """sparse_distill_loss: K from 1 to V, both rest masses, index / value dtypes, layouts."""
-    gen = generator(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    lead = lead_shape(data, backend)
-    vocab = data.draw(st.integers(1, 140 if interpreted(backend) else 300), label="V")
+    gen, dtype, lead, vocab = draw_sizes(data, backend, 140 if interpreted(backend) else 300)
     s_layout = data.draw(st.sampled_from(LAYOUTS), label="student layout")
     labels, ignore_index = draw_labels(data, gen, lead, vocab, required=False)
     options = sparse_options(data, labels)
@@ -486,12 +494,9 @@ def test_sparse_distill_loss(backend, data):
 @prop(examples=16)
 def test_fused_linear_sparse_distill_loss(backend, data):
     """fused_linear_sparse_distill_loss: chunk sizes, bias, layouts, both rest masses."""
-    gen = generator(data)
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    lead = lead_shape(data, backend)
     small = interpreted(backend)
-    vocab = data.draw(st.integers(1, 20 if small else 200), label="V")
-    hs = data.draw(st.integers(1, 8 if small else 24), label="H")
+    gen, dtype, lead, vocab = draw_sizes(data, backend, 20 if small else 200)
+    hs = data.draw(st.integers(1, 8 if small else 24), label="Hs")
     has_bias = data.draw(st.booleans(), label="student_bias")
     chunk_size = data.draw(st.sampled_from([None, 1, 3]), label="chunk_size")
     h_layout = data.draw(st.sampled_from(LAYOUTS), label="hidden layout")
@@ -501,14 +506,7 @@ def test_fused_linear_sparse_distill_loss(backend, data):
     logprobs, indices = draw_topk(data, gen, lead, vocab, options["temperature"], dtype)
     note(f"lead {lead}, V {vocab}, H {hs}, K {indices.shape[-1]}, dtype {dtype}, layouts {h_layout}/{w_layout}, "
          f"bias {has_bias}, chunk {chunk_size}, options {options}")
-    leaves = [store(values(gen, (*lead, hs), 1.0, dtype), h_layout),
-              store(values(gen, (vocab, hs), 1.0 / math.sqrt(hs), dtype), w_layout)]
-    if has_bias:
-        leaves.append(values(gen, (vocab,), 1.0, dtype))
-
-    def args(leaves):
-        h, w, *b = leaves
-        return view(h, h_layout, (*lead, hs)), view(w, w_layout, (vocab, hs)), b[0] if b else None
+    leaves, args = student_lm_head(gen, lead, vocab, hs, dtype, h_layout, w_layout, 1.0, has_bias)
 
     assume_rest_masses(options, logprobs, indices, torch.nn.functional.linear(*(
         None if x is None else x.double() for x in args(leaves))))

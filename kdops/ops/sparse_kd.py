@@ -136,9 +136,20 @@ def _kernel_topk(topk_logprobs: Tensor, topk_indices: Tensor, k: int, dtype: tor
     return values, topk_indices.reshape(-1, k).to(torch.int32).contiguous()
 
 
-def _sparse_options(rest_mass: str, divergence: str, beta: float, **options) -> DistillOptions:
-    """The checked options of a sparse call (``rest_mass`` against the divergence as well)."""
-    opts = distill_options(divergence=divergence, beta=beta, rest_bucket=rest_mass == "bucket", **options)
+def _check_call(what: str, x: Tensor, vocab: int, topk_logprobs: Tensor, topk_indices: Tensor,
+                labels: Optional[Tensor], tensors: dict[str, Optional[Tensor]], *, rest_mass: str, divergence: str,
+                beta: float, normalizer: Union[None, int, Tensor], backend: Optional[str],
+                **options) -> tuple[int, Optional[Tensor], DistillOptions, str]:
+    """The checks both sparse losses make after their student's (``what``: the name of ``x
+    (..., *)``, whose leading shape the top-k and labels share; ``tensors``: the student's inputs
+    by name, for the device check): returns K, the labels as int64, the options (``rest_mass``
+    checked against the divergence as well) and the backend's name."""
+    lead = x.shape[:-1]
+    k = _check_topk(topk_logprobs, topk_indices, lead, vocab, what)
+    labels = validation.check_labels(labels, lead, what)
+    validation.check_same_device(**tensors, topk_logprobs=topk_logprobs, topk_indices=topk_indices, labels=labels)
+    opts = distill_options(divergence=divergence, beta=beta, rest_bucket=rest_mass == "bucket",
+                           has_labels=labels is not None, **options)
     if rest_mass not in REST_MASS:
         raise ValueError(f"rest_mass must be one of {', '.join(map(repr, REST_MASS))}; got {rest_mass!r}")
     if rest_mass == "ignore" and (divergence == "reverse_kl" or (divergence == "skew_reverse_kl" and beta == 0)):
@@ -146,7 +157,10 @@ def _sparse_options(rest_mass: str, divergence: str, beta: float, **options) -> 
             f"divergence={divergence!r} with rest_mass='ignore' is +inf whenever the student has mass "
             "outside the teacher's top-k (the renormalised teacher has none there); use rest_mass='bucket'"
         )
-    return opts
+    check_normalizer(normalizer, options["reduction"])
+    if labels is not None and opts.hard_weight > 0:
+        validation.check_labels_in_range(labels, opts.ignore_index, vocab)
+    return k, labels, opts, _dispatch.resolve_backend(backend, x.device, x.dtype, "sparse_kd")
 
 
 def sparse_distill_loss(
@@ -195,18 +209,12 @@ def sparse_distill_loss(
         raise ValueError(
             f"student_logits must have a vocabulary dimension V >= 1; got shape {tuple(student_logits.shape)}")
     lead = student_logits.shape[:-1]
-    k = _check_topk(topk_logprobs, topk_indices, lead, vocab, "student_logits")
-    labels = validation.check_labels(labels, lead, "student_logits")
-    validation.check_same_device(student_logits=student_logits, topk_logprobs=topk_logprobs,
-                                 topk_indices=topk_indices, labels=labels)
-    opts = _sparse_options(rest_mass, divergence, beta, temperature=temperature, hard_weight=hard_weight,
-                           scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None,
-                           student_logit_scale=student_logit_scale, student_softcap=student_softcap)
-    check_normalizer(normalizer, reduction)
-    if labels is not None and hard_weight > 0:
-        validation.check_labels_in_range(labels, ignore_index, vocab)
-    name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype, "sparse_kd")
+    k, labels, opts, name = _check_call(
+        "student_logits", student_logits, vocab, topk_logprobs, topk_indices, labels,
+        dict(student_logits=student_logits), rest_mass=rest_mass, divergence=divergence, beta=beta,
+        normalizer=normalizer, backend=backend, temperature=temperature, hard_weight=hard_weight,
+        scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index, reduction=reduction,
+        student_logit_scale=student_logit_scale, student_softcap=student_softcap)
     if name == "torch":
         return reference.sparse_distill_loss(
             reference.transform_logits(student_logits, opts.student_logit_scale, opts.student_softcap),
@@ -301,20 +309,14 @@ def fused_linear_sparse_distill_loss(
                             "student_bias", student_bias)
     lead = student_hidden.shape[:-1]
     vocab = student_weight.shape[0]
-    k = _check_topk(topk_logprobs, topk_indices, lead, vocab, "student_hidden")
     check_chunk_size(chunk_size)
-    labels = validation.check_labels(labels, lead, "student_hidden")
-    validation.check_same_device(student_hidden=student_hidden, student_weight=student_weight,
-                                 student_bias=student_bias, topk_logprobs=topk_logprobs,
-                                 topk_indices=topk_indices, labels=labels)
-    opts = _sparse_options(rest_mass, divergence, beta, temperature=temperature, hard_weight=hard_weight,
-                           scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None,
-                           student_logit_scale=student_logit_scale, student_softcap=student_softcap)
-    check_normalizer(normalizer, reduction)
-    if labels is not None and hard_weight > 0:
-        validation.check_labels_in_range(labels, ignore_index, vocab)
-    name = _dispatch.resolve_backend(backend, student_hidden.device, student_hidden.dtype, "sparse_kd")
+    k, labels, opts, name = _check_call(
+        "student_hidden", student_hidden, vocab, topk_logprobs, topk_indices, labels,
+        dict(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias),
+        rest_mass=rest_mass, divergence=divergence, beta=beta, normalizer=normalizer, backend=backend,
+        temperature=temperature, hard_weight=hard_weight, scale_by_temperature_squared=scale_by_temperature_squared,
+        ignore_index=ignore_index, reduction=reduction, student_logit_scale=student_logit_scale,
+        student_softcap=student_softcap)
     if name == "torch":
         return reference.fused_linear_sparse_distill_loss(
             student_hidden, student_weight, topk_logprobs, topk_indices, labels, student_bias=student_bias,
