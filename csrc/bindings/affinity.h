@@ -20,6 +20,21 @@ inline void check_features(const char* fn, int64_t batch, int64_t dim, int dtype
   check(batch >= 0 && dim >= 1, fn, "bad shape");
 }
 
+// The checked params of an affinity of x [B, D] (row stride x_stride) of kind `kind`.
+inline AffinityParams affinity_params(const char* fn, uintptr_t x, int64_t batch, int64_t dim, int64_t x_stride,
+                                      int dtype, int kind) {
+  check_features(fn, batch, dim, dtype);
+  check(kind >= kDot && kind <= kSquaredEuclidean, fn, "unknown kind " + std::to_string(kind));
+  AffinityParams p{};
+  p.x = cptr(x);
+  p.batch = batch;
+  p.dim = dim;
+  p.x_stride = x_stride;
+  p.dtype = dtype;
+  p.kind = kind;
+  return p;
+}
+
 // Registers the four functions on m.
 template <typename... Stream>
 void def_affinity(py::module_& m, void (*affinity_fwd)(const AffinityParams&, Stream...),
@@ -30,15 +45,7 @@ void def_affinity(py::module_& m, void (*affinity_fwd)(const AffinityParams&, St
       "affinity_forward",
       [=](uintptr_t x, uintptr_t out, int64_t batch, int64_t dim, int64_t x_stride, int64_t out_stride, int dtype,
           int kind, Stream... stream) {
-        check_features("affinity_forward", batch, dim, dtype);
-        check(kind >= kDot && kind <= kSquaredEuclidean, "affinity_forward", "unknown kind " + std::to_string(kind));
-        AffinityParams p{};
-        p.x = cptr(x);
-        p.batch = batch;
-        p.dim = dim;
-        p.x_stride = x_stride;
-        p.dtype = dtype;
-        p.kind = kind;
+        AffinityParams p = affinity_params("affinity_forward", x, batch, dim, x_stride, dtype, kind);
         p.out = mptr(out);
         p.out_stride = out_stride;
         py::gil_scoped_release no_gil;
@@ -52,15 +59,7 @@ void def_affinity(py::module_& m, void (*affinity_fwd)(const AffinityParams&, St
       [=](uintptr_t grad, int64_t grad_stride0, int64_t grad_stride1, uintptr_t x, uintptr_t affinity,
           int64_t affinity_stride, uintptr_t dx, int64_t batch, int64_t dim, int64_t x_stride, int dtype, int kind,
           Stream... stream) {
-        check_features("affinity_backward", batch, dim, dtype);
-        check(kind >= kDot && kind <= kSquaredEuclidean, "affinity_backward", "unknown kind " + std::to_string(kind));
-        AffinityParams p{};
-        p.x = cptr(x);
-        p.batch = batch;
-        p.dim = dim;
-        p.x_stride = x_stride;
-        p.dtype = dtype;
-        p.kind = kind;
+        AffinityParams p = affinity_params("affinity_backward", x, batch, dim, x_stride, dtype, kind);
         p.out_stride = affinity_stride;
         p.grad = cptr(grad);
         p.grad_stride0 = grad_stride0;

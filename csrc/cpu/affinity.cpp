@@ -680,6 +680,39 @@ A cosine(const Features<A>& f, const A* e, const A* inv, int64_t u, int64_t v, i
   return dot * inv_ab;
 }
 
+// The four [B, B] tables of RKD-A: the student's and the teacher's exact squared distances (es,
+// et) and their masked inverse square roots (is, it); Row points at row i of each.
+template <typename A>
+struct AngleTables {
+  struct Row {
+    const A *es, *is, *et, *it;
+  };
+  int64_t batch;
+  std::vector<A> es, is, et, it;
+  Row row(int64_t i) const {
+    const int64_t offset = i * batch;
+    return {es.data() + offset, is.data() + offset, et.data() + offset, it.data() + offset};
+  }
+};
+
+// visit(i, row i, r, row r, flagged) for every pair of rows (i, r): the rows i spread over the
+// threads, each i on one thread with r in order (a result per i is summed in a fixed order: an
+// OpenMP reduction adds the threads' partials in an order that varies from call to call);
+// flagged: the thread's B bytes of scratch for the triplets where the law of cosines cancels.
+template <typename A, typename Visit>
+void for_each_row_pair(const AngleTables<A>& tab, Visit visit) {
+  const int64_t B = tab.batch;
+#pragma omp parallel
+  {
+    std::vector<unsigned char> flagged(B);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < B; ++i) {
+      const auto row_i = tab.row(i);
+      for (int64_t r = 0; r < B; ++r) visit(i, row_i, r, tab.row(r), flagged.data());
+    }
+  }
+}
+
 // Forward: returns the loss. Backward (grad != nullptr): dx into p.dx.
 // Triplet (p, r, q) has anchor r, a = E_pr, b = E_qr, c = E_pq. The inner loops take the law of
 // cosines (vectorised) and flag the triplets where it cancels (skewed, for either model), which
@@ -687,92 +720,67 @@ A cosine(const Features<A>& f, const A* e, const A* inv, int64_t u, int64_t v, i
 template <typename T>
 acc_type<T> rkd_angle(const RelationParams& p, const acc_type<T>* grad) {
   using A = acc_type<T>;
+  using Row = typename AngleTables<A>::Row;
   const int64_t B = p.batch;
   const auto s = load_features(static_cast<const T*>(p.student), B, p.student_dim, p.student_stride, true, true);
   const auto t = load_features(static_cast<const T*>(p.teacher), B, p.teacher_dim, p.teacher_stride, true, true);
-  std::vector<A> es, is, et, it;
-  exact_squared(s, es, is);
-  exact_squared(t, et, it);
+  AngleTables<A> tab{B, {}, {}, {}, {}};
+  exact_squared(s, tab.es, tab.is);
+  exact_squared(t, tab.et, tab.it);
   const A beta = A(p.beta);
+  // the cosine at anchor w of the student's (cos_s) and the teacher's (cos_t) rows u, v
+  const auto cos_s = [&](int64_t u, int64_t v, int64_t w) { return cosine(s, tab.es.data(), tab.is.data(), u, v, w); };
+  const auto cos_t = [&](int64_t u, int64_t v, int64_t w) { return cosine(t, tab.et.data(), tab.it.data(), u, v, w); };
   if (grad == nullptr) {
-    // per-anchor-row totals summed in a fixed order (an OpenMP reduction adds the threads'
-    // partials in an order that varies from call to call)
-    std::vector<A> row_loss(B, A(0));
-#pragma omp parallel
-    {
-      std::vector<unsigned char> flagged(B);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t q = 0; q < B; ++q) {
-        A row_total = 0;
-        const A *es_q = es.data() + q * B, *is_q = is.data() + q * B;
-        const A *et_q = et.data() + q * B, *it_q = it.data() + q * B;
-        for (int64_t r = 0; r < B; ++r) {
-          const A *es_r = es.data() + r * B, *is_r = is.data() + r * B;
-          const A *et_r = et.data() + r * B, *it_r = it.data() + r * B;
-          const A bs = es_q[r], ibs = is_q[r], bt = et_q[r], ibt = it_q[r];
-          unsigned char* fl = flagged.data();
+    std::vector<A> row_loss(B, A(0));  // per anchor row q
+    for_each_row_pair(tab, [&](int64_t q, Row row_q, int64_t r, Row row_r, unsigned char* fl) {
+      const A bs = row_q.es[r], ibs = row_q.is[r], bt = row_q.et[r], ibt = row_q.it[r];
+      A row_total = row_loss[q];
 #pragma omp simd reduction(+ : row_total)
-          for (int64_t pp = 0; pp < B; ++pp) {  // triplet (pp, r, q)
-            const A inv_s = is_r[pp] * ibs, inv_t = it_r[pp] * ibt;
-            const bool skew = skewed(es_r[pp], bs, inv_s) || skewed(et_r[pp], bt, inv_t);
-            const A cos_s = law_of_cosines(es_r[pp], bs, es_q[pp], inv_s);
-            const A cos_t = law_of_cosines(et_r[pp], bt, et_q[pp], inv_t);
-            row_total += skew ? A(0) : smooth_l1(cos_s - cos_t, beta);
-            fl[pp] = skew;
-          }
-          for (int64_t pp = 0; pp < B; ++pp) {
-            if (fl[pp]) row_total += smooth_l1(cosine(s, es.data(), is.data(), pp, q, r) -
-                                               cosine(t, et.data(), it.data(), pp, q, r), beta);
-          }
-        }
-        row_loss[q] = row_total;
+      for (int64_t pp = 0; pp < B; ++pp) {  // triplet (pp, r, q)
+        const A inv_s = row_r.is[pp] * ibs, inv_t = row_r.it[pp] * ibt;
+        const bool skew = skewed(row_r.es[pp], bs, inv_s) || skewed(row_r.et[pp], bt, inv_t);
+        const A law_s = law_of_cosines(row_r.es[pp], bs, row_q.es[pp], inv_s);
+        const A law_t = law_of_cosines(row_r.et[pp], bt, row_q.et[pp], inv_t);
+        row_total += skew ? A(0) : smooth_l1(law_s - law_t, beta);
+        fl[pp] = skew;
       }
-    }
+      for (int64_t pp = 0; pp < B; ++pp) {
+        if (fl[pp]) row_total += smooth_l1(cos_s(pp, q, r) - cos_t(pp, q, r), beta);
+      }
+      row_loss[q] = row_total;
+    });
     return sum(row_loss) / (A(B) * A(B) * A(B));
   }
   // Delta_pq = scale sum_r angle_delta_term(...); the masks are the zero inverse square roots.
-  const A scale = *grad / (A(B) * A(B) * A(B));
   std::vector<A> delta(B * B, A(0));
-#pragma omp parallel
-  {
-    std::vector<unsigned char> flagged(B);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t pp = 0; pp < B; ++pp) {
-      A* out = delta.data() + pp * B;
-      const A *es_p = es.data() + pp * B, *is_p = is.data() + pp * B;
-      const A *et_p = et.data() + pp * B, *it_p = it.data() + pp * B;
-      for (int64_t r = 0; r < B; ++r) {
-        const A *es_r = es.data() + r * B, *is_r = is.data() + r * B;
-        const A *et_r = et.data() + r * B, *it_r = it.data() + r * B;
-        const A as = es_p[r], ias = is_p[r], at = et_p[r], iat = it_p[r];
-        unsigned char* fl = flagged.data();
+  for_each_row_pair(tab, [&](int64_t pp, Row row_p, int64_t r, Row row_r, unsigned char* fl) {
+    A* out = delta.data() + pp * B;
+    const A as = row_p.es[r], ias = row_p.is[r], at = row_p.et[r], iat = row_p.it[r];
 #pragma omp simd
-        for (int64_t q = 0; q < B; ++q) {
-          // triplet (p, r, q): a = E_pr, b = E_qr, c = E_pq; triplet (p, q, r): a = E_pq, b = E_rq, c = E_pr
-          const A inv1_s = ias * is_r[q], inv1_t = iat * it_r[q];
-          const A inv2_s = is_p[q] * is_r[q], inv2_t = it_p[q] * it_r[q];
-          const bool skew = skewed(as, es_r[q], inv1_s) || skewed(at, et_r[q], inv1_t) ||
-                            skewed(es_p[q], es_r[q], inv2_s) || skewed(et_p[q], et_r[q], inv2_t);
-          const A term = angle_delta_term(inv1_s, law_of_cosines(as, es_r[q], es_p[q], inv1_s),
-                                          law_of_cosines(at, et_r[q], et_p[q], inv1_t), inv2_s, is_p[q],
-                                          law_of_cosines(es_p[q], es_r[q], as, inv2_s),
-                                          law_of_cosines(et_p[q], et_r[q], at, inv2_t), beta);
-          out[q] += skew ? A(0) : term;
-          fl[q] = skew;
-        }
-        for (int64_t q = 0; q < B; ++q) {
-          if (!fl[q]) continue;
-          out[q] += angle_delta_term(ias * is_r[q], cosine(s, es.data(), is.data(), pp, q, r),
-                                     cosine(t, et.data(), it.data(), pp, q, r), is_p[q] * is_r[q], is_p[q],
-                                     cosine(s, es.data(), is.data(), pp, r, q),
-                                     cosine(t, et.data(), it.data(), pp, r, q), beta);
-        }
-      }
-#pragma omp simd
-      for (int64_t q = 0; q < B; ++q) out[q] *= scale;
+    for (int64_t q = 0; q < B; ++q) {
+      // triplet (p, r, q): a = E_pr, b = E_qr, c = E_pq; triplet (p, q, r): a = E_pq, b = E_rq, c = E_pr
+      const A inv1_s = ias * row_r.is[q], inv1_t = iat * row_r.it[q];
+      const A inv2_s = row_p.is[q] * row_r.is[q], inv2_t = row_p.it[q] * row_r.it[q];
+      const bool skew = skewed(as, row_r.es[q], inv1_s) || skewed(at, row_r.et[q], inv1_t) ||
+                        skewed(row_p.es[q], row_r.es[q], inv2_s) || skewed(row_p.et[q], row_r.et[q], inv2_t);
+      const A term = angle_delta_term(inv1_s, law_of_cosines(as, row_r.es[q], row_p.es[q], inv1_s),
+                                      law_of_cosines(at, row_r.et[q], row_p.et[q], inv1_t), inv2_s, row_p.is[q],
+                                      law_of_cosines(row_p.es[q], row_r.es[q], as, inv2_s),
+                                      law_of_cosines(row_p.et[q], row_r.et[q], at, inv2_t), beta);
+      out[q] += skew ? A(0) : term;
+      fl[q] = skew;
     }
-  }
-  affinity_gradient(s, kSquaredEuclidean, delta.data(), B, 1, es.data(), B).store(static_cast<T*>(p.dx));
+    for (int64_t q = 0; q < B; ++q) {
+      if (!fl[q]) continue;
+      out[q] += angle_delta_term(ias * row_r.is[q], cos_s(pp, q, r), cos_t(pp, q, r), row_p.is[q] * row_r.is[q],
+                                 row_p.is[q], cos_s(pp, r, q), cos_t(pp, r, q), beta);
+    }
+  });
+  const A scale = *grad / (A(B) * A(B) * A(B));
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < B * B; ++i) delta[i] *= scale;
+  affinity_gradient(s, kSquaredEuclidean, delta.data(), B, 1, tab.es.data(), B).store(static_cast<T*>(p.dx));
   return A(0);
 }
 

@@ -49,6 +49,14 @@ def _load_rows(base, rows, stride_l, L, D, BLOCK_D: tl.constexpr, ACC: tl.conste
     return x
 
 
+
+@triton.jit
+def _load_both(s_base, t_base, rows, s_stride_l, t_stride_l, L, Ds, Dt, BLOCK_DS: tl.constexpr,
+               BLOCK_DT: tl.constexpr, ACC: tl.constexpr):
+    """The student's and the teacher's tiles of rows ``rows`` (:func:`_load_rows`)."""
+    return (_load_rows(s_base, rows, s_stride_l, L, Ds, BLOCK_DS, ACC),
+            _load_rows(t_base, rows, t_stride_l, L, Dt, BLOCK_DT, ACC))
+
 @triton.jit
 def _counted(mask_row, rows, L, HAS_MASK: tl.constexpr):
     """Whether each of ``rows`` is inside the sequence and the attention mask."""
@@ -133,8 +141,8 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
     sb_base = sb_ptr + b * sb_sb + h * sb_sh
     tb_base = tb_ptr + b * tb_sb + h * tb_sh
     mask_row = mask_ptr + b * L
-    qs = _load_rows(sa_ptr + b * sa_sb + h * sa_sh, rows, sa_sl, L, Ds, BLOCK_DS, ACC)
-    qt = _load_rows(ta_ptr + b * ta_sb + h * ta_sh, rows, ta_sl, L, Dt, BLOCK_DT, ACC)
+    qs, qt = _load_both(sa_ptr + b * sa_sb + h * sa_sh, ta_ptr + b * ta_sb + h * ta_sh, rows, sa_sl, ta_sl, L, Ds,
+                        Dt, BLOCK_DS, BLOCK_DT, ACC)
     counted_q = _counted(mask_row, rows, L, HAS_MASK)
     end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M) if CAUSAL else L
     m_s = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -143,8 +151,7 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
     z_t = tl.zeros([BLOCK_M], ACC)
     for n0 in range(0, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
-        kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
+        ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
         s, t, _ = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), L, c_s, c_t,
                          CAUSAL, ACC, False)
         m_s, z_s = _online(m_s, z_s, s)
@@ -155,8 +162,7 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
     q_sum = tl.zeros([BLOCK_M], ACC)
     for n0 in range(0, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
-        kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
+        ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
         s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), L,
                                c_s, c_t, CAUSAL, ACC, False)
         d, q = divergence_term(s - lse_s[:, None], t - lse_t[:, None], bt, log_b, log_1mb, DIV)
@@ -203,15 +209,13 @@ def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_p
     n_stats = tl.num_programs(1).to(tl.int64) * L
     if KEYS:
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
-        kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
+        ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
         counted_k = _counted(mask_row, cols, L, HAS_MASK)
         acc = tl.zeros([BLOCK_N, BLOCK_DS], ACC)
         start = (tl.program_id(0) * BLOCK_N) // BLOCK_M * BLOCK_M if CAUSAL else 0
         for m0 in range(start, L, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
-            qs = _load_rows(sa_base, rows, sa_sl, L, Ds, BLOCK_DS, ACC)
-            qt = _load_rows(ta_base, rows, ta_sl, L, Dt, BLOCK_DT, ACC)
+            qs, qt = _load_both(sa_base, ta_base, rows, sa_sl, ta_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
             lse_s, lse_t, q_sum, g = _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats)
             w_t = _weights(qs, qt, ks, kt, rows, cols, _counted(mask_row, rows, L, HAS_MASK), counted_k, lse_s,
                            lse_t, q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC, True)
@@ -219,16 +223,14 @@ def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_p
         out_rows = cols
     else:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        qs = _load_rows(sa_base, rows, sa_sl, L, Ds, BLOCK_DS, ACC)
-        qt = _load_rows(ta_base, rows, ta_sl, L, Dt, BLOCK_DT, ACC)
+        qs, qt = _load_both(sa_base, ta_base, rows, sa_sl, ta_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
         counted_q = _counted(mask_row, rows, L, HAS_MASK)
         lse_s, lse_t, q_sum, g = _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats)
         acc = tl.zeros([BLOCK_M, BLOCK_DS], ACC)
         end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M) if CAUSAL else L
         for n0 in range(0, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            ks = _load_rows(sb_base, cols, sb_sl, L, Ds, BLOCK_DS, ACC)
-            kt = _load_rows(tb_base, cols, tb_sl, L, Dt, BLOCK_DT, ACC)
+            ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
             w = _weights(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), lse_s, lse_t,
                          q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC, False)
             acc = tl.dot(w, ks.to(ACC), acc, input_precision="ieee")
