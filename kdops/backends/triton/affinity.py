@@ -78,6 +78,10 @@ CLOSE_PAIR_RATIO: tl.constexpr = tl.constexpr(_codes.CLOSE_PAIR_RATIO)
 # upcast first when interpreting.
 BLOCK = 64
 BLOCK_K = _block(32, 128)
+# K step of the row statistics' Gram dots: 32 spilled 40 B in bf16 RKD-D on sm_80 under Triton 3.9
+# (255 registers; 16: 220, 0 B on sm_80 / 90, 20 B on sm_100); 16 everywhere made the float64
+# RKD-D loss kernel spill 36 B on sm_90 (tools/aot_check.py)
+ROW_STAT_BLOCK_K = _block(16, 128)
 EXACT_BLOCK, EXACT_BLOCK_K = _block((32, 8), (32, 32))  # [M, N, K] difference blocks
 ANGLE_BLOCK = _block(32, 128)  # RKD-A tiles (the interpreter pays per tile and anchor)
 # Backward of SP / RKD-D: pair weights are materialised for at most max(B * D, this) elements.
@@ -86,6 +90,10 @@ _CHUNK_ELEMENTS = 1 << 22
 # fit in the registers of a thread (with 4 the fp32 / fp64 Gram kernels reached 255 registers and
 # spilled up to 1 KB per thread; tools/aot_check.py).
 NUM_WARPS = 8
+# Rows of X per dot in the dX kernel (the dot's K): on sm_80, whose dots keep both operands in
+# registers, the 64-row dots spilled 176-544 B (float32 / tf32x3) and 4.6-5.3 KB (float32 with
+# the close-pair tiles) per thread; with 16: 0 B on sm_80 / 90 / 100 (tools/aot_check.py).
+APPLY_DOT_K = 16
 
 
 def _launch(kernel, grid, device, *args, **options) -> None:
@@ -347,9 +355,10 @@ def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, raw_ptr, close_ptr, out_ptr, 
                           stride_raw, stride_o,
                           DIST: tl.constexpr, HAS_DELTA: tl.constexpr, EXACT_CLOSE: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
+                          DOT_K: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr):
     """Rows row0 + [0, R) of dX: GRAM ``W X + delta * X`` or DIST ``rowsum(W) * X - W X``
-    (W holds the R rows of the chunk). With EXACT_CLOSE (DIST of centred X), the W tiles that
+    (W holds the R rows of the chunk; ``W X`` in dots of ``DOT_K`` rows of X). With EXACT_CLOSE
+    (DIST of centred X), the [BLOCK_M, BLOCK_N] W tiles that
     ``close`` flags (:func:`_flag_close_pairs`) add ``sum_j W_ij (x_i - x_j)`` from the
     differences of the ``raw`` (uncentred) rows, one j at a time: the large weights of
     near-duplicate pairs would otherwise
@@ -366,11 +375,8 @@ def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, raw_ptr, close_ptr, out_ptr, 
         raw_i = _load_rows(raw_ptr, stride_raw, row0 + rows, cols, row0 + R, D).to(COMPUTE)
         exact = tl.zeros((BLOCK_M, BLOCK_D), COMPUTE)
         n_tiles_j = tl.cdiv(B, BLOCK_N)
-    for j0 in range(0, B, BLOCK_N):
-        rows_j = j0 + tl.arange(0, BLOCK_N)
-        # (the runtime branch only inside the constexpr one: compiled without EXACT_CLOSE, a
-        # branch on a Python False still compiles its body, where `exact` does not exist)
-        if EXACT_CLOSE:
+    if EXACT_CLOSE:
+        for j0 in range(0, B, BLOCK_N):  # the close-pair flags' tiles
             if tl.load(close_ptr + tl.program_id(0) * n_tiles_j + j0 // BLOCK_N) != 0:
                 for jj in range(0, tl.minimum(BLOCK_N, B - j0)):
                     j = tl.full((), j0 + jj, tl.int64)
@@ -378,11 +384,13 @@ def _apply_weights_kernel(w_ptr, delta_ptr, x_ptr, raw_ptr, close_ptr, out_ptr, 
                     raw_j = tl.load(raw_ptr + j * stride_raw + cols, mask=cols < D, other=0.0)
                     exact += w_j.to(COMPUTE)[:, None] * (raw_i - raw_j.to(COMPUTE)[None, :])
             else:
-                acc, row_sum = _weights_dot(acc, row_sum, w_ptr, stride_w, x_ptr, stride_x, rows, rows_j, cols, R, B,
-                                            D, DIST, COMPUTE, PRECISION)
-        else:
-            acc, row_sum = _weights_dot(acc, row_sum, w_ptr, stride_w, x_ptr, stride_x, rows, rows_j, cols, R, B, D,
-                                        DIST, COMPUTE, PRECISION)
+                for k0 in tl.static_range(0, BLOCK_N, DOT_K):
+                    acc, row_sum = _weights_dot(acc, row_sum, w_ptr, stride_w, x_ptr, stride_x, rows,
+                                                j0 + k0 + tl.arange(0, DOT_K), cols, R, B, D, DIST, COMPUTE, PRECISION)
+    else:
+        for j0 in range(0, B, DOT_K):
+            acc, row_sum = _weights_dot(acc, row_sum, w_ptr, stride_w, x_ptr, stride_x, rows, j0 + tl.arange(0, DOT_K),
+                                        cols, R, B, D, DIST, COMPUTE, PRECISION)
     if EXACT_CLOSE:
         out = row_sum[:, None] * x_i - acc + exact
     elif DIST:
@@ -614,7 +622,8 @@ def _apply_weights(w: Tensor, delta: Tensor | None, x: Tensor, out: Tensor, row0
     _launch(_apply_weights_kernel, grid, x.device, w, w if delta is None else delta, x, raw,
            w if close is None else close, out, row0, R, B, D, w.stride(0), x.stride(0), raw.stride(0), out.stride(0),
            DIST=dist, HAS_DELTA=delta is not None,
-           EXACT_CLOSE=close is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=block_d, COMPUTE=_tl_compute(x.dtype),
+           EXACT_CLOSE=close is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=block_d, DOT_K=APPLY_DOT_K,
+           COMPUTE=_tl_compute(x.dtype),
            PRECISION="tf32x3" if x.dtype.itemsize == 2 else "ieee")
 
 
@@ -648,7 +657,7 @@ def _row_stat(x: Tensor, raw: Tensor, norms: Tensor, loss: int) -> Tensor:
     B, D = x.shape
     out = _alloc.empty(B, dtype=_alloc.compute_dtype(x.dtype), device=x.device)
     _launch(_row_stat_kernel, (triton.cdiv(B, BLOCK),), x.device, x, raw, norms, out, B, D, x.stride(0), raw.stride(0),
-            LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK_K, **_options(x))
+            LOSS=loss, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=ROW_STAT_BLOCK_K, **_options(x))
     return out
 
 
