@@ -25,7 +25,15 @@ import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.backends.triton._common import acc_dtype, block, launch, mixture_logs, row_block, row_warps, write_ignored_row
+from kdops.backends.triton._common import (
+    acc_dtype,
+    block,
+    launch,
+    mixture_logs,
+    row_block,
+    row_warps,
+    write_ignored_row,
+)
 from kdops.backends.triton.divergence import divergence_term
 from kdops.backends.triton.logit_transform import load_transformed, transform_args, transform_slope
 from kdops.backends.triton.row_loss import (
