@@ -118,7 +118,7 @@ def test_bad_codes_raise_value_error_naming_the_function():
     loss = torch.empty(1)
     args = [x.data_ptr(), x.data_ptr(), 0, loss.data_ptr(), 0, 1, 4, 4, 4, 4, 0, 0, 2.0, 0.5, 0.0, 1.0, -100]
     cpu.kd_forward(*args)
-    for index, bad in ((10, 7), (11, 6), (11, -1), (12, 0.0)):
+    for index, bad in ((10, 7), (11, 7), (11, -1), (12, 0.0)):  # 11: divergence, 6 = the hard target
         with pytest.raises(ValueError, match="kdops.kd_forward"):
             cpu.kd_forward(*args[:index], bad, *args[index + 1:])
     idx = torch.zeros(1, 1, dtype=torch.int32)
