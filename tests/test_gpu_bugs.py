@@ -263,13 +263,13 @@ def test_duplicate_topk_indices_are_refused(backend):
 
 def test_interpreter_runs_the_gpu_blocks_when_asked():
     """With KDOPS_TRITON_GPU_BLOCKS=1 the interpreter runs the GPU's block sizes: kd and sparse KD
-    over two 4096-lane blocks and a tail, fused linear over 64 x 64 x 16 tiles with tails,
+    over two 4096-lane blocks and a tail, fused linear over 32 x 64 x 16 tiles with tails,
     relation losses over 64-row tiles with tails, each against the float64 reference."""
     run_isolated("""
         from kdops import reference
         from kdops.backends.triton import _common, kd, sparse_kd, fused_linear, affinity
         assert _common.GPU_BLOCKS and kd._MAX_BLOCK_V == 4096 and sparse_kd._MAX_BLOCK == 4096
-        assert fused_linear._blocks(torch.float32)[:3] == (64, 64, 16) and affinity.BLOCK_K == 32
+        assert fused_linear._blocks(torch.float32)[:3] == (32, 64, 16) and affinity.BLOCK_K == 32
         torch.manual_seed(0)
         n, vocab = 3, 2 * 4096 + 37
         s, t = (torch.randn(n, vocab) * 3 for _ in range(2))

@@ -248,7 +248,7 @@ class _Blocks(NamedTuple):
 def _blocks(dtype: torch.dtype) -> _Blocks:
     """Tile sizes and launch options. On GPUs: chosen by compiling (``tools/aot_check.py``: no
     spill over its budget on sm_80 / 90 / 100 under Triton 3.9 and 3.6; not timed). Every pass
-    takes BM = 64 rows: the divergence terms of a [BM, BV] tile are element-wise, BM * BV / 256
+    takes BM = 64 rows (float32: 32): the divergence terms of a [BM, BV] tile are element-wise, BM * BV / 256
     values per thread for each live tile (s, t, their log-probabilities, d, q), and BM = 128 for
     16-bit inputs spilled 16-64 B in the mixture divergences' pass 2 on sm_80 under Triton 3.6
     (255 registers; 180-187 at BM = 64), as BM = 128 did in pass 3 on sm_90 / 100 (28-84 B with
@@ -256,7 +256,10 @@ def _blocks(dtype: torch.dtype) -> _Blocks:
     the JSD pass 2 on sm_90) and for pass 3 (its two gradient dots hold more). The interpreter
     runs every block operation in numpy: the smallest blocks ``tl.dot`` takes keep tests fast
     (unless KDOPS_TRITON_GPU_BLOCKS=1, see :mod:`kdops.backends.triton._common`)."""
-    gpu = _Blocks(64, 64, 64 if dtype.itemsize == 2 else 16, 16, 8, 3)
+    if dtype.itemsize == 2:
+        gpu = _Blocks(64, 64, 64, 16, 8, 3)
+    else:  # float32 in 32 rows: pass 3 at 64 spilled 28-40 B on sm_100 under Triton 3.6 (reverse KL)
+        gpu = _Blocks(32, 64, 16, 16, 8, 3)
     return block(gpu, _Blocks(16, 16, 16, 16, 1, 1))
 
 
