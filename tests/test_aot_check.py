@@ -30,8 +30,8 @@ def test_capture_bind_dedupe_and_compile_one():
         import json, sys, torch
         sys.path.insert(0, "tools")
         import aot_check as a
-        m = a.Matrix(dtypes=(torch.bfloat16,), vocabs=(32000, 151936), divergences=(2,), teachers=(1, 3),
-                     label_modes=("hard",), grads=(True,))
+        m = a.Matrix(dtypes=(torch.bfloat16,), vocabs=(32000, 151936), divergences=(2,), kd_divergences=(),
+                     teachers=(1, 3), label_modes=("hard",), grads=(True,))
         launches = a.capture(m, ("kd",))
         specs = a.specialisations(launches)
         _, signature, constexprs, attrs, options = a.bind(specs[0].fn, specs[0].args, specs[0].kwargs, 90)
