@@ -132,10 +132,8 @@ def distill_loss(
         # the current model and its EMA as a two-teacher mixture for a smaller student
         loss = distill_loss(s, torch.stack([t_now.detach(), t_ema.detach()]), teacher_weights=[0.7, 0.3])
     """
-    validation.check_float_tensor("student_logits", student_logits)
+    vocab = validation.check_logits("student_logits", student_logits)
     validation.check_float_tensor("teacher_logits", teacher_logits)
-    if student_logits.dim() == 0:
-        raise ValueError("student_logits must have at least one dimension (..., V); got a scalar")
     multi = teacher_logits.dim() == student_logits.dim() + 1
     if (teacher_logits.shape[1:] if multi else teacher_logits.shape) != student_logits.shape:
         raise ValueError(
@@ -156,10 +154,6 @@ def distill_loss(
             f"teacher_logits must have the dtype of student_logits; got teacher {teacher_logits.dtype} "
             f"and student {student_logits.dtype} (convert one with .to())"
         )
-    vocab = student_logits.shape[-1]
-    if vocab == 0:
-        raise ValueError(
-            f"student_logits must have a vocabulary dimension V >= 1; got shape {tuple(student_logits.shape)}")
     lead = student_logits.shape[:-1]
     labels = validation.check_labels(labels, lead, "student_logits")
     validation.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)

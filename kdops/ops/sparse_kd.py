@@ -201,13 +201,7 @@ def sparse_distill_loss(
     log-probabilities already. The gradient flows to ``student_logits`` only (the student's dtype,
     rounded once).
     """
-    validation.check_float_tensor("student_logits", student_logits)
-    if student_logits.dim() == 0:
-        raise ValueError("student_logits must have at least one dimension (..., V); got a scalar")
-    vocab = student_logits.shape[-1]
-    if vocab == 0:
-        raise ValueError(
-            f"student_logits must have a vocabulary dimension V >= 1; got shape {tuple(student_logits.shape)}")
+    vocab = validation.check_logits("student_logits", student_logits)
     lead = student_logits.shape[:-1]
     k, labels, opts, name = _check_call(
         "student_logits", student_logits, vocab, topk_logprobs, topk_indices, labels,

@@ -22,6 +22,16 @@ def check_float_tensor(name: str, x: object) -> Tensor:
     return x
 
 
+def check_logits(name: str, logits: object) -> int:
+    """``logits (..., V)``: a float tensor with at least one dimension and ``V >= 1``; returns V."""
+    check_float_tensor(name, logits)
+    if logits.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension (..., V); got a scalar")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} must have a vocabulary dimension V >= 1; got shape {tuple(logits.shape)}")
+    return logits.shape[-1]
+
+
 def check_same_device(**tensors: Optional[Tensor]) -> None:
     named = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = named[0]
