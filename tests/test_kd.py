@@ -568,7 +568,7 @@ def _huge_rows(n, v, stride, dtype, seed):
 
 
 @_native_cpu
-@pytest.mark.parametrize("div", [0, 2], ids=["forward_kl", "jsd"])
+@pytest.mark.parametrize("div", [0, 2, 6], ids=["forward_kl", "jsd", "hard"])
 def test_native_row_offsets_past_2_31(div):
     """Row offsets r * stride past 2^31 elements (int64 offsets): the same bits as compact rows."""
     stride = 2**31 + 7
@@ -582,7 +582,8 @@ def test_native_row_offsets_past_2_31(div):
 
 
 @_native_cpu
-def test_native_teacher_offsets_past_2_31():
+@pytest.mark.parametrize("div", [2, 6], ids=["jsd", "hard"])
+def test_native_teacher_offsets_past_2_31(div):
     """K = 3 teachers whose k stride puts teacher 2 at (K - 1) * k_stride > 2^31 elements."""
     k_stride, n, v = 2**30 + 64, 3, 41
     buf = torch.empty(2 * k_stride + n * v, dtype=torch.bfloat16)
@@ -590,7 +591,7 @@ def test_native_teacher_offsets_past_2_31():
     teacher.copy_(_native_logits(3 * n, v, torch.bfloat16, seed=22).view(3, n, v))
     student = _native_logits(n, v, torch.bfloat16, seed=23)
     log_w = torch.tensor([0.2, 0.3, 0.5]).log()
-    args = (torch.tensor([0, 7, 40]), 2, 2.0, 0.5, 0.25, 3.0, -100, True)
+    args = (torch.tensor([0, 7, 40]), div, 2.0, 0.5, 0.25, 3.0, -100, True)
     loss, grad = _native_kd(student, teacher, *args, log_w)
     ref_loss, ref_grad = _native_kd(student, teacher.contiguous(), *args, log_w)
     assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad) and loss.isfinite().all()
