@@ -55,7 +55,6 @@ from kdops.ops import validation
 from kdops.ops._chunked import LogitTransform, check_chunk_size, chunk_logits, chunk_rows, lm_head_rows
 from kdops.ops._common import (
     DistillOptions,
-    check_normalizer,
     distill_options,
     function_grads,
     reduce_rows,
@@ -402,10 +401,9 @@ def vocab_parallel_distill_loss(
                                  teacher_logits_shard=teacher_logits_shard, labels=labels)
     opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None,
+                           reduction=reduction, labels=labels, vocab=None, normalizer=normalizer,
                            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
-    check_normalizer(normalizer, reduction)
     student = student_logits_shard.reshape(lead.numel(), shard)  # V_r may be 0: no -1
     flat_labels = None if labels is None else labels.reshape(-1)
     sizes = _shard_sizes(shard, student.shape[0], student.device, group, opts=opts, reduction=reduction,
@@ -557,10 +555,9 @@ def vocab_parallel_fused_linear_distill_loss(
     )
     opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None,
+                           reduction=reduction, labels=labels, vocab=None, normalizer=normalizer,
                            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
-    check_normalizer(normalizer, reduction)
     if not isinstance(return_entropy, bool):
         raise TypeError(f"return_entropy must be a bool; got {type(return_entropy).__name__}")
     h = student_hidden.reshape(-1, student_hidden.shape[-1])

@@ -28,7 +28,7 @@ def kd(student, teacher, labels, divergence, *, temperature=2.0, beta=0.3, hard_
        compute_grad=True):
     options = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
                               scale_by_temperature_squared=True, ignore_index=IGNORE, reduction="none",
-                              has_labels=labels is not None, hard_target=True)
+                              labels=labels, vocab=None, hard_target=True)
     return kd_forward(student, teacher, labels, options, compute_grad)
 
 

@@ -67,15 +67,21 @@ OPTIONS_SCHEMA = ", ".join(f"{_SCHEMA_TYPES[t]} {name}" for name, t in get_type_
 
 def distill_options(
     *, temperature: float, divergence: str, beta: float, hard_weight: float, scale_by_temperature_squared: bool,
-    ignore_index: int, reduction: str, has_labels: bool, rest_bucket: bool = False,
+    ignore_index: int, reduction: str, labels: Optional[Tensor], vocab: Optional[int],
+    normalizer: Union[None, int, Tensor] = None, rest_bucket: bool = False,
     student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
     teacher_logit_scale: float = 1.0, teacher_softcap: Optional[float] = None, hard_target: bool = False,
 ) -> DistillOptions:
     """The checked options of a call (errors name the argument); ``soft_weight`` is computed here only.
-    ``hard_target``: ``divergence="hard"`` is taken (kdops.distill_loss)."""
+    Also checks ``normalizer`` against ``reduction`` and, with a hard-label term, that the checked
+    ``labels`` index the ``vocab`` logits (``vocab`` None: the caller checks them against a
+    vocabulary it alone knows). ``hard_target``: ``divergence="hard"`` is taken (kdops.distill_loss)."""
     code = validation.check_options(temperature=temperature, divergence=divergence, beta=beta,
-                                    hard_weight=hard_weight, reduction=reduction, has_labels=has_labels,
+                                    hard_weight=hard_weight, reduction=reduction, has_labels=labels is not None,
                                     hard_target=hard_target)
+    check_normalizer(normalizer, reduction)
+    if labels is not None and hard_weight > 0 and vocab is not None:
+        validation.check_labels_in_range(labels, ignore_index, vocab)
     scale = temperature * temperature if scale_by_temperature_squared else 1.0
     return DistillOptions(code, float(temperature), float(beta), float(hard_weight),
                           float((1.0 - hard_weight) * scale), int(ignore_index), bool(rest_bucket),

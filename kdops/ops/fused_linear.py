@@ -41,7 +41,6 @@ from kdops.ops._chunked import (
 from kdops.ops._common import (
     DistillOptions,
     OpArgs,
-    check_normalizer,
     define,
     distill_options,
     reduce_rows,
@@ -226,15 +225,13 @@ def fused_linear_distill_loss(
         **{f"teacher_{part}{f'[{i}]' if multi else ''}": x
            for i, teacher in enumerate(teachers) for part, x in zip(("hidden", "weight", "bias"), teacher)},
     )
+    vocab = student_weight.shape[0]
     opts = distill_options(temperature=temperature, divergence=divergence, beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None,
-                           student_logit_scale=student_logit_scale, student_softcap=student_softcap,
-                           teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
-    check_normalizer(normalizer, reduction)
-    vocab = student_weight.shape[0]
-    if labels is not None and hard_weight > 0:
-        validation.check_labels_in_range(labels, ignore_index, vocab)
+                           reduction=reduction, labels=labels, vocab=vocab,
+                           normalizer=normalizer, student_logit_scale=student_logit_scale,
+                           student_softcap=student_softcap, teacher_logit_scale=teacher_logit_scale,
+                           teacher_softcap=teacher_softcap)
     weights = validation.check_teacher_weights(teacher_weights, len(teachers), student_hidden.device) if multi else None
     name = _dispatch.resolve_backend(backend, student_hidden.device, student_hidden.dtype, "kd", len(teachers))
     if name == "torch":  # the reference: materialised logits

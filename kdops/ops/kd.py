@@ -30,7 +30,6 @@ from kdops.ops import validation
 from kdops.ops._common import (
     DistillOptions,
     OpArgs,
-    check_normalizer,
     define,
     distill_options,
     reduction_divisor,
@@ -160,12 +159,9 @@ def distill_loss(
     opts = distill_options(temperature=temperature, divergence=divergence, hard_target=True,
                            beta=beta, hard_weight=hard_weight,
                            scale_by_temperature_squared=scale_by_temperature_squared, ignore_index=ignore_index,
-                           reduction=reduction, has_labels=labels is not None,
+                           reduction=reduction, labels=labels, vocab=vocab, normalizer=normalizer,
                            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
                            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap)
-    check_normalizer(normalizer, reduction)
-    if labels is not None and hard_weight > 0:
-        validation.check_labels_in_range(labels, ignore_index, vocab)
     name = _dispatch.resolve_backend(backend, student_logits.device, student_logits.dtype, "kd", n_teachers)
     weights = validation.check_teacher_weights(teacher_weights, n_teachers, student_logits.device) if multi else None
     if name == "torch":

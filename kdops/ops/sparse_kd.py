@@ -49,7 +49,6 @@ from kdops.ops._chunked import check_chunk_size, chunk_rows, forward_row_weights
 from kdops.ops._common import (
     DistillOptions,
     OpArgs,
-    check_normalizer,
     define,
     distill_options,
     reduce_rows,
@@ -148,8 +147,8 @@ def _check_call(what: str, x: Tensor, vocab: int, topk_logprobs: Tensor, topk_in
     k = _check_topk(topk_logprobs, topk_indices, lead, vocab, what)
     labels = validation.check_labels(labels, lead, what)
     validation.check_same_device(**tensors, topk_logprobs=topk_logprobs, topk_indices=topk_indices, labels=labels)
-    opts = distill_options(divergence=divergence, beta=beta, rest_bucket=rest_mass == "bucket",
-                           has_labels=labels is not None, **options)
+    opts = distill_options(divergence=divergence, beta=beta, rest_bucket=rest_mass == "bucket", labels=labels,
+                           vocab=vocab, normalizer=normalizer, **options)
     if rest_mass not in REST_MASS:
         raise ValueError(f"rest_mass must be one of {', '.join(map(repr, REST_MASS))}; got {rest_mass!r}")
     if rest_mass == "ignore" and (divergence == "reverse_kl" or (divergence == "skew_reverse_kl" and beta == 0)):
@@ -157,9 +156,6 @@ def _check_call(what: str, x: Tensor, vocab: int, topk_logprobs: Tensor, topk_in
             f"divergence={divergence!r} with rest_mass='ignore' is +inf whenever the student has mass "
             "outside the teacher's top-k (the renormalised teacher has none there); use rest_mass='bucket'"
         )
-    check_normalizer(normalizer, options["reduction"])
-    if labels is not None and opts.hard_weight > 0:
-        validation.check_labels_in_range(labels, opts.ignore_index, vocab)
     return k, labels, opts, _dispatch.resolve_backend(backend, x.device, x.dtype, "sparse_kd")
 
 

@@ -49,13 +49,13 @@ def _load_rows(base, rows, stride_l, L, D, BLOCK_D: tl.constexpr, ACC: tl.conste
     return x
 
 
-
 @triton.jit
 def _load_both(s_base, t_base, rows, s_stride_l, t_stride_l, L, Ds, Dt, BLOCK_DS: tl.constexpr,
                BLOCK_DT: tl.constexpr, ACC: tl.constexpr):
     """The student's and the teacher's tiles of rows ``rows`` (:func:`_load_rows`)."""
     return (_load_rows(s_base, rows, s_stride_l, L, Ds, BLOCK_DS, ACC),
             _load_rows(t_base, rows, t_stride_l, L, Dt, BLOCK_DT, ACC))
+
 
 @triton.jit
 def _counted(mask_row, rows, L, HAS_MASK: tl.constexpr):
