@@ -36,6 +36,12 @@ BLOCK_M = BLOCK_N = 32
 # warps instead of 4 (on 4 warps, float32 at head sizes 128 / 128 and 64 / 128 and float64 from
 # 64 / 64 spilled 50-1100 B per thread on sm_90 / sm_100 in tools/aot_check.py, with skew reverse KL).
 WARP_WORDS = 256
+# Software pipelining keeps ``num_stages`` copies of the loop's two row tiles (student and teacher,
+# ``BLOCK_N x (BLOCK_DS + BLOCK_DT)`` inputs) in shared memory; the stages are capped so that the
+# copies take at most PIPELINE_BYTES: float64 head tiles 128 / 128 (64 KB a stage) take 2 stages,
+# 137 KB with the layout scratch, inside sm_80's 163 KB a block (3 stages needed 197-207 KB).
+PIPELINE_BYTES = 128 * 1024
+MAX_STAGES = 3  # Triton's default
 
 
 @triton.jit
@@ -256,8 +262,10 @@ def _arguments(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, temperature: floa
         block_ds = block_dt = max(block_ds, block_dt)  # (64 / 128 spilled 370-1100 B per thread, 128 / 128 none)
     acc = acc_dtype(sa.dtype)
     words = ((block_ds + block_dt) * sa.element_size() + block_ds * acc.primitive_bitwidth // 8) // 4
+    stage_bytes = BLOCK_N * (block_ds + block_dt) * sa.element_size()
     constexprs = dict(DIV=divergence, ACC=acc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DS=block_ds,
-                      BLOCK_DT=block_dt, num_warps=8 if words >= WARP_WORDS else 4)
+                      BLOCK_DT=block_dt, num_warps=8 if words >= WARP_WORDS else 4,
+                      num_stages=max(1, min(MAX_STAGES, PIPELINE_BYTES // stage_bytes)))
     return [H, L, Ds, Dt, *strides, *scalars], constexprs
 
 
