@@ -72,8 +72,9 @@ def test_capture_bind_dedupe_and_compile_one():
 
 def test_attention_relation_capture_and_shards():
     """The attention relation's launches: forward, query-block and key-block gradient kernels per
-    case, 8 warps from 256 words a tile row (student head size 128 here), 4 below; the
-    sequence length changes no specialisation; shards partition the specialisations."""
+    case, 8 warps from 256 words a tile row (student head size 128 here), 4 below; tiles of 32
+    rows for bf16 and 16 for float32; the sequence length changes no specialisation; shards
+    partition the specialisations."""
     out = _run("""
         import json, sys, torch
         sys.path.insert(0, "tools")
@@ -100,7 +101,9 @@ def test_attention_relation_capture_and_shards():
         wide = "BLOCK_DS=128" in summary  # 256 words a tile row from bf16 at 128 / 128
         assert "BLOCK_DS=128" in summary or "ptrs=*bf16" in summary
         assert ("warps=8" if wide else "warps=4") in summary, summary
-        assert grid[0] == 8192 // 32 and grid[1] in (12, 32)  # blocks of the longest sequence x B * H
+        rows = 32 if "ptrs=*bf16" in summary else 16  # tile rows: 32 for 16-bit inputs, 16 for float32
+        assert f"BLOCK_M={rows} BLOCK_N={rows}" in summary, summary
+        assert grid[0] == 8192 // rows and grid[1] in (12, 32)  # blocks of the longest sequence x B * H
 
 
 def test_parsers_and_checks():

@@ -96,11 +96,12 @@ def test_matches_reference(backend, case):
 
 
 def test_triton_64_tiles(monkeypatch):
-    """64 x 64 tiles (the kernels' are 32 x 32 on GPU and interpreter): partial and causal tiles."""
+    """64 x 64 tiles (the kernels' are 32 x 32 for 16-bit inputs, 16 x 16 for float32 / float64, on
+    GPU and interpreter): partial and causal tiles."""
     from kdops.backends.triton import attention_relation as kernels
 
-    monkeypatch.setattr(kernels, "BLOCK_M", 64)
-    monkeypatch.setattr(kernels, "BLOCK_N", 64)
+    monkeypatch.setattr(kernels, "TILE_ROWS", 64)
+    monkeypatch.setattr(kernels, "WIDE_TILE_ROWS", 64)
     device = require("triton")
     inputs = _inputs(2, 70, student=(2, 8), teacher=(2, 16), device=device)
     _check("triton", inputs, relation_heads=2, causal=True, attention_mask=_padding(2, 70, device=device),

@@ -129,19 +129,18 @@ def quick_matrix() -> Matrix:
     of 3 and of 16 teachers (the widest teacher tile: 16 float64 teachers spilled 632 B on sm_80
     before their warps counted the tile), the JSD and forward-KL divergences, every pass and
     gradient of the fused linear kernel, every affinity kind and relation loss forward and
-    backward) for 16-bit, float32 and float64 inputs, at one realistic shape each, on sm_90 (the
-    GPUs kdops is lent) and sm_100; the attention relation causal and masked with skew reverse KL
-    (its most registers), student head size 64 (the largest on 4 warps in float32) and 128,
-    teacher 128. Not sm_80 yet: there the float64 attention relation at head size 128 needs
-    196-207 KB of shared memory (sm_80 has 163 KB a block) and the bf16 RKD-D row statistics
-    spill 40 B (the 1/100 sample and this subset on sm_80, 2026-12-01)."""
+    backward) for 16-bit, float32 and float64 inputs, at one realistic shape each, on sm_80,
+    sm_90 (the GPUs kdops is lent) and sm_100; the attention relation causal, masked and not, with
+    skew reverse KL (its most registers in backward) and JSD (unmasked float32 forward at 32 rows:
+    1004 B of spills), student head size 64 and 128, teacher 128 (float64 128 / 128 needed
+    192-207 KB of shared memory on sm_80 before its pipeline stages were capped)."""
     return Matrix(dtypes=(torch.bfloat16, torch.float32, torch.float64), vocabs=(151936,), divergences=(0, 2),
                   teachers=(1, 3, 16), label_modes=("hard",), grads=(True,), sparse_k=(64,), rest_buckets=(True,),
                   linear_hidden=(4096,), linear_vocabs=(128256,), linear_needs=((True, True, True),),
                   linear_bias=(True,), linear_row_weights=(False,), float32_precisions=("highest",),
                   batches=(4096,), features=(2048,), attention_heads=((2, 16),), attention_lengths=(2048,),
                   attention_head_sizes=(64, 128), attention_teacher_sizes=(128,), attention_causal=(True,),
-                  attention_masked=(True,), attention_divergences=(4,), archs=(90, 100))
+                  attention_masked=(False, True), attention_divergences=(2, 4), archs=ARCHS)
 
 
 # ----------------------------------------------------------------------------- capture

@@ -27,9 +27,14 @@ from kdops import _alloc
 from kdops.backends.triton._common import UPCAST_DOT, acc_dtype, launch, mixture_logs
 from kdops.backends.triton.divergence import divergence_term
 
-# Query / key tile sizes. 64 x 64 spills on sm_90 (two fp32 score tiles and the divergence terms
-# live at once: tools/aot_check.py reported 0.3-30 KB of spills per thread), 32 x 32 is checked.
-BLOCK_M = BLOCK_N = 32
+# Query / key tile rows (the kernels' BLOCK_M = BLOCK_N). 64 x 64 spills on sm_90 (two fp32 score
+# tiles and the divergence terms live at once: tools/aot_check.py reported 0.3-30 KB of spills per
+# thread); 32 x 32 is checked for 16-bit inputs (tensor-core dots). float32 ("ieee": CUDA-core FMA
+# dots) and float64 dots keep the head width of their operand rows in each thread: at 32 rows
+# they spilled 236-1004 B (float32 forward) and 36-72 B (float64) on sm_90 / sm_100, at 16 rows
+# at most 32 B on sm_80 / 90 / 100.
+TILE_ROWS = 32
+WIDE_TILE_ROWS = 16  # float32 and float64
 # A program holds about five row tiles at once (its own a or b tile of both models, the loop's
 # tile of both models, the accumulator): per tile row, (BLOCK_DS + BLOCK_DT) input elements
 # twice and BLOCK_DS accumulators. From WARP_WORDS 32-bit words per row the program takes 8
@@ -38,8 +43,9 @@ BLOCK_M = BLOCK_N = 32
 WARP_WORDS = 256
 # Software pipelining keeps ``num_stages`` copies of the loop's two row tiles (student and teacher,
 # ``BLOCK_N x (BLOCK_DS + BLOCK_DT)`` inputs) in shared memory; the stages are capped so that the
-# copies take at most PIPELINE_BYTES: float64 head tiles 128 / 128 (64 KB a stage) take 2 stages,
-# 137 KB with the layout scratch, inside sm_80's 163 KB a block (3 stages needed 197-207 KB).
+# copies take at most PIPELINE_BYTES (sm_80 has 163 KB a block): float64 head tiles 128 / 128 of
+# 32 rows (64 KB a stage) needed 192-207 KB with 3 stages, 128-137 KB with 2; of 16 rows, 3 stages
+# take 96-101 KB. The cap binds from head sizes 256 (float64) and 512 (16-bit).
 PIPELINE_BYTES = 128 * 1024
 MAX_STAGES = 3  # Triton's default
 
@@ -262,8 +268,9 @@ def _arguments(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, temperature: floa
         block_ds = block_dt = max(block_ds, block_dt)  # (64 / 128 spilled 370-1100 B per thread, 128 / 128 none)
     acc = acc_dtype(sa.dtype)
     words = ((block_ds + block_dt) * sa.element_size() + block_ds * acc.primitive_bitwidth // 8) // 4
-    stage_bytes = BLOCK_N * (block_ds + block_dt) * sa.element_size()
-    constexprs = dict(DIV=divergence, ACC=acc, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DS=block_ds,
+    tile_rows = WIDE_TILE_ROWS if sa.element_size() >= 4 else TILE_ROWS
+    stage_bytes = tile_rows * (block_ds + block_dt) * sa.element_size()
+    constexprs = dict(DIV=divergence, ACC=acc, BLOCK_M=tile_rows, BLOCK_N=tile_rows, BLOCK_DS=block_ds,
                       BLOCK_DT=block_dt, num_warps=8 if words >= WARP_WORDS else 4,
                       num_stages=max(1, min(MAX_STAGES, PIPELINE_BYTES // stage_bytes)))
     return [H, L, Ds, Dt, *strides, *scalars], constexprs
@@ -278,7 +285,7 @@ def relation_forward(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, counted: Op
     stats = _alloc.empty(3, B, H, L, dtype=cdt, device=sa.device)
     if rows.numel():
         args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
-        launch(_forward_kernel, (triton.cdiv(L, BLOCK_M), B * H), sa.device, sa, sb, ta, tb,
+        launch(_forward_kernel, (triton.cdiv(L, constexprs["BLOCK_M"]), B * H), sa.device, sa, sb, ta, tb,
                rows if counted is None else counted, rows, stats, *args, CAUSAL=causal,
                HAS_MASK=counted is not None, **constexprs)
     return rows, stats
@@ -295,7 +302,7 @@ def relation_backward(grad_rows: Tensor, sa: Tensor, sb: Tensor, ta: Tensor, tb:
     if da.numel():
         args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
         for out, keys in ((da, False), (db, True)):
-            launch(_backward_kernel, (triton.cdiv(L, BLOCK_N if keys else BLOCK_M), B * H), sa.device, sa, sb, ta,
-                   tb, stats if counted is None else counted, stats, grad_rows, out, *args, KEYS=keys, CAUSAL=causal,
-                   HAS_MASK=counted is not None, **constexprs)
+            grid = (triton.cdiv(L, constexprs["BLOCK_N" if keys else "BLOCK_M"]), B * H)
+            launch(_backward_kernel, grid, sa.device, sa, sb, ta, tb, stats if counted is None else counted, stats,
+                   grad_rows, out, *args, KEYS=keys, CAUSAL=causal, HAS_MASK=counted is not None, **constexprs)
     return da, db
