@@ -45,7 +45,7 @@ WARP_WORDS = 256
 # ``BLOCK_N x (BLOCK_DS + BLOCK_DT)`` inputs) in shared memory; the stages are capped so that the
 # copies take at most PIPELINE_BYTES (sm_80 has 163 KB a block): float64 head tiles 128 / 128 of
 # 32 rows (64 KB a stage) needed 192-207 KB with 3 stages, 128-137 KB with 2; of 16 rows, 3 stages
-# take 96-101 KB. The cap binds from head sizes 256 (float64) and 512 (16-bit).
+# take 96-101 KB. The cap binds from head size 256 in float64, 512 in the other dtypes.
 PIPELINE_BYTES = 128 * 1024
 MAX_STAGES = 3  # Triton's default
 
