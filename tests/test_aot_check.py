@@ -106,6 +106,28 @@ def test_attention_relation_capture_and_shards():
         assert grid[0] == 8192 // rows and grid[1] in (12, 32)  # blocks of the longest sequence x B * H
 
 
+def test_redundant_specialisations():
+    """Two spellings of one constexpr (``True`` and ``tl.constexpr(True)``) are two Triton
+    specialisations of one kernel: the check groups them. The affinity and relation launchers
+    pass one spelling (the relation backward passed the dX kernel's DIST as a tl.constexpr, the
+    affinity backward as a bool: two JIT compiles of each variant on a GPU)."""
+    out = _run("""
+        import dataclasses, json, sys, torch
+        import triton.language as tl
+        sys.path.insert(0, "tools")
+        import aot_check as a
+        specs = a.specialisations(a.capture(a.Matrix(dtypes=(torch.float32,), batches=(100,), features=(8,)),
+                                            ("affinity",)))
+        apply = [s for s in specs if s.name == "_apply_weights_kernel"]
+        spelled = dataclasses.replace(apply[0], kwargs=dict(apply[0].kwargs, DIST=tl.constexpr(apply[0].kwargs["DIST"])))
+        groups = a.redundant(specs + [spelled], jobs=2)
+        print(json.dumps(dict(specs=len(specs), apply=len(apply), groups=[[repr(s.kwargs["DIST"]) for s in g] for g in groups])))
+    """)
+    assert out["specs"] > out["apply"] == 4  # GRAM / DIST x with / without the close-pair tiles
+    [group] = out["groups"]  # the added spelling, only
+    assert group == ["False", "constexpr[False]"]
+
+
 def test_parsers_and_checks():
     out = _run("""
         import json, sys

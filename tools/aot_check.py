@@ -13,7 +13,9 @@ without a GPU (issue 12, section 1).
    memory from its bundled ``cuobjdump --dump-resource-usage``, and the dynamic shared memory
    from the kernel's metadata.
 3. Fail on: a compile error; shared memory over the target's per-block limit; a grid over CUDA's
-   limits; registers that let no CTA fit on an SM; spill stores or loads over ``SPILL_BUDGET``.
+   limits; registers that let no CTA fit on an SM; spill stores or loads over ``SPILL_BUDGET``;
+   two specialisations that compile to the same kernel (same TTIR and options: a launcher that
+   passes one value two ways makes a GPU JIT-compile it twice).
 
 Rows are cached between runs (``--cache``, default ``~/.cache/kdops/aot-rows``) under Triton's
 own cache key of the compile (kernel and dependency sources, signature, constexprs, attributes,
@@ -424,6 +426,57 @@ def _short(v: Any) -> str:
     return str(v).replace("triton.language.", "").replace(" ", "")
 
 
+# ----------------------------------------------------------------------------- redundancy
+
+
+_LOCATION = re.compile(r"\s*loc\((?:#loc\d*|\"[^\"]*\"[^)]*)\)")
+
+
+def ttir_digest(spec: Spec, cc: int = 90) -> str:
+    """sha256 of what ``spec`` compiles from: its TTIR for sm_``cc`` (Triton's frontend and TTIR
+    passes; locations and the kernel's name dropped) and its compile options. Every later stage
+    is a function of these and the target, so two specialisations with one digest compile to the
+    same kernel: Triton would JIT-compile (and cache) it twice on a GPU."""
+    from triton._C.libtriton import ir
+
+    target, signature, constexprs, attrs, options = bind(spec.fn, spec.args, spec.kwargs, cc)
+    src = ASTSource(spec.fn, signature, constexprs, attrs)
+    backend = make_backend(target)
+    parsed = backend.parse_options(dict(options.__dict__, **src.parse_options()))
+    stages: dict = {}
+    backend.add_stages(stages, parsed, src.language)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(target, parsed, backend.get_codegen_implementation(parsed), backend.get_module_map(),
+                         context)
+    text = stages["ttir"](module, {"hash": "", "target": target, **parsed.__dict__}).str_nodebug()
+    text = _LOCATION.sub("", text).replace(f"@{spec.name}", "@kernel")
+    return hashlib.sha256(f"{text}\n{sorted(parsed.__dict__.items())!r}".encode()).hexdigest()
+
+
+_SPECS: list[Spec] = []  # set before the worker processes fork
+
+
+def _digest(index: int) -> str:
+    return ttir_digest(_SPECS[index])
+
+
+def redundant(specs: list[Spec], jobs: int) -> list[list[Spec]]:
+    """The groups of specialisations that compile to the same kernel (:func:`ttir_digest`): a
+    launcher passing one value two ways (``True`` and ``tl.constexpr(True)``, say) or a constexpr
+    the kernel does not read in that case. Each group costs a GPU user a JIT compile per extra
+    member; the launcher should pass one spelling."""
+    global _SPECS
+    _SPECS = specs
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        digests = list(pool.map(_digest, range(len(specs)), chunksize=8))
+    groups: dict[str, list[Spec]] = {}
+    for spec, digest in zip(specs, digests):
+        groups.setdefault(digest, []).append(spec)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 # ----------------------------------------------------------------------------- compile and read
 
 
@@ -480,7 +533,6 @@ def check(row: dict, cc: int, grid: list[int], budget: int) -> list[str]:
     return errors
 
 
-_SPECS: list[Spec] = []  # set before the worker processes fork
 _ROW_CACHE: Optional[Path] = None  # where compiled rows are kept between runs (None: no cache)
 # Bump when a cached row's fields or their reading change (invalidates every cached row).
 ROW_FORMAT = 1
@@ -615,12 +667,15 @@ def run_here(m: Matrix, jobs: int, families: tuple[str, ...], shard: tuple[int, 
     every = specialisations(launches)
     specs = every[shard[0]::shard[1]]
     captured = time.perf_counter() - start
+    same = [[f"{s.name} {s.summary}  <- {s.cases[0]}" for s in group] for group in redundant(specs, jobs)]
+    digested = time.perf_counter() - start - captured
     rows = compile_all(specs, m.archs, jobs, row_cache)
     info = dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
-                launches=len(launches), specialisations=len(every), shard=f"{shard[0]}/{shard[1]}",
+                launches=len(launches), specialisations=len(every), redundant=same, digest_s=round(digested, 1),
+                shard=f"{shard[0]}/{shard[1]}",
                 compiled_specialisations=len(specs), compiles=sum(not r.get("cached") for r in rows),
                 cached_rows=sum(bool(r.get("cached")) for r in rows), capture_s=round(captured, 1),
-                compile_wall_s=round(time.perf_counter() - start - captured, 1),
+                compile_wall_s=round(time.perf_counter() - start - captured - digested, 1),
                 compile_cpu_s=round(sum(r["cpu_s"] for r in rows), 1))
     return rows, info
 
@@ -684,6 +739,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     summary = summary_rows(rows)
     failures = [r for r in rows if r["errors"]]
+    same = [(info["triton"], group) for info in runs for group in info["redundant"]]
     date = datetime.date.today().isoformat()
     scope = ("-quick" if args.quick else "") + (f"-shard{args.shard[0]}of{args.shard[1]}" if args.shard[1] > 1 else "")
     out = args.json or REPO / "benchmarks" / "results" / f"aot{scope}-{date}.json"
@@ -691,17 +747,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), date=date,
                   machine=f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, no GPU needed",
                   spill_budget_bytes=SPILL_BUDGET, archs=[f"sm_{a}" for a in m.archs], wall_s=round(wall, 1),
-                  runs=runs, summary=summary, failures=len(failures), rows=rows)
+                  runs=runs, summary=summary, failures=len(failures), redundant=len(same), rows=rows)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(summary))
     for r in failures:
         print(f"FAIL {r['kernel']} {r['arch']} triton {r['triton']}: {'; '.join(r['errors'])}\n     {r['spec']}\n"
               f"     e.g. {r['cases'][0]}")
+    for version, group in same:
+        print(f"FAIL triton {version}: {len(group) - 1} specialisations compile to one kernel (one launcher value "
+              "passed two ways, or a constexpr the kernel does not read):\n     " + "\n     ".join(group))
     print(f"{sum(i['compiled_specialisations'] for i in runs)} specialisations x {len(m.archs)} archs over "
           f"{', '.join('triton ' + i['triton'] for i in runs)} ({sum(i['compiles'] for i in runs)} compiled, "
           f"{sum(i['cached_rows'] for i in runs)} cached) in {wall:.0f} s ({sum(i['compile_cpu_s'] for i in runs):.0f} "
-          f"CPU s of compiles): {len(failures)} failing; rows in {out}")
-    return 1 if failures else 0
+          f"CPU s of compiles): {len(failures)} failing, {len(same)} redundant; rows in {out}")
+    return 1 if failures or same else 0
 
 
 if __name__ == "__main__":
