@@ -621,7 +621,7 @@ def _apply_weights(w: Tensor, delta: Tensor | None, x: Tensor, out: Tensor, row0
     grid = (triton.cdiv(R, BLOCK), triton.cdiv(D, block_d))
     _launch(_apply_weights_kernel, grid, x.device, w, w if delta is None else delta, x, raw,
            w if close is None else close, out, row0, R, B, D, w.stride(0), x.stride(0), raw.stride(0), out.stride(0),
-           DIST=dist, HAS_DELTA=delta is not None,
+           DIST=bool(dist), HAS_DELTA=delta is not None,  # bool: a tl.constexpr(True) is another specialisation
            EXACT_CLOSE=close is not None, BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_D=block_d, DOT_K=APPLY_DOT_K,
            COMPUTE=_tl_compute(x.dtype),
            PRECISION="tf32x3" if x.dtype.itemsize == 2 else "ieee")
