@@ -119,9 +119,10 @@ def test_redundant_specialisations():
         specs = a.specialisations(a.capture(a.Matrix(dtypes=(torch.float32,), batches=(100,), features=(8,)),
                                             ("affinity",)))
         apply = [s for s in specs if s.name == "_apply_weights_kernel"]
-        spelled = dataclasses.replace(apply[0], kwargs=dict(apply[0].kwargs, DIST=tl.constexpr(apply[0].kwargs["DIST"])))
-        groups = a.redundant(specs + [spelled], jobs=2)
-        print(json.dumps(dict(specs=len(specs), apply=len(apply), groups=[[repr(s.kwargs["DIST"]) for s in g] for g in groups])))
+        first = apply[0]
+        spelled = dataclasses.replace(first, kwargs=dict(first.kwargs, DIST=tl.constexpr(first.kwargs["DIST"])))
+        groups = [[repr(s.kwargs["DIST"]) for s in g] for g in a.redundant(specs + [spelled], jobs=2)]
+        print(json.dumps(dict(specs=len(specs), apply=len(apply), groups=groups)))
     """)
     assert out["specs"] > out["apply"] == 4  # GRAM / DIST x with / without the close-pair tiles
     [group] = out["groups"]  # the added spelling, only
