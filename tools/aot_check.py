@@ -469,7 +469,8 @@ def redundant(specs: list[Spec], jobs: int) -> list[list[Spec]]:
     member; the launcher should pass one spelling."""
     global _SPECS
     _SPECS = specs
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         digests = list(pool.map(_digest, range(len(specs)), chunksize=8))
     groups: dict[str, list[Spec]] = {}
     for spec, digest in zip(specs, digests):
