@@ -116,7 +116,7 @@ class Matrix:
     float32_precisions: tuple = ("highest", "high")  # torch.set_float32_matmul_precision: ieee, tf32 dots
     batches: tuple = (256, 4096, 65536)
     features: tuple = (128, 2048)
-    attention_heads: tuple = ((1, 12), (2, 16))  # (B, H): B * H = 12, 32
+    attention_heads: tuple = ((1, 12), (2048, 32))  # (B, H): B * H = 12; 65536, past a grid axis y or z
     attention_lengths: tuple = (512, 2048, 8192)
     attention_head_sizes: tuple = (32, 64, 128)  # student relation head size
     attention_teacher_sizes: tuple = (64, 128)
@@ -140,7 +140,7 @@ def quick_matrix() -> Matrix:
                   teachers=(1, 3, 16), label_modes=("hard",), grads=(True,), sparse_k=(64,), rest_buckets=(True,),
                   linear_hidden=(4096,), linear_vocabs=(128256,), linear_needs=((True, True, True),),
                   linear_bias=(True,), linear_row_weights=(False,), float32_precisions=("highest",),
-                  batches=(4096,), features=(2048,), attention_heads=((2, 16),), attention_lengths=(2048,),
+                  batches=(4096,), features=(2048,), attention_heads=((2048, 32),), attention_lengths=(2048,),
                   attention_head_sizes=(64, 128), attention_teacher_sizes=(128,), attention_causal=(True,),
                   attention_masked=(False, True), attention_divergences=(2, 4), archs=ARCHS)
 

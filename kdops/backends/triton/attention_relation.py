@@ -139,15 +139,25 @@ def _weights(qs, qt, ks, kt, rows, cols, counted_q, counted_k, lse_s, lse_t, q_s
 
 
 @triton.jit
+def _program(L, BLOCK: tl.constexpr):
+    """(bh, tile, B * H * L) of this program. The grid is one axis of ``B * H * cdiv(L, BLOCK)``
+    programs, the tile fastest (the programs of one head run together and share its key tiles
+    in L2): a second axis of B * H stops at CUDA's 65535 (B = 2048 with 32 heads)."""
+    tiles = tl.cdiv(L, BLOCK)
+    pid = tl.program_id(0)
+    return (pid // tiles).to(tl.int64), pid % tiles, (tl.num_programs(0) // tiles).to(tl.int64) * L
+
+
+@triton.jit
 def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_ptr,
                     H, L, Ds, Dt, sa_sb, sa_sh, sa_sl, sb_sb, sb_sh, sb_sl, ta_sb, ta_sh, ta_sl, tb_sb, tb_sh, tb_sl,
                     scale_s: "tl.float64", scale_t: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
                     log_1m_beta: "tl.float64", DIV: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
                     BLOCK_DT: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
+    bh, tile, n_stats = _program(L, BLOCK_M)
     b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     c_s, c_t = tl.full([], scale_s, ACC), tl.full([], scale_t, ACC)
     bt, log_b, log_1mb = tl.full([], beta, ACC), tl.full([], log_beta, ACC), tl.full([], log_1m_beta, ACC)
     sb_base = sb_ptr + b * sb_sb + h * sb_sh
@@ -156,7 +166,7 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
     qs, qt = _load_both(sa_ptr + b * sa_sb + h * sa_sh, ta_ptr + b * ta_sb + h * ta_sh, rows, sa_sl, ta_sl, L, Ds,
                         Dt, BLOCK_DS, BLOCK_DT, ACC)
     counted_q = _counted(mask_row, rows, L, HAS_MASK)
-    end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M) if CAUSAL else L
+    end = tl.minimum(L, (tile + 1) * BLOCK_M) if CAUSAL else L
     m_s = tl.full([BLOCK_M], float("-inf"), ACC)
     m_t = tl.full([BLOCK_M], float("-inf"), ACC)
     z_s = tl.zeros([BLOCK_M], ACC)
@@ -182,7 +192,6 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
         q_sum += tl.sum(tl.where(allowed, q, 0.0), axis=1)
     out = bh * L + rows
     in_l = rows < L
-    n_stats = tl.num_programs(1).to(tl.int64) * L
     tl.store(rows_ptr + out, tl.where(counted_q, d_sum, 0.0), mask=in_l)
     tl.store(stats_ptr + out, lse_s, mask=in_l)
     tl.store(stats_ptr + n_stats + out, lse_t, mask=in_l)
@@ -209,7 +218,7 @@ def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_p
                      BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
     """``KEYS`` False: ``da`` of BLOCK_M query rows (loop over key blocks); True: ``db`` of BLOCK_N
     key rows (loop over query blocks). ``out`` is contiguous ``[B, H, L, Ds]``."""
-    bh = tl.program_id(1).to(tl.int64)
+    bh, tile, n_stats = _program(L, BLOCK_N if KEYS else BLOCK_M)
     b, h = bh // H, bh % H
     c_s, c_t = tl.full([], scale_s, ACC), tl.full([], scale_t, ACC)
     bt, log_b, log_1mb = tl.full([], beta, ACC), tl.full([], log_beta, ACC), tl.full([], log_1m_beta, ACC)
@@ -218,13 +227,12 @@ def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_p
     ta_base = ta_ptr + b * ta_sb + h * ta_sh
     tb_base = tb_ptr + b * tb_sb + h * tb_sh
     mask_row = mask_ptr + b * L
-    n_stats = tl.num_programs(1).to(tl.int64) * L
     if KEYS:
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
         counted_k = _counted(mask_row, cols, L, HAS_MASK)
         acc = tl.zeros([BLOCK_N, BLOCK_DS], ACC)
-        start = (tl.program_id(0) * BLOCK_N) // BLOCK_M * BLOCK_M if CAUSAL else 0
+        start = (tile * BLOCK_N) // BLOCK_M * BLOCK_M if CAUSAL else 0
         for m0 in range(start, L, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             qs, qt = _load_both(sa_base, ta_base, rows, sa_sl, ta_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
@@ -234,12 +242,12 @@ def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_p
             acc = tl.dot(w_t, qs.to(ACC), acc, input_precision="ieee")
         out_rows = cols
     else:
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         qs, qt = _load_both(sa_base, ta_base, rows, sa_sl, ta_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
         counted_q = _counted(mask_row, rows, L, HAS_MASK)
         lse_s, lse_t, q_sum, g = _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats)
         acc = tl.zeros([BLOCK_M, BLOCK_DS], ACC)
-        end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M) if CAUSAL else L
+        end = tl.minimum(L, (tile + 1) * BLOCK_M) if CAUSAL else L
         for n0 in range(0, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
@@ -285,7 +293,7 @@ def relation_forward(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, counted: Op
     stats = _alloc.empty(3, B, H, L, dtype=cdt, device=sa.device)
     if rows.numel():
         args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
-        launch(_forward_kernel, (triton.cdiv(L, constexprs["BLOCK_M"]), B * H), sa.device, sa, sb, ta, tb,
+        launch(_forward_kernel, (B * H * triton.cdiv(L, constexprs["BLOCK_M"]),), sa.device, sa, sb, ta, tb,
                rows if counted is None else counted, rows, stats, *args, CAUSAL=causal,
                HAS_MASK=counted is not None, **constexprs)
     return rows, stats
@@ -302,7 +310,7 @@ def relation_backward(grad_rows: Tensor, sa: Tensor, sb: Tensor, ta: Tensor, tb:
     if da.numel():
         args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
         for out, keys in ((da, False), (db, True)):
-            grid = (triton.cdiv(L, constexprs["BLOCK_N" if keys else "BLOCK_M"]), B * H)
+            grid = (B * H * triton.cdiv(L, constexprs["BLOCK_N" if keys else "BLOCK_M"]),)
             launch(_backward_kernel, grid, sa.device, sa, sb, ta, tb, stats if counted is None else counted, stats,
                    grad_rows, out, *args, KEYS=keys, CAUSAL=causal, HAS_MASK=counted is not None, **constexprs)
     return da, db
