@@ -258,6 +258,50 @@ def test_duplicate_topk_indices_are_refused(backend):
     kdops.sparse_distill_loss(student, topk.values, topk.indices, backend=backend)  # distinct: fine
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("rest_mass", ["ignore", "bucket"])
+@pytest.mark.parametrize("k", [5, 37])
+def test_out_of_range_topk_index_gives_nan_row(monkeypatch, backend, rest_mass, k):
+    """Top-k indices V + 3 and -1 with the eager check skipped (as under torch.compile): a NaN
+    loss and a NaN gradient row on every kernel backend, the other rows untouched; K = V too (no
+    rest bucket). The Triton kernel marked such a row by a NaN top-k mass, which tl.maximum
+    (1 - mass, 0) dropped: a finite loss, negative for reverse KL."""
+    from kdops.ops import validation
+
+    device = require(backend)
+    monkeypatch.setattr(validation, "check_topk_indices", lambda *args, **kwargs: None)
+    n, vocab = 4, 37
+    student = torch.randn(n, vocab, device=device, requires_grad=True)
+    topk = torch.randn(n, vocab, device=device).log_softmax(-1).topk(k)
+    indices = topk.indices.clone()
+    indices[0, 3], indices[2, k - 1] = vocab + 3, -1
+    bad = torch.tensor([True, False, True, False], device=device)
+    for divergence in ("forward_kl", "reverse_kl" if rest_mass == "bucket" else "jsd"):
+        rows = kdops.sparse_distill_loss(student, topk.values, indices, torch.tensor([1, 2, 3, 4], device=device),
+                                         hard_weight=0.25, divergence=divergence, rest_mass=rest_mass,
+                                         reduction="none", backend=backend)
+        (grad,) = torch.autograd.grad(rows.sum(), student)
+        assert rows[bad].isnan().all() and rows[~bad].isfinite().all(), (divergence, rows)
+        assert grad[bad].isnan().all() and grad[~bad].isfinite().all(), divergence
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_out_of_range_topk_index_is_a_value_error_on_every_device(device):
+    """V, -1 and an int64 index past 2^31 (the kernels take int32 indices: 2^32 + 1 would wrap
+    to 1) are refused on every device, before any backend runs."""
+    student = torch.randn(3, 11, device=device)
+    topk = torch.randn(3, 11, device=device).log_softmax(-1).topk(4)
+    for value in (11, -1, 2**32 + 1):
+        indices = topk.indices.clone()
+        indices[1, 2] = value
+        for backend in [b for b, s in kdops.available_backends().items() if s.available]:
+            with pytest.raises((ValueError, RuntimeError)) as error:
+                kdops.sparse_distill_loss(student, topk.values, indices, backend=backend)
+            assert f"topk_indices must lie in [0, 11); found {value} in row 1" in str(error.value) or \
+                "cannot run this call" in str(error.value), str(error.value)
+
+
 # --------------------------------------------------------------------------- GPU block sizes
 
 

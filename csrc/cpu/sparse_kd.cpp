@@ -88,6 +88,7 @@ void sparse_row(const SparseKDParams& p, int64_t r) {
     S += e.q;
     ratio = sparse_rest_ratio(rest, e.q);
   }
+  if (!indices_ok) S = acc_t(NAN);  // an index outside [0, V): a NaN loss and a NaN gradient row
 
   const acc_t soft = acc_t(p.soft_weight), hard = acc_t(p.hard_weight);
   loss = indices_ok ? soft * D : acc_t(NAN);

@@ -125,6 +125,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_kd_kernel(const Args<T> a)
       S += e.q;
       ratio = sparse_rest_ratio(rest, e.q);
     }
+    if (!indices_ok) S = NAN;  // an index outside [0, V): a NaN loss and a NaN gradient row
     if (threadIdx.x == 0) {
       float loss = indices_ok ? a.soft_weight * D : NAN;
       if (HARD) loss += a.hard_weight * (log_z1 - (z(label) - ms));

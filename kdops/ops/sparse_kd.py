@@ -113,18 +113,7 @@ def _check_topk(topk_logprobs: Tensor, topk_indices: Tensor, lead: torch.Size, v
     k = topk_logprobs.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"topk_logprobs must have 1 <= K <= V = {vocab} entries per row; got K = {k}")
-    if topk_indices.device.type == "cpu" and topk_indices.numel() and not torch.compiler.is_compiling():
-        low, high = int(topk_indices.min()), int(topk_indices.max())
-        if low < 0 or high >= vocab:
-            raise ValueError(f"topk_indices must lie in [0, {vocab}); found {low if low < 0 else high}")
-    if k > 1 and topk_indices.numel() and not torch.compiler.is_compiling():
-        # every device (one synchronisation on a GPU): a repeated index would race in the kernels'
-        # gradient scatter and count twice in their sums
-        ordered = topk_indices.reshape(-1, k).to(torch.int32).sort(dim=1).values
-        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-        if bool(repeated.any()):
-            row = int(repeated.nonzero()[0, 0])
-            raise ValueError(f"topk_indices must be distinct within each row; row {row} repeats an index")
+    validation.check_topk_indices(topk_indices, vocab)
     return k
 
 

@@ -73,6 +73,28 @@ def check_labels_in_range(labels: Tensor, ignore_index: int, vocab: int) -> None
         )
 
 
+def check_topk_indices(topk_indices: Tensor, vocab: int) -> None:
+    """Eager check, on every device (one synchronisation on a GPU), that each row of the ``[..., K]``
+    ``topk_indices`` holds K distinct indices of the vocabulary: an index outside [0, V) would be
+    read out of bounds (an int64 one past 2^31 would wrap to an int32 one inside), a repeated one
+    would race in the kernels' gradient scatter and count twice in their sums. Under
+    torch.compile (no check) every backend's kernels give a row with an index outside [0, V) a NaN
+    loss and a NaN gradient row."""
+    if torch.compiler.is_compiling() or not topk_indices.numel():
+        return
+    rows = topk_indices.reshape(-1, topk_indices.shape[-1])
+    outside = (rows < 0) | (rows >= vocab)
+    ordered = rows.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    any_outside, any_repeated = torch.stack([outside.any(), repeated.any()]).tolist()
+    if any_outside:
+        row = int(outside.any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"topk_indices must lie in [0, {vocab}); found {int(rows[row][outside[row]][0])} in row {row}")
+    if any_repeated:
+        row = int(repeated.nonzero()[0, 0])
+        raise ValueError(f"topk_indices must be distinct within each row; row {row} repeats an index")
+
+
 def check_options(
     *,
     temperature: float,

@@ -102,15 +102,18 @@ def _sparse_kd_row_kernel(
         if HAS_HARD:
             label_ok, log_z_1 = hard_label_log_z(z_1, label, V)
 
-        # Pass 2: top-k masses (an index outside [0, V) makes the row NaN), then the terms.
+        # Pass 2: top-k masses (an index outside [0, V) makes the row's loss and gradient NaN:
+        # ``outside``, the count of such indices; a NaN mass would not do, tl.maximum drops NaN),
+        # then the terms.
         ps_top = tl.zeros([], ACC)
         pt_top = tl.zeros([], ACC)
+        outside = tl.zeros([], tl.int32)
         for start in range(0, K, BLOCK_K):
             ks = start + offs_k
             kmask, ok, _, _, ls = _topk_block(s_row, idx_row, ks, K, V, m_s, log_z_s, inv_t, s_scale, s_cap, S_KIND,
                                               ACC)
-            ps = tl.where(ok, tl.exp(ls), float("nan"))
-            ps_top += tl.sum(tl.where(kmask, ps, 0.0), axis=0)
+            outside += tl.sum((kmask & ~ok).to(tl.int32), axis=0)
+            ps_top += tl.sum(tl.where(kmask & ok, tl.exp(ls), 0.0), axis=0)
             pt_top += tl.sum(tl.where(kmask, tl.exp(tl.load(lt_row + ks, mask=kmask, other=0.0)), 0.0), axis=0)
         if BUCKET:
             shift = tl.zeros([], ACC)
@@ -138,6 +141,8 @@ def _sparse_kd_row_kernel(
             d_sum += d
             q_sum += q
             ratio = tl.where(rs > 0.0, q / tl.where(rs > 0.0, rs, 1.0), 0.0)
+        d_sum = tl.where(outside > 0, float("nan"), d_sum)
+        q_sum = tl.where(outside > 0, float("nan"), q_sum)  # every gradient element: NaN
 
         loss = soft_w * d_sum
         if HAS_HARD:
