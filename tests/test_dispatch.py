@@ -93,6 +93,22 @@ def test_declared_support():
         assert reasons == [cuda.status().reason]
 
 
+def test_triton_kd_refuses_more_teachers_than_its_tile():
+    """Past KD_MAX_TEACHERS the Triton kd kernel's teacher tile would grow with K (a [16, K] tile
+    of K float64 lanes spills): the named backend says so; the automatic choice takes another."""
+    status = _dispatch.DECLARATIONS["triton"].status()
+    if not status.available:
+        pytest.skip(status.reason)
+    from kdops.backends.triton import KD_MAX_TEACHERS
+
+    k = KD_MAX_TEACHERS + 1
+    student, teachers = torch.randn(2, 8), torch.randn(k, 2, 8)
+    with pytest.raises(RuntimeError, match=f"at most {KD_MAX_TEACHERS} teachers"):
+        kdops.distill_loss(student, teachers, backend="triton")
+    kdops.distill_loss(student, teachers[:KD_MAX_TEACHERS], backend="triton")
+    assert torch.isfinite(kdops.distill_loss(student, teachers))
+
+
 def test_cuda_max_teachers_is_the_kernels():
     """The CUDA kd kernel's teacher limit (kMaxTeachers in csrc/cuda/kd.cu) is declared once in Python."""
     source = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "kd.cu").read_text()

@@ -103,7 +103,7 @@ class Matrix:
     vocabs: tuple = (32000, 128256, 151936, 262144)
     divergences: tuple = (0, 1, 2, 3, 4, 5)  # codes of kdops.divergences
     kd_divergences: tuple = (6,)  # the kd family's own codes (kdops._codes.KD_DIVERGENCES): DeiT's hard target
-    teachers: tuple = (1, 2, 3, 4, 8, 16)
+    teachers: tuple = (1, 2, 3, 4, 8, 16, 256)  # 256: the Triton kd family's KD_MAX_TEACHERS
     label_modes: tuple = ("none", "labels", "hard")  # no labels; labels (ignored rows), no CE; CE term
     grads: tuple = (False, True)
     sparse_k: tuple = (8, 64, 128)
@@ -128,18 +128,20 @@ class Matrix:
 
 def quick_matrix() -> Matrix:
     """The CI subset: each kernel at its heaviest variants (hard-label term, gradients, mixtures
-    of 3 and of 16 teachers (the widest teacher tile: 16 float64 teachers spilled 632 B on sm_80
-    before their warps counted the tile), the JSD and forward-KL divergences, every pass and
-    gradient of the fused linear kernel, every affinity kind and relation loss forward and
-    backward) for 16-bit, float32 and float64 inputs, at one realistic shape each, on sm_80,
+    of 3, 16 and 256 teachers (16 float64 teachers spilled 632 B on sm_80 before their warps
+    counted the tile; 256, the most the Triton kd family takes, its 16-lane rows), the JSD and
+    forward-KL divergences, every pass and gradient of the fused linear kernel, every affinity
+    kind and relation loss forward and backward) for 16-bit, float32 and float64 inputs, at one
+    realistic shape each, on sm_80,
     sm_90 (the GPUs kdops is lent) and sm_100; the attention relation causal, masked and not, with
     skew reverse KL (its most registers in backward) and JSD (unmasked float32 forward at 32 rows:
     1004 B of spills), student head size 64 and 128, teacher 128 (float64 128 / 128 needed
     192-207 KB of shared memory on sm_80 before its pipeline stages were capped)."""
     return Matrix(dtypes=(torch.bfloat16, torch.float32, torch.float64), vocabs=(151936,), divergences=(0, 2),
-                  teachers=(1, 3, 16), label_modes=("hard",), grads=(True,), sparse_k=(64,), rest_buckets=(True,),
-                  linear_hidden=(4096,), linear_vocabs=(128256,), linear_needs=((True, True, True),),
-                  linear_bias=(True,), linear_row_weights=(False,), float32_precisions=("highest",),
+                  teachers=(1, 3, 16, 256), label_modes=("hard",), grads=(True,), sparse_k=(64,),
+                  rest_buckets=(True,), linear_hidden=(4096,), linear_vocabs=(128256,),
+                  linear_needs=((True, True, True),), linear_bias=(True,), linear_row_weights=(False,),
+                  float32_precisions=("highest",),
                   batches=(4096,), features=(2048,), attention_heads=((2048, 32),), attention_lengths=(2048,),
                   attention_head_sizes=(64, 128), attention_teacher_sizes=(128,), attention_causal=(True,),
                   attention_masked=(False, True), attention_divergences=(2, 4), archs=ARCHS)

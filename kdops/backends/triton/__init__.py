@@ -40,6 +40,12 @@ def _status(interpreting: bool) -> BackendStatus:
     return BackendStatus(True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
 
 
+# The most teachers one kd call mixes: the kernel's [BLOCK_K, BLOCK_V] teacher tile holds 4096
+# elements (kd.py's GPU vocabulary block) down to rows of 16 lanes, at 256 teachers; past that the
+# tile would grow with K. Compiled for sm_80/90/100 at 32, 128 and 256 teachers (bf16, float32,
+# float64, JSD and skew reverse KL, gradients): no spill (float64 at 256: 166 registers).
+KD_MAX_TEACHERS = 256
+
 BACKEND = Backend(
     name="triton",
     package=__name__,
@@ -47,7 +53,7 @@ BACKEND = Backend(
     dtypes=FLOAT_DTYPES,
     status=lambda: _status(_interpreting()),
     families={
-        "kd": Family(),
+        "kd": Family(max_teachers=KD_MAX_TEACHERS),
         "sparse_kd": Family(),
         # the blockwise kernel: one teacher, 16/32-bit inputs (others take the chunked path over "kd")
         "fused_linear": Family(dtypes=(torch.float32, torch.float16, torch.bfloat16), max_teachers=1),
