@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", type=Path, help="where to write the JSON report")
-    parser.add_argument("--quick", action="store_true", help=f"only sm_{QUICK_ARCHS[0]} (a quick look; make aot-check compiles all three)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only sm_{QUICK_ARCHS[0]} (a quick look; make aot-check compiles all three)")
     parser.add_argument("--arch", type=int, nargs="+", help=f"compute capabilities (default {ARCHS})")
     parser.add_argument("--sources", type=Path, nargs="+", help="the .cu files (default csrc/cuda/*.cu)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc processes")
