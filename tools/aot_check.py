@@ -431,6 +431,18 @@ def _short(v: Any) -> str:
 # ----------------------------------------------------------------------------- redundancy
 
 
+def _backend_options(src: ASTSource, target: Any, options: Any) -> tuple[Any, Any]:
+    """The backend of ``target`` and the options it compiles ``src`` with (parsed as
+    ``triton.compile`` parses them)."""
+    backend = make_backend(target)
+    return backend, backend.parse_options(dict(options.__dict__, **src.parse_options()))
+
+
+def _fork_pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
+    """``jobs`` worker processes, forked: they inherit ``_SPECS`` (set before the pool starts)."""
+    return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork"))
+
+
 _LOCATION = re.compile(r"\s*loc\((?:#loc\d*|\"[^\"]*\"[^)]*)\)")
 
 
@@ -443,8 +455,7 @@ def ttir_digest(spec: Spec, cc: int = 90) -> str:
 
     target, signature, constexprs, attrs, options = bind(spec.fn, spec.args, spec.kwargs, cc)
     src = ASTSource(spec.fn, signature, constexprs, attrs)
-    backend = make_backend(target)
-    parsed = backend.parse_options(dict(options.__dict__, **src.parse_options()))
+    backend, parsed = _backend_options(src, target, options)
     stages: dict = {}
     backend.add_stages(stages, parsed, src.language)
     context = ir.context()
@@ -471,8 +482,7 @@ def redundant(specs: list[Spec], jobs: int) -> list[list[Spec]]:
     member; the launcher should pass one spelling."""
     global _SPECS
     _SPECS = specs
-    ctx = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with _fork_pool(jobs) as pool:
         digests = list(pool.map(_digest, range(len(specs)), chunksize=8))
     groups: dict[str, list[Spec]] = {}
     for spec, digest in zip(specs, digests):
@@ -548,8 +558,7 @@ def row_key(src: ASTSource, target: Any, options: Any) -> str:
     kernel's source and that of every jit function and constexpr global it uses, signature,
     constexprs, attributes, options, target, the backend's ptxas version, cache-invalidating
     environment variables), plus ``ROW_FORMAT``. A cached row is valid where Triton's cache is."""
-    backend = make_backend(target)
-    parsed = backend.parse_options(dict(options.__dict__, **src.parse_options()))
+    backend, parsed = _backend_options(src, target, options)
     key = get_cache_key(src, backend, parsed, get_cache_invalidating_env_vars())
     return hashlib.sha256(f"kdops-aot-row-{ROW_FORMAT}-{key}".encode()).hexdigest()
 
@@ -619,8 +628,7 @@ def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int, row_cache:
     tasks = [(i, cc) for cc in archs for i in range(len(specs))]
     with tempfile.TemporaryDirectory(prefix="kdops-aot-cache-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        ctx = multiprocessing.get_context("fork")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        with _fork_pool(jobs) as pool:
             futures = [pool.submit(compile_spec, i, cc) for i, cc in tasks]
             for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 r = future.result()
