@@ -83,11 +83,12 @@ def check_topk_indices(topk_indices: Tensor, vocab: int) -> None:
     if torch.compiler.is_compiling() or not topk_indices.numel():
         return
     rows = topk_indices.reshape(-1, topk_indices.shape[-1])
-    outside = (rows < 0) | (rows >= vocab)
-    ordered = rows.sort(dim=1).values
+    low, high = torch.aminmax(rows)
+    ordered = rows.to(torch.int32).sort(dim=1).values  # as the kernels take them (exact once in range)
     repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-    any_outside, any_repeated = torch.stack([outside.any(), repeated.any()]).tolist()
-    if any_outside:
+    any_outside, any_repeated = torch.stack([(low < 0) | (high >= vocab), repeated.any()]).tolist()
+    if any_outside:  # (the row is found on this path only)
+        outside = (rows < 0) | (rows >= vocab)
         row = int(outside.any(dim=1).nonzero()[0, 0])
         raise ValueError(f"topk_indices must lie in [0, {vocab}); found {int(rows[row][outside[row]][0])} in row {row}")
     if any_repeated:
