@@ -21,8 +21,9 @@ bench: install
 	$(PYTHON) benchmarks/bench_kd.py
 
 # optional extras whose integrations the suite tests (transformers Trainer, TRL's trainers' losses, plots);
-# trl pinned: kdops.integrations.trl replaces functions of that release (torch stays pinned alongside)
-TEST_EXTRAS := transformers accelerate matplotlib hypothesis trl==1.16.0
+# trl pinned: kdops.integrations.trl replaces functions of that release (torch stays pinned alongside);
+# pytest-xdist runs the suite in one process per core (most of it is the single-threaded Triton interpreter)
+TEST_EXTRAS := transformers accelerate matplotlib hypothesis trl==1.16.0 pytest-xdist
 
 # the linter (config in pyproject.toml): .ci/run runs `make lint` before `make test`
 LINT_DEPS := ruff
@@ -33,7 +34,7 @@ lint:
 
 test: install
 	$(PIP) install -q $(TEST_EXTRAS) $(LINT_DEPS) torch==2.13.0
-	$(PYTHON) -m pytest tests -q -ra
+	$(PYTHON) -m pytest tests -q -ra -n auto
 
 # make aot-check: every Triton specialisation the launchers produce, compiled for sm_80/90/100 with
 # the pinned Triton and with Triton 3.6 (the GPU machines' version; a virtual environment made here
