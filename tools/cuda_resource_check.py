@@ -39,7 +39,8 @@ SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 ARCHS = (80, 90, 100)
 QUICK_ARCHS = (90,)
 SPILL_BUDGET = 0  # bytes per thread, of spill stores and of spill loads (see the docstring)
-# The flags of the CMake build (CMakeLists.txt, target _C_cuda), for a cubin of one architecture.
+# The flags of the CMake build (CMakeLists.txt, target _C_cuda) that shape the code, for a cubin of one
+# architecture (the build's --threads=0 only runs its architectures in parallel).
 NVCC_FLAGS = ("-std=c++17", "--expt-relaxed-constexpr", "-O3", "-DNDEBUG", "-DKDOPS_WITH_CUDA")
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
