@@ -6,6 +6,13 @@ accumulation dtypes, the jit helpers of the row kernels and the one launch helpe
 * Block policy: :func:`block` gives the GPU's block size, or under the interpreter a smaller
   (faster in numpy) one, unless ``KDOPS_TRITON_GPU_BLOCKS=1`` (``GPU_BLOCKS``): then the
   interpreter runs the GPU's blocks too, so that the loop tails and masks a GPU executes have run.
+* Runtime flags: a switch that only steers a branch uniform over a program (whether labels, a
+  hard term, gradients, a mask are there; causal or not) is a runtime bool, not a constexpr, so
+  that it adds no compiled variant (a GPU JIT-compiles each constexpr combination once,
+  ``tools/aot_check.py`` compiles each for three targets); an absent optional input it guards
+  is :func:`absent`. What selects different math (the divergence, the dtype, the tiles) stays a
+  constexpr: one kernel holding every divergence as a runtime branch took 180 registers where
+  its constexpr kernels took 64-117 (sm_90), and compiled 4 times slower.
 * :func:`launch`: ``kernel[grid](...)`` on the tensors' CUDA device and its current stream (Triton
   itself takes the *current* device and that device's current stream).
 """
@@ -83,14 +90,21 @@ def exp_sum(z, m_old, m_new, x, scale):
 
 
 @triton.jit
-def write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
-    """An ignored row (label == ignore_index): loss 0 and, with COMPUTE_GRAD, a zero gradient row."""
-    if COMPUTE_GRAD:
+def write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V: tl.constexpr, compute_grad):
+    """An ignored row (label == ignore_index): loss 0 and, with the runtime flag ``compute_grad``,
+    a zero gradient row."""
+    if compute_grad:
         offs = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             tl.store(g_row + cols, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=cols < V)
     tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
+
+
+def absent(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty tensor (a null pointer) for an optional input a kernel reads only under a runtime
+    flag: present and absent then compile to one kernel (``None`` is a constexpr)."""
+    return torch.empty(0, dtype=dtype, device=device)
 
 
 def launch(kernel: Any, grid: Sequence[int], device: torch.device, *args: Any, **options: Any) -> None:

@@ -10,8 +10,9 @@ every pass, never stored. Offsets are int64.
   pass 2, ``D = sum d`` and ``S = sum q`` of ``divergence_term(s - lse_s, t - lse_t)``. Writes the
   row loss (0 where the query does not count) and ``stats = (lse_s, lse_t, S)``.
 * backward: ``W_ij = g_i (q_ij - p_ij S_i) c_s`` per tile; ``da = W b`` (loop over key blocks),
-  ``db = W^T a`` (loop over query blocks). With ``CAUSAL`` the loops skip the tiles above the
-  diagonal.
+  ``db = W^T a`` (loop over query blocks). With ``causal`` the loops skip the tiles above the
+  diagonal. ``causal``, ``has_mask`` and the head count are runtime arguments (uniform
+  branches): one compiled kernel per divergence, dtype and tile shape serves them all.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.backends.triton._common import UPCAST_DOT, acc_dtype, launch, mixture_logs
+from kdops.backends.triton._common import UPCAST_DOT, absent, acc_dtype, launch, mixture_logs
 from kdops.backends.triton.divergence import divergence_term
 
 # Query / key tile rows (the kernels' BLOCK_M = BLOCK_N). 64 x 64 spills on sm_90 (two fp32 score
@@ -70,10 +71,10 @@ def _load_both(s_base, t_base, rows, s_stride_l, t_stride_l, L, Ds, Dt, BLOCK_DS
 
 
 @triton.jit
-def _counted(mask_row, rows, L, HAS_MASK: tl.constexpr):
-    """Whether each of ``rows`` is inside the sequence and the attention mask."""
+def _counted(mask_row, rows, L, has_mask):
+    """Whether each of ``rows`` is inside the sequence and (``has_mask``) the attention mask."""
     inside = rows < L
-    if HAS_MASK:
+    if has_mask:
         inside = inside & (tl.load(mask_row + rows, mask=rows < L, other=0) != 0)
     return inside
 
@@ -99,8 +100,8 @@ def _per_key(v, KEYS: tl.constexpr):
 
 
 @triton.jit
-def _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t, CAUSAL: tl.constexpr,
-           ACC: tl.constexpr, KEYS: tl.constexpr):
+def _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t, causal, ACC: tl.constexpr,
+           KEYS: tl.constexpr):
     """(s, t, allowed) of a tile: the scaled scores of both models, -inf at the keys outside a
     query's softmax; ``[queries, keys]``, or ``[keys, queries]`` (the transposed tile, computed as
     such: no register transpose) with ``KEYS``. A query that does not count gets every key up to
@@ -112,7 +113,7 @@ def _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t
         s = tl.dot(qs, tl.trans(ks), input_precision="ieee", out_dtype=ACC) * scale_s
         t = tl.dot(qt, tl.trans(kt), input_precision="ieee", out_dtype=ACC) * scale_t
     allowed = (_per_key(counted_k, KEYS) | ~_per_query(counted_q, KEYS)) & _per_key(cols < L, KEYS)
-    if CAUSAL:
+    if causal:
         allowed = allowed & (_per_key(cols, KEYS) <= _per_query(rows, KEYS))
     return tl.where(allowed, s, float("-inf")), tl.where(allowed, t, float("-inf")), allowed
 
@@ -127,15 +128,26 @@ def _online(m, z, x):
 
 
 @triton.jit
+def _causal_end(L, tile, causal, BLOCK_M: tl.constexpr):
+    """The end of a query tile's key loop: the sequence, or (``causal``) the tile's last row + 1."""
+    return tl.where(causal, tl.minimum(L, (tile + 1) * BLOCK_M), L)
+
+
+@triton.jit
 def _weights(qs, qt, ks, kt, rows, cols, counted_q, counted_k, lse_s, lse_t, q_sum, g, L, scale_s, scale_t,
-             beta, log_b, log_1mb, DIV: tl.constexpr, CAUSAL: tl.constexpr, ACC: tl.constexpr, KEYS: tl.constexpr):
+             beta, log_b, log_1mb, DIV: tl.constexpr, causal, ACC: tl.constexpr, KEYS: tl.constexpr):
     """``W_ij = g_i (q_ij - p_ij S_i) c_s`` of a tile (0 outside the softmax and on rows that do
     not count); ``W^T`` with ``KEYS``."""
-    s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t, CAUSAL, ACC, KEYS)
+    s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, counted_k, L, scale_s, scale_t, causal, ACC, KEYS)
     ls = s - _per_query(lse_s, KEYS)
     _, q = divergence_term(ls, t - _per_query(lse_t, KEYS), beta, log_b, log_1mb, DIV)
     w = (q - tl.exp(ls) * _per_query(q_sum, KEYS)) * _per_query(g * scale_s, KEYS)
     return tl.where(allowed & _per_query(counted_q, KEYS), w, 0.0)
+
+
+# The head count only splits the program index (its divisibility by 16 helps no address): Triton
+# takes it as it is, so that head counts of one kind or another compile to one kernel.
+_UNSPECIALISED = ("H",)
 
 
 @triton.jit
@@ -148,11 +160,11 @@ def _program(L, BLOCK: tl.constexpr):
     return (pid // tiles).to(tl.int64), pid % tiles, (tl.num_programs(0) // tiles).to(tl.int64) * L
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_ptr,
                     H, L, Ds, Dt, sa_sb, sa_sh, sa_sl, sb_sb, sb_sh, sb_sl, ta_sb, ta_sh, ta_sl, tb_sb, tb_sh, tb_sl,
                     scale_s: "tl.float64", scale_t: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
-                    log_1m_beta: "tl.float64", DIV: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                    log_1m_beta: "tl.float64", has_mask, causal, DIV: tl.constexpr,
                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
                     BLOCK_DT: tl.constexpr):
     bh, tile, n_stats = _program(L, BLOCK_M)
@@ -165,8 +177,8 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
     mask_row = mask_ptr + b * L
     qs, qt = _load_both(sa_ptr + b * sa_sb + h * sa_sh, ta_ptr + b * ta_sb + h * ta_sh, rows, sa_sl, ta_sl, L, Ds,
                         Dt, BLOCK_DS, BLOCK_DT, ACC)
-    counted_q = _counted(mask_row, rows, L, HAS_MASK)
-    end = tl.minimum(L, (tile + 1) * BLOCK_M) if CAUSAL else L
+    counted_q = _counted(mask_row, rows, L, has_mask)
+    end = _causal_end(L, tile, causal, BLOCK_M)
     m_s = tl.full([BLOCK_M], float("-inf"), ACC)
     m_t = tl.full([BLOCK_M], float("-inf"), ACC)
     z_s = tl.zeros([BLOCK_M], ACC)
@@ -174,8 +186,8 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
     for n0 in range(0, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
-        s, t, _ = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), L, c_s, c_t,
-                         CAUSAL, ACC, False)
+        s, t, _ = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, has_mask), L, c_s, c_t,
+                         causal, ACC, False)
         m_s, z_s = _online(m_s, z_s, s)
         m_t, z_t = _online(m_t, z_t, t)
     lse_s = m_s + tl.log(z_s)
@@ -185,8 +197,8 @@ def _forward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, rows_ptr, stats_pt
     for n0 in range(0, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
-        s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), L,
-                               c_s, c_t, CAUSAL, ACC, False)
+        s, t, allowed = _tiles(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, has_mask), L,
+                               c_s, c_t, causal, ACC, False)
         d, q = divergence_term(s - lse_s[:, None], t - lse_t[:, None], bt, log_b, log_1mb, DIV)
         d_sum += tl.sum(tl.where(allowed, d, 0.0), axis=1)
         q_sum += tl.sum(tl.where(allowed, q, 0.0), axis=1)
@@ -209,12 +221,12 @@ def _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats):
     return lse_s, lse_t, q_sum, tl.load(grad_ptr + at, mask=in_l, other=0.0).to(lse_s.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_ptr, out_ptr,
                      H, L, Ds, Dt, sa_sb, sa_sh, sa_sl, sb_sb, sb_sh, sb_sl, ta_sb, ta_sh, ta_sl, tb_sb, tb_sh, tb_sl,
                      scale_s: "tl.float64", scale_t: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
-                     log_1m_beta: "tl.float64", KEYS: tl.constexpr, DIV: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     log_1m_beta: "tl.float64", has_mask, causal, DIV: tl.constexpr, KEYS: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr):
     """``KEYS`` False: ``da`` of BLOCK_M query rows (loop over key blocks); True: ``db`` of BLOCK_N
     key rows (loop over query blocks). ``out`` is contiguous ``[B, H, L, Ds]``."""
@@ -230,29 +242,29 @@ def _backward_kernel(sa_ptr, sb_ptr, ta_ptr, tb_ptr, mask_ptr, stats_ptr, grad_p
     if KEYS:
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
-        counted_k = _counted(mask_row, cols, L, HAS_MASK)
+        counted_k = _counted(mask_row, cols, L, has_mask)
         acc = tl.zeros([BLOCK_N, BLOCK_DS], ACC)
-        start = (tile * BLOCK_N) // BLOCK_M * BLOCK_M if CAUSAL else 0
+        start = tl.where(causal, (tile * BLOCK_N) // BLOCK_M * BLOCK_M, 0)
         for m0 in range(start, L, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             qs, qt = _load_both(sa_base, ta_base, rows, sa_sl, ta_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
             lse_s, lse_t, q_sum, g = _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats)
-            w_t = _weights(qs, qt, ks, kt, rows, cols, _counted(mask_row, rows, L, HAS_MASK), counted_k, lse_s,
-                           lse_t, q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC, True)
+            w_t = _weights(qs, qt, ks, kt, rows, cols, _counted(mask_row, rows, L, has_mask), counted_k, lse_s,
+                           lse_t, q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, causal, ACC, True)
             acc = tl.dot(w_t, qs.to(ACC), acc, input_precision="ieee")
         out_rows = cols
     else:
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         qs, qt = _load_both(sa_base, ta_base, rows, sa_sl, ta_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
-        counted_q = _counted(mask_row, rows, L, HAS_MASK)
+        counted_q = _counted(mask_row, rows, L, has_mask)
         lse_s, lse_t, q_sum, g = _row_stats(stats_ptr, grad_ptr, bh, rows, L, n_stats)
         acc = tl.zeros([BLOCK_M, BLOCK_DS], ACC)
-        end = tl.minimum(L, (tile + 1) * BLOCK_M) if CAUSAL else L
+        end = _causal_end(L, tile, causal, BLOCK_M)
         for n0 in range(0, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             ks, kt = _load_both(sb_base, tb_base, cols, sb_sl, tb_sl, L, Ds, Dt, BLOCK_DS, BLOCK_DT, ACC)
-            w = _weights(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, HAS_MASK), lse_s, lse_t,
-                         q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, CAUSAL, ACC, False)
+            w = _weights(qs, qt, ks, kt, rows, cols, counted_q, _counted(mask_row, cols, L, has_mask), lse_s, lse_t,
+                         q_sum, g, L, c_s, c_t, bt, log_b, log_1mb, DIV, causal, ACC, False)
             acc = tl.dot(w, ks.to(ACC), acc, input_precision="ieee")
         out_rows = rows
     cols_d = tl.arange(0, BLOCK_DS)
@@ -284,6 +296,11 @@ def _arguments(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, temperature: floa
     return [H, L, Ds, Dt, *strides, *scalars], constexprs
 
 
+def _mask(counted: Optional[Tensor], device: torch.device) -> Tensor:
+    """The mask pointer: ``counted`` ``[B, L]``, or when absent a null one (``has_mask`` False)."""
+    return absent(torch.uint8, device) if counted is None else counted
+
+
 def relation_forward(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, counted: Optional[Tensor], causal: bool,
                      temperature: float, divergence: int, beta: float) -> tuple[Tensor, Tensor]:
     """(row losses ``[B, H, L]``, stats ``[3, B, H, L]`` = lse_s, lse_t, S), compute dtype."""
@@ -294,8 +311,7 @@ def relation_forward(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, counted: Op
     if rows.numel():
         args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
         launch(_forward_kernel, (B * H * triton.cdiv(L, constexprs["BLOCK_M"]),), sa.device, sa, sb, ta, tb,
-               rows if counted is None else counted, rows, stats, *args, CAUSAL=causal,
-               HAS_MASK=counted is not None, **constexprs)
+               _mask(counted, sa.device), rows, stats, *args, counted is not None, causal, **constexprs)
     return rows, stats
 
 
@@ -311,6 +327,6 @@ def relation_backward(grad_rows: Tensor, sa: Tensor, sb: Tensor, ta: Tensor, tb:
         args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
         for out, keys in ((da, False), (db, True)):
             grid = (B * H * triton.cdiv(L, constexprs["BLOCK_N" if keys else "BLOCK_M"]),)
-            launch(_backward_kernel, grid, sa.device, sa, sb, ta, tb, stats if counted is None else counted, stats,
-                   grad_rows, out, *args, KEYS=keys, CAUSAL=causal, HAS_MASK=counted is not None, **constexprs)
+            launch(_backward_kernel, grid, sa.device, sa, sb, ta, tb, _mask(counted, sa.device), stats, grad_rows,
+                   out, *args, counted is not None, causal, KEYS=keys, **constexprs)
     return da, db

@@ -25,9 +25,9 @@ results (maxima and sums, ``D``, ``S``) are merged by a few ``[segments, N]`` to
 Gradients are accumulated with float32 atomic adds: ``grad_h`` across vocabulary blocks and
 segments, ``grad_W`` / ``grad_b`` across row blocks (so they are not bitwise deterministic).
 Ignored rows (label ``ignore_index``) are never visited: the kernel reads the counted rows
-through an index. Optional tensors (biases, row weights, gradients not wanted) are passed as
-None, which Triton specialises as a compile-time constant: ``b_ptr is not None`` is the
-``HAS_BIAS`` switch, the gradient pointers the ``COMPUTE_GRAD`` ones.
+through an index. Whether the row index, hard labels, biases, row weights and each gradient are
+there are runtime flags (branches uniform over a program; an absent tensor is an empty one): one
+compiled kernel per pass, divergence and dtype serves them all.
 """
 import math
 from typing import TYPE_CHECKING, NamedTuple, Optional
@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.backends.triton._common import UPCAST_DOT, block, launch, mixture_logs
+from kdops.backends.triton._common import UPCAST_DOT, absent, block, launch, mixture_logs
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
 from kdops.backends.triton.logit_transform import transform, transform_args, transform_slope
 from kdops.divergences import divergence_code
@@ -50,9 +50,10 @@ _FORWARD_KL = divergence_code("forward_kl")
 
 
 @triton.jit
-def _logit_tile(x_ptr, sx0, sx1, w_ptr, sw0, sw1, b_ptr, rows, row_mask, cols, col_mask, K,
+def _logit_tile(x_ptr, sx0, sx1, w_ptr, sw0, sw1, b_ptr, has_bias, rows, row_mask, cols, col_mask, K,
                 PRECISION: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    """The float32 tile ``x[rows] @ w[cols].T (+ b[cols])`` ([BM, BV]); masked lanes read 0."""
+    """The float32 tile ``x[rows] @ w[cols].T (+ b[cols] with ``has_bias``)`` ([BM, BV]); masked lanes
+    read 0."""
     acc = tl.zeros([BM, BV], tl.float32)
     for k in range(0, K, BK):
         ks = (k + tl.arange(0, BK)).to(tl.int64)  # int64: k * stride passes 2^31 for column-major x or w
@@ -63,7 +64,7 @@ def _logit_tile(x_ptr, sx0, sx1, w_ptr, sw0, sw1, b_ptr, rows, row_mask, cols, c
         if UPCAST_DOT:
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if b_ptr is not None:
+    if has_bias:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
 
@@ -83,16 +84,16 @@ def _store_part(part_ptr, i, seg, n_seg, M, offs, mask, x):
 
 
 @triton.jit
-def _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad_b_ptr,
-               rows, row_mask, cols, col_mask, Hs,
-               PRECISION: tl.constexpr, BK: tl.constexpr):
+def _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad_b_ptr, wants_h, wants_w, wants_b,
+               rows, row_mask, cols, col_mask, Hs, PRECISION: tl.constexpr, BK: tl.constexpr):
     """``grad_h[rows] += g @ w[cols]``, ``grad_w[cols] += g.T @ h[rows]`` (both [*, Hs], float32,
-    contiguous) and ``grad_b[cols] += g.sum(0)`` by atomic adds; None pointers are skipped.
+    contiguous) and ``grad_b[cols] += g.sum(0)`` by atomic adds, each under its runtime flag
+    ``wants_h``, ``wants_w``, ``wants_b``.
     ``g`` is rounded to the dtype of ``h`` for the dots (float32 accumulation)."""
     gd = g.to(h_ptr.dtype.element_ty)
     if UPCAST_DOT:
         gd = gd.to(tl.float32)
-    if grad_h_ptr is not None:
+    if wants_h:
         for k in range(0, Hs, BK):
             ks = (k + tl.arange(0, BK)).to(tl.int64)
             w = tl.load(w_ptr + cols[:, None] * sw0 + ks[None, :] * sw1,
@@ -102,7 +103,7 @@ def _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad
             tl.atomic_add(grad_h_ptr + rows[:, None] * Hs + ks[None, :],
                           tl.dot(gd, w, input_precision=PRECISION),
                           mask=row_mask[:, None] & (ks < Hs)[None, :], sem="relaxed")
-    if grad_w_ptr is not None:
+    if wants_w:
         gd_t = tl.trans(gd)
         for k in range(0, Hs, BK):
             ks = (k + tl.arange(0, BK)).to(tl.int64)
@@ -113,7 +114,7 @@ def _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad
             tl.atomic_add(grad_w_ptr + cols[:, None] * Hs + ks[None, :],
                           tl.dot(gd_t, h, input_precision=PRECISION),
                           mask=col_mask[:, None] & (ks < Hs)[None, :], sem="relaxed")
-    if grad_b_ptr is not None:
+    if wants_b:
         tl.atomic_add(grad_b_ptr + cols, tl.sum(g, axis=0), mask=col_mask, sem="relaxed")
 
 
@@ -124,14 +125,16 @@ def _fused_linear_kd_kernel(
     M, V, Hs, Ht, blocks_per_seg,
     sh0, sh1, sw0, sw1, sth0, sth1, stw0, stw1,
     inv_temperature, beta, log_beta, log_1m_beta, hard_weight, soft_weight,
-    s_scale, s_softcap, t_scale, t_softcap,
-    PASS: tl.constexpr, DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr,
-    S_TRANSFORM: tl.constexpr, T_TRANSFORM: tl.constexpr,
+    s_scale, s_softcap, t_scale, t_softcap, has_labels, has_hard, has_bias, has_t_bias, has_row_weights,
+    wants_h, wants_w, wants_b,
+    PASS: tl.constexpr, DIV: tl.constexpr, S_TRANSFORM: tl.constexpr, T_TRANSFORM: tl.constexpr,
     PRECISION: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
 ):
     """Pass ``PASS`` (1, 2 or 3; see the module docstring) for rows ``[BM * pid0, + BM)`` of the
-    M counted rows (rows ``row_ids[j]`` with ``HAS_LABELS``, else ``j``) and vocabulary segment
-    ``pid1``. ``stats``: [6, M] = m_s, log z_s, log z_1, m_t, log z_t, S (from passes 1 and 2);
+    M counted rows (rows ``row_ids[j]`` with ``has_labels``, else ``j``) and vocabulary segment
+    ``pid1``; ``has_labels``, ``has_hard`` (labels read), ``has_bias``, ``has_t_bias``,
+    ``has_row_weights`` and the gradients wanted (``wants_*``) are runtime flags.
+    ``stats``: [6, M] = m_s, log z_s, log z_1, m_t, log z_t, S (from passes 1 and 2);
     ``part``: this pass's per-segment partials [*, segments, M]. ``S_TRANSFORM`` / ``T_TRANSFORM``
     (with ``s_scale``, ``s_softcap``, ``t_scale``, ``t_softcap``): the logit transforms. A hard
     label outside [0, V) (not checked under torch.compile) makes its row's gradient NaN."""
@@ -139,13 +142,13 @@ def _fused_linear_kd_kernel(
     n_seg = tl.num_programs(1)
     offs = tl.program_id(0) * BM + tl.arange(0, BM)
     row_mask = offs < M
-    if HAS_LABELS:
+    rows = offs.to(tl.int64)
+    if has_labels:
         rows = tl.load(row_ids_ptr + offs, mask=row_mask, other=0).to(tl.int64)
-    else:
-        rows = offs.to(tl.int64)
-    if HAS_HARD:
-        label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
-        label_ok = (label >= 0) & (label < V)
+    label = tl.full([BM], -1, tl.int64)
+    if has_hard:
+        label = tl.load(labels_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    label_ok = (label >= 0) & (label < V)
     inv_t = tl.full([], inv_temperature, tl.float32)
     b = tl.full([], beta, tl.float32)
     log_b = tl.full([], log_beta, tl.float32)
@@ -167,14 +170,14 @@ def _fused_linear_kd_kernel(
         m_t = tl.load(stats_ptr + 3 * M + offs, mask=row_mask, other=0.0)
         log_z_t = tl.load(stats_ptr + 4 * M + offs, mask=row_mask, other=0.0)
         d_sum = tl.zeros([BM], tl.float32)
-        if DIV == FORWARD_KL:
-            q_sum = tl.full([BM], -1.0, tl.float32)  # S = -sum p_t
-        elif PASS == 2:
-            q_sum = tl.zeros([BM], tl.float32)
-        else:
-            q_sum = tl.load(stats_ptr + 5 * M + offs, mask=row_mask, other=0.0)
-        if PASS == 3:
-            if weights_ptr is not None:
+        q_sum = tl.zeros([BM], tl.float32)
+        if PASS == 3:  # S from pass 2; forward KL's S = -sum p_t = -1 (pass 2 skipped)
+            if DIV == FORWARD_KL:
+                q_sum = tl.full([BM], -1.0, tl.float32)
+            else:
+                q_sum = tl.load(stats_ptr + 5 * M + offs, mask=row_mask, other=0.0)
+            row_w = tl.full([BM], 1.0, tl.float32)
+            if has_row_weights:
                 row_w = tl.load(weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
 
     v_start = seg * blocks_per_seg * BV
@@ -182,10 +185,10 @@ def _fused_linear_kd_kernel(
     for v0 in range(v_start, v_end, BV):
         cols = (v0 + tl.arange(0, BV)).to(tl.int64)  # int64: V * H may pass 2**31
         col_mask = cols < V
-        s = _logit_tile(h_ptr, sh0, sh1, w_ptr, sw0, sw1, b_ptr, rows, row_mask, cols, col_mask, Hs,
+        s = _logit_tile(h_ptr, sh0, sh1, w_ptr, sw0, sw1, b_ptr, has_bias, rows, row_mask, cols, col_mask, Hs,
                         PRECISION, BM, BV, BK)
         s = transform(s, s_scale, s_softcap, S_TRANSFORM)
-        t = _logit_tile(th_ptr, sth0, sth1, tw_ptr, stw0, stw1, tb_ptr, rows, row_mask, cols, col_mask,
+        t = _logit_tile(th_ptr, sth0, sth1, tw_ptr, stw0, stw1, tb_ptr, has_t_bias, rows, row_mask, cols, col_mask,
                         Ht, PRECISION, BM, BV, BK)
         t = transform(t, t_scale, t_softcap, T_TRANSFORM)
         if PASS == 1:
@@ -195,7 +198,7 @@ def _fused_linear_kd_kernel(
             new_m_t = tl.maximum(m_t, tl.max(t, axis=1))
             z_s = _online_sum(z_s, m_s, new_m_s, s, inv_t)
             z_t = _online_sum(z_t, m_t, new_m_t, t, inv_t)
-            if HAS_HARD:
+            if has_hard:
                 z_1 = _online_sum(z_1, m_s, new_m_s, s, 1.0)
                 s_label += tl.sum(tl.where(cols[None, :] == label[:, None], s, 0.0), axis=1)
             m_s = new_m_s
@@ -205,23 +208,24 @@ def _fused_linear_kd_kernel(
             ls = (s - m_s[:, None]) * inv_t - log_z_s[:, None]
             lt = (t - m_t[:, None]) * inv_t - log_z_t[:, None]
             d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
-            if PASS == 2 or DIV == FORWARD_KL:
-                d_sum += tl.sum(tl.where(mask, d, 0.0), axis=1)
             if PASS == 2:
+                d_sum += tl.sum(tl.where(mask, d, 0.0), axis=1)
                 if DIV != FORWARD_KL:
                     q_sum += tl.sum(tl.where(mask, q, 0.0), axis=1)
             else:
+                if DIV == FORWARD_KL:
+                    d_sum += tl.sum(tl.where(mask, d, 0.0), axis=1)
                 g = soft_w * inv_t * (q - tl.exp(ls) * q_sum[:, None])
-                if HAS_HARD:
+                if has_hard:
                     p_1 = tl.exp(s - m_s[:, None] - log_z_1[:, None])
                     g += hard_w * (p_1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
                     g = tl.where(label_ok[:, None], g, float("nan"))
                 g *= transform_slope(s, s_scale, s_softcap, S_TRANSFORM)
-                if weights_ptr is not None:
+                if has_row_weights:
                     g *= row_w[:, None]
                 g = tl.where(mask, g, 0.0)
-                _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad_b_ptr,
-                           rows, row_mask, cols, col_mask, Hs, PRECISION, BK)
+                _add_grads(g, h_ptr, sh0, sh1, w_ptr, sw0, sw1, grad_h_ptr, grad_w_ptr, grad_b_ptr, wants_h,
+                           wants_w, wants_b, rows, row_mask, cols, col_mask, Hs, PRECISION, BK)
 
     if PASS == 1:
         _store_part(part_ptr, 0, seg, n_seg, M, offs, row_mask, m_s)
@@ -230,10 +234,11 @@ def _fused_linear_kd_kernel(
         _store_part(part_ptr, 3, seg, n_seg, M, offs, row_mask, m_t)
         _store_part(part_ptr, 4, seg, n_seg, M, offs, row_mask, z_t)
         _store_part(part_ptr, 5, seg, n_seg, M, offs, row_mask, s_label)
-    elif PASS == 2 or DIV == FORWARD_KL:
+    elif PASS == 2:
         _store_part(part_ptr, 0, seg, n_seg, M, offs, row_mask, d_sum)
-        if PASS == 2:
-            _store_part(part_ptr, 1, seg, n_seg, M, offs, row_mask, q_sum)
+        _store_part(part_ptr, 1, seg, n_seg, M, offs, row_mask, q_sum)
+    elif DIV == FORWARD_KL:  # pass 3: forward KL's D
+        _store_part(part_ptr, 0, seg, n_seg, M, offs, row_mask, d_sum)
 
 
 class _Blocks(NamedTuple):
@@ -258,8 +263,9 @@ def _blocks(dtype: torch.dtype) -> _Blocks:
     (unless KDOPS_TRITON_GPU_BLOCKS=1, see :mod:`kdops.backends.triton._common`)."""
     if dtype.itemsize == 2:
         gpu = _Blocks(64, 64, 64, 16, 8, 3)
-    else:  # float32 in 32 rows: pass 3 at 64 spilled 28-40 B on sm_100 under Triton 3.6 (reverse KL)
-        gpu = _Blocks(32, 64, 16, 16, 8, 3)
+    else:  # float32 in 32 rows: pass 3 at 64 spilled 28-40 B on sm_100 under Triton 3.6 (reverse KL);
+        # 2 stages: with its flags at runtime, pass 3 at 3 stages spilled 36 B on sm_90 (JSD, Triton 3.9)
+        gpu = _Blocks(32, 64, 16, 16, 8, 2)
     return block(gpu, _Blocks(16, 16, 16, 16, 1, 1))
 
 
@@ -314,18 +320,23 @@ def fused_linear_distill(
         segs = triton.cdiv(v_blocks, per_seg)
         stats = _alloc.empty(6, count, **f32)  # m_s, log z_s, log z_1, m_t, log z_t, S
 
-        def run_pass(pass_: int, part: Optional[Tensor], grad_ptrs: list[Optional[Tensor]]) -> None:
-            # pass 1 reads no divergence, pass 2 no label: one compiled kernel serves them all
+        def given(x: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+            return absent(dtype, device) if x is None else x
+
+        def run_pass(pass_: int, part: Tensor, grad_ptrs: list[Optional[Tensor]]) -> None:
+            # pass 2 reads no label, passes 1-2 no row weight
             pass_hard = hard and pass_ != 2
+            weights = row_weights if pass_ == 3 else None
             launch(
                 _fused_linear_kd_kernel, (triton.cdiv(count, blocks.bm), segs), device,
-                h, w, b, th, tw, tb, row_ids, labels if pass_hard else None,
-                row_weights if pass_ == 3 else None, stats, part, *grad_ptrs,
+                h, w, given(b, w.dtype), th, tw, given(tb, tw.dtype), given(row_ids, torch.int64),
+                given(labels if pass_hard else None, torch.int64), given(weights, torch.float32), stats, part,
+                *(given(g, torch.float32) for g in grad_ptrs),
                 count, vocab, hs, ht, per_seg, *h.stride(), *w.stride(), *th.stride(), *tw.stride(),
                 1.0 / temperature, beta, *mixture_logs(divergence, beta), hard_weight, soft_weight,
-                s_scale, s_softcap, t_scale, t_softcap,
-                PASS=pass_, DIV=divergence if pass_ > 1 else 0, HAS_LABELS=row_ids is not None, HAS_HARD=pass_hard,
-                S_TRANSFORM=s_kind, T_TRANSFORM=t_kind,
+                s_scale, s_softcap, t_scale, t_softcap, row_ids is not None, pass_hard, b is not None,
+                tb is not None, weights is not None, *(g is not None for g in grad_ptrs),
+                PASS=pass_, DIV=divergence if pass_ > 1 else 0, S_TRANSFORM=s_kind, T_TRANSFORM=t_kind,
                 PRECISION=_dot_precision(), BM=blocks.bm, BV=blocks.bv,
                 BK=blocks.bk_grad if pass_ == 3 else blocks.bk,
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages,
@@ -343,9 +354,10 @@ def fused_linear_distill(
             run_pass(2, part, no_grads)
             div, stats[5] = part.sum(1)
         if compute_grad:
-            part = _alloc.empty(1, segs, count, **f32) if divergence == _FORWARD_KL else None
+            forward_kl = divergence == _FORWARD_KL  # pass 3 sums D
+            part = _alloc.empty(1, segs, count, **f32) if forward_kl else absent(torch.float32, device)
             run_pass(3, part, grads)
-            if part is not None:
+            if forward_kl:
                 div = part[0].sum(0)
         loss = soft_weight * div
         if hard:

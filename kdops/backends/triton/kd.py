@@ -20,6 +20,10 @@ before the gradient's one rounding to the student's dtype.
    forward KL, whose ``S = -1``;
 3. forward KL's ``D``, and the gradient row.
 
+The divergence ``DIV`` is a constexpr (one kernel per code: each compiles to its own terms);
+labels, the hard term and gradients are runtime flags (branches uniform over the program, so
+that they add no compiled variant).
+
 DeiT's hard target (``DIV == HARD``): ``D = -ls[target]``, ``q = -onehot(target)``, ``S = -1``,
 with ``target`` the first index of the teacher's maximum, kept in pass 1 beside the student's
 sums (one teacher: the transformed logits' running (max, first argmax) replace the teacher's
@@ -28,12 +32,14 @@ student. A NaN teacher logit makes the row's loss and gradient NaN.
 """
 from typing import TYPE_CHECKING, Optional
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
 from kdops.backends.triton._common import (
+    absent,
     acc_dtype,
     block,
     exp_sum,
@@ -43,7 +49,11 @@ from kdops.backends.triton._common import (
     row_warps,
     write_ignored_row,
 )
-from kdops.backends.triton.divergence import FORWARD_KL, HARD, divergence_term
+from kdops.backends.triton.divergence import (
+    FORWARD_KL,
+    HARD,
+    divergence_term,
+)
 from kdops.backends.triton.logit_transform import (
     TRANSFORM_NONE,
     TRANSFORM_SOFTCAP,
@@ -118,15 +128,68 @@ def _argmax_step(x, cols, V, best, target):
 
 
 @triton.jit
+def _divergence_sums(s_row, t_row, offs, V, m_s, m_t, log_z_s, off_t, inv_t, teachers, teacher_k_stride, n_teachers,
+                     s_scale, s_cap, t_scale, t_cap, b, log_b, log_1mb, DIV: tl.constexpr, S_KIND: tl.constexpr,
+                     T_KIND: tl.constexpr, ACC: tl.constexpr, MULTI: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Pass 2 of divergence ``DIV`` over a row: (D, S) = (sum d, sum q)."""
+    d_sum = tl.zeros([], ACC)
+    q_sum = tl.zeros([], ACC)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        _, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers, teacher_k_stride,
+                               n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND, T_KIND, ACC, MULTI)
+        d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
+        d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
+        q_sum += tl.sum(tl.where(mask, q, 0.0), axis=0)
+    return d_sum, q_sum
+
+
+@triton.jit
+def _gradient_pass(s_row, t_row, g_row, grad_ptr, offs, V, d_sum, q_sum, m_s, m_t, log_z_s, off_t, inv_t, teachers,
+                   teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, b, log_b, log_1mb, soft_w, hard_w,
+                   label, log_z_1, target, n_nan, inv_divisor, compute_grad, has_hard, DIV: tl.constexpr,
+                   S_KIND: tl.constexpr, T_KIND: tl.constexpr, ACC: tl.constexpr, MULTI: tl.constexpr,
+                   BLOCK_V: tl.constexpr, HAS_DIVISOR: tl.constexpr):
+    """Pass 3 of divergence ``DIV`` over a row: forward KL's D (added to ``d_sum``, returned) and,
+    with ``compute_grad``, the gradient row."""
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        if DIV == HARD:  # q = -onehot(target): the student's row only
+            s = load_transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
+            ls = (s - m_s) * inv_t - log_z_s
+            q = tl.where(cols == target, -1.0, 0.0)
+        else:
+            s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
+                                   teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND, T_KIND, ACC,
+                                   MULTI)
+            d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
+            if DIV == FORWARD_KL:
+                d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
+        if compute_grad:
+            g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
+            if has_hard:
+                g += hard_label_grad(s, cols, label, m_s, log_z_1, hard_w)
+            if S_KIND != TRANSFORM_NONE:
+                g *= transform_slope(s, s_scale, s_cap, S_KIND)
+            if HAS_DIVISOR:
+                g *= inv_divisor
+            if DIV == HARD:
+                g = tl.where(n_nan > 0, float("nan"), g)
+            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    return d_sum
+
+
+@triton.jit
 def _kd_row_kernel(
     student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr,
     V, student_stride, teacher_stride, grad_stride, teacher_k_stride, n_teachers, log_weights_ptr,
     inv_temperature: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
     log_1m_beta: "tl.float64", hard_weight: "tl.float64", soft_weight: "tl.float64",
     ignore_index, student_scale: "tl.float64", student_softcap: "tl.float64", teacher_scale: "tl.float64",
-    teacher_softcap: "tl.float64", grad_divisor_ptr,
-    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    teacher_softcap: "tl.float64", grad_divisor_ptr, has_labels, has_hard, compute_grad,
+    DIV: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
     MULTI: tl.constexpr, BLOCK_K: tl.constexpr, S_KIND: tl.constexpr, T_KIND: tl.constexpr,
     HAS_DIVISOR: tl.constexpr,
 ):
@@ -141,9 +204,9 @@ def _kd_row_kernel(
     t_scale = tl.full([], teacher_scale, ACC)
     t_cap = tl.full([], teacher_softcap, ACC)
 
-    label, ignored = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    label, ignored = row_label(labels_ptr, row, ignore_index, has_labels)
     if ignored:
-        write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
+        write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, compute_grad)
     else:
         # Pass 1: running maxima m_s, m_t of s and t; z_s, z_t, z_1 = sums of exp((s - m_s) / T),
         # exp((t - m_t) / T), exp(s - m_s). With MULTI, m_t and z_t are [BLOCK_K] (one per teacher).
@@ -166,7 +229,7 @@ def _kd_row_kernel(
             s = load_transformed(s_row + cols, mask, float("-inf"), s_scale, s_cap, S_KIND, ACC)
             t = _teacher_tile(t_row, cols, mask, teachers, teacher_k_stride, n_teachers, float("-inf"), t_scale,
                               t_cap, T_KIND, ACC, MULTI)
-            m_s, z_s, z_1 = student_lse_step(s, m_s, z_s, z_1, inv_t, HAS_HARD)
+            m_s, z_s, z_1 = student_lse_step(s, m_s, z_s, z_1, inv_t, has_hard)
             if DIV == HARD:
                 n_nan += tl.sum((t != t).to(tl.int32))
             if DIV == HARD and not MULTI:
@@ -175,8 +238,7 @@ def _kd_row_kernel(
                 new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
                 z_t = exp_sum(z_t, m_t, new_m_t, t, inv_t)
             m_t = new_m_t
-        if HAS_HARD:
-            label_ok, log_z_1 = hard_label_log_z(z_1, label, V)
+        label_ok, log_z_1 = hard_label_log_z(z_1, label, V)  # used with has_hard
         log_z_s = tl.log(z_s)
         if MULTI:  # teachers past K (sums 0) get off_t = 0: masked out in _log_probs
             in_k = teachers < n_teachers
@@ -189,8 +251,8 @@ def _kd_row_kernel(
         # Pass 2: D = sum d and S = sum q (forward KL: S = -sum p_t = -1, D summed in pass 3;
         # HARD: S = -1, and with MULTI the mixture's argmax).
         d_sum = tl.zeros([], ACC)
+        q_sum = tl.full([], -1.0, ACC)
         if DIV == HARD:
-            q_sum = tl.full([], -1.0, ACC)
             if MULTI:
                 best = tl.full([], float("-inf"), ACC)
                 for start in range(0, V, BLOCK_V):
@@ -201,56 +263,28 @@ def _kd_row_kernel(
                     lt = _teacher_log_probs(t, m_t, off_t, inv_t, teachers, n_teachers, MULTI)
                     best, target = _argmax_step(tl.where(mask & (lt == lt), lt, float("-inf")), cols, V, best,
                                                 target)
-        elif DIV == FORWARD_KL:
-            q_sum = tl.full([], -1.0, ACC)
-        else:
-            q_sum = tl.zeros([], ACC)
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                mask = cols < V
-                _, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
-                                        teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND,
-                                        T_KIND, ACC, MULTI)
-                d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
-                d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
-                q_sum += tl.sum(tl.where(mask, q, 0.0), axis=0)
+        elif DIV != FORWARD_KL:
+            d_sum, q_sum = _divergence_sums(
+                s_row, t_row, offs, V, m_s, m_t, log_z_s, off_t, inv_t, teachers, teacher_k_stride, n_teachers,
+                s_scale, s_cap, t_scale, t_cap, b, log_b, log_1mb, DIV, S_KIND, T_KIND, ACC, MULTI, BLOCK_V)
 
         # Pass 3: forward KL's D; the gradient soft_w / T * (q - p_s * S) + hard_w * (p_1 - onehot),
         # times the student transform's slope, divided by the reduction's divisor.
+        inv_divisor = tl.full([], 1.0, ACC)
         if HAS_DIVISOR:
             inv_divisor = 1.0 / tl.load(grad_divisor_ptr).to(ACC)
-        if DIV == FORWARD_KL or COMPUTE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                cols = start + offs
-                mask = cols < V
-                if DIV == HARD:  # q = -onehot(target): the student's row only
-                    s = load_transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
-                    ls = (s - m_s) * inv_t - log_z_s
-                    q = tl.where(cols == target, -1.0, 0.0)
-                else:
-                    s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
-                                            teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND,
-                                            T_KIND, ACC, MULTI)
-                    d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
-                    if DIV == FORWARD_KL:
-                        d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
-                if COMPUTE_GRAD:
-                    g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
-                    if HAS_HARD:
-                        g += hard_label_grad(s, cols, label, m_s, log_z_1, hard_w)
-                    if S_KIND != TRANSFORM_NONE:
-                        g *= transform_slope(s, s_scale, s_cap, S_KIND)
-                    if HAS_DIVISOR:
-                        g *= inv_divisor
-                    if DIV == HARD:
-                        g = tl.where(n_nan > 0, float("nan"), g)
-                    tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        if compute_grad | (DIV == FORWARD_KL):
+            d_sum = _gradient_pass(
+                s_row, t_row, g_row, grad_ptr, offs, V, d_sum, q_sum, m_s, m_t, log_z_s, off_t, inv_t, teachers,
+                teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, b, log_b, log_1mb, soft_w, hard_w,
+                label, log_z_1, target, n_nan, inv_divisor, compute_grad, has_hard, DIV, S_KIND, T_KIND, ACC,
+                MULTI, BLOCK_V, HAS_DIVISOR)
 
         if DIV == HARD:  # D = -ls[target]; NaN with a NaN teacher logit
             s_target = load_transformed(s_row + target, target < V, 0.0, s_scale, s_cap, S_KIND, ACC)
             d_sum = tl.where(n_nan > 0, float("nan"), log_z_s - (s_target - m_s) * inv_t)
         loss = soft_w * d_sum
-        if HAS_HARD:
+        if has_hard:
             loss += hard_label_loss(s_row, label, label_ok, m_s, log_z_1, hard_w, s_scale, s_cap, S_KIND, ACC)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
@@ -295,14 +329,13 @@ def kd_forward(
     num_warps = row_warps(block_v * block_k * (2 if softcapped_mixture else 1))
     launch(
         _kd_row_kernel, (n_rows,), student.device,
-        student, teacher, labels, loss, grad,
+        student, teacher, absent(torch.int64, student.device) if labels is None else labels, loss, grad,
         vocab, student.stride(0), teacher.stride(-2), vocab, teacher.stride(0) if multi else 0,
         n_teachers, teacher_log_weights if multi else None,
         1.0 / options.temperature, options.beta, *mixture_logs(options.divergence, options.beta),
         options.hard_weight, options.soft_weight, options.ignore_index, s_scale, s_cap, t_scale, t_cap,
-        grad_divisor,
-        DIV=options.divergence, HAS_LABELS=labels is not None,
-        HAS_HARD=labels is not None and options.hard_weight > 0, COMPUTE_GRAD=compute_grad,
+        grad_divisor, labels is not None, labels is not None and options.hard_weight > 0,
+        compute_grad, DIV=options.divergence,
         ACC=acc, BLOCK_V=block_v, MULTI=multi, BLOCK_K=block_k, S_KIND=s_kind, T_KIND=t_kind,
         HAS_DIVISOR=grad_divisor is not None, num_warps=num_warps,
     )

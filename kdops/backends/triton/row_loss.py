@@ -21,23 +21,24 @@ def row_scalars(inv_temperature, beta, log_beta, log_1m_beta, hard_weight, soft_
 
 
 @triton.jit
-def row_label(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
-    """(label, ignored) of a row: (-1, False) without labels."""
-    label = -1
-    ignored = False
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
+def row_label(labels_ptr, row, ignore_index, has_labels):
+    """(label, ignored) of a row (int64, int1): (-1, False) without labels (``has_labels`` a
+    runtime flag: both branches give the same types)."""
+    label = tl.full([], -1, tl.int64)
+    ignored = tl.full([], 0, tl.int1)
+    if has_labels:
+        label = tl.load(labels_ptr + row).to(tl.int64)
         ignored = label == ignore_index
     return label, ignored
 
 
 @triton.jit
-def student_lse_step(s, m_s, z_s, z_1, inv_t, HAS_HARD: tl.constexpr):
+def student_lse_step(s, m_s, z_s, z_1, inv_t, has_hard):
     """The student's running max m_s and sums z_s = sum exp((s - m_s) / T), z_1 = sum exp(s - m_s)
-    (with HAS_HARD) after the block ``s`` (lanes past V read -inf): (m_s, z_s, z_1)."""
+    (with the runtime flag ``has_hard``) after the block ``s`` (lanes past V read -inf): (m_s, z_s, z_1)."""
     new_m = tl.maximum(m_s, tl.max(s, axis=0))
     z_s = exp_sum(z_s, m_s, new_m, s, inv_t)
-    if HAS_HARD:
+    if has_hard:
         z_1 = exp_sum(z_1, m_s, new_m, s, 1.0)
     return new_m, z_s, z_1
 

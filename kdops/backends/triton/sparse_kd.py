@@ -16,16 +16,19 @@ indices ``idx_k`` and the divergence terms ``(d, q)`` of :mod:`kdops.backends.tr
 
 ``s`` are the student's transformed logits (:mod:`kdops.backends.triton.logit_transform`:
 ``z' = scale * z`` or ``c * tanh(scale * z / c)`` of the logits read; the identity compiles to
-nothing); the gradient is to the raw logits.
+nothing); the gradient is to the raw logits. The divergence ``DIV`` is a constexpr; labels, the
+hard term, the rest bucket and gradients are runtime flags (uniform branches: no compiled variant).
 """
 from typing import TYPE_CHECKING, Optional
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
 from kdops.backends.triton._common import (
+    absent,
     acc_dtype,
     block,
     launch,
@@ -72,9 +75,8 @@ def _sparse_kd_row_kernel(
     inv_temperature: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
     log_1m_beta: "tl.float64", hard_weight: "tl.float64", soft_weight: "tl.float64",
     ignore_index, student_scale: "tl.float64", student_softcap: "tl.float64",
-    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, BUCKET: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    S_KIND: tl.constexpr,
+    has_labels, has_hard, rest_bucket, compute_grad,
+    DIV: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, S_KIND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = student_ptr + row * student_stride
@@ -86,9 +88,9 @@ def _sparse_kd_row_kernel(
     inv_t, b, log_b, log_1mb, hard_w, soft_w, s_scale, s_cap = row_scalars(
         inv_temperature, beta, log_beta, log_1m_beta, hard_weight, soft_weight, student_scale, student_softcap, ACC)
 
-    label, ignored = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
+    label, ignored = row_label(labels_ptr, row, ignore_index, has_labels)
     if ignored:
-        write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, COMPUTE_GRAD)
+        write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V, compute_grad)
     else:
         # Pass 1: m_s = max s; z_s, z_1 = sums of exp((s - m_s) / T), exp(s - m_s).
         m_s = tl.full([], float("-inf"), ACC)
@@ -97,10 +99,9 @@ def _sparse_kd_row_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + offs_v
             s = load_transformed(s_row + cols, cols < V, float("-inf"), s_scale, s_cap, S_KIND, ACC)
-            m_s, z_s, z_1 = student_lse_step(s, m_s, z_s, z_1, inv_t, HAS_HARD)
+            m_s, z_s, z_1 = student_lse_step(s, m_s, z_s, z_1, inv_t, has_hard)
         log_z_s = tl.log(z_s)
-        if HAS_HARD:
-            label_ok, log_z_1 = hard_label_log_z(z_1, label, V)
+        label_ok, log_z_1 = hard_label_log_z(z_1, label, V)  # used with has_hard
 
         # Pass 2: top-k masses (an index outside [0, V) makes the row's loss and gradient NaN:
         # ``outside``, the count of such indices; a NaN mass would not do, tl.maximum drops NaN),
@@ -115,9 +116,8 @@ def _sparse_kd_row_kernel(
             outside += tl.sum((kmask & ~ok).to(tl.int32), axis=0)
             ps_top += tl.sum(tl.where(kmask & ok, tl.exp(ls), 0.0), axis=0)
             pt_top += tl.sum(tl.where(kmask, tl.exp(tl.load(lt_row + ks, mask=kmask, other=0.0)), 0.0), axis=0)
-        if BUCKET:
-            shift = tl.zeros([], ACC)
-        else:
+        shift = tl.zeros([], ACC)
+        if not rest_bucket:
             shift = tl.log(pt_top)
         d_sum = tl.zeros([], ACC)
         q_sum = tl.zeros([], ACC)
@@ -132,11 +132,10 @@ def _sparse_kd_row_kernel(
         ratio = tl.zeros([], ACC)
         if K < V:  # the rest bucket
             rs = tl.maximum(1.0 - ps_top, 0.0)
-            if BUCKET:
+            lt_rest = tl.full([], float("-inf"), ACC)
+            if rest_bucket:
                 rt = 1.0 - pt_top
                 lt_rest = tl.where(rt > 0.0, tl.log(tl.where(rt > 0.0, rt, 1.0)), float("-inf"))
-            else:
-                lt_rest = tl.full([], float("-inf"), ACC)
             d, q = divergence_term(tl.log(rs), lt_rest, b, log_b, log_1mb, DIV)
             d_sum += d
             q_sum += q
@@ -145,12 +144,12 @@ def _sparse_kd_row_kernel(
         q_sum = tl.where(outside > 0, float("nan"), q_sum)  # every gradient element: NaN
 
         loss = soft_w * d_sum
-        if HAS_HARD:
+        if has_hard:
             loss += hard_label_loss(s_row, label, label_ok, m_s, log_z_1, hard_w, s_scale, s_cap, S_KIND, ACC)
         tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
 
         # Pass 3: p_i * coefficient over the vocabulary, then the top-k entries.
-        if COMPUTE_GRAD:
+        if compute_grad:
             if grad_divisor_ptr is not None:
                 inv_div = 1.0 / tl.load(grad_divisor_ptr).to(ACC)
             else:
@@ -161,7 +160,7 @@ def _sparse_kd_row_kernel(
                 mask = cols < V
                 s = load_transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
                 g = tl.exp((s - m_s) * inv_t - log_z_s) * rest_coef
-                if HAS_HARD:
+                if has_hard:
                     g += hard_label_grad(s, cols, label, m_s, log_z_1, hard_w)
                 g *= transform_slope(s, s_scale, s_cap, S_KIND) * inv_div
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -174,7 +173,7 @@ def _sparse_kd_row_kernel(
                 lt = tl.load(lt_row + ks, mask=kmask, other=0.0) - shift
                 _, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
                 g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
-                if HAS_HARD:
+                if has_hard:
                     g += hard_label_grad(s, idx, label, m_s, log_z_1, hard_w)
                 g *= transform_slope(s, s_scale, s_cap, S_KIND) * inv_div
                 tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=kmask)
@@ -207,13 +206,13 @@ def sparse_kd_forward(
     s_scale, s_softcap, s_kind = transform_args(options.student_logit_scale, options.student_softcap)
     launch(
         _sparse_kd_row_kernel, (n_rows,), student.device,
-        student, topk_logprobs, topk_indices, labels, loss, grad, grad_divisor if compute_grad else None,
+        student, topk_logprobs, topk_indices, absent(torch.int64, student.device) if labels is None else labels, loss,
+        grad, grad_divisor,
         vocab, k, student.stride(0), vocab,
         1.0 / options.temperature, options.beta, *mixture_logs(options.divergence, options.beta),
         options.hard_weight, options.soft_weight, options.ignore_index, s_scale, s_softcap,
-        DIV=options.divergence, HAS_LABELS=labels is not None,
-        HAS_HARD=labels is not None and options.hard_weight > 0,
-        BUCKET=options.rest_bucket, COMPUTE_GRAD=compute_grad, ACC=acc,
+        labels is not None, labels is not None and options.hard_weight > 0,
+        bool(options.rest_bucket), compute_grad, DIV=options.divergence, ACC=acc,
         BLOCK_V=block_v, BLOCK_K=block_k, S_KIND=s_kind, num_warps=row_warps(block_v),
     )
     return loss, grad
