@@ -41,7 +41,7 @@ test: install
 # on first use, torch pinned to the local CPU wheel), then the CUDA C++ kernels with nvcc -Xptxas -v for
 # sm_80/90/100 (all of them in every mode: about 4 minutes on 2 cores).
 # AOT_FLAGS=--quick: the CI subset; AOT_FLAGS="--shard I/N": every N-th specialisation from the I-th (the
-# full matrix takes hours on 2 cores: split it over machines); compiled rows are cached in ~/.cache/kdops/aot-rows
+# full matrix: 4851 compiles, about 80 minutes on 2 cores: split it over machines); rows are cached in ~/.cache/kdops/aot-rows
 # under Triton's own cache key (a re-run compiles what changed; --no-cache: everything).
 # No GPU needed; non-zero exit status on any failure.
 TRITON36_VENV ?= $(HOME)/.cache/kdops/venv-triton36
