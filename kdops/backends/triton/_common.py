@@ -10,7 +10,7 @@ accumulation dtypes, the jit helpers of the row kernels and the one launch helpe
   hard term, gradients, a mask are there; causal or not) is a runtime bool, not a constexpr, so
   that it adds no compiled variant (a GPU JIT-compiles each constexpr combination once,
   ``tools/aot_check.py`` compiles each for three targets); an absent optional input it guards
-  is :func:`absent`. What selects different math (the divergence, the dtype, the tiles) stays a
+  is :func:`or_absent`. What selects different math (the divergence, the dtype, the tiles) stays a
   constexpr: one kernel holding every divergence as a runtime branch took 180 registers where
   its constexpr kernels took 64-117 (sm_90), and compiled 4 times slower.
 * :func:`launch`: ``kernel[grid](...)`` on the tensors' CUDA device and its current stream (Triton
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import triton
@@ -101,10 +101,11 @@ def write_ignored_row(g_row, loss_ptr, grad_ptr, row, V, BLOCK_V: tl.constexpr, 
     tl.store(loss_ptr + row, tl.zeros([], loss_ptr.dtype.element_ty))
 
 
-def absent(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An empty tensor (a null pointer) for an optional input a kernel reads only under a runtime
-    flag: present and absent then compile to one kernel (``None`` is a constexpr)."""
-    return torch.empty(0, dtype=dtype, device=device)
+def or_absent(x: Optional[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``x``, or for ``None`` an empty ``dtype`` tensor (a null pointer): an optional input that a
+    kernel reads only under a runtime flag, so that present and absent compile to one kernel
+    (``None`` would be a constexpr)."""
+    return torch.empty(0, dtype=dtype, device=device) if x is None else x
 
 
 def launch(kernel: Any, grid: Sequence[int], device: torch.device, *args: Any, **options: Any) -> None:

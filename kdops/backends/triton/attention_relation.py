@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.backends.triton._common import UPCAST_DOT, absent, acc_dtype, launch, mixture_logs
+from kdops.backends.triton._common import UPCAST_DOT, acc_dtype, launch, mixture_logs, or_absent
 from kdops.backends.triton.divergence import divergence_term
 
 # Query / key tile rows (the kernels' BLOCK_M = BLOCK_N). 64 x 64 spills on sm_90 (two fp32 score
@@ -296,11 +296,6 @@ def _arguments(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, temperature: floa
     return [H, L, Ds, Dt, *strides, *scalars], constexprs
 
 
-def _mask(counted: Optional[Tensor], device: torch.device) -> Tensor:
-    """The mask pointer: ``counted`` ``[B, L]``, or when absent a null one (``has_mask`` False)."""
-    return absent(torch.uint8, device) if counted is None else counted
-
-
 def relation_forward(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, counted: Optional[Tensor], causal: bool,
                      temperature: float, divergence: int, beta: float) -> tuple[Tensor, Tensor]:
     """(row losses ``[B, H, L]``, stats ``[3, B, H, L]`` = lse_s, lse_t, S), compute dtype."""
@@ -311,7 +306,8 @@ def relation_forward(sa: Tensor, sb: Tensor, ta: Tensor, tb: Tensor, counted: Op
     if rows.numel():
         args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
         launch(_forward_kernel, (B * H * triton.cdiv(L, constexprs["BLOCK_M"]),), sa.device, sa, sb, ta, tb,
-               _mask(counted, sa.device), rows, stats, *args, counted is not None, causal, **constexprs)
+               or_absent(counted, torch.uint8, sa.device), rows, stats, *args, counted is not None, causal,
+               **constexprs)
     return rows, stats
 
 
@@ -327,6 +323,6 @@ def relation_backward(grad_rows: Tensor, sa: Tensor, sb: Tensor, ta: Tensor, tb:
         args, constexprs = _arguments(sa, sb, ta, tb, temperature, divergence, beta)
         for out, keys in ((da, False), (db, True)):
             grid = (B * H * triton.cdiv(L, constexprs["BLOCK_N" if keys else "BLOCK_M"]),)
-            launch(_backward_kernel, grid, sa.device, sa, sb, ta, tb, _mask(counted, sa.device), stats, grad_rows,
-                   out, *args, counted is not None, causal, KEYS=keys, **constexprs)
+            launch(_backward_kernel, grid, sa.device, sa, sb, ta, tb, or_absent(counted, torch.uint8, sa.device),
+                   stats, grad_rows, out, *args, counted is not None, causal, KEYS=keys, **constexprs)
     return da, db

@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kdops import _alloc
-from kdops.backends.triton._common import UPCAST_DOT, absent, block, launch, mixture_logs
+from kdops.backends.triton._common import UPCAST_DOT, block, launch, mixture_logs, or_absent
 from kdops.backends.triton.divergence import FORWARD_KL, divergence_term
 from kdops.backends.triton.logit_transform import transform, transform_args, transform_slope
 from kdops.divergences import divergence_code
@@ -321,16 +321,17 @@ def fused_linear_distill(
         stats = _alloc.empty(6, count, **f32)  # m_s, log z_s, log z_1, m_t, log z_t, S
 
         def given(x: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-            return absent(dtype, device) if x is None else x
+            return or_absent(x, dtype, device)
 
-        def run_pass(pass_: int, part: Tensor, grad_ptrs: list[Optional[Tensor]]) -> None:
+        def run_pass(pass_: int, part: Optional[Tensor], grad_ptrs: list[Optional[Tensor]]) -> None:
             # pass 2 reads no label, passes 1-2 no row weight
             pass_hard = hard and pass_ != 2
             weights = row_weights if pass_ == 3 else None
             launch(
                 _fused_linear_kd_kernel, (triton.cdiv(count, blocks.bm), segs), device,
                 h, w, given(b, w.dtype), th, tw, given(tb, tw.dtype), given(row_ids, torch.int64),
-                given(labels if pass_hard else None, torch.int64), given(weights, torch.float32), stats, part,
+                given(labels if pass_hard else None, torch.int64), given(weights, torch.float32), stats,
+                given(part, torch.float32),
                 *(given(g, torch.float32) for g in grad_ptrs),
                 count, vocab, hs, ht, per_seg, *h.stride(), *w.stride(), *th.stride(), *tw.stride(),
                 1.0 / temperature, beta, *mixture_logs(divergence, beta), hard_weight, soft_weight,
@@ -354,10 +355,9 @@ def fused_linear_distill(
             run_pass(2, part, no_grads)
             div, stats[5] = part.sum(1)
         if compute_grad:
-            forward_kl = divergence == _FORWARD_KL  # pass 3 sums D
-            part = _alloc.empty(1, segs, count, **f32) if forward_kl else absent(torch.float32, device)
+            part = _alloc.empty(1, segs, count, **f32) if divergence == _FORWARD_KL else None
             run_pass(3, part, grads)
-            if forward_kl:
+            if part is not None:
                 div = part[0].sum(0)
         loss = soft_weight * div
         if hard:

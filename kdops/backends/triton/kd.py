@@ -39,21 +39,17 @@ from torch import Tensor
 
 from kdops import _alloc
 from kdops.backends.triton._common import (
-    absent,
     acc_dtype,
     block,
     exp_sum,
     launch,
     mixture_logs,
+    or_absent,
     row_block,
     row_warps,
     write_ignored_row,
 )
-from kdops.backends.triton.divergence import (
-    FORWARD_KL,
-    HARD,
-    divergence_term,
-)
+from kdops.backends.triton.divergence import FORWARD_KL, HARD, divergence_term
 from kdops.backends.triton.logit_transform import (
     TRANSFORM_NONE,
     TRANSFORM_SOFTCAP,
@@ -128,60 +124,6 @@ def _argmax_step(x, cols, V, best, target):
 
 
 @triton.jit
-def _divergence_sums(s_row, t_row, offs, V, m_s, m_t, log_z_s, off_t, inv_t, teachers, teacher_k_stride, n_teachers,
-                     s_scale, s_cap, t_scale, t_cap, b, log_b, log_1mb, DIV: tl.constexpr, S_KIND: tl.constexpr,
-                     T_KIND: tl.constexpr, ACC: tl.constexpr, MULTI: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Pass 2 of divergence ``DIV`` over a row: (D, S) = (sum d, sum q)."""
-    d_sum = tl.zeros([], ACC)
-    q_sum = tl.zeros([], ACC)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        _, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers, teacher_k_stride,
-                               n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND, T_KIND, ACC, MULTI)
-        d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
-        d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
-        q_sum += tl.sum(tl.where(mask, q, 0.0), axis=0)
-    return d_sum, q_sum
-
-
-@triton.jit
-def _gradient_pass(s_row, t_row, g_row, grad_ptr, offs, V, d_sum, q_sum, m_s, m_t, log_z_s, off_t, inv_t, teachers,
-                   teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, b, log_b, log_1mb, soft_w, hard_w,
-                   label, log_z_1, target, n_nan, inv_divisor, compute_grad, has_hard, DIV: tl.constexpr,
-                   S_KIND: tl.constexpr, T_KIND: tl.constexpr, ACC: tl.constexpr, MULTI: tl.constexpr,
-                   BLOCK_V: tl.constexpr, HAS_DIVISOR: tl.constexpr):
-    """Pass 3 of divergence ``DIV`` over a row: forward KL's D (added to ``d_sum``, returned) and,
-    with ``compute_grad``, the gradient row."""
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        if DIV == HARD:  # q = -onehot(target): the student's row only
-            s = load_transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
-            ls = (s - m_s) * inv_t - log_z_s
-            q = tl.where(cols == target, -1.0, 0.0)
-        else:
-            s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
-                                   teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND, T_KIND, ACC,
-                                   MULTI)
-            d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
-            if DIV == FORWARD_KL:
-                d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
-        if compute_grad:
-            g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
-            if has_hard:
-                g += hard_label_grad(s, cols, label, m_s, log_z_1, hard_w)
-            if S_KIND != TRANSFORM_NONE:
-                g *= transform_slope(s, s_scale, s_cap, S_KIND)
-            if HAS_DIVISOR:
-                g *= inv_divisor
-            if DIV == HARD:
-                g = tl.where(n_nan > 0, float("nan"), g)
-            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
-    return d_sum
-
-
-@triton.jit
 def _kd_row_kernel(
     student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr,
     V, student_stride, teacher_stride, grad_stride, teacher_k_stride, n_teachers, log_weights_ptr,
@@ -251,8 +193,8 @@ def _kd_row_kernel(
         # Pass 2: D = sum d and S = sum q (forward KL: S = -sum p_t = -1, D summed in pass 3;
         # HARD: S = -1, and with MULTI the mixture's argmax).
         d_sum = tl.zeros([], ACC)
-        q_sum = tl.full([], -1.0, ACC)
         if DIV == HARD:
+            q_sum = tl.full([], -1.0, ACC)
             if MULTI:
                 best = tl.full([], float("-inf"), ACC)
                 for start in range(0, V, BLOCK_V):
@@ -263,22 +205,50 @@ def _kd_row_kernel(
                     lt = _teacher_log_probs(t, m_t, off_t, inv_t, teachers, n_teachers, MULTI)
                     best, target = _argmax_step(tl.where(mask & (lt == lt), lt, float("-inf")), cols, V, best,
                                                 target)
-        elif DIV != FORWARD_KL:
-            d_sum, q_sum = _divergence_sums(
-                s_row, t_row, offs, V, m_s, m_t, log_z_s, off_t, inv_t, teachers, teacher_k_stride, n_teachers,
-                s_scale, s_cap, t_scale, t_cap, b, log_b, log_1mb, DIV, S_KIND, T_KIND, ACC, MULTI, BLOCK_V)
+        elif DIV == FORWARD_KL:
+            q_sum = tl.full([], -1.0, ACC)
+        else:
+            q_sum = tl.zeros([], ACC)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                mask = cols < V
+                _, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
+                                        teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND,
+                                        T_KIND, ACC, MULTI)
+                d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
+                d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
+                q_sum += tl.sum(tl.where(mask, q, 0.0), axis=0)
 
         # Pass 3: forward KL's D; the gradient soft_w / T * (q - p_s * S) + hard_w * (p_1 - onehot),
         # times the student transform's slope, divided by the reduction's divisor.
-        inv_divisor = tl.full([], 1.0, ACC)
         if HAS_DIVISOR:
             inv_divisor = 1.0 / tl.load(grad_divisor_ptr).to(ACC)
         if compute_grad | (DIV == FORWARD_KL):
-            d_sum = _gradient_pass(
-                s_row, t_row, g_row, grad_ptr, offs, V, d_sum, q_sum, m_s, m_t, log_z_s, off_t, inv_t, teachers,
-                teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, b, log_b, log_1mb, soft_w, hard_w,
-                label, log_z_1, target, n_nan, inv_divisor, compute_grad, has_hard, DIV, S_KIND, T_KIND, ACC,
-                MULTI, BLOCK_V, HAS_DIVISOR)
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                mask = cols < V
+                if DIV == HARD:  # q = -onehot(target): the student's row only
+                    s = load_transformed(s_row + cols, mask, 0.0, s_scale, s_cap, S_KIND, ACC)
+                    ls = (s - m_s) * inv_t - log_z_s
+                    q = tl.where(cols == target, -1.0, 0.0)
+                else:
+                    s, ls, lt = _log_probs(s_row, t_row, cols, mask, m_s, m_t, log_z_s, off_t, inv_t, teachers,
+                                            teacher_k_stride, n_teachers, s_scale, s_cap, t_scale, t_cap, S_KIND,
+                                            T_KIND, ACC, MULTI)
+                    d, q = divergence_term(ls, lt, b, log_b, log_1mb, DIV)
+                    if DIV == FORWARD_KL:
+                        d_sum += tl.sum(tl.where(mask, d, 0.0), axis=0)
+                if compute_grad:
+                    g = soft_w * inv_t * (q - tl.exp(ls) * q_sum)
+                    if has_hard:
+                        g += hard_label_grad(s, cols, label, m_s, log_z_1, hard_w)
+                    if S_KIND != TRANSFORM_NONE:
+                        g *= transform_slope(s, s_scale, s_cap, S_KIND)
+                    if HAS_DIVISOR:
+                        g *= inv_divisor
+                    if DIV == HARD:
+                        g = tl.where(n_nan > 0, float("nan"), g)
+                    tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
         if DIV == HARD:  # D = -ls[target]; NaN with a NaN teacher logit
             s_target = load_transformed(s_row + target, target < V, 0.0, s_scale, s_cap, S_KIND, ACC)
@@ -329,7 +299,7 @@ def kd_forward(
     num_warps = row_warps(block_v * block_k * (2 if softcapped_mixture else 1))
     launch(
         _kd_row_kernel, (n_rows,), student.device,
-        student, teacher, absent(torch.int64, student.device) if labels is None else labels, loss, grad,
+        student, teacher, or_absent(labels, torch.int64, student.device), loss, grad,
         vocab, student.stride(0), teacher.stride(-2), vocab, teacher.stride(0) if multi else 0,
         n_teachers, teacher_log_weights if multi else None,
         1.0 / options.temperature, options.beta, *mixture_logs(options.divergence, options.beta),

@@ -28,11 +28,11 @@ from torch import Tensor
 
 from kdops import _alloc
 from kdops.backends.triton._common import (
-    absent,
     acc_dtype,
     block,
     launch,
     mixture_logs,
+    or_absent,
     row_block,
     row_warps,
     write_ignored_row,
@@ -206,8 +206,8 @@ def sparse_kd_forward(
     s_scale, s_softcap, s_kind = transform_args(options.student_logit_scale, options.student_softcap)
     launch(
         _sparse_kd_row_kernel, (n_rows,), student.device,
-        student, topk_logprobs, topk_indices, absent(torch.int64, student.device) if labels is None else labels, loss,
-        grad, grad_divisor,
+        student, topk_logprobs, topk_indices, or_absent(labels, torch.int64, student.device), loss, grad,
+        grad_divisor,
         vocab, k, student.stride(0), vocab,
         1.0 / options.temperature, options.beta, *mixture_logs(options.divergence, options.beta),
         options.hard_weight, options.soft_weight, options.ignore_index, s_scale, s_softcap,
