@@ -22,7 +22,8 @@ before the gradient's one rounding to the student's dtype.
 
 The divergence ``DIV`` is a constexpr (one kernel per code: each compiles to its own terms);
 labels, the hard term and gradients are runtime flags (branches uniform over the program, so
-that they add no compiled variant).
+that they add no compiled variant). The teacher stride ``N * V`` is annotated int64: Triton binds
+an unannotated int as i32 below 2^31 and i64 above, two compiles of one kernel.
 
 DeiT's hard target (``DIV == HARD``): ``D = -ls[target]``, ``q = -onehot(target)``, ``S = -1``,
 with ``target`` the first index of the teacher's maximum, kept in pass 1 beside the student's
@@ -126,7 +127,7 @@ def _argmax_step(x, cols, V, best, target):
 @triton.jit
 def _kd_row_kernel(
     student_ptr, teacher_ptr, labels_ptr, loss_ptr, grad_ptr,
-    V, student_stride, teacher_stride, grad_stride, teacher_k_stride, n_teachers, log_weights_ptr,
+    V, student_stride, teacher_stride, grad_stride, teacher_k_stride: "tl.int64", n_teachers, log_weights_ptr,
     inv_temperature: "tl.float64", beta: "tl.float64", log_beta: "tl.float64",
     log_1m_beta: "tl.float64", hard_weight: "tl.float64", soft_weight: "tl.float64",
     ignore_index, student_scale: "tl.float64", student_softcap: "tl.float64", teacher_scale: "tl.float64",
