@@ -24,13 +24,15 @@ def _run(code: str, timeout: int = 600) -> dict:
 
 
 def test_capture_bind_dedupe_and_compile_one():
-    """kd launches at K = 1 and K = 3 (two vocabularies: one specialisation each), the
-    specialisations Triton's binder gives them, and one real compile for sm_90 read back."""
+    """kd launches at K = 1 and K = 3 (two vocabularies: one specialisation each, also where the
+    teacher stride N * V passes 2^31: it is annotated int64, or Triton would bind it as i32 at
+    V = 32000 and i64 at V = 262144, two JIT compiles of one kernel), the specialisations
+    Triton's binder gives them, and one real compile for sm_90 read back."""
     out = _run("""
         import json, sys, torch
         sys.path.insert(0, "tools")
         import aot_check as a
-        m = a.Matrix(dtypes=(torch.bfloat16,), vocabs=(32000, 151936), divergences=(2,), kd_divergences=(),
+        m = a.Matrix(dtypes=(torch.bfloat16,), vocabs=(32000, 262144), divergences=(2,), kd_divergences=(),
                      teachers=(1, 3), label_modes=("hard",), grads=(True,))
         launches = a.capture(m, ("kd",))
         specs = a.specialisations(launches)
@@ -47,10 +49,23 @@ def test_capture_bind_dedupe_and_compile_one():
         a.SPILL_BUDGET = -1  # every row now over budget: the check runs on the cached row too
         over = a.compile_spec(0, 90)
         other_arch = a.compile_spec(0, 100)  # another key: compiled
+        cached_files = len(list(a._ROW_CACHE.iterdir()))
+        a.SPILL_BUDGET, a._ROW_CACHE = 32, None
+        record = Path(tempfile.mkdtemp()) / "rows.json"  # a committed full run's rows (--record)
+        a.write_recorded(record, [row, other_arch], dict(date="today"))
+        a._RECORDED = a.load_recorded(record)
+        recorded = a.compile_spec(0, 90)  # the recorded row stands for the compile
+        a._VERIFY = frozenset([row["key"]])  # --verify: compiled again, compared with the recorded row
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+        verified = a.compile_spec(0, 90)
+        a._RECORDED[row["key"]] = dict(a._RECORDED[row["key"]], regs=row["regs"] + 1)  # a row that lies
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
+        disagrees = a.compile_spec(0, 90)
         print(json.dumps(dict(launches=len(launches), specs=[s.summary for s in specs], cases=specs[0].cases,
                               grid=specs[0].max_grid, signature={k: str(v) for k, v in signature.items()},
                               num_warps=options.num_warps, row=row, again=again, over=over,
-                              other_arch=other_arch, cached_files=len(list(a._ROW_CACHE.iterdir())))))
+                              other_arch=other_arch, cached_files=cached_files, recorded=recorded,
+                              verified=verified, disagrees=disagrees, record_rows=len(a._RECORDED))))
     """)
     assert out["launches"] == 4  # 2 vocabularies x 2 teacher counts
     assert len(out["specs"]) == 2  # the vocabulary changes no specialisation here
@@ -59,17 +74,27 @@ def test_capture_bind_dedupe_and_compile_one():
     assert "MULTI=True" in multi and "BLOCK_K=4" in multi and "BLOCK_V=1024" in multi
     assert out["grid"] == [8192, 1, 1] and len(out["cases"]) == 2
     assert out["signature"]["student_ptr"] == "*bf16" and out["signature"]["labels_ptr"] == "*i64"
+    assert out["signature"]["teacher_k_stride"] == "i64"
     # the flags are runtime bools: not constexprs, not value-specialised
     assert out["signature"]["has_hard"] in ("i1", "u1") and out["signature"]["compute_grad"] in ("i1", "u1")
     row = out["row"]
     assert row["errors"] == [] and row["arch"] == "sm_90" and row["kernel"] == "_sq_norms_kernel"
     assert 0 < row["regs"] <= 255 and row["spill_stores"] == 0 and row["ctas_per_sm"] >= 1
     assert row["cuobjdump_regs"] == row["regs"]
-    assert row["cached"] is False and out["again"]["cached"] is True and out["other_arch"]["cached"] is False
+    assert row["source"] == "compiled" and out["again"]["source"] == "cached"
+    assert out["other_arch"]["source"] == "compiled" and out["other_arch"]["key"] != row["key"]
     for name in ("regs", "spill_stores", "shared", "ctas_per_sm"):
         assert out["again"][name] == row[name]
     assert out["again"]["errors"] == [] and "budget -1 B" in " ".join(out["over"]["errors"])
     assert out["other_arch"]["arch"] == "sm_100" and out["cached_files"] == 2
+    # recorded rows: taken by key (and checked); with --verify compiled again and compared
+    assert out["record_rows"] == 2
+    assert out["recorded"]["source"] == "recorded" and out["recorded"]["errors"] == []
+    assert out["verified"]["source"] == "compiled" and out["verified"]["errors"] == []
+    for name in ("regs", "spill_stores", "shared", "ctas_per_sm"):
+        assert out["recorded"][name] == out["verified"][name] == row[name]
+    assert out["disagrees"]["errors"] == [f"differs from its recorded row (regs {row['regs'] + 1} recorded, "
+                                          f"{row['regs']} compiled)"]
 
 
 def test_attention_relation_capture_and_shards():

@@ -23,13 +23,22 @@ options, target, ptxas and Triton versions): a re-run compiles only what changed
 run again on every row. ``--no-cache`` compiles everything. ``--shard I/N`` takes every N-th
 specialisation (to split the matrix over machines, or to time a sample of it).
 
+Recorded rows: ``--record FILE`` writes every row's key and resources (``make aot-rows``:
+``benchmarks/results/aot-rows.json``, the committed full run); with ``--recorded FILE`` a row of
+FILE stands for the compile of the same key, as a row of Triton's own cache stands for it on a
+GPU (the checks still run on it), so that CI checks the whole matrix and compiles only the
+kernels changed since (``--max-compiles N``: more than N such rows fail at once, before
+compiling). ``--verify`` (every row) and ``--verify-quick I/N`` (a sample of the quick subset's)
+compile recorded rows again from scratch and fail where one differs from its record.
+
 ``--python PY`` runs the same check under another interpreter (another Triton: the Makefile
 passes a Triton 3.6 virtual environment) in parallel with this one, and merges its rows. Output:
 a table per kernel / arch / Triton version (then every failure) on stdout, all rows as JSON
 (``--json``).
 
     python3 tools/aot_check.py                   # full matrix (make aot-check runs it for both Tritons)
-    python3 tools/aot_check.py --quick           # the CI subset
+    python3 tools/aot_check.py --recorded benchmarks/results/aot-rows.json --verify-quick 0/2   # CI's check
+    python3 tools/aot_check.py --quick           # the representative subset
     python3 tools/aot_check.py --shard 0/20 --no-cache   # a 1/20 sample, compiled from scratch
 """
 from __future__ import annotations
@@ -547,6 +556,8 @@ def check(row: dict, cc: int, grid: list[int], budget: int) -> list[str]:
 
 
 _ROW_CACHE: Optional[Path] = None  # where compiled rows are kept between runs (None: no cache)
+_RECORDED: dict[str, dict] = {}  # the rows of a committed full run (--recorded), by row key
+_VERIFY: frozenset = frozenset()  # the row keys compiled even where recorded, and compared (--verify*)
 # Bump when a cached row's fields or their reading change (invalidates every cached row).
 ROW_FORMAT = 1
 RESOURCE_FIELDS = ("regs", "stack", "spill_stores", "spill_loads", "cuobjdump_regs", "cuobjdump_stack",
@@ -582,9 +593,23 @@ def _compile_resources(src: ASTSource, target: Any, options: Any, cc: int) -> di
     return row
 
 
-def compile_spec(index: int, cc: int) -> dict:
+def task_key(spec: Spec, cc: int) -> str:
+    """:func:`row_key` of ``spec`` compiled for sm_``cc``."""
+    target, signature, constexprs, attrs, options = bind(spec.fn, spec.args, spec.kwargs, cc)
+    return row_key(ASTSource(spec.fn, signature, constexprs, attrs), target, options)
+
+
+def _disagreement(row: dict, recorded: dict) -> list[str]:
+    """Where a fresh compile's resources differ from the recorded row of the same key."""
+    diff = [f"{f} {recorded.get(f)} recorded, {row[f]} compiled" for f in RESOURCE_FIELDS if recorded.get(f) != row[f]]
+    return [f"differs from its recorded row ({', '.join(diff)})"] if diff else []
+
+
+def compile_spec(index: int, cc: int, key: Optional[str] = None) -> dict:
     """Compile ``_SPECS[index]`` for sm_``cc`` and read its resources (in a worker process), or
-    read them from the row cache; the checks run on every row, cached or not."""
+    take them from the recorded rows (``_RECORDED``) or the row cache, unless the key is in
+    ``_VERIFY``: then it is compiled, and fails where it disagrees with its recorded row. The
+    checks run on every row, whatever its source."""
     spec = _SPECS[index]
     row = dict(kernel=spec.name, spec=spec.summary, arch=f"sm_{cc}", triton=triton.__version__,
                grid=spec.max_grid, cases=spec.cases)
@@ -592,18 +617,25 @@ def compile_spec(index: int, cc: int) -> dict:
     try:
         target, signature, constexprs, attrs, options = bind(spec.fn, spec.args, spec.kwargs, cc)
         src = ASTSource(spec.fn, signature, constexprs, attrs)
-        cached = _ROW_CACHE / f"{row_key(src, target, options)}.json" if _ROW_CACHE else None
-        if cached is not None and cached.exists():
-            row.update(json.loads(cached.read_text()), cached=True)
+        row["key"] = key = key or row_key(src, target, options)
+        cached = _ROW_CACHE / f"{key}.json" if _ROW_CACHE else None
+        recorded = _RECORDED.get(key)
+        if recorded is not None and key not in _VERIFY:
+            row.update(recorded, source="recorded")
+        elif cached is not None and cached.exists() and key not in _VERIFY:
+            row.update(json.loads(cached.read_text()), source="cached")
         else:
             resources = _compile_resources(src, target, options, cc)
             resources["first_compile_cpu_s"] = round(_cpu_seconds() - cpu_start, 2)
-            row.update(resources, cached=False)
+            row.update(resources, source="compiled")
             if cached is not None:  # written whole, then renamed: a reader never sees half a row
                 tmp = cached.with_suffix(f".{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(resources))
                 tmp.replace(cached)
         row["errors"] = check(row, cc, spec.max_grid, SPILL_BUDGET)
+        if recorded is not None and key in _VERIFY:
+            row["errors"] += _disagreement(row, recorded)
+            row["verified"] = True
     except Exception as e:  # a compile error is a failure of the check, reported with the rest (never cached)
         row["errors"] = [f"compile error: {type(e).__name__}: {str(e)[-800:]}"]
     row["compile_s"] = round(time.perf_counter() - start, 2)
@@ -618,9 +650,11 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int, row_cache: Optional[Path] = None) -> list[dict]:
+def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int, row_cache: Optional[Path] = None,
+                keys: Optional[dict] = None) -> list[dict]:
     """Every spec for every arch, ``jobs`` processes (forked: they inherit the specs), fresh Triton
-    cache (so that ptxas runs); rows found in ``row_cache`` are read, not compiled."""
+    cache (so that ptxas runs); rows found in the recorded rows or ``row_cache`` are read, not
+    compiled. ``keys``: the row keys of the tasks, where already computed."""
     global _SPECS, _ROW_CACHE
     _SPECS, _ROW_CACHE = specs, row_cache
     if row_cache is not None:
@@ -629,13 +663,30 @@ def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int, row_cache:
     with tempfile.TemporaryDirectory(prefix="kdops-aot-cache-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         with _fork_pool(jobs) as pool:
-            futures = [pool.submit(compile_spec, i, cc) for i, cc in tasks]
+            futures = [pool.submit(compile_spec, i, cc, (keys or {}).get((i, cc))) for i, cc in tasks]
             for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 r = future.result()
                 print(f"[aot {done}/{len(tasks)}] triton {r['triton']} {r['arch']} {r['kernel']} regs={r.get('regs')} "
-                      f"spill={r.get('spill_stores')}/{r.get('spill_loads')}{' (cached)' if r.get('cached') else ''} "
+                      f"spill={r.get('spill_stores')}/{r.get('spill_loads')} ({r.get('source', 'failed')}) "
                       f"{'; '.join(r['errors'])[:160]}", file=sys.stderr, flush=True)
             return [f.result() for f in futures]
+
+
+def load_recorded(path: Path) -> dict[str, dict]:
+    """The rows of a committed full run (written by ``--record``), by row key."""
+    data = json.loads(path.read_text())
+    if data.get("row_format") != ROW_FORMAT:
+        return {}  # rows of another format: none stands for a compile
+    return {r["key"]: {f: r[f] for f in (*RESOURCE_FIELDS, "first_compile_cpu_s")} for r in data["rows"]}
+
+
+def write_recorded(path: Path, rows: list[dict], meta: dict) -> None:
+    """Every row with resources, one a line: its key, what it is, its resources."""
+    keep = ("key", "kernel", "arch", "triton", "spec", *RESOURCE_FIELDS, "first_compile_cpu_s")
+    lines = [json.dumps({f: r[f] for f in keep}, separators=(",", ":"))
+             for r in sorted(rows, key=lambda r: (r["triton"], r["kernel"], r["arch"], r["spec"])) if "regs" in r]
+    head = json.dumps(dict(meta, row_format=ROW_FORMAT, spill_budget_bytes=SPILL_BUDGET), separators=(",", ":"))
+    path.write_text(head[:-1] + ',"rows":[\n' + ",\n".join(lines) + "\n]}\n")
 
 
 # ----------------------------------------------------------------------------- report
@@ -650,7 +701,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     for (kernel, arch, version), rs in sorted(groups.items()):
         ok = [r for r in rs if "regs" in r]
         out.append(dict(kernel=kernel, arch=arch, triton=version, specs=len(rs),
-                        failed=sum(bool(r["errors"]) for r in rs), cached=sum(bool(r.get("cached")) for r in rs),
+                        failed=sum(bool(r["errors"]) for r in rs),
+                        compiled=sum(r.get("source") == "compiled" for r in rs),
                         max_regs=max((r["regs"] for r in ok), default=None),
                         max_spill=max((max(r["spill_stores"], r["spill_loads"]) for r in ok), default=None),
                         max_shared=max((r["shared"] + r["static_shared"] for r in ok), default=None),
@@ -661,7 +713,7 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    cols = ("kernel", "arch", "triton", "specs", "failed", "cached", "max_regs", "max_spill", "max_shared",
+    cols = ("kernel", "arch", "triton", "specs", "failed", "compiled", "max_regs", "max_spill", "max_shared",
             "min_ctas_per_sm", "compile_s", "cpu_s")
     cells = [[str(r[c]) for c in cols] for r in summary]
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
@@ -671,8 +723,13 @@ def table(summary: list[dict]) -> str:
 
 
 def run_here(m: Matrix, jobs: int, families: tuple[str, ...], shard: tuple[int, int] = (0, 1),
-             row_cache: Optional[Path] = None) -> tuple[list[dict], dict]:
-    """Capture, dedupe and compile (shard ``i`` of ``n``: every n-th specialisation from the i-th)."""
+             row_cache: Optional[Path] = None, max_compiles: Optional[int] = None, verify: bool = False,
+             verify_quick: Optional[tuple[int, int]] = None) -> tuple[list[dict], dict]:
+    """Capture, dedupe and compile (shard ``i`` of ``n``: every n-th specialisation from the i-th).
+    With ``max_compiles``, fail before compiling when more rows than that are neither recorded
+    nor cached. Compiled even where recorded, and compared with the recorded row: every row
+    (``verify``), or every n-th compile of the quick subset's from the i-th (``verify_quick``)."""
+    global _SPECS, _VERIFY
     start = time.perf_counter()
     launches = capture(m, families)
     every = specialisations(launches)
@@ -680,12 +737,27 @@ def run_here(m: Matrix, jobs: int, families: tuple[str, ...], shard: tuple[int, 
     captured = time.perf_counter() - start
     same = [[f"{s.name} {s.summary}  <- {s.cases[0]}" for s in group] for group in redundant(specs, jobs)]
     digested = time.perf_counter() - start - captured
-    rows = compile_all(specs, m.archs, jobs, row_cache)
+    _SPECS = specs
+    keys = {(i, cc): task_key(spec, cc) for cc in m.archs for i, spec in enumerate(specs)}
+    if verify:
+        _VERIFY = frozenset(keys.values())
+    elif verify_quick is not None:
+        quick = specialisations(capture(quick_matrix(), families))
+        sample = [task_key(spec, cc) for cc in m.archs for spec in quick][verify_quick[0]::verify_quick[1]]
+        _VERIFY = frozenset(sample) & frozenset(keys.values())
+    missing = [k for k in keys.values() if k not in _VERIFY and k not in _RECORDED
+               and not (row_cache is not None and (row_cache / f"{k}.json").exists())]
     info = dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
                 launches=len(launches), specialisations=len(every), redundant=same, digest_s=round(digested, 1),
-                shard=f"{shard[0]}/{shard[1]}",
-                compiled_specialisations=len(specs), compiles=sum(not r.get("cached") for r in rows),
-                cached_rows=sum(bool(r.get("cached")) for r in rows), capture_s=round(captured, 1),
+                shard=f"{shard[0]}/{shard[1]}", compiled_specialisations=len(specs), to_compile=len(missing),
+                to_verify=len(_VERIFY))
+    if max_compiles is not None and len(missing) > max_compiles:
+        return [], dict(info, over_max_compiles=max_compiles)
+    rows = compile_all(specs, m.archs, jobs, row_cache, keys)
+    info.update(compiles=sum(r.get("source") == "compiled" for r in rows),
+                cached_rows=sum(r.get("source") == "cached" for r in rows),
+                recorded_rows=sum(r.get("source") == "recorded" for r in rows),
+                verified_rows=sum(bool(r.get("verified")) for r in rows), capture_s=round(captured, 1),
                 compile_wall_s=round(time.perf_counter() - start - captured - digested, 1),
                 compile_cpu_s=round(sum(r["cpu_s"] for r in rows), 1))
     return rows, info
@@ -714,14 +786,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-cache", action="store_true", help="compile everything, read and write no cached row")
     p.add_argument("--json", type=Path, default=None,
                    help="where the rows go (default benchmarks/results/aot[-quick]-<date>.json)")
+    p.add_argument("--recorded", type=Path, default=None, metavar="FILE",
+                   help="the rows of a committed full run (written by --record): a row of FILE with the same key "
+                        "stands for the compile (the checks still run on it)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --recorded: compile the recorded rows too, and fail where a fresh compile differs")
+    p.add_argument("--verify-quick", type=_shard, default=None, metavar="I/N",
+                   help="as --verify, for every N-th compile of the quick subset's from the I-th only")
+    p.add_argument("--max-compiles", type=int, default=None, metavar="N",
+                   help="fail, before compiling, when more than N rows per Triton are neither recorded nor cached")
+    p.add_argument("--record", type=Path, default=None, metavar="FILE",
+                   help="write every row's key and resources to FILE (for --recorded)")
     p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # a --python child: rows to --json
     args = p.parse_args(argv)
+    global _RECORDED
+    _RECORDED = load_recorded(args.recorded) if args.recorded else {}
     m = quick_matrix() if args.quick else Matrix()
     families = tuple(f for f in args.families.split(",") if f)
     unknown = set(families) - set(FAMILIES)
     if unknown:
         p.error(f"--families: unknown {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
     row_cache = None if args.no_cache else args.cache
+    if args.record and (args.quick or args.shard != (0, 1) or set(families) != set(FAMILIES)):
+        p.error("--record takes the full matrix (no --quick, --shard or --families): it replaces the file's rows")
 
     children = []  # the other Tritons' runs, started first so that they overlap this one
     for py in args.python:
@@ -731,10 +818,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         cmd = [py, __file__, "--rows-only", "--json", tmp.name, "--jobs", str(args.jobs), "--families",
                ",".join(families), "--shard", f"{args.shard[0]}/{args.shard[1]}",
                *(["--no-cache"] if row_cache is None else ["--cache", str(row_cache)]),
-               *(["--quick"] if args.quick else [])]
+               *(["--quick"] if args.quick else []), *(["--recorded", str(args.recorded)] if args.recorded else []),
+               *(["--verify"] if args.verify else []),
+               *(["--verify-quick", f"{args.verify_quick[0]}/{args.verify_quick[1]}"] if args.verify_quick else []),
+               *(["--max-compiles", str(args.max_compiles)] if args.max_compiles is not None else [])]
         children.append((tmp, cmd, subprocess.Popen(cmd)))
     start = time.perf_counter()
-    rows, info = run_here(m, args.jobs, families, args.shard, row_cache)
+    rows, info = run_here(m, args.jobs, families, args.shard, row_cache, args.max_compiles, args.verify,
+                          args.verify_quick)
     if args.rows_only:
         args.json.write_text(json.dumps(dict(rows=rows, runs=[info])))
         return 0
@@ -747,6 +838,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows += child["rows"]
         runs += child["runs"]
     wall = time.perf_counter() - start
+    over = [i for i in runs if "over_max_compiles" in i]
+    for i in over:
+        print(f"FAIL triton {i['triton']}: {i['to_compile']} rows are neither recorded"
+              f"{' in ' + str(args.recorded) if args.recorded else ''} nor cached, more than --max-compiles "
+              f"{i['over_max_compiles']} (kernel sources or the toolchain changed since the rows were recorded): "
+              "re-record them with `make aot-rows` (the full matrix) and commit the file")
+    if over:
+        return 1
 
     summary = summary_rows(rows)
     failures = [r for r in rows if r["errors"]]
@@ -760,6 +859,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                   spill_budget_bytes=SPILL_BUDGET, archs=[f"sm_{a}" for a in m.archs], wall_s=round(wall, 1),
                   runs=runs, summary=summary, failures=len(failures), redundant=len(same), rows=rows)
     out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.record:
+        write_recorded(args.record, rows, {k: result[k] for k in ("command", "date", "machine", "archs", "wall_s")}
+                       | dict(runs=runs))
     print(table(summary))
     for r in failures:
         print(f"FAIL {r['kernel']} {r['arch']} triton {r['triton']}: {'; '.join(r['errors'])}\n     {r['spec']}\n"
@@ -769,7 +871,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               "passed two ways, or a constexpr the kernel does not read):\n     " + "\n     ".join(group))
     print(f"{sum(i['compiled_specialisations'] for i in runs)} specialisations x {len(m.archs)} archs over "
           f"{', '.join('triton ' + i['triton'] for i in runs)} ({sum(i['compiles'] for i in runs)} compiled, "
-          f"{sum(i['cached_rows'] for i in runs)} cached) in {wall:.0f} s ({sum(i['compile_cpu_s'] for i in runs):.0f} "
+          f"{sum(i['cached_rows'] for i in runs)} cached, {sum(i['recorded_rows'] for i in runs)} recorded, "
+          f"{sum(i['verified_rows'] for i in runs)} compared with their recorded rows) "
+          f"in {wall:.0f} s ({sum(i['compile_cpu_s'] for i in runs):.0f} "
           f"CPU s of compiles): {len(failures)} failing, {len(same)} redundant; rows in {out}")
     return 1 if failures or same else 0
 
