@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 # torch is pinned: 2.13.0 resolves to the local CPU wheel here (an unpinned torch pulls CUDA builds)
 DEPS := torch==2.13.0 triton==3.9.0 pybind11 ninja pytest numpy
 
-.PHONY: install demo test bench lint aot-check gpu-check
+.PHONY: install demo test bench lint aot-triton aot-check aot-rows gpu-check
 
 install:
 	$(PIP) install -q $(DEPS)
@@ -36,25 +36,36 @@ test: install
 	$(PIP) install -q $(TEST_EXTRAS) $(LINT_DEPS) torch==2.13.0
 	$(PYTHON) -m pytest tests -q -ra -n auto
 
-# make aot-check: every Triton specialisation the launchers produce, compiled for sm_80/90/100 with
-# the pinned Triton and with Triton 3.6 (the GPU machines' version; a virtual environment made here
-# on first use, torch pinned to the local CPU wheel), then the CUDA C++ kernels with nvcc -Xptxas -v for
-# sm_80/90/100 (all of them in every mode: about 4 minutes on 2 cores).
-# AOT_FLAGS=--quick: the CI subset; AOT_FLAGS="--shard I/N": every N-th specialisation from the I-th (the
-# full matrix: 4851 compiles, about 80 minutes on 2 cores: split it over machines); rows are cached in ~/.cache/kdops/aot-rows
-# under Triton's own cache key (a re-run compiles what changed; --no-cache: everything).
-# No GPU needed; non-zero exit status on any failure.
+# make aot-check: every Triton specialisation the launchers produce (the full matrix), checked for
+# sm_80/90/100 with the pinned Triton and with Triton 3.6 (the GPU machines' version; a virtual
+# environment made here on first use, torch pinned to the local CPU wheel), then the CUDA C++ kernels
+# with nvcc -Xptxas -v for sm_80/90/100 (all of them in every mode: 4-14 minutes on 2 cores).
+# A row of $(AOT_ROWS) (the committed full run) stands for the compile of the same Triton cache key
+# (kernel sources, signature, constexprs, options, target, Triton and ptxas versions); the rest are
+# compiled (and cached in ~/.cache/kdops/aot-rows); the checks run on every row.
+# make aot-rows: the full matrix re-recorded in $(AOT_ROWS), compiling what the file lacks (after a
+# kernel change: commit the file with it); AOT_FLAGS=--verify compiles every row from scratch
+# (about 80 minutes on 2 cores) and fails where one differs from the file.
+# AOT_FLAGS: more flags (--quick: the CI subset; --verify: compile the recorded rows too and fail where
+# they differ; --shard I/N; --no-cache; --max-compiles N). No GPU needed; non-zero exit status on any failure.
 TRITON36_VENV ?= $(HOME)/.cache/kdops/venv-triton36
+AOT_ROWS ?= benchmarks/results/aot-rows.json
 AOT_FLAGS ?=
 AOT_DATE := $(shell date +%F)
+AOT_TRITON = nice $(PYTHON) tools/aot_check.py --python $(TRITON36_VENV)/bin/python
 
 $(TRITON36_VENV)/bin/python:
 	$(PYTHON) -m venv $(TRITON36_VENV)
 	$(TRITON36_VENV)/bin/pip install -q torch==2.13.0 triton==3.6.0 numpy
 
-aot-check: $(TRITON36_VENV)/bin/python
-	nice $(PYTHON) tools/aot_check.py --python $(TRITON36_VENV)/bin/python $(AOT_FLAGS)
+aot-triton: $(TRITON36_VENV)/bin/python
+	$(AOT_TRITON) --recorded $(AOT_ROWS) $(AOT_FLAGS)
+
+aot-check: aot-triton
 	nice $(PYTHON) tools/cuda_resource_check.py benchmarks/results/cuda-resources-$(AOT_DATE).json
+
+aot-rows: $(TRITON36_VENV)/bin/python
+	$(AOT_TRITON) --no-cache --recorded $(AOT_ROWS) --record $(AOT_ROWS) $(AOT_FLAGS)
 
 # make gpu-check: the one prepared command for a lent GPU (builds kdops, CUDA tests, GPU benchmark
 # presets; JSON under benchmarks/results/); GPU_CHECK_FLAGS=--dry-run runs its plumbing on CPU.

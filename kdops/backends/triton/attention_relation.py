@@ -38,10 +38,10 @@ TILE_ROWS = 32
 WIDE_TILE_ROWS = 16  # float32 and float64
 # A program holds about five row tiles at once (its own a or b tile of both models, the loop's
 # tile of both models, the accumulator): per tile row, (BLOCK_DS + BLOCK_DT) input elements
-# twice and BLOCK_DS accumulators. From WARP_WORDS 32-bit words per row the program takes 8
-# warps instead of 4 (on 4 warps, float32 at head sizes 128 / 128 and 64 / 128 and float64 from
-# 64 / 64 spilled 50-1100 B per thread on sm_90 / sm_100 in tools/aot_check.py, with skew reverse KL).
-WARP_WORDS = 256
+# twice and BLOCK_DS accumulators. From WARP_WORDS 32-bit words per row the program takes 8 warps, not 4 (on 4,
+# tools/aot_check.py: float32 at head sizes 128 / 128, 64 / 128 and float64 from 64 / 64 spilled 50-1100 B on sm_90 /
+# sm_100 with skew reverse KL; 16-bit at 128 / 64, 224 words, 40 B on sm_80 under Triton 3.9, the full matrix).
+WARP_WORDS = 224
 # Software pipelining keeps ``num_stages`` copies of the loop's two row tiles (student and teacher,
 # ``BLOCK_N x (BLOCK_DS + BLOCK_DT)`` inputs) in shared memory; the stages are capped so that the
 # copies take at most PIPELINE_BYTES (sm_80 has 163 KB a block): float64 head tiles 128 / 128 of
