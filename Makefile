@@ -47,7 +47,8 @@ test: install
 # kernel change: commit the file with it); AOT_FLAGS=--verify compiles every row from scratch
 # (about 80 minutes on 2 cores) and fails where one differs from the file.
 # AOT_FLAGS: more flags (--quick: the CI subset; --verify: compile the recorded rows too and fail where
-# they differ; --shard I/N; --no-cache; --max-compiles N). No GPU needed; non-zero exit status on any failure.
+# they differ; --verify-quick I/N, --verify-shard I/N: the same for a sample; --shard I/N; --no-cache;
+# --max-compiles N). No GPU needed; non-zero exit status on any failure.
 TRITON36_VENV ?= $(HOME)/.cache/kdops/venv-triton36
 AOT_ROWS ?= benchmarks/results/aot-rows.json
 AOT_FLAGS ?=

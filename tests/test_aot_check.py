@@ -53,7 +53,7 @@ def test_capture_bind_dedupe_and_compile_one():
         a.SPILL_BUDGET, a._ROW_CACHE = 32, None
         record = Path(tempfile.mkdtemp()) / "rows.json"  # a committed full run's rows (--record)
         a.write_recorded(record, [row, other_arch], dict(date="today"))
-        a._RECORDED = a.load_recorded(record)
+        a._RECORDED, stale = a.load_recorded(record)
         recorded = a.compile_spec(0, 90)  # the recorded row stands for the compile
         a._VERIFY = frozenset([row["key"]])  # --verify: compiled again, compared with the recorded row
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
@@ -171,8 +171,20 @@ def test_parsers_and_checks():
         parsed = {**a.parse_ptxas_log(log), **a.parse_resource_usage(dump)}
         row = dict(parsed, shared=240000, num_warps=8, ctas_per_sm=a.ctas_per_sm(90, 255, 8, 240000))
         errors = a.check(row, 90, [70000, 70000, 1], budget=32)
+        keys = [f"{i:02x}" * 32 for i in range(40, 0, -1)]  # row keys (hex digests), unsorted
+        shards = [sorted(a.verify_keys(keys, [], verify_shard=(i, 7))) for i in range(7)]
+        quick = sorted(a.verify_keys(keys, keys[:5] + ["ff" * 32], verify_quick=(1, 2)))
+        both = a.verify_keys(keys, keys[:6], verify_quick=(0, 3), verify_shard=(0, 20))
+        import tempfile
+        from pathlib import Path
+        old = Path(tempfile.mkdtemp()) / "rows.json"
+        old.write_text(json.dumps(dict(row_format=a.ROW_FORMAT - 1, rows=[dict(key="k")])))
         print(json.dumps(dict(parsed=parsed, errors=errors, ctas=[a.ctas_per_sm(90, 64, 4, 0),
-                                                                  a.ctas_per_sm(80, 128, 8, 100000)])))
+                                                                  a.ctas_per_sm(80, 128, 8, 100000)],
+                              keys=keys, shards=shards, quick=quick, both=sorted(both),
+                              none=sorted(a.verify_keys(keys, keys)),
+                              everything=sorted(a.verify_keys(keys, [], None, (0, 1))),
+                              stale=a.load_recorded(old), fmt=a.ROW_FORMAT)))
     """)
     assert out["parsed"] == dict(regs=255, stack=48, spill_stores=40, spill_loads=36, cuobjdump_regs=255,
                                  cuobjdump_stack=48, static_shared=0, local=0)
@@ -182,6 +194,14 @@ def test_parsers_and_checks():
         assert expected in text, text
     assert "grid[0]" not in text  # 2^31 - 1 blocks allowed along x
     assert out["ctas"] == [8, 1]  # 64 regs x 128 threads: the register file holds 8 CTAs; 100 KB smem: 1
+    # --verify-shard I/N: the N shards are disjoint, each a spread of the sorted keys, together every key
+    keys, shards = out["keys"], out["shards"]
+    assert sorted(k for shard in shards for k in shard) == sorted(keys) == out["everything"]
+    assert [len(x) for x in shards] == [6, 6, 6, 6, 6, 5, 5] and shards[0][:2] == [sorted(keys)[0], sorted(keys)[7]]
+    assert out["quick"] == sorted([keys[1], keys[3]])  # every 2nd quick key from the 1st, of the matrix only
+    assert out["both"] == sorted({keys[0], keys[3], sorted(keys)[0], sorted(keys)[20]}) and out["none"] == []
+    rows, why = out["stale"]  # a record of another row format: no row stands for a compile, and it says why
+    assert rows == {} and why.endswith(f"holds rows of format {out['fmt'] - 1}, this check reads format {out['fmt']}")
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -28,8 +28,10 @@ Recorded rows: ``--record FILE`` writes every row's key and resources (``make ao
 FILE stands for the compile of the same key, as a row of Triton's own cache stands for it on a
 GPU (the checks still run on it), so that CI checks the whole matrix and compiles only the
 kernels changed since (``--max-compiles N``: more than N such rows fail at once, before
-compiling). ``--verify`` (every row) and ``--verify-quick I/N`` (a sample of the quick subset's)
-compile recorded rows again from scratch and fail where one differs from its record.
+compiling). ``--verify`` (every row), ``--verify-quick I/N`` (a sample of the quick subset's) and
+``--verify-shard I/N`` (every N-th row in key order: CI rotates I with the commit count, so that
+N consecutive commits compile every row again) compile recorded rows again from scratch and
+fail where one differs from its record.
 
 ``--python PY`` runs the same check under another interpreter (another Triton: the Makefile
 passes a Triton 3.6 virtual environment) in parallel with this one, and merges its rows. Output:
@@ -37,7 +39,7 @@ a table per kernel / arch / Triton version (then every failure) on stdout, all r
 (``--json``).
 
     python3 tools/aot_check.py                   # full matrix (make aot-check runs it for both Tritons)
-    python3 tools/aot_check.py --recorded benchmarks/results/aot-rows.json --verify-quick 0/2   # CI's check
+    python3 tools/aot_check.py --recorded benchmarks/results/aot-rows.json --verify-shard 3/20  # as CI
     python3 tools/aot_check.py --quick           # the representative subset
     python3 tools/aot_check.py --shard 0/20 --no-cache   # a 1/20 sample, compiled from scratch
 """
@@ -672,12 +674,13 @@ def compile_all(specs: list[Spec], archs: tuple[int, ...], jobs: int, row_cache:
             return [f.result() for f in futures]
 
 
-def load_recorded(path: Path) -> dict[str, dict]:
-    """The rows of a committed full run (written by ``--record``), by row key."""
+def load_recorded(path: Path) -> tuple[dict[str, dict], str]:
+    """The rows of a committed full run (written by ``--record``), by row key, and why there are
+    none where its rows are of another ``ROW_FORMAT`` (then none stands for a compile)."""
     data = json.loads(path.read_text())
     if data.get("row_format") != ROW_FORMAT:
-        return {}  # rows of another format: none stands for a compile
-    return {r["key"]: {f: r[f] for f in (*RESOURCE_FIELDS, "first_compile_cpu_s")} for r in data["rows"]}
+        return {}, f"{path} holds rows of format {data.get('row_format')}, this check reads format {ROW_FORMAT}"
+    return {r["key"]: {f: r[f] for f in (*RESOURCE_FIELDS, "first_compile_cpu_s")} for r in data["rows"]}, ""
 
 
 def write_recorded(path: Path, rows: list[dict], meta: dict) -> None:
@@ -722,13 +725,27 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verify_keys(keys: list[str], quick_keys: list[str], verify_quick: Optional[tuple[int, int]] = None,
+                verify_shard: Optional[tuple[int, int]] = None) -> frozenset[str]:
+    """The row keys to compile again and compare with their recorded rows: every n-th of the quick
+    subset's ``quick_keys`` from the i-th (``verify_quick``), and every n-th of ``keys`` in sorted
+    order from the i-th (``verify_shard``; keys are hashes, so a shard is a sample spread over
+    every kernel, and the n shards together are every row: ``--verify`` is shard 0/1)."""
+    chosen = set()
+    if verify_quick is not None:
+        chosen |= set(quick_keys[verify_quick[0]::verify_quick[1]]) & set(keys)
+    if verify_shard is not None:
+        chosen |= set(sorted(set(keys))[verify_shard[0]::verify_shard[1]])
+    return frozenset(chosen)
+
+
 def run_here(m: Matrix, jobs: int, families: tuple[str, ...], shard: tuple[int, int] = (0, 1),
-             row_cache: Optional[Path] = None, max_compiles: Optional[int] = None, verify: bool = False,
-             verify_quick: Optional[tuple[int, int]] = None) -> tuple[list[dict], dict]:
+             row_cache: Optional[Path] = None, max_compiles: Optional[int] = None,
+             verify_quick: Optional[tuple[int, int]] = None,
+             verify_shard: Optional[tuple[int, int]] = None) -> tuple[list[dict], dict]:
     """Capture, dedupe and compile (shard ``i`` of ``n``: every n-th specialisation from the i-th).
     With ``max_compiles``, fail before compiling when more rows than that are neither recorded
-    nor cached. Compiled even where recorded, and compared with the recorded row: every row
-    (``verify``), or every n-th compile of the quick subset's from the i-th (``verify_quick``)."""
+    nor cached. The rows of :func:`verify_keys` are compiled even where recorded, and compared."""
     global _SPECS, _VERIFY
     start = time.perf_counter()
     launches = capture(m, families)
@@ -739,12 +756,9 @@ def run_here(m: Matrix, jobs: int, families: tuple[str, ...], shard: tuple[int, 
     digested = time.perf_counter() - start - captured
     _SPECS = specs
     keys = {(i, cc): task_key(spec, cc) for cc in m.archs for i, spec in enumerate(specs)}
-    if verify:
-        _VERIFY = frozenset(keys.values())
-    elif verify_quick is not None:
-        quick = specialisations(capture(quick_matrix(), families))
-        sample = [task_key(spec, cc) for cc in m.archs for spec in quick][verify_quick[0]::verify_quick[1]]
-        _VERIFY = frozenset(sample) & frozenset(keys.values())
+    quick = specialisations(capture(quick_matrix(), families)) if verify_quick else []
+    _VERIFY = verify_keys(list(keys.values()), [task_key(spec, cc) for cc in m.archs for spec in quick],
+                          verify_quick, verify_shard)
     missing = [k for k in keys.values() if k not in _VERIFY and k not in _RECORDED
                and not (row_cache is not None and (row_cache / f"{k}.json").exists())]
     info = dict(triton=triton.__version__, torch=torch.__version__, python=platform.python_version(),
@@ -766,7 +780,7 @@ def run_here(m: Matrix, jobs: int, families: tuple[str, ...], shard: tuple[int, 
 def _shard(text: str) -> tuple[int, int]:
     i, n = (int(x) for x in text.split("/"))
     if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N; got {text}")
+        raise argparse.ArgumentTypeError(f"I/N needs 0 <= I < N; got {text}")
     return i, n
 
 
@@ -793,6 +807,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="with --recorded: compile the recorded rows too, and fail where a fresh compile differs")
     p.add_argument("--verify-quick", type=_shard, default=None, metavar="I/N",
                    help="as --verify, for every N-th compile of the quick subset's from the I-th only")
+    p.add_argument("--verify-shard", type=_shard, default=None, metavar="I/N",
+                   help="as --verify, for every N-th row in key order from the I-th (the N shards are every row)")
     p.add_argument("--max-compiles", type=int, default=None, metavar="N",
                    help="fail, before compiling, when more than N rows per Triton are neither recorded nor cached")
     p.add_argument("--record", type=Path, default=None, metavar="FILE",
@@ -800,7 +816,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # a --python child: rows to --json
     args = p.parse_args(argv)
     global _RECORDED
-    _RECORDED = load_recorded(args.recorded) if args.recorded else {}
+    _RECORDED, stale = load_recorded(args.recorded) if args.recorded else ({}, "")
     m = quick_matrix() if args.quick else Matrix()
     families = tuple(f for f in args.families.split(",") if f)
     unknown = set(families) - set(FAMILIES)
@@ -821,11 +837,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                *(["--quick"] if args.quick else []), *(["--recorded", str(args.recorded)] if args.recorded else []),
                *(["--verify"] if args.verify else []),
                *(["--verify-quick", f"{args.verify_quick[0]}/{args.verify_quick[1]}"] if args.verify_quick else []),
+               *(["--verify-shard", f"{args.verify_shard[0]}/{args.verify_shard[1]}"] if args.verify_shard else []),
                *(["--max-compiles", str(args.max_compiles)] if args.max_compiles is not None else [])]
         children.append((tmp, cmd, subprocess.Popen(cmd)))
     start = time.perf_counter()
-    rows, info = run_here(m, args.jobs, families, args.shard, row_cache, args.max_compiles, args.verify,
-                          args.verify_quick)
+    rows, info = run_here(m, args.jobs, families, args.shard, row_cache, args.max_compiles, args.verify_quick,
+                          (0, 1) if args.verify else args.verify_shard)
     if args.rows_only:
         args.json.write_text(json.dumps(dict(rows=rows, runs=[info])))
         return 0
@@ -839,10 +856,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         runs += child["runs"]
     wall = time.perf_counter() - start
     over = [i for i in runs if "over_max_compiles" in i]
+    why = stale or "kernel sources or the toolchain changed since the rows were recorded"
     for i in over:
         print(f"FAIL triton {i['triton']}: {i['to_compile']} rows are neither recorded"
               f"{' in ' + str(args.recorded) if args.recorded else ''} nor cached, more than --max-compiles "
-              f"{i['over_max_compiles']} (kernel sources or the toolchain changed since the rows were recorded): "
+              f"{i['over_max_compiles']} ({why}): "
               "re-record them with `make aot-rows` (the full matrix) and commit the file")
     if over:
         return 1
