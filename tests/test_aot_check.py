@@ -53,7 +53,7 @@ def test_capture_bind_dedupe_and_compile_one():
         a.SPILL_BUDGET, a._ROW_CACHE = 32, None
         record = Path(tempfile.mkdtemp()) / "rows.json"  # a committed full run's rows (--record)
         a.write_recorded(record, [row, other_arch], dict(date="today"))
-        a._RECORDED, stale = a.load_recorded(record)
+        a._RECORDED, _ = a.load_recorded(record)
         recorded = a.compile_spec(0, 90)  # the recorded row stands for the compile
         a._VERIFY = frozenset([row["key"]])  # --verify: compiled again, compared with the recorded row
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
