@@ -634,6 +634,15 @@ def test_relation_losses(name):
         close_to_max(loss, expected, RELATION_LOSS_TOL[dtype], dtype, floor=1.0)
         assert grads[0].dtype == dtype
         rows = x.double().reshape(x.shape[0], -1)
+        if name == "rkd_distance" and x.shape[0] == 2 and options["smooth_l1_beta"] == 0.0:
+            # B = 2: d / mu is 1 for both models, the loss a constant, and L1's gradient sign(rounding):
+            # the reference's d / mu is exactly 1, the Triton backend's 1 +- 1 ulp (its distance tiles
+            # recomputed in other shapes than the mean's: KDOPS_HYPOTHESIS_SEED=3657762621 gave 0.4);
+            # what holds is the subgradient's bound |dL/dx| <= 2 / mu per stored element
+            mu = float(torch.pdist(rows).mean())
+            bound = 2.0 * expanded_copies(layout, shape) / mu * (1 + 1e-6)
+            assert bool(torch.isfinite(grads[0]).all()) and float(grads[0].abs().max()) <= bound
+            return
         typical = float(torch.cdist(rows, rows).mean() if name != "similarity_preserving" else rows.norm(dim=1).mean())
         typical = max(typical, 1e-3 * float(rows.abs().max()), 1e-30)
         if name == "rkd_angle" and rows.shape[1] == 1 and x.shape[0] > 1:
