@@ -212,6 +212,8 @@ def run(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], lis
                     row.update(measure_method(fn, workload, device, args))
                     rows.append(row)
                     progress.write(_row_line(row))
+                    if args.out is not None:  # the rows so far, for a run cut short (make gpu-check's timeouts)
+                        args.out.with_suffix(".partial.json").write_text(json.dumps(rows, indent=1) + "\n")
                 del workload
     progress.close()
     add_ratios(rows)
