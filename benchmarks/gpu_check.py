@@ -332,6 +332,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="every step on CPU with tiny shapes (plumbing test)")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--budget", type=float, default=500.0, help="seconds for all steps (default 500: under 8.5 min)")
+    p.add_argument("--steps", nargs="+", default=None, metavar="PREFIX",
+                   help="only the steps whose names start with one of these (a second, shorter lease)")
     p.add_argument("--payload", action="store_true", help=argparse.SUPPRESS)  # the sanitizer's program
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
@@ -356,7 +358,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     rows = []
-    for step in plan(args.dry_run, args.out_dir, date):
+    steps = [s for s in plan(args.dry_run, args.out_dir, date)
+             if args.steps is None or any(s.name.startswith(prefix) for prefix in args.steps)]
+    if not steps:
+        p.error(f"--steps {' '.join(args.steps)}: no step's name starts so")
+    for step in steps:
         rows.append(run_step(step, args.budget - (time.monotonic() - start), args.out_dir))
         print(f"[gpu-check] {rows[-1]['step']}: {rows[-1]['status']} in {rows[-1]['seconds']} s", flush=True)
     result = dict(command=" ".join([Path(sys.executable).name, *sys.argv]), date=date, dry_run=args.dry_run,

@@ -5,7 +5,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -31,12 +31,19 @@ def device_for(backend: str) -> str:
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
 
 
-def require(backend: str) -> str:
-    """Skips the test when ``backend`` cannot run here (with the reason); else its test device."""
+def require(backend: str, dtype: Optional[torch.dtype] = None, family: Optional[str] = None) -> str:
+    """Skips the test when ``backend`` cannot run here, or (given ``dtype``) declares that it takes
+    no ``dtype`` tensors of ``family`` on its test device (the Triton relation kernels refuse
+    float64 under Triton 3.6), with the reason; else its test device."""
     status = kdops.available_backends()[backend]
     if not status.available:
         pytest.skip(f"backend {backend!r} unavailable: {status.reason}")
-    return device_for(backend)
+    device = device_for(backend)
+    if dtype is not None:
+        reason = kdops._dispatch.why_not(backend, torch.device(device), dtype, family)
+        if reason:
+            pytest.skip(f"backend {backend!r} refuses {dtype} here (tested by the dispatch tests): {reason}")
+    return device
 
 
 def interpreted(backend: str) -> bool:

@@ -79,8 +79,8 @@ def rkd_distance_rounding(f_s, f_t, beta):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{str(c[3])[6:]}")
 def test_affinity_matches_reference(backend, kind, case):
-    device = require(backend)
     batch, dim, _, dtype = case
+    device = require(backend, dtype, "affinity")
     if batch > 65 and interpreted(backend):
         pytest.skip("slow in the Triton interpreter")
     x = features(batch, dim, dtype, device)
@@ -103,8 +103,8 @@ def test_affinity_matches_reference(backend, kind, case):
 @pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}")
 def test_loss_matches_reference(backend, name, case):
-    device = require(backend)
     batch, d_s, d_t, dtype = case
+    device = require(backend, dtype, "affinity")
     batch = max(batch, LOSSES[name][2])
     if batch > 65 and interpreted(backend):
         pytest.skip("slow in the Triton interpreter")
@@ -115,7 +115,7 @@ def test_loss_matches_reference(backend, name, case):
 @pytest.mark.parametrize("name", ["rkd_distance", "rkd_angle"])
 @pytest.mark.parametrize("beta", [0.0, 0.25, 3.0])
 def test_smooth_l1_beta(backend, name, beta):
-    device = require(backend)
+    device = require(backend, torch.float64, "affinity")
     check_loss(name, backend, features(9, 6, torch.float64, device), features(9, 4, torch.float64, device),
                smooth_l1_beta=beta)
 
@@ -127,7 +127,9 @@ def test_identical_student_and_teacher_give_zero(backend, name):
     x = features(11, 13, torch.float32, device).requires_grad_(True)
     loss = LOSSES[name][0](x, x.detach().clone(), backend=backend)
     loss.backward()
-    assert loss.item() == 0 and (x.grad == 0).all()
+    # exactly 0 but on a GPU, where the two models' equal terms need not round alike (fused
+    # multiply-adds): 3.4e-16 for RKD-D, 4.9e-17 for SP on an H200 (Triton 3.6)
+    assert abs(loss.item()) <= 1e-12 and float(x.grad.abs().max()) <= 1e-6
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -137,7 +139,7 @@ def test_duplicate_samples(backend, name, dtype):
     """Repeated samples: finite gradients (the clamp / zero direction), as the reference. In
     float32 the Gram form ``n_i + n_j - 2 x_i.x_j`` leaves a rounding residue ~ eps * n_i for a
     duplicate pair's squared distance, so RKD-D is looser there (RKD-A uses exact differences)."""
-    device = require(backend)
+    device = require(backend, dtype, "affinity")
     f_s, f_t = features(9, 33, dtype, device), features(9, 7, dtype, device)
     f_s[4] = f_s[1]
     f_s[7] = f_s[1]
@@ -150,7 +152,7 @@ def test_duplicate_samples(backend, name, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_affinity_duplicates_and_zero_rows(backend, kind):
-    device = require(backend)
+    device = require(backend, torch.float64, "affinity")
     x = features(6, 5, torch.float64, device)
     x[3] = x[0]
     x[5] = 0.0
@@ -176,7 +178,7 @@ def test_chunked_backward(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("what", KINDS + list(LOSSES))
 def test_gradcheck_float64(backend, what):
-    device = require(backend)
+    device = require(backend, torch.float64, "affinity")
     f_s = features(5, 3, torch.float64, device).requires_grad_(True)
     f_t = features(5, 4, torch.float64, device)
     if what in KINDS:
@@ -189,7 +191,7 @@ def test_gradcheck_float64(backend, what):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_known_values(backend):
     """By hand: the collinear points 0, 1, 3 (student) and 0, 2, 3 (teacher)."""
-    device = require(backend)
+    device = require(backend, torch.float64, "affinity")
     s = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64, device=device)
     t = torch.tensor([[0.0], [2.0], [3.0]], dtype=torch.float64, device=device)
     distances = torch.tensor([[0.0, 1, 3], [1, 0, 2], [3, 2, 0]], dtype=torch.float64, device=device)
@@ -237,7 +239,7 @@ def test_matches_original_formulations():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_feature_maps_and_non_contiguous_inputs(backend):
     """(B, C, H, W) features flattened per sample, permuted and strided inputs."""
-    device = require(backend)
+    device = require(backend, torch.float64, "affinity")
     f_s = torch.randn(5, 6, 3, 2, device=device, dtype=torch.float64).permute(0, 3, 1, 2)  # (5, 2, 6, 3)
     f_t = torch.randn(9, 5, device=device, dtype=torch.float64).t()[:, ::2]  # (5, 5) strided
     for name in LOSSES:
@@ -274,16 +276,17 @@ def test_teacher_gets_no_gradient_and_no_grad_calls(backend, name):
 @pytest.mark.parametrize("op", ["affinity", "affinity_backward", "relation_loss", "relation_loss_backward"])
 def test_opcheck(op, backend):
     """The custom ops (the forward ones with inputs that require grad: their autograd too)."""
-    require(backend)
-    x, y = torch.randn(7, 5, requires_grad=True), torch.randn(7, 3)
+    device = require(backend)
+    x, y = torch.randn(7, 5, requires_grad=True, device=device), torch.randn(7, 3, device=device)
     if op.startswith("affinity"):
         calls = [(x, kind, backend) for kind in range(len(KINDS))]
         if op == "affinity_backward":
-            calls = [(torch.randn(7, 7), x.detach(), ops.affinity_op(*c).detach(), c[1], backend) for c in calls]
+            calls = [(torch.randn(7, 7, device=device), x.detach(), ops.affinity_op(*c).detach(), c[1], backend)
+                     for c in calls]
     else:
         calls = [(x, y, loss, 0.5, backend) for loss in (ops.SP, ops.RKD_DISTANCE, ops.RKD_ANGLE)]
         if op == "relation_loss_backward":
-            calls = [(torch.tensor(1.5), x.detach(), y, ops.relation_loss_op(*c)[1], c[2], 0.5, backend)
+            calls = [(torch.tensor(1.5, device=device), x.detach(), y, ops.relation_loss_op(*c)[1], c[2], 0.5, backend)
                      for c in calls]
     for args in calls:
         torch.library.opcheck(getattr(torch.ops.kdops, op).default, args)
@@ -291,9 +294,8 @@ def test_opcheck(op, backend):
 
 @pytest.mark.parametrize("backend", [None, "torch", "cpu", "triton"])
 def test_torch_compile_fullgraph(backend):
-    if backend is not None:
-        require(backend)
-    f_s, f_t = torch.randn(8, 2, 5), torch.randn(8, 6)
+    device = "cpu" if backend is None else require(backend)
+    f_s, f_t = torch.randn(8, 2, 5, device=device), torch.randn(8, 6, device=device)
 
     def step(s, t):
         relations = (kdops.similarity_preserving_loss(s, t, backend=backend)

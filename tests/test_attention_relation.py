@@ -125,7 +125,7 @@ def test_length_1000_native_cpu():
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_dtypes(backend, dtype):
-    device = require(backend)
+    device = require(backend, dtype, "attention_relation")
     _check(backend, _inputs(2, 9, student=(2, 16), teacher=(4, 16), dtype=dtype, device=device), relation_heads=2,
            causal=True)
 
@@ -135,7 +135,8 @@ def test_extreme_scores(backend):
     """|scores| in the thousands: near one-hot relations, exp underflows to exact zeros. The
     gradient is a difference of terms p (log p_s - log p_t) b / sqrt(d), of size up to
     max|score| max|b| / sqrt(d), whose rounding survives the cancellation: that is the floor."""
-    inputs = _inputs(2, 11, student=(2, 8), teacher=(2, 8), scale=30.0, dtype=torch.float64, device=require(backend))
+    inputs = _inputs(2, 11, student=(2, 8), teacher=(2, 8), scale=30.0, dtype=torch.float64,
+                     device=require(backend, torch.float64, "attention_relation"))
     sa, sb, ta, tb = (x.detach() for x in inputs)
     scores = torch.cat([(a @ b.transpose(-1, -2)).abs().flatten() for a, b in ((sa, sb), (ta, tb))]) / 8**0.5
     floor = float(scores.max() * torch.cat([sa.flatten(), sb.flatten()]).abs().max()) / 8**0.5
@@ -185,7 +186,7 @@ def test_identical_models_give_zero(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_gradcheck_float64(backend):
-    device = require(backend)
+    device = require(backend, torch.float64, "attention_relation")
     length, heads, dim = (3, 1, 2) if interpreted(backend) else (6, 2, 4)  # the interpreter is slow
     sa, sb, ta, tb = _inputs(1, length, student=(heads, dim), teacher=(heads, 5), dtype=torch.float64, device=device)
     mask = torch.tensor([[1] * (length - 1) + [0]], device=device)

@@ -180,8 +180,8 @@ def test_chunk_size_from_memory_budget():
     (dict(student_logit_scale=0.7, student_softcap=2.5, teacher_logit_scale=1.2, teacher_softcap=3.0), True),
 ], ids=["plain", "transforms-entropy"])
 def test_opcheck(backend, transforms, entropy):
-    require(backend)
-    h, w, b, th, tw, tb, labels = make(7, 4, 3, 11, torch.float32, "cpu")
+    device = require(backend)
+    h, w, b, th, tw, tb, labels = make(7, 4, 3, 11, torch.float32, device)
     h.requires_grad_(True)
     w.requires_grad_(True)
     options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100, **transforms)

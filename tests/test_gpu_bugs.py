@@ -247,10 +247,9 @@ def test_every_triton_launch_uses_the_tensors_device():
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_duplicate_topk_indices_are_refused(backend):
-    if not kdops.available_backends()[backend].available:
-        pytest.skip(f"backend {backend} unavailable")
-    student = torch.randn(3, 20)
-    topk = torch.randn(3, 20).log_softmax(-1).topk(4)
+    device = require(backend)
+    student = torch.randn(3, 20, device=device)
+    topk = torch.randn(3, 20, device=device).log_softmax(-1).topk(4)
     indices = topk.indices.clone()
     indices[1, 2] = indices[1, 0]
     with pytest.raises(ValueError, match="topk_indices"):

@@ -198,7 +198,7 @@ def test_opcheck(backend, divergence):
     student.requires_grad_(True)
     for labels_arg, hard in ((labels, 0.3), (None, 0.0)):
         options = DistillOptions(KD_DIVERGENCES.index(divergence), 2.0, 0.5, hard, (1 - hard) * 4.0, -100)
-        for divisor, reduced in ((None, False), (torch.tensor(3.0), True)):
+        for divisor, reduced in ((None, False), (torch.tensor(3.0, device=device), True)):
             args = (student, teacher, labels_arg, None, divisor, reduced, True, backend, *options)
             torch.library.opcheck(torch.ops.kdops.distill_rows.default, args)
 

@@ -228,17 +228,17 @@ def test_fused_linear_errors():
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_opcheck(backend):
-    require(backend)
-    student, teachers, labels = make((4,), 23, 3, torch.float32, "cpu")
+    device = require(backend)
+    student, teachers, labels = make((4,), 23, 3, torch.float32, device)
     student.requires_grad_(True)
-    log_w = random_weights(3).log().float()
+    log_w = random_weights(3).log().float().to(device)
     options = DistillOptions(2, 2.0, 0.5, 0.3, 2.8, -100)
     args = (student, teachers, labels, log_w, None, False, True, backend, *options)
     torch.library.opcheck(torch.ops.kdops.distill_rows.default, args)
-    h, w, lin, labels = make_linear(7, 4, (3, 5), 11, torch.float32, "cpu", (True, False))
+    h, w, lin, labels = make_linear(7, 4, (3, 5), 11, torch.float32, device, (True, False))
     h.requires_grad_(True)
     ths, tws, tbs = map(list, zip(*lin))
-    log_w = random_weights(2).log().float()
+    log_w = random_weights(2).log().float().to(device)
     for needs in ([True, False, False], [False, False, False]):  # gradients in forward / in backward
         args = (h, w, None, ths, tws, tbs, log_w, labels, None, needs, 3, False, backend, *options)  # no entropy
         torch.library.opcheck(torch.ops.kdops.fused_linear_multi_distill.default, args)

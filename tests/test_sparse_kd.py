@@ -193,10 +193,10 @@ def test_opcheck(backend):
     for labels_arg, hard, bucket in ((labels, 0.3, True), (None, 0.0, False)):
         options = DistillOptions(2, 2.0, 0.5, hard, (1 - hard) * 4.0, -100, rest_bucket=bucket,
                                  student_logit_scale=0.7, student_softcap=2.5 if bucket else None)
-        for divisor, reduced in ((None, False), (torch.tensor(3.0), True), (None, True)):
+        for divisor, reduced in ((None, False), (torch.tensor(3.0, device=device), True), (None, True)):
             args = (student, values, indices.int(), labels_arg, divisor, reduced, True, backend, *options)
             torch.library.opcheck(torch.ops.kdops.sparse_distill_rows.default, args)
-        h, w = torch.randn(7, 4, requires_grad=True), torch.randn(23, 4, requires_grad=True)
+        h, w = (torch.randn(n, 4, device=device, requires_grad=True) for n in (7, 23))
         _, values7, indices7, labels7 = make((7, 23), 5, torch.float32, device)
         for needs in ([True, True, False], [False, False, False]):  # gradients in forward / in backward
             fused = (h, w, None, values7, indices7.int(), None if labels_arg is None else labels7, None, needs, 3,

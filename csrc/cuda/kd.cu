@@ -19,6 +19,12 @@
 // The hard target (kHard, DeiT): pass 1 keeps the teacher's running argmax (ArgMax) instead of
 // its max / sum; with MULTI a second sweep takes the argmax of the mixture's log-probabilities;
 // pass 3 writes the gradient with q = -onehot(argmax), S = -1, without reading the teacher.
+//
+// The build compiles this file KDOPS_KD_PARTS times, with KDOPS_KD_PART = 0 .. KDOPS_KD_PARTS - 1
+// (CMakeLists.txt; in parallel: one unit of every instantiation took 128 s per architecture on
+// one core): part i holds the kernels of the divergences whose code % KDOPS_KD_PARTS is i, part 0
+// the entry point kd_forward_cuda. Without the defines (tools/cuda_resource_check.py) one unit
+// holds them all.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -35,7 +41,17 @@
 #include "common/logit_transform.h"
 #include "cuda/block_reduce.cuh"
 
+#ifndef KDOPS_KD_PARTS
+#define KDOPS_KD_PARTS 1
+#define KDOPS_KD_PART 0
+#endif
+
 namespace kdops {
+
+// The launches of part PART (the divergences whose code % KDOPS_KD_PARTS is PART).
+template <int PART>
+void kd_forward_part(const KDParams& p, cudaStream_t stream);
+
 namespace {
 
 constexpr int kMaxThreads = 512;
@@ -539,6 +555,25 @@ void launch(const KDParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+template <>
+void kd_forward_part<KDOPS_KD_PART>(const KDParams& p, cudaStream_t stream) {
+  with_dtype<false>(p.dtype, [&](auto type) {
+    with_divergence<true>(p.divergence, [&](auto div) {
+      if constexpr (decltype(div)::value % KDOPS_KD_PARTS == KDOPS_KD_PART) {
+        with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
+          with_bool(p.n_teachers > 1, [&](auto multi) {
+            with_bool(p.has_transform(), [&](auto transform) {
+              launch<typename decltype(type)::type, decltype(div)::value, decltype(hard)::value,
+                     decltype(multi)::value, decltype(transform)::value>(p, stream);
+            });
+          });
+        });
+      }
+    });
+  });
+}
+
+#if KDOPS_KD_PART == 0
 void kd_forward_cuda(const KDParams& p, uintptr_t stream) {
   if (p.vocab > INT_MAX) {
     throw std::invalid_argument("kd_forward_cuda: vocab " + std::to_string(p.vocab) + " exceeds 2^31 - 1");
@@ -548,22 +583,14 @@ void kd_forward_cuda(const KDParams& p, uintptr_t stream) {
                                 std::to_string(kMaxTeachers) + "]");
   }
   if (p.n_rows <= 0) return;
-  with_dtype<false>(p.dtype, [&](auto type) {
-    with_divergence<true>(p.divergence, [&](auto div) {
-      with_bool(p.hard_weight > 0 && p.labels != nullptr, [&](auto hard) {
-        with_bool(p.n_teachers > 1, [&](auto multi) {
-          with_bool(p.has_transform(), [&](auto transform) {
-            launch<typename decltype(type)::type, decltype(div)::value, decltype(hard)::value, decltype(multi)::value,
-                   decltype(transform)::value>(p, reinterpret_cast<cudaStream_t>(stream));
-          });
-        });
-      });
-    });
+  with_divergence<true>(p.divergence, [&](auto div) {
+    kd_forward_part<decltype(div)::value % KDOPS_KD_PARTS>(p, reinterpret_cast<cudaStream_t>(stream));
   });
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("kd_forward_cuda: kernel launch failed: ") + cudaGetErrorString(err));
   }
 }
+#endif
 
 }  // namespace kdops
