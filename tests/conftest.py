@@ -154,3 +154,12 @@ def spawn_ranks(target, world: int, out_dir: Path, *args, join_timeout_s: float,
     silent = [f"{r} (exit code {procs[r].exitcode})" for r in must_report if r not in seen]
     assert not silent, f"ranks {', '.join(silent)} of {world} wrote no results"
     return seen
+
+
+@pytest.fixture
+def blockwise_everywhere(monkeypatch):
+    """The blockwise fused-linear kernel taken on every device (the automatic choice takes it only
+    off a GPU: kdops.ops.fused_linear.blockwise_preferred), so that its tests reach it on a GPU too."""
+    from kdops.ops import fused_linear
+
+    monkeypatch.setattr(fused_linear, "blockwise_preferred", lambda device: True)

@@ -77,6 +77,7 @@ def test_bitwise_reproducible(deterministic, backend, op):
             assert torch.equal(a, b), f"{op} on {backend}: run-to-run difference {float((a - b).abs().max())}"
 
 
+@pytest.mark.usefixtures("blockwise_everywhere")
 def test_blockwise_kernel_gives_way_in_deterministic_mode(deterministic, monkeypatch):
     """The blockwise Triton kernel's atomic float32 adds are order-dependent on a GPU: with
     deterministic algorithms on, fused_linear_distill_loss takes the chunked path instead."""
@@ -91,6 +92,7 @@ def test_blockwise_kernel_gives_way_in_deterministic_mode(deterministic, monkeyp
     assert h.grad is not None and w.grad is not None
 
 
+@pytest.mark.usefixtures("blockwise_everywhere")
 def test_blockwise_kernel_runs_otherwise(monkeypatch):
     require("triton")
     calls = []

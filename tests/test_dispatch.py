@@ -114,3 +114,12 @@ def test_cuda_max_teachers_is_the_kernels():
     source = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "kd.cu").read_text()
     value = int(re.search(r"constexpr\s+int64_t\s+kMaxTeachers\s*=\s*(\d+)", source).group(1))
     assert _dispatch.DECLARATIONS["cuda"].families["kd"].max_teachers == value
+
+
+def test_blockwise_kernel_not_preferred_on_a_gpu():
+    """The automatic choice: the chunked path for CUDA tensors (the blockwise Triton kernel measured
+    18x slower there), the blockwise kernel for the interpreter's CPU tensors."""
+    from kdops.ops import fused_linear
+
+    assert not fused_linear.blockwise_preferred(torch.device("cuda", 0))
+    assert fused_linear.blockwise_preferred(torch.device("cpu"))

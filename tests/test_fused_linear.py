@@ -10,6 +10,9 @@ from kdops.ops._common import DistillOptions
 
 from conftest import BACKENDS, GRAD_TOL, LOSS_TOL, assert_close, beta_for, require
 
+# the blockwise kernel's cases reach it on a GPU too (the automatic choice takes it off a GPU only)
+pytestmark = pytest.mark.usefixtures("blockwise_everywhere")
+
 
 def make(n, hs, ht, v, dtype, device, bias=True, ignore_frac=0.3):
     g = lambda *shape: (torch.randn(*shape) / shape[-1] ** 0.25).to(dtype).to(device)
@@ -357,3 +360,4 @@ def test_backward_scales_nothing(backend, dtype, normalizer):
     backward = torch_cpu_peak_bytes(loss.backward)
     assert backward <= 0.05 * grad_bytes, f"backward peak {backward} B for {grad_bytes} B of gradients"
     assert all(p.grad.dtype == dtype for p in params)
+

@@ -15,9 +15,10 @@ The ``"torch"`` backend is the reference, which does form the logits.
 With ``reduction="none"`` the per-row weights are only known in backward, so the gradients are
 computed there, in a second chunked pass.
 
-On the ``"triton"`` backend (float32, float16, bfloat16 inputs) not even a chunk of logits is
-formed: the blockwise kernel of :mod:`kdops.backends.triton.fused_linear` keeps each logit tile on chip
-(extra memory ``O(N)`` besides the float32 gradients). float64 takes the chunked path there.
+The ``"triton"`` backend also has a blockwise kernel (float32, float16, bfloat16 inputs,
+:mod:`kdops.backends.triton.fused_linear`) that forms not even a chunk of logits (extra memory
+``O(N)`` besides the float32 gradients); :func:`blockwise_preferred` says where the automatic
+choice takes it (not on a GPU, where it measured 18x slower than the chunked design's GEMMs).
 """
 from __future__ import annotations
 
@@ -51,6 +52,16 @@ from kdops.ops._common import (
 Teacher = tuple[Tensor, Tensor, Optional[Tensor]]
 
 
+def blockwise_preferred(device: torch.device) -> bool:
+    """Whether a backend's blockwise kernel is taken over the chunked path for ``device`` tensors:
+    not on a GPU, where the Triton one (three passes, each recomputing both models' logit tiles;
+    float32 gradient tiles added to ``grad_W`` atomically from every row block) took 200 / 1068 ms
+    forward / forward + backward against 28 / 57 ms for materialised logits and ``distill_loss``
+    (H200, Triton 3.6, bf16, N 8192, H 4096, V 128256: benchmarks/results/h200-2026-12-04); under
+    the Triton interpreter (CPU tensors: the tests) it is."""
+    return device.type != "cuda"
+
+
 def _compute(
     h: Tensor, w: Tensor, b: Optional[Tensor], th, tw, tb, teacher_log_weights: Optional[Tensor],
     labels: Optional[Tensor], row_weights: Optional[Tensor], needs: list[bool], chunk: int, entropy: bool,
@@ -62,15 +73,16 @@ def _compute(
     if ``entropy`` the student's row entropies ``H(softmax(z' / T))`` (0 for ignored rows; else
     empty). ``th``, ``tw``, ``tb``: one teacher's tensors, or lists of K teachers' (mixed with
     ``teacher_log_weights``). The backend's blockwise ``"fused_linear"`` kernel where it has one
-    for the call (Triton: one teacher, 16/32-bit inputs, no entropy), else the chunked driver
-    over its ``"kd"`` kernels (K teachers' chunk logits ``[K, n, V]`` mixed there). Either
-    kernel applies the logit transforms of ``options`` to the logits it reads (the chain rule in
-    its float32 gradient); the entropy transforms a copy of the chunk's student logits."""
+    for the call (Triton: one teacher, 16/32-bit inputs, no entropy) and
+    :func:`blockwise_preferred`, else the chunked driver over its ``"kd"`` kernels (K teachers'
+    chunk logits ``[K, n, V]`` mixed there). Either kernel applies the logit transforms of
+    ``options`` to the logits it reads (the chain rule in its float32 gradient); the entropy
+    transforms a copy of the chunk's student logits."""
     opts = DistillOptions(*options)
     teachers: list[Teacher] = [(th, tw, tb)] if isinstance(th, Tensor) else list(zip(th, tw, tb))
     # the blockwise kernels add float32 partial gradients atomically (order-dependent on a GPU):
     # deterministic mode takes the chunked path (deterministic "kd" kernel per chunk, then matmuls)
-    blockwise = not entropy and not torch.are_deterministic_algorithms_enabled()
+    blockwise = not entropy and not torch.are_deterministic_algorithms_enabled() and blockwise_preferred(h.device)
     if blockwise and all(_dispatch.offers("fused_linear", backend, h.device, x.dtype, len(teachers))
                          for x in (h, teachers[0][0])):
         rows, *grads = _dispatch.kernels("fused_linear", backend).fused_linear_distill(
@@ -191,7 +203,8 @@ def fused_linear_distill_loss(
     (float64 for float64) with float32 accumulation, never rounded to a 16-bit input dtype.
     Gradients flow to the student's hidden states, weight and bias only.
     ``chunk_size``: rows per chunk (default: from a 256 MiB budget for the chunk's logits); the
-    blockwise Triton kernel works in on-chip tiles and ignores it.
+    blockwise Triton kernel, where it is taken (not on a GPU: :func:`blockwise_preferred`), works
+    in on-chip tiles and ignores it.
 
     Multi-teacher: ``teacher_hidden`` and ``teacher_weight`` (and ``teacher_bias``, else None)
     lists of K teachers' tensors (each its own ``Ht_k``) distil from the mixture
