@@ -2,13 +2,14 @@
 
 Made for the GPU machines kdops may be lent (one H200, 16 cores, torch 2.11, Triton 3.6, Python
 3.12, nvcc 13.0, no network, about 15 minutes of GPU time, at most 10 minutes per command): in
-under 8 minutes, each step under its own timeout (and all under ``--budget`` seconds), it
+about 8 minutes (run 1 on an H200 took 499 s), each step under its own timeout (and all under
+``--budget`` seconds), it
 
 1. builds kdops with this machine's Python, both native modules, no downloads
-   (``pip install --no-build-isolation --no-deps -e .``, CUDA for this GPU's architecture only);
-2. runs the CUDA-device tests (the ``cuda`` and ``triton`` cases of the kernel test files, which
-   take CUDA tensors on a GPU machine; one pytest process per file, in parallel) against the
-   float64 oracle;
+   (``pip install --no-build-isolation --no-deps -e .``, CUDA for this GPU's architecture only),
+   while the Triton cases of the kernel test files run beside it (they need no native module);
+2. then runs the CUDA backend's cases; both test runs take CUDA tensors against the float64
+   oracle (pytest-xdist, a per-test timeout where pytest-timeout is installed);
 3. runs ``compute-sanitizer`` memcheck (and racecheck on the sparse scatter) on a short payload
    of kd / sparse kd / multi-teacher / relation calls on both GPU backends, where the tool exists;
 4. runs the GPU benchmark presets through ``python -m kdops.bench`` (KD 8192 x {32000, 128256,
@@ -18,7 +19,8 @@ under 8 minutes, each step under its own timeout (and all under ``--budget`` sec
    here: B 8 x 12 heads x L 2048, d 64, teacher 128, forward + backward, the triton and cuda
    backends vs the torch reference that materialises the relations, CUDA-event medians, peaks);
 5. writes versions, device, commands, every step's status and output tail and the benchmark
-   tables as JSON (``benchmarks/results/gpu-check-<date>.json``), and a short table last on stdout.
+   tables as JSON (``<out-dir>/gpu-check-<date>.json``, every command's whole log beside it), and
+   a short table last on stdout. ``--steps PREFIX...`` runs only some steps.
 
 ``--dry-run`` runs every step on CPU with tiny shapes (the Triton interpreter for the tests, the
 payload without the sanitizer, the benchmarks with the cpu backend), and checks the build by

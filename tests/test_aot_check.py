@@ -221,3 +221,16 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(s["status"] == "ok" for s in result["steps"])
     assert all(s["bench"]["rows"] for s in result["steps"] if s["step"].startswith("bench"))
     assert result["versions"]["torch"] and proc.stdout.strip().splitlines()[-1].startswith("total")
+
+
+def test_gpu_check_steps(tmp_path):
+    """--steps runs only the steps whose names start so (the CPU dry run's import check here); a
+    prefix that names none is a usage error that says so."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out-dir", str(tmp_path)]
+    proc = subprocess.run([*cmd, "--steps", "build"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    (result_file,) = tmp_path.glob("gpu-check-dry-run-*.json")
+    assert [s["step"] for s in json.loads(result_file.read_text())["steps"]] == ["build (import check)"]
+    bad = subprocess.run([*cmd, "--steps", "nope"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--steps nope: no step's name starts so" in bad.stderr
