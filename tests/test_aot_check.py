@@ -220,6 +220,7 @@ def test_gpu_check_dry_run(tmp_path):
             "bench attention-relation"} <= set(steps)
     assert all(s["status"] == "ok" for s in result["steps"])
     assert all(s["bench"]["rows"] for s in result["steps"] if s["step"].startswith("bench"))
+    assert not list(tmp_path.glob("*.partial.json"))  # a finished benchmark drops its rows-so-far file
     assert result["versions"]["torch"] and proc.stdout.strip().splitlines()[-1].startswith("total")
 
 

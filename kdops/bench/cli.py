@@ -285,6 +285,7 @@ def bench(argv: list[str]) -> int:
     text = report.markdown(result)
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(text)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)  # the rows so far: complete now
     print("\n" + text)
     print(f"wrote {out}, {out.with_suffix('.md')}" + ("" if args.no_plots or not out.with_suffix(".png").exists()
                                                      else f", {out.with_suffix('.png')}"))
