@@ -49,8 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the payload and benchmark steps import this checkout's kdops, installed or not
     sys.path.insert(0, str(REPO))
 # The files whose cuda / triton cases take CUDA tensors on a GPU machine (conftest.device_for / require).
-TEST_FILES = ("test_kd.py", "test_sparse_kd.py", "test_multi_teacher.py", "test_fused_linear.py",
-              "test_affinity.py", "test_feature.py", "test_gpu_bugs.py", "test_attention_relation.py")
+TEST_FILES = ("test_kd.py", "test_triton_kd.py", "test_sparse_kd.py", "test_multi_teacher.py", "test_fused_linear.py",
+              "test_affinity.py", "test_gpu_bugs.py", "test_attention_relation.py")
 
 
 @dataclass
