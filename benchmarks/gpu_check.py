@@ -229,16 +229,18 @@ def run_step(step: Step, budget_left: float, log_dir: Path) -> dict:
     env = {**os.environ, **step.env}
     slug = "".join(c if c.isalnum() else "-" for c in step.name).strip("-")
     logs = [log_dir / f"log-{slug}-{i}.txt" for i in range(len(step.commands))]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-             for cmd, log in zip(step.commands, logs)]
+    files = [log.open("w") for log in logs]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+             for cmd, f in zip(step.commands, files)]
     results = []
-    for cmd, proc, log in zip(step.commands, procs, logs):
+    for cmd, proc, log, f in zip(step.commands, procs, logs, files):
         try:
             rc = proc.wait(timeout=max(0.1, timeout - (time.monotonic() - start)))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             rc = "timeout"
+        f.close()
         results.append(dict(command=" ".join(cmd), rc=rc, log=log.name,
                             tail=log.read_text(errors="replace")[-4000:]))
     status = "ok" if all(r["rc"] == 0 for r in results) else "FAILED"

@@ -360,4 +360,3 @@ def test_backward_scales_nothing(backend, dtype, normalizer):
     backward = torch_cpu_peak_bytes(loss.backward)
     assert backward <= 0.05 * grad_bytes, f"backward peak {backward} B for {grad_bytes} B of gradients"
     assert all(p.grad.dtype == dtype for p in params)
-
